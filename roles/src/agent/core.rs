@@ -1,0 +1,307 @@
+//! The agent's replication-stream core: sequence numbers, the retention buffer and the
+//! hash table of what the master target has applied. Plain Rust, no I/O, time passed in.
+//!
+//! Invariants:
+//! - every captured write gets the next seq; batches are immutable once numbered, so a
+//!   resend of `first..=last` always carries the same bytes (the process server's nonce
+//!   derivation relies on this);
+//! - a batch stays retained until an ack says it is applied;
+//! - `applied_tables` is exactly the disk state as of `applied_seq`: only applied batches'
+//!   block hashes are folded into it, so after a crash a rescan against it re-captures
+//!   everything that might not have reached the replica.
+use std::{collections::VecDeque, sync::Arc};
+
+/// Block granularity of change detection.
+pub const BLOCK_BYTES: u64 = 4096;
+
+/// A block hash update carried by a batch: (disk index, block index, new hash).
+pub type HashUpdate = (u16, u32, u64);
+
+#[derive(Debug)]
+pub struct RetainedBatch {
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// Encoded `BatchBody`.
+    pub body: Vec<u8>,
+    /// Payload bytes of the writes in it.
+    pub raw_bytes: u64,
+    pub captured_ms: u64,
+    pub updates: Vec<HashUpdate>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct InitialSync {
+    pub total_bytes: u64,
+    pub scanned_bytes: u64,
+    pub captured_bytes: u64,
+    pub applied_bytes: u64,
+    /// Last seq of the first full pass, once the pass is complete.
+    pub pass_last_seq: Option<u64>,
+}
+
+impl InitialSync {
+    pub fn percent(&self) -> f64 {
+        if self.total_bytes == 0 {
+            return 0.0;
+        }
+        let scanned = self.scanned_bytes as f64 / self.total_bytes as f64;
+        let applied = if self.captured_bytes == 0 { 1.0 } else { self.applied_bytes as f64 / self.captured_bytes as f64 };
+        (scanned * applied * 100.0).min(99.9)
+    }
+}
+
+pub struct AgentCore {
+    pub epoch: u32,
+    /// Next seq to assign; 0 while unknown (after a restart, until a stream reports the floor).
+    next_seq: u64,
+    pub cached_seq: u64,
+    pub applied_seq: u64,
+    retained: VecDeque<Arc<RetainedBatch>>,
+    retained_bytes: u64,
+    pub retention_limit_bytes: u64,
+    pub applied_tables: Vec<Vec<u64>>,
+    /// Applied tables changed since the last checkpoint.
+    pub applied_dirty: bool,
+    pub initial: Option<InitialSync>,
+    pub raw_bytes_sent: u64,
+    pub raw_bytes_captured: u64,
+    pub raw_bytes_applied: u64,
+}
+
+impl AgentCore {
+    pub fn new(epoch: u32, applied_seq: u64, applied_tables: Vec<Vec<u64>>, retention_limit_bytes: u64, initial: Option<InitialSync>) -> Self {
+        Self {
+            epoch,
+            next_seq: 0,
+            cached_seq: 0,
+            applied_seq,
+            retained: VecDeque::new(),
+            retained_bytes: 0,
+            retention_limit_bytes,
+            applied_tables,
+            applied_dirty: false,
+            initial,
+            raw_bytes_sent: 0,
+            raw_bytes_captured: 0,
+            raw_bytes_applied: 0,
+        }
+    }
+
+    /// Whether seqs can be assigned (the floor is known).
+    pub fn seq_ready(&self) -> bool {
+        self.next_seq != 0
+    }
+
+    pub fn captured_seq(&self) -> u64 {
+        self.next_seq.saturating_sub(1).max(self.applied_seq)
+    }
+
+    pub fn retained_bytes(&self) -> u64 {
+        self.retained_bytes
+    }
+
+    /// Room for another batch of `bytes`? A batch larger than the whole limit is admitted
+    /// when nothing is retained, so progress is always possible.
+    pub fn has_room(&self, bytes: u64) -> bool {
+        self.retained.is_empty() || self.retained_bytes + bytes <= self.retention_limit_bytes
+    }
+
+    pub fn oldest_unapplied_ms(&self) -> u64 {
+        self.retained.front().map(|b| b.captured_ms).unwrap_or(0)
+    }
+
+    /// A stream to a process server opened; it holds everything through `cached` and the
+    /// master target applied through `applied`. Returns the seq after which to send.
+    pub fn handle_stream_open(&mut self, cached: u64, applied: u64) -> u64 {
+        let floor = cached.max(applied);
+        if self.next_seq == 0 {
+            self.next_seq = floor.max(self.applied_seq) + 1;
+        }
+        debug_assert!(self.next_seq > floor || self.retained.is_empty() || cached == 0);
+        self.handle_ack(cached, applied);
+        // Retained batches the server has not cached must travel again.
+        floor.max(self.applied_seq)
+    }
+
+    /// An ack from the process server: drop what is applied, fold its hashes into the
+    /// applied tables.
+    pub fn handle_ack(&mut self, cached: u64, applied: u64) {
+        self.cached_seq = self.cached_seq.max(cached);
+        while let Some(b) = self.retained.front() {
+            if b.last_seq > applied {
+                break;
+            }
+            let b = self.retained.pop_front().expect("front exists");
+            self.retained_bytes -= b.body.len() as u64;
+            self.raw_bytes_applied += b.raw_bytes;
+            if let Some(init) = self.initial.as_mut() {
+                init.applied_bytes += b.raw_bytes;
+            }
+            for &(disk, block, hash) in &b.updates {
+                if let Some(slot) = self.applied_tables.get_mut(disk as usize).and_then(|t| t.get_mut(block as usize)) {
+                    *slot = hash;
+                }
+            }
+            self.applied_dirty = true;
+        }
+        if applied > self.applied_seq {
+            self.applied_seq = applied;
+            self.applied_dirty = true;
+        }
+        if let Some(init) = &self.initial {
+            if init.pass_last_seq.is_some_and(|last| self.applied_seq >= last) {
+                self.initial = None;
+            }
+        }
+    }
+
+    /// Numbers and retains a batch of `records` writes. Returns (first_seq, last_seq).
+    /// `body_for` encodes the body given the first seq.
+    pub fn emit(
+        &mut self,
+        records: u64,
+        raw_bytes: u64,
+        updates: Vec<HashUpdate>,
+        now_ms: u64,
+        body_for: impl FnOnce(u64) -> Vec<u8>,
+    ) -> (u64, u64) {
+        assert!(self.seq_ready(), "emit before the seq floor is known");
+        assert!(records > 0, "empty batch");
+        let first = self.next_seq;
+        let last = first + records - 1;
+        self.next_seq = last + 1;
+        let body = body_for(first);
+        self.retained_bytes += body.len() as u64;
+        self.raw_bytes_captured += raw_bytes;
+        if let Some(init) = self.initial.as_mut() {
+            init.captured_bytes += raw_bytes;
+        }
+        self.retained.push_back(Arc::new(RetainedBatch { first_seq: first, last_seq: last, body, raw_bytes, captured_ms: now_ms, updates }));
+        (first, last)
+    }
+
+    /// Retained batches with `last_seq > after`, in order.
+    pub fn batches_after(&self, after: u64, max: usize) -> Vec<Arc<RetainedBatch>> {
+        self.retained.iter().filter(|b| b.last_seq > after).take(max).cloned().collect()
+    }
+
+    /// The capture state implied by what is applied plus what is retained: used to rebuild
+    /// the scanner's table after it restarts.
+    pub fn captured_tables(&self) -> Vec<Vec<u64>> {
+        let mut t = self.applied_tables.clone();
+        for b in &self.retained {
+            for &(disk, block, hash) in &b.updates {
+                if let Some(slot) = t.get_mut(disk as usize).and_then(|t| t.get_mut(block as usize)) {
+                    *slot = hash;
+                }
+            }
+        }
+        t
+    }
+
+    /// A full scan pass finished: the first one completes the initial sync's capture.
+    pub fn handle_pass_done(&mut self) {
+        let last = self.captured_seq();
+        if let Some(init) = self.initial.as_mut() {
+            init.scanned_bytes = init.total_bytes;
+            if init.pass_last_seq.is_none() {
+                init.pass_last_seq = Some(last);
+            }
+        }
+        let applied = self.applied_seq;
+        self.handle_ack(self.cached_seq, applied);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn core() -> AgentCore {
+        AgentCore::new(1, 0, vec![vec![0; 8]], 1 << 20, None)
+    }
+
+    fn emit(c: &mut AgentCore, n: u64, updates: Vec<HashUpdate>) -> (u64, u64) {
+        c.emit(n, n * 10, updates, 1000, |first| vec![first as u8; 100])
+    }
+
+    #[test]
+    fn fresh_stream_sets_floor_and_numbers_contiguously() {
+        let mut c = core();
+        assert!(!c.seq_ready());
+        assert_eq!(c.handle_stream_open(41, 40), 41);
+        assert_eq!(emit(&mut c, 3, vec![]), (42, 44));
+        assert_eq!(emit(&mut c, 1, vec![]), (45, 45));
+        assert_eq!(c.captured_seq(), 45);
+    }
+
+    #[test]
+    fn acked_batches_fold_into_applied_table_only_when_applied() {
+        let mut c = core();
+        c.handle_stream_open(0, 0);
+        emit(&mut c, 2, vec![(0, 1, 111)]);
+        emit(&mut c, 1, vec![(0, 2, 222)]);
+        c.handle_ack(3, 0); // cached, not applied: nothing folds
+        assert_eq!(c.applied_tables[0][1], 0);
+        assert_eq!(c.captured_tables()[0][1..3], [111, 222]);
+        c.handle_ack(3, 2);
+        assert_eq!(c.applied_tables[0][1..3], [111, 0]);
+        assert_eq!(c.batches_after(0, 10).len(), 1);
+        assert!(c.applied_dirty);
+        assert_eq!(c.oldest_unapplied_ms(), 1000);
+        c.handle_ack(3, 3);
+        assert_eq!(c.applied_tables[0][1..3], [111, 222]);
+        assert_eq!((c.retained_bytes(), c.oldest_unapplied_ms()), (0, 0));
+    }
+
+    #[test]
+    fn reconnect_resends_only_what_the_server_lacks() {
+        let mut c = core();
+        c.handle_stream_open(0, 0);
+        for _ in 0..4 {
+            emit(&mut c, 1, vec![]);
+        }
+        // A restarted process server cached through 2, applied through 1.
+        let after = c.handle_stream_open(2, 1);
+        assert_eq!(after, 2);
+        let resend: Vec<u64> = c.batches_after(after, 10).iter().map(|b| b.first_seq).collect();
+        assert_eq!(resend, vec![3, 4]);
+        // Numbering continues; the floor is not re-applied to a live agent.
+        assert_eq!(emit(&mut c, 1, vec![]), (5, 5));
+    }
+
+    #[test]
+    fn retention_limit_applies_back_pressure() {
+        let mut c = AgentCore::new(1, 0, vec![], 250, None);
+        c.handle_stream_open(0, 0);
+        assert!(c.has_room(1000), "an empty buffer admits any batch");
+        emit(&mut c, 1, vec![]);
+        emit(&mut c, 1, vec![]);
+        assert!(!c.has_room(100));
+        c.handle_ack(2, 1);
+        assert!(c.has_room(100));
+    }
+
+    #[test]
+    fn initial_sync_completes_when_the_first_pass_is_applied() {
+        let init = InitialSync { total_bytes: 1000, ..Default::default() };
+        let mut c = AgentCore::new(1, 0, vec![], 1 << 20, Some(init));
+        c.handle_stream_open(0, 0);
+        emit(&mut c, 2, vec![]);
+        c.initial.as_mut().unwrap().scanned_bytes = 500;
+        assert!(c.initial.as_ref().unwrap().percent() < 50.0);
+        c.handle_pass_done();
+        assert!(c.initial.is_some());
+        emit(&mut c, 1, vec![]); // a write after the pass does not hold the initial sync open
+        c.handle_ack(3, 2);
+        assert!(c.initial.is_none());
+    }
+
+    #[test]
+    fn restarted_agent_resumes_above_its_applied_cursor() {
+        let mut c = AgentCore::new(1, 70, vec![], 1 << 20, None);
+        // A new, empty process server knows nothing: the agent's own cursor is the floor.
+        c.handle_stream_open(0, 0);
+        assert_eq!(emit(&mut c, 1, vec![]), (71, 71));
+    }
+}

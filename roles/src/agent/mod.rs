@@ -1,0 +1,578 @@
+//! The agent: enrolls a machine, captures its disks' changes, numbers them, streams them to
+//! its process server and retains them until the master target has applied them.
+//!
+//! ```text
+//! Supervisor "agent/<machine>"
+//!  ├─ control   polls the configuration node: protection, epoch, process server, sync barriers;
+//!  │            checkpoints the applied hash table
+//!  ├─ capture   scan passes: changed blocks → numbered batches in the retention buffer
+//!  └─ stream    sends retained batches to the process server, folds acks into the core
+//! ```
+//! All three share [`core::AgentCore`] behind a mutex; none holds it across I/O.
+pub mod core;
+pub mod scan;
+
+use std::{
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use haven_actors::{AddChild, ChildSpec, Supervisor, SupervisorConfig};
+use haven_cluster::DiskInfo;
+use haven_transport::{
+    codec, endpoint,
+    frame::{self, MAX_CONTROL_FRAME},
+    identity::TokenKind,
+};
+use quinn::Connection;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch, Notify};
+
+use self::core::{AgentCore, InitialSync};
+use crate::{
+    client,
+    enroll::{self, resolve, Identity},
+    fsutil::{read_optional, unix_ms, write_atomic},
+    proto::{Ack, AgentPollReply, AgentReport, AgentStats, BatchBody, JoinKind, Request, Response, StreamOpen, WriteRecord},
+};
+
+/// Raw bytes per batch.
+const BATCH_BYTES: u64 = 4 << 20;
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
+
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    pub data_dir: PathBuf,
+    pub join: Option<(String, PathBuf)>,
+    pub disks: Vec<(String, PathBuf)>,
+    pub machine: String,
+    pub scan_interval: Duration,
+    pub retention_bytes: u64,
+}
+
+/// What the configuration node last said about this machine; persisted so the data path
+/// keeps going while the configuration node is down.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+struct Control {
+    protected: bool,
+    epoch: u32,
+    generation: u64,
+    process_server: Option<(String, String)>,
+}
+
+/// The applied hash tables on disk: `<data>/agent/tables`.
+#[derive(Serialize, Deserialize)]
+struct TablesFile {
+    version: u32,
+    epoch: u32,
+    applied_seq: u64,
+    initial_done: bool,
+    disks: Vec<TableDisk>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct TableDisk {
+    name: String,
+    size_bytes: u64,
+    #[serde(with = "serde_bytes")]
+    hashes_le: Vec<u8>,
+}
+
+/// Borrowed twin of `proto::AgentFrame`, to send a retained body without copying it.
+#[derive(Serialize)]
+enum AgentFrameRef<'a> {
+    Batch {
+        first_seq: u64,
+        last_seq: u64,
+        #[serde(with = "serde_bytes")]
+        body: &'a [u8],
+    },
+}
+
+struct Agent {
+    opts: AgentOptions,
+    hostname: String,
+    identity: Identity,
+    endpoint: quinn::Endpoint,
+    client_cfg: quinn::ClientConfig,
+    disks: Vec<DiskInfo>,
+    core: Mutex<AgentCore>,
+    control: watch::Sender<Control>,
+    /// Bumped whenever the core is reset for a new epoch.
+    reset: watch::Sender<u64>,
+    new_batch: Notify,
+    room: Notify,
+    scan_now: Notify,
+    floor_known: Notify,
+    pass_scanned: AtomicU64,
+    sync_wanted: Mutex<Option<u64>>,
+    sync_done: Mutex<Option<(u64, u64)>>,
+    connected: AtomicBool,
+    degraded: Mutex<Option<String>>,
+    scans: AtomicU64,
+    stream_restarts: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Agent {
+    fn dir(&self) -> PathBuf {
+        self.opts.data_dir.join("agent")
+    }
+
+    fn fresh_core(&self, epoch: u32) -> AgentCore {
+        let tables = self.disks.iter().map(|d| scan::zero_table(d.size_bytes)).collect();
+        let total = self.disks.iter().map(|d| d.size_bytes).sum();
+        AgentCore::new(epoch, 0, tables, self.opts.retention_bytes, Some(InitialSync { total_bytes: total, ..Default::default() }))
+    }
+
+    fn checkpoint(&self) -> Result<(), String> {
+        let file = {
+            let mut core = lock(&self.core);
+            if !core.applied_dirty {
+                return Ok(());
+            }
+            core.applied_dirty = false;
+            TablesFile {
+                version: 1,
+                epoch: core.epoch,
+                applied_seq: core.applied_seq,
+                initial_done: core.initial.is_none(),
+                disks: self
+                    .disks
+                    .iter()
+                    .zip(&core.applied_tables)
+                    .map(|(d, t)| TableDisk { name: d.name.clone(), size_bytes: d.size_bytes, hashes_le: t.iter().flat_map(|h| h.to_le_bytes()).collect() })
+                    .collect(),
+            }
+        };
+        let bytes = codec::encode(&file).map_err(|e| e.to_string())?;
+        let path = self.dir().join("tables");
+        write_atomic(&path, &bytes).map_err(|e| format!("checkpoint {}: {e}", path.display()))
+    }
+
+    fn report(&self, throughput_bps: u64) -> AgentReport {
+        let core = lock(&self.core);
+        let initial = core.initial.clone().map(|mut i| {
+            if i.pass_last_seq.is_none() {
+                i.scanned_bytes = self.pass_scanned.load(Ordering::Relaxed);
+            }
+            i.percent()
+        });
+        AgentReport {
+            machine: self.opts.machine.clone(),
+            hostname: self.hostname.clone(),
+            disks: self.disks.clone(),
+            stats: AgentStats {
+                epoch: core.epoch,
+                captured_seq: core.captured_seq(),
+                cached_seq: core.cached_seq,
+                applied_seq: core.applied_seq,
+                oldest_unapplied_ms: core.oldest_unapplied_ms(),
+                raw_bytes_sent: core.raw_bytes_sent,
+                raw_bytes_captured: core.raw_bytes_captured,
+                throughput_bps,
+                initial_sync_percent: initial,
+                retained_bytes: core.retained_bytes(),
+                connected: self.connected.load(Ordering::Relaxed),
+                degraded_reason: lock(&self.degraded).clone(),
+                scans: self.scans.load(Ordering::Relaxed),
+                stream_restarts: self.stream_restarts.load(Ordering::Relaxed),
+            },
+            sync_done: *lock(&self.sync_done),
+        }
+    }
+}
+
+fn load_tables(opts: &AgentOptions, disks: &[DiskInfo], epoch: u32) -> Option<TablesFile> {
+    let bytes = read_optional(&opts.data_dir.join("agent").join("tables")).ok()??;
+    let file: TablesFile = codec::decode(&bytes).map_err(|e| tracing::warn!("ignoring unreadable hash tables: {e}")).ok()?;
+    let same_disks = file.disks.len() == disks.len()
+        && file.disks.iter().zip(disks).all(|(t, d)| t.name == d.name && t.size_bytes == d.size_bytes && t.hashes_le.len() as u64 == d.size_bytes.div_ceil(core::BLOCK_BYTES) * 8);
+    if file.version != 1 || file.epoch != epoch || !same_disks {
+        tracing::info!("hash tables are for another epoch or disk layout; starting a full sync");
+        return None;
+    }
+    Some(file)
+}
+
+/// Runs the agent until SIGINT/SIGTERM (inside an actix System with a multi-threaded runtime).
+pub async fn run(opts: AgentOptions) -> Result<(), String> {
+    let mut disks = vec![];
+    for (name, path) in &opts.disks {
+        let size_bytes = scan::disk_size(path).map_err(|e| format!("disk {name}={}: {e}", path.display()))?;
+        disks.push(DiskInfo { name: name.clone(), size_bytes });
+    }
+    if disks.is_empty() {
+        return Err("an agent needs at least one --disk NAME=PATH".into());
+    }
+    std::fs::create_dir_all(opts.data_dir.join("agent")).map_err(|e| format!("create {}: {e}", opts.data_dir.display()))?;
+    let hostname = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "unknown".into());
+    let identity = match Identity::load(&opts.data_dir)? {
+        Some(id) => id,
+        None => {
+            let (addr, token_file) = opts.join.as_ref().ok_or("no identity in the data dir yet: pass --join ADDR --token-file FILE")?;
+            let token = enroll::read_token(token_file, TokenKind::Join)?;
+            let kind = JoinKind::Agent { machine: opts.machine.clone(), hostname: hostname.clone(), disks: disks.clone() };
+            let id = enroll::join(addr, &token, kind).await?;
+            id.save(&opts.data_dir)?;
+            tracing::info!(machine = %opts.machine, cluster = %id.cluster_id, "enrolled; protect it with `haven ctl protect {}`", opts.machine);
+            id
+        }
+    };
+    let control: Control = read_optional(&opts.data_dir.join("agent").join("control"))
+        .ok()
+        .flatten()
+        .and_then(|b| codec::decode(&b).ok())
+        .unwrap_or_default();
+    let endpoint = endpoint::client_endpoint().map_err(|e| e.to_string())?;
+    let client_cfg = identity.client_config()?;
+    let agent = Arc::new(Agent {
+        hostname,
+        identity,
+        endpoint,
+        client_cfg,
+        core: Mutex::new(AgentCore::new(0, 0, vec![], 0, None)),
+        control: watch::Sender::new(control.clone()),
+        reset: watch::Sender::new(0),
+        new_batch: Notify::new(),
+        room: Notify::new(),
+        scan_now: Notify::new(),
+        floor_known: Notify::new(),
+        pass_scanned: AtomicU64::new(0),
+        sync_wanted: Mutex::new(None),
+        sync_done: Mutex::new(None),
+        connected: AtomicBool::new(false),
+        degraded: Mutex::new(None),
+        scans: AtomicU64::new(0),
+        stream_restarts: AtomicU64::new(0),
+        disks: disks.clone(),
+        opts: opts.clone(),
+    });
+    let core = match load_tables(&opts, &disks, control.epoch) {
+        Some(f) => {
+            tracing::info!(epoch = f.epoch, applied_seq = f.applied_seq, "resuming from the checkpointed hash tables (no full resync)");
+            let tables = f.disks.iter().map(|d| d.hashes_le.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()).collect();
+            let initial = (!f.initial_done).then(|| InitialSync { total_bytes: disks.iter().map(|d| d.size_bytes).sum(), ..Default::default() });
+            AgentCore::new(f.epoch, f.applied_seq, tables, opts.retention_bytes, initial)
+        }
+        None => agent.fresh_core(control.epoch),
+    };
+    *lock(&agent.core) = core;
+
+    let root = Supervisor::start_root(SupervisorConfig { max_restarts: 100, ..SupervisorConfig::new(format!("agent/{}", opts.machine)) });
+    let a = agent.clone();
+    let control_child = ChildSpec::task("control", move |_| control_loop(a.clone()));
+    let a = agent.clone();
+    let capture_child = ChildSpec::task("capture", move |_| capture_loop(a.clone()));
+    let a = agent.clone();
+    let stream_child = ChildSpec::task("stream", move |tc| {
+        a.stream_restarts.store(tc.restarts, Ordering::Relaxed);
+        stream_loop(a.clone())
+    });
+    for spec in [control_child, capture_child, stream_child] {
+        root.send(AddChild(spec)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+    }
+    wait_for_signal().await;
+    lock(&agent.core).applied_dirty = true;
+    agent.checkpoint()?;
+    tracing::info!("agent stopped; hash tables checkpointed");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn control_loop(a: Arc<Agent>) -> Result<(), String> {
+    let addr = a.identity.config_socket_addr()?;
+    let mut conn: Option<Connection> = None;
+    let mut last_checkpoint = Instant::now();
+    let mut last_rate = (Instant::now(), lock(&a.core).raw_bytes_applied);
+    let mut throughput = 0u64;
+    let mut reachable = true;
+    loop {
+        let now = Instant::now();
+        let applied_bytes = lock(&a.core).raw_bytes_applied;
+        let dt = now.duration_since(last_rate.0).as_secs_f64();
+        if dt >= 1.0 {
+            throughput = ((applied_bytes - last_rate.1) as f64 / dt) as u64;
+            last_rate = (now, applied_bytes);
+        }
+        let report = a.report(throughput);
+        if conn.as_ref().is_some_and(|c| c.close_reason().is_some()) {
+            conn = None;
+        }
+        let result = async {
+            if conn.is_none() {
+                conn = Some(client::connect(&a.endpoint, a.client_cfg.clone(), addr, &format!("agent {}", a.opts.machine)).await.map_err(|e| e.to_string())?);
+            }
+            client::call(conn.as_ref().expect("set"), &Request::AgentPoll(report), Duration::from_secs(5)).await.map_err(|e| e.to_string())
+        }
+        .await;
+        match result {
+            Ok(Response::AgentPoll(reply)) => {
+                if !reachable {
+                    tracing::info!("configuration node reachable again");
+                    reachable = true;
+                }
+                handle_poll_reply(&a, reply)?;
+            }
+            Ok(other) => tracing::warn!("unexpected poll reply: {other:?}"),
+            Err(e) => {
+                conn = None;
+                if reachable {
+                    tracing::warn!("configuration node unreachable ({e}); replication continues");
+                    reachable = false;
+                }
+            }
+        }
+        if last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
+            let a2 = a.clone();
+            tokio::task::spawn_blocking(move || a2.checkpoint()).await.map_err(|e| e.to_string())??;
+            last_checkpoint = Instant::now();
+        }
+        tokio::time::sleep(crate::node::POLL_INTERVAL).await;
+    }
+}
+
+fn handle_poll_reply(a: &Agent, reply: AgentPollReply) -> Result<(), String> {
+    let new = Control { protected: reply.protected, epoch: reply.epoch, generation: reply.generation.0, process_server: reply.process_server };
+    if new.protected && new.epoch != lock(&a.core).epoch {
+        tracing::info!(epoch = new.epoch, "new protection epoch: starting a full sync");
+        *lock(&a.core) = a.fresh_core(new.epoch);
+        lock(&a.core).applied_dirty = true;
+        *lock(&a.sync_done) = None;
+        a.reset.send_modify(|g| *g += 1);
+    }
+    match reply.sync_request {
+        Some(id) => {
+            let done = lock(&a.sync_done).is_some_and(|(d, _)| d == id);
+            let mut wanted = lock(&a.sync_wanted);
+            if !done && *wanted != Some(id) {
+                *wanted = Some(id);
+                a.scan_now.notify_one();
+            }
+        }
+        None => *lock(&a.sync_done) = None,
+    }
+    if *a.control.borrow() != new {
+        let bytes = codec::encode(&new).map_err(|e| e.to_string())?;
+        let path = a.dir().join("control");
+        write_atomic(&path, &bytes).map_err(|e| format!("write {}: {e}", path.display()))?;
+        a.control.send_replace(new);
+    }
+    Ok(())
+}
+
+/// Waits until the machine is protected and seqs can be assigned.
+async fn wait_ready(a: &Agent) {
+    let mut control = a.control.subscribe();
+    loop {
+        let protected = control.borrow_and_update().protected;
+        if protected && lock(&a.core).seq_ready() {
+            return;
+        }
+        tokio::select! {
+            _ = control.changed() => {}
+            _ = a.floor_known.notified() => {}
+        }
+    }
+}
+
+async fn capture_loop(a: Arc<Agent>) -> Result<(), String> {
+    let mut reset = a.reset.subscribe();
+    loop {
+        wait_ready(&a).await;
+        let generation = *reset.borrow_and_update();
+        let sync_id = *lock(&a.sync_wanted);
+        let tables = lock(&a.core).captured_tables();
+        let completed = scan_pass(&a, tables, generation).await?;
+        a.scans.fetch_add(1, Ordering::Relaxed);
+        if completed {
+            let captured = {
+                let mut core = lock(&a.core);
+                core.handle_pass_done();
+                core.captured_seq()
+            };
+            if let Some(id) = sync_id {
+                *lock(&a.sync_done) = Some((id, captured));
+                let mut wanted = lock(&a.sync_wanted);
+                if *wanted == Some(id) {
+                    *wanted = None;
+                }
+            }
+        }
+        if *a.reset.borrow() != generation {
+            continue;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(a.opts.scan_interval) => {}
+            _ = a.scan_now.notified() => {}
+            _ = reset.changed() => {}
+        }
+    }
+}
+
+/// One pass over every disk. Returns false if it was abandoned for a reset.
+async fn scan_pass(a: &Arc<Agent>, tables: Vec<Vec<u64>>, generation: u64) -> Result<bool, String> {
+    a.pass_scanned.store(0, Ordering::Relaxed);
+    let mut base = 0u64;
+    for (i, mut table) in tables.into_iter().enumerate() {
+        let (tx, mut rx) = mpsc::channel::<scan::Extent>(4);
+        let path = a.opts.disks[i].1.clone();
+        let a2 = a.clone();
+        let scanner = tokio::task::spawn_blocking(move || {
+            let r = scan::scan_disk(&path, i as u16, &mut table, |off| a2.pass_scanned.store(base + off, Ordering::Relaxed), |e| tx.blocking_send(e).is_ok());
+            r.map_err(|e| format!("scan {}: {e}", path.display()))
+        });
+        let mut batch: Vec<scan::Extent> = vec![];
+        let mut raw = 0u64;
+        while let Some(e) = rx.recv().await {
+            if *a.reset.borrow() != generation {
+                drop(rx);
+                let _ = scanner.await;
+                return Ok(false);
+            }
+            raw += e.data.len() as u64;
+            batch.push(e);
+            if raw >= BATCH_BYTES {
+                emit(a, std::mem::take(&mut batch), generation).await?;
+                raw = 0;
+            }
+        }
+        if !batch.is_empty() {
+            emit(a, batch, generation).await?;
+        }
+        scanner.await.map_err(|e| format!("scanner failed: {e}"))??;
+        base += a.disks[i].size_bytes;
+    }
+    Ok(true)
+}
+
+/// Numbers and retains one batch, waiting for room in the retention buffer.
+async fn emit(a: &Agent, extents: Vec<scan::Extent>, generation: u64) -> Result<(), String> {
+    let raw: u64 = extents.iter().map(|e| e.data.len() as u64).sum();
+    loop {
+        if *a.reset.borrow() != generation {
+            return Ok(());
+        }
+        if lock(&a.core).has_room(raw) {
+            break;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(500), a.room.notified()).await;
+    }
+    let updates = extents.iter().flat_map(|e| e.updates.iter().copied()).collect();
+    let n = extents.len() as u64;
+    let mut encoded: Result<(), String> = Ok(());
+    lock(&a.core).emit(n, raw, updates, unix_ms(), |first| {
+        let records = extents
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| WriteRecord { seq: first + i as u64, disk: e.disk, offset: e.offset, data: serde_bytes::ByteBuf::from(e.data) })
+            .collect();
+        codec::encode(&BatchBody { records }).unwrap_or_else(|e| {
+            encoded = Err(e.to_string());
+            vec![]
+        })
+    });
+    encoded?;
+    a.new_batch.notify_one();
+    Ok(())
+}
+
+async fn stream_loop(a: Arc<Agent>) -> Result<(), String> {
+    let result = stream_once(&a).await;
+    a.connected.store(false, Ordering::Relaxed);
+    if let Err(e) = &result {
+        *lock(&a.degraded) = Some(e.clone());
+    }
+    result
+}
+
+async fn stream_once(a: &Arc<Agent>) -> Result<(), String> {
+    let mut control = a.control.subscribe();
+    let ctl = loop {
+        let c = control.borrow_and_update().clone();
+        if c.protected && c.process_server.is_some() {
+            break c;
+        }
+        *lock(&a.degraded) = None;
+        control.changed().await.map_err(|_| "control closed".to_string())?;
+    };
+    let (ps_name, ps_addr) = ctl.process_server.clone().expect("checked");
+    let addr = resolve(&ps_addr)?;
+    let conn = client::connect(&a.endpoint, a.client_cfg.clone(), addr, &format!("agent {}", a.opts.machine))
+        .await
+        .map_err(|e| format!("process server {ps_name} at {ps_addr} unreachable: {e}"))?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let epoch = lock(&a.core).epoch;
+    let open = StreamOpen { machine: a.opts.machine.clone(), epoch, generation: haven_cluster::Generation(ctl.generation), disks: a.disks.clone() };
+    frame::send_msg(&mut send, &Request::OpenStream(open)).await.map_err(|e| e.to_string())?;
+    let (cached, applied) = match frame::expect_msg::<Response>(&mut recv, MAX_CONTROL_FRAME).await.map_err(|e| e.to_string())? {
+        Response::StreamAccepted { cached_seq, applied_seq } => (cached_seq, applied_seq),
+        Response::Refused { reason } => return Err(format!("process server {ps_name} refused the stream: {reason}")),
+        other => return Err(format!("unexpected reply: {other:?}")),
+    };
+    let mut after = lock(&a.core).handle_stream_open(cached, applied);
+    a.floor_known.notify_waiters();
+    a.room.notify_one();
+    a.connected.store(true, Ordering::Relaxed);
+    *lock(&a.degraded) = None;
+    tracing::info!(ps = %ps_name, cached, applied, "streaming to process server");
+    let mut acks = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            loop {
+                let ack: Ack = frame::expect_msg(&mut recv, MAX_CONTROL_FRAME).await.map_err(|e| format!("ack stream: {e}"))?;
+                lock(&a.core).handle_ack(ack.cached_seq, ack.applied_seq);
+                a.room.notify_one();
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), String>(())
+        })
+    };
+    let mut reset = a.reset.subscribe();
+    reset.borrow_and_update();
+    let result = async {
+        loop {
+            let batches = lock(&a.core).batches_after(after, 8);
+            if batches.is_empty() {
+                tokio::select! {
+                    _ = a.new_batch.notified() => {}
+                    r = &mut acks => return Err(match r { Ok(Err(e)) => e, _ => "ack reader ended".into() }),
+                    r = control.changed() => {
+                        r.map_err(|_| "control closed".to_string())?;
+                        if *control.borrow() != ctl { return Err::<(), String>("assignment changed; reconnecting".into()); }
+                    }
+                    _ = reset.changed() => return Err("protection reset; reconnecting".into()),
+                }
+                continue;
+            }
+            for b in batches {
+                let bytes = codec::encode(&AgentFrameRef::Batch { first_seq: b.first_seq, last_seq: b.last_seq, body: &b.body }).map_err(|e| e.to_string())?;
+                frame::write_frame(&mut send, &bytes).await.map_err(|e| e.to_string())?;
+                lock(&a.core).raw_bytes_sent += b.raw_bytes;
+                after = b.last_seq;
+            }
+        }
+    }
+    .await;
+    acks.abort();
+    conn.close(0u32.into(), b"stream restart");
+    result
+}

@@ -1,0 +1,399 @@
+//! The configuration node's protocol core: plain Rust, no I/O, time passed in.
+//!
+//! Every input returns the response and the records to persist; the actor in `mod.rs`
+//! writes those to the store *before* it answers, so nothing acknowledged is forgotten.
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use haven_cluster::{
+    placement::{self, Candidate},
+    ClusterMeta, Epoch, Generation, MachineRecord, NodeRecord, ROLE_MASTER_TARGET, ROLE_PROCESS,
+};
+use haven_transport::identity::PeerIdentity;
+
+use crate::proto::*;
+use crate::view::*;
+
+/// A node or agent silent for longer than this is reported as not alive.
+pub const FAILURE_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Persist {
+    Node(NodeRecord),
+    Machine(MachineRecord),
+}
+
+struct Observed<T> {
+    at: Instant,
+    report: T,
+}
+
+struct Barrier {
+    id: u64,
+    barrier_seq: Option<u64>,
+}
+
+pub struct ConfigCore {
+    meta: ClusterMeta,
+    nodes: BTreeMap<String, NodeRecord>,
+    machines: BTreeMap<String, MachineRecord>,
+    node_reports: HashMap<String, Observed<NodeReport>>,
+    agent_reports: HashMap<String, Observed<AgentReport>>,
+    barriers: HashMap<String, Barrier>,
+    next_barrier: u64,
+}
+
+pub type Outcome = (Response, Vec<Persist>);
+
+fn refused(reason: impl Into<String>) -> Outcome {
+    (Response::Refused { reason: reason.into() }, vec![])
+}
+
+impl ConfigCore {
+    pub fn new(meta: ClusterMeta, nodes: Vec<NodeRecord>, machines: Vec<MachineRecord>) -> Self {
+        Self {
+            meta,
+            nodes: nodes.into_iter().map(|n| (n.name.clone(), n)).collect(),
+            machines: machines.into_iter().map(|m| (m.name.clone(), m)).collect(),
+            node_reports: HashMap::new(),
+            agent_reports: HashMap::new(),
+            barriers: HashMap::new(),
+            next_barrier: 1,
+        }
+    }
+
+    pub fn meta(&self) -> &ClusterMeta {
+        &self.meta
+    }
+
+    /// Validates a join and records the joiner. On success the caller issues a certificate
+    /// for the returned identity.
+    pub fn handle_join(&mut self, req: &JoinRequest) -> Result<(PeerIdentity, Vec<Persist>), String> {
+        if !secret_eq(&self.meta.join_secret, &req.secret) {
+            return Err("invalid join token".into());
+        }
+        match &req.kind {
+            JoinKind::Node { name, roles, addr, capacity } => {
+                valid_name(name)?;
+                if roles.is_empty() {
+                    return Err("a node needs at least one role".into());
+                }
+                let node = NodeRecord {
+                    name: name.clone(),
+                    roles: roles.clone(),
+                    addr: addr.clone(),
+                    capacity: *capacity,
+                    drained: self.nodes.get(name).map(|n| n.drained).unwrap_or(false),
+                };
+                self.nodes.insert(name.clone(), node.clone());
+                Ok((PeerIdentity::Node { name: name.clone(), roles: roles.clone() }, vec![Persist::Node(node)]))
+            }
+            JoinKind::Agent { machine, hostname, disks } => {
+                valid_name(machine)?;
+                for d in disks {
+                    valid_name(&d.name)?;
+                }
+                let persist = self.enroll(machine, hostname, disks);
+                Ok((PeerIdentity::Agent { machine: machine.clone() }, persist))
+            }
+        }
+    }
+
+    fn enroll(&mut self, machine: &str, hostname: &str, disks: &[haven_cluster::DiskInfo]) -> Vec<Persist> {
+        let rec = self.machines.entry(machine.to_string()).or_insert_with(|| MachineRecord {
+            name: machine.to_string(),
+            hostname: hostname.to_string(),
+            disks: disks.to_vec(),
+            protected: false,
+            epoch: Epoch(0),
+            generation: Generation(0),
+            process_server: None,
+            master_target: None,
+            data_key: vec![],
+        });
+        if rec.hostname != hostname || rec.disks != disks {
+            rec.hostname = hostname.to_string();
+            rec.disks = disks.to_vec();
+        } else if rec.epoch != Epoch(0) || rec.protected {
+            return vec![];
+        }
+        vec![Persist::Machine(rec.clone())]
+    }
+
+    pub fn handle_agent_poll(&mut self, now: Instant, who: &PeerIdentity, report: AgentReport) -> Outcome {
+        let PeerIdentity::Agent { machine } = who else {
+            return refused("only an agent may poll as an agent");
+        };
+        if *machine != report.machine {
+            return refused(format!("agent {machine} may not report for {}", report.machine));
+        }
+        let mut persist = vec![];
+        if !self.machines.contains_key(machine) {
+            persist = self.enroll(machine, &report.hostname, &report.disks);
+        }
+        if let (Some((id, seq)), Some(b)) = (report.sync_done, self.barriers.get_mut(machine)) {
+            if b.id == id && b.barrier_seq.is_none() {
+                b.barrier_seq = Some(seq);
+            }
+        }
+        self.agent_reports.insert(machine.clone(), Observed { at: now, report });
+        let m = &self.machines[machine];
+        let process_server = m
+            .process_server
+            .as_ref()
+            .and_then(|ps| self.nodes.get(ps))
+            .map(|n| (n.name.clone(), n.addr.clone()));
+        let sync_request = self.barriers.get(machine).filter(|b| b.barrier_seq.is_none()).map(|b| b.id);
+        let reply = AgentPollReply {
+            protected: m.protected,
+            epoch: m.epoch.0,
+            generation: m.generation,
+            process_server,
+            sync_request,
+        };
+        (Response::AgentPoll(reply), persist)
+    }
+
+    pub fn handle_node_poll(&mut self, now: Instant, who: &PeerIdentity, report: NodeReport) -> Outcome {
+        let PeerIdentity::Node { name, .. } = who else {
+            return refused("only a node may poll as a node");
+        };
+        if *name != report.name {
+            return refused(format!("node {name} may not report for {}", report.name));
+        }
+        if !self.nodes.contains_key(name) {
+            return refused(format!("node {name} is not a member of this cluster"));
+        }
+        self.node_reports.insert(name.clone(), Observed { at: now, report });
+        let assignments = self
+            .machines
+            .values()
+            .filter(|m| m.protected)
+            .filter(|m| m.process_server.as_deref() == Some(name) || m.master_target.as_deref() == Some(name))
+            .filter_map(|m| {
+                let mt = self.nodes.get(m.master_target.as_deref()?)?;
+                Some(Assignment {
+                    machine: m.name.clone(),
+                    epoch: m.epoch,
+                    generation: m.generation,
+                    disks: m.disks.clone(),
+                    process_server: m.process_server.clone()?,
+                    master_target: mt.name.clone(),
+                    master_target_addr: mt.addr.clone(),
+                    data_key: serde_bytes::ByteBuf::from(m.data_key.clone()),
+                })
+            })
+            .collect();
+        (Response::NodePoll(NodePollReply { assignments }), vec![])
+    }
+
+    pub fn handle_admin(&mut self, now: Instant, secret: &str, cmd: AdminCommand, new_key: impl FnOnce() -> Vec<u8>) -> Outcome {
+        if !secret_eq(&self.meta.admin_secret, secret) {
+            return refused("invalid admin token");
+        }
+        let reply = match cmd {
+            AdminCommand::Status => AdminReply::Status(ClusterStatus {
+                cluster_id: self.meta.cluster_id.clone(),
+                nodes: self.node_views(now),
+                machines: self.machine_views(now),
+            }),
+            AdminCommand::Nodes => AdminReply::Nodes(self.node_views(now)),
+            AdminCommand::Machines => AdminReply::Machines(self.machine_views(now)),
+            AdminCommand::Protect { machine } => return self.protect(now, &machine, new_key),
+            AdminCommand::Unprotect { machine } => return self.unprotect(&machine),
+            AdminCommand::RequestSync { machine } => {
+                match self.machines.get(&machine) {
+                    None => return refused(format!("no machine named {machine:?}")),
+                    Some(m) if !m.protected => return refused(format!("{machine} is not protected")),
+                    Some(_) => {}
+                }
+                let id = self.next_barrier;
+                self.next_barrier += 1;
+                self.barriers.insert(machine, Barrier { id, barrier_seq: None });
+                AdminReply::SyncRequested { id }
+            }
+            AdminCommand::SyncState { machine, id } => {
+                let applied_seq = self.applied_seq(&machine);
+                let barrier_seq = self.barriers.get(&machine).filter(|b| b.id == id).and_then(|b| b.barrier_seq);
+                let done = barrier_seq.is_some_and(|b| applied_seq >= b);
+                AdminReply::SyncState { barrier_seq, applied_seq, done }
+            }
+        };
+        (Response::Admin(reply), vec![])
+    }
+
+    fn alive(&self, now: Instant, node: &str) -> bool {
+        self.node_reports.get(node).is_some_and(|o| now.duration_since(o.at) < FAILURE_TIMEOUT)
+    }
+
+    fn protect(&mut self, now: Instant, machine: &str, new_key: impl FnOnce() -> Vec<u8>) -> Outcome {
+        let Some(m) = self.machines.get(machine) else {
+            return refused(format!("no machine named {machine:?}; enroll it with `haven agent` first"));
+        };
+        if m.protected {
+            return (Response::Admin(AdminReply::Done { message: format!("{machine} is already protected") }), vec![]);
+        }
+        let pick = |role: &str| {
+            let cands: Vec<Candidate> = self
+                .nodes
+                .values()
+                .filter(|n| n.has_role(role))
+                .map(|n| Candidate {
+                    node: n,
+                    machines: self.machines.values().filter(|m| m.protected && (m.process_server.as_deref() == Some(&n.name) || m.master_target.as_deref() == Some(&n.name))).count() as u32,
+                    alive: self.alive(now, &n.name),
+                })
+                .collect();
+            placement::pick(&cands).map(|n| n.name.clone())
+        };
+        let Some(ps) = pick(ROLE_PROCESS) else {
+            return refused("no live process server to place the machine on");
+        };
+        let Some(mt) = pick(ROLE_MASTER_TARGET) else {
+            return refused("no live master target to place the machine on");
+        };
+        let m = self.machines.get_mut(machine).expect("checked above");
+        m.protected = true;
+        m.epoch = Epoch(m.epoch.0 + 1);
+        m.generation = Generation(m.generation.0 + 1);
+        m.process_server = Some(ps.clone());
+        m.master_target = Some(mt.clone());
+        m.data_key = new_key();
+        let message = format!("{machine} protected: process server {ps}, master target {mt}, epoch {}", m.epoch.0);
+        (Response::Admin(AdminReply::Done { message }), vec![Persist::Machine(m.clone())])
+    }
+
+    fn unprotect(&mut self, machine: &str) -> Outcome {
+        let Some(m) = self.machines.get_mut(machine) else {
+            return refused(format!("no machine named {machine:?}"));
+        };
+        if !m.protected {
+            return (Response::Admin(AdminReply::Done { message: format!("{machine} is not protected") }), vec![]);
+        }
+        m.protected = false;
+        m.generation = Generation(m.generation.0 + 1);
+        self.barriers.remove(machine);
+        let message = format!("{machine} unprotected; its replica stays on {}", m.master_target.as_deref().unwrap_or("?"));
+        (Response::Admin(AdminReply::Done { message }), vec![Persist::Machine(m.clone())])
+    }
+
+    fn applied_seq(&self, machine: &str) -> u64 {
+        let from_agent = self.agent_reports.get(machine).map(|o| o.report.stats.applied_seq).unwrap_or(0);
+        let from_nodes = self
+            .node_reports
+            .values()
+            .flat_map(|o| o.report.machines.iter())
+            .filter(|r| r.machine == machine && r.role == ROLE_MASTER_TARGET)
+            .map(|r| r.applied_seq)
+            .max()
+            .unwrap_or(0);
+        from_agent.max(from_nodes)
+    }
+
+    fn node_views(&self, now: Instant) -> Vec<NodeView> {
+        self.nodes
+            .values()
+            .map(|n| NodeView {
+                name: n.name.clone(),
+                roles: n.roles.clone(),
+                addr: n.addr.clone(),
+                alive: self.alive(now, &n.name),
+                last_seen_ms_ago: self.node_reports.get(&n.name).map(|o| now.duration_since(o.at).as_millis() as u64),
+                machines: self
+                    .machines
+                    .values()
+                    .filter(|m| m.protected && (m.process_server.as_deref() == Some(&n.name) || m.master_target.as_deref() == Some(&n.name)))
+                    .count() as u32,
+                capacity: n.capacity,
+                drained: n.drained,
+            })
+            .collect()
+    }
+
+    fn machine_views(&self, now: Instant) -> Vec<MachineView> {
+        self.machines.values().map(|m| self.machine_view(now, m)).collect()
+    }
+
+    fn machine_view(&self, now: Instant, m: &MachineRecord) -> MachineView {
+        let agent = self.agent_reports.get(&m.name);
+        let stats = agent.map(|o| o.report.stats.clone()).unwrap_or_default();
+        let node_report = |node: Option<&String>| {
+            let node = node?;
+            self.node_reports.get(node).and_then(|o| o.report.machines.iter().find(|r| r.machine == m.name))
+        };
+        let ps = node_report(m.process_server.as_ref());
+        let mt = node_report(m.master_target.as_ref());
+        let applied_seq = self.applied_seq(&m.name);
+        let agent_age = agent.map(|o| now.duration_since(o.at));
+        let mut degraded = None;
+        if m.protected {
+            if agent_age.is_none_or(|a| a >= FAILURE_TIMEOUT) {
+                degraded = Some("agent is not reporting".to_string());
+            } else if let Some(reason) = &stats.degraded_reason {
+                degraded = Some(reason.clone());
+            } else if let Some(ps) = m.process_server.as_ref().filter(|ps| !self.alive(now, ps)) {
+                degraded = Some(format!("process server {ps} is not reporting"));
+            } else if let Some(mt) = m.master_target.as_ref().filter(|mt| !self.alive(now, mt)) {
+                degraded = Some(format!("master target {mt} is not reporting"));
+            } else if stats.epoch != m.epoch.0 {
+                degraded = Some("agent has not picked up the protection yet".to_string());
+            }
+        }
+        let state = match (m.protected, &degraded, stats.initial_sync_percent) {
+            (false, _, _) => "discovered",
+            (true, Some(_), _) => "degraded",
+            (true, None, Some(_)) => "initial-sync",
+            (true, None, None) => "replicating",
+        };
+        let in_sync = stats.captured_seq <= applied_seq;
+        let rpo_seconds = if !m.protected || in_sync || stats.oldest_unapplied_ms == 0 {
+            0.0
+        } else {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            now_ms.saturating_sub(stats.oldest_unapplied_ms) as f64 / 1000.0
+        };
+        MachineView {
+            name: m.name.clone(),
+            hostname: m.hostname.clone(),
+            state: state.to_string(),
+            initial_sync_percent: if m.protected { stats.initial_sync_percent } else { None },
+            degraded_reason: degraded,
+            process_server: m.process_server.clone(),
+            master_target: m.master_target.clone(),
+            generation: m.generation.0,
+            epoch: m.epoch.0,
+            captured_seq: stats.captured_seq,
+            cached_seq: ps.map(|r| r.cached_seq).unwrap_or(stats.cached_seq).max(stats.cached_seq),
+            applied_seq,
+            rpo_seconds,
+            raw_bytes_sent: stats.raw_bytes_sent,
+            wire_bytes_sent: ps.map(|r| r.wire_bytes).unwrap_or(0),
+            throughput_bytes_per_sec: stats.throughput_bps,
+            retained_bytes: stats.retained_bytes,
+            disks: m.disks.clone(),
+            agent_last_seen_ms_ago: agent_age.map(|a| a.as_millis() as u64),
+            stream_restarts: stats.stream_restarts + ps.map(|r| r.restarts).unwrap_or(0),
+            batches_refused: mt.map(|r| r.batches_refused).unwrap_or(0),
+        }
+    }
+}
+
+fn secret_eq(expected: &str, presented: &str) -> bool {
+    let (a, b) = (expected.as_bytes(), presented.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn valid_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("invalid name {name:?}: use 1-64 letters, digits, '-', '_' or '.'"))
+    }
+}

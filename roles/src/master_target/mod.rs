@@ -1,0 +1,231 @@
+//! The master target: verifies, opens and applies batches in seq order to replica images,
+//! then acknowledges `applied_seq` once the images and the cursor are fsynced.
+//!
+//! ```text
+//! process server ── Sealed{first,last} ──▶ reader ─▶ open (blocking pool, 2 in flight)
+//!                                                     └▶ apply in order ─▶ (queue drained) fsync + cursor
+//!                ◀── Applied{seq} ─────────────────────────────────────────┘
+//! ```
+//! A batch that fails authentication, decoding or validation is refused whole: nothing from
+//! it reaches the disks, the stream is closed with the reason, and the refusal is counted.
+pub mod replica;
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+};
+
+use dashmap::DashMap;
+use haven_transport::{
+    codec,
+    frame::{self, MAX_DATA_FRAME},
+    identity::PeerIdentity,
+    seal::{self, DataKey, SealContext, MAX_SEALED_LEN},
+};
+use quinn::{RecvStream, SendStream};
+use tokio::sync::mpsc;
+
+use self::replica::Replica;
+use crate::node::NodeContext;
+use crate::proto::{Applied, BatchBody, NodeMachineReport, Response, ShipFrame, ShipOpen};
+
+const OPEN_QUEUE: usize = 3;
+
+pub struct MasterState {
+    pub dir: PathBuf,
+    pub machines: DashMap<String, Arc<MtMachine>>,
+}
+
+#[derive(Default)]
+pub struct MtMachine {
+    pub replica: Mutex<Option<Replica>>,
+    pub applied: AtomicU64,
+    pub refused: AtomicU64,
+    pub owner: AtomicU64,
+    pub bytes_applied: AtomicU64,
+}
+
+static NEXT_STREAM_ID: AtomicU64 = AtomicU64::new(1);
+
+impl MasterState {
+    pub fn new(data_dir: &Path) -> Self {
+        Self { dir: data_dir.join("replicas"), machines: DashMap::new() }
+    }
+
+    pub fn reports(&self) -> Vec<NodeMachineReport> {
+        self.machines
+            .iter()
+            .map(|e| NodeMachineReport {
+                machine: e.key().clone(),
+                role: haven_cluster::ROLE_MASTER_TARGET.into(),
+                applied_seq: e.applied.load(Ordering::Relaxed),
+                raw_bytes: e.bytes_applied.load(Ordering::Relaxed),
+                batches_refused: e.refused.load(Ordering::Relaxed),
+                ..Default::default()
+            })
+            .collect()
+    }
+}
+
+pub async fn apply_stream(
+    ctx: Arc<NodeContext>,
+    who: Option<PeerIdentity>,
+    open: ShipOpen,
+    mut send: SendStream,
+    recv: RecvStream,
+) -> Result<(), String> {
+    let admitted = admit(&ctx, who.as_ref(), &open).await;
+    let (m, key) = match admitted {
+        Ok(x) => x,
+        Err(reason) => {
+            let _ = frame::send_msg(&mut send, &Response::Refused { reason: reason.clone() }).await;
+            let _ = send.finish();
+            return Err(reason);
+        }
+    };
+    let id = NEXT_STREAM_ID.fetch_add(1, Ordering::Relaxed);
+    m.owner.store(id, Ordering::SeqCst);
+    let applied = m.applied.load(Ordering::SeqCst);
+    frame::send_msg(&mut send, &Response::ShipAccepted { applied_seq: applied }).await.map_err(|e| e.to_string())?;
+    tracing::info!(machine = %open.machine, applied, "ship stream accepted");
+
+    let (tx, rx) = mpsc::channel(OPEN_QUEUE);
+    let reader = tokio::spawn(read_and_open(open.clone(), key, recv, tx));
+    let result = apply_in_order(&m, id, &mut send, rx).await;
+    reader.abort();
+    if let Err(e) = &result {
+        if e.starts_with("refused") {
+            m.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(machine = %open.machine, "batch {e}; nothing from it was applied");
+            send.reset(1u32.into()).ok();
+        }
+    }
+    result
+}
+
+async fn admit(ctx: &NodeContext, who: Option<&PeerIdentity>, open: &ShipOpen) -> Result<(Arc<MtMachine>, DataKey), String> {
+    let mt = ctx.master.as_ref().ok_or("this node is not a master target")?;
+    match who {
+        Some(id) if id.has_role(haven_cluster::ROLE_PROCESS) => {}
+        Some(other) => return Err(format!("{} is not a process server", other.common_name())),
+        None => return Err("ship streams need a cluster certificate".into()),
+    }
+    let a = ctx
+        .assignment(&open.machine)
+        .filter(|a| a.master_target == ctx.name)
+        .ok_or_else(|| format!("machine {} is not assigned to master target {}", open.machine, ctx.name))?;
+    if a.epoch.0 != open.epoch {
+        return Err(format!("epoch mismatch: stream has {}, cluster has {}", open.epoch, a.epoch.0));
+    }
+    let key = DataKey::from_slice(&a.data_key).map_err(|e| e.to_string())?;
+    let m = mt.machines.entry(open.machine.clone()).or_default().clone();
+    let (dir, machine, epoch, disks) = (mt.dir.clone(), open.machine.clone(), a.epoch.0, a.disks.clone());
+    let m2 = m.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut slot = m2.replica.lock().map_err(|_| "replica lock poisoned".to_string())?;
+        let fresh = slot.as_ref().is_none_or(|r| r.epoch() != epoch);
+        if fresh {
+            *slot = None;
+            let r = Replica::open(&dir, &machine, epoch, &disks).map_err(|e| e.to_string())?;
+            m2.applied.store(r.applied_seq(), Ordering::SeqCst);
+            *slot = Some(r);
+        }
+        Ok::<_, String>(())
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    Ok((m, key))
+}
+
+struct Opened {
+    first_seq: u64,
+    last_seq: u64,
+    body: BatchBody,
+    raw_len: u64,
+}
+
+/// Reads sealed frames and opens them in the blocking pool, keeping their order.
+async fn read_and_open(
+    open: ShipOpen,
+    key: DataKey,
+    mut recv: RecvStream,
+    tx: mpsc::Sender<tokio::task::JoinHandle<Result<Opened, String>>>,
+) -> Result<(), String> {
+    loop {
+        let frame = frame::read_frame(&mut recv, MAX_DATA_FRAME).await;
+        let bytes = match frame {
+            Ok(Some(b)) => b,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                let msg = format!("stream: {e}");
+                let _ = tx.send(tokio::spawn(async move { Err(msg) })).await;
+                return Err(e.to_string());
+            }
+        };
+        let (key, machine, epoch) = (key.clone(), open.machine.clone(), open.epoch);
+        let job = tokio::task::spawn_blocking(move || {
+            let ShipFrame::Sealed { first_seq, last_seq, sealed } =
+                codec::decode(&bytes).map_err(|e| format!("refused: malformed frame: {e}"))?;
+            if sealed.ciphertext.len() > MAX_SEALED_LEN || first_seq > last_seq {
+                return Err(format!("refused: batch {first_seq}..={last_seq} is malformed or oversized"));
+            }
+            let sctx = SealContext { machine: &machine, epoch, first_seq, last_seq };
+            let plain = seal::open(&key, &sctx, &sealed).map_err(|e| format!("refused: {first_seq}..={last_seq}: {e}"))?;
+            let body: BatchBody = codec::decode(&plain).map_err(|e| format!("refused: {first_seq}..={last_seq}: undecodable body: {e}"))?;
+            Ok(Opened { first_seq, last_seq, body, raw_len: plain.len() as u64 })
+        });
+        if tx.send(job).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+async fn apply_in_order(
+    m: &Arc<MtMachine>,
+    id: u64,
+    send: &mut SendStream,
+    mut rx: mpsc::Receiver<tokio::task::JoinHandle<Result<Opened, String>>>,
+) -> Result<(), String> {
+    while let Some(job) = rx.recv().await {
+        let mut batch = vec![job.await.map_err(|e| e.to_string())??];
+        // Everything already opened joins this commit (group fsync).
+        while batch.len() < 16 {
+            let Ok(job) = rx.try_recv() else { break };
+            batch.push(job.await.map_err(|e| e.to_string())??);
+        }
+        if m.owner.load(Ordering::SeqCst) != id {
+            return Err("superseded by a newer ship stream".into());
+        }
+        let m2 = m.clone();
+        let applied = tokio::task::spawn_blocking(move || {
+            let mut slot = m2.replica.lock().map_err(|_| "replica lock poisoned".to_string())?;
+            let r = slot.as_mut().ok_or("replica closed")?;
+            let mut failed = None;
+            for o in &batch {
+                match r.apply(o.first_seq, o.last_seq, &o.body) {
+                    Ok(replica::Applied::Applied) => {
+                        m2.bytes_applied.fetch_add(o.raw_len, Ordering::Relaxed);
+                    }
+                    Ok(replica::Applied::Duplicate) => {}
+                    Err(e @ replica::ApplyError::Invalid(_)) => failed = Some(format!("refused: {e}")),
+                    Err(e) => failed = Some(e.to_string()),
+                }
+                if failed.is_some() {
+                    break;
+                }
+            }
+            // Make what was applied before a failure durable, so the cursor stays truthful.
+            let committed = r.commit().map_err(|e| e.to_string())?;
+            m2.applied.fetch_max(committed, Ordering::SeqCst);
+            failed.map_or(Ok(committed), Err)
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        m.applied.fetch_max(applied, Ordering::SeqCst);
+        frame::send_msg(send, &Applied { applied_seq: applied }).await.map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}

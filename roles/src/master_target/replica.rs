@@ -1,0 +1,242 @@
+//! A machine's replica disks and its durable apply cursor.
+//!
+//! Images are sparse raw files at `<data>/replicas/<machine>/<disk>.img`; the cursor lives
+//! in `state` next to them and is replaced atomically *after* the images are fsynced, so on
+//! restart the cursor never claims more than the disks hold. Re-applying a batch after a
+//! crash is harmless: a seq always carries the same bytes.
+use std::{
+    fs::{File, OpenOptions},
+    os::unix::fs::FileExt,
+    path::{Path, PathBuf},
+};
+
+use haven_cluster::DiskInfo;
+use serde::{Deserialize, Serialize};
+
+use crate::fsutil::{read_optional, write_atomic};
+use crate::proto::BatchBody;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ApplyError {
+    #[error("seq gap: applied through {applied}, batch starts at {first}")]
+    Gap { applied: u64, first: u64 },
+    #[error("invalid batch: {0}")]
+    Invalid(String),
+    #[error("replica I/O: {0}")]
+    Io(String),
+    #[error("stale epoch {got}: replica is at epoch {have}")]
+    StaleEpoch { got: u32, have: u32 },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+struct ReplicaState {
+    version: u32,
+    epoch: u32,
+    applied_seq: u64,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Applied {
+    Applied,
+    /// Already applied earlier (a resend); nothing written.
+    Duplicate,
+}
+
+pub struct Replica {
+    dir: PathBuf,
+    disks: Vec<(DiskInfo, File)>,
+    state: ReplicaState,
+    /// Applied in memory but not yet fsynced and recorded.
+    pending_seq: u64,
+    dirty: Vec<bool>,
+}
+
+fn io(what: &str, path: &Path, e: std::io::Error) -> ApplyError {
+    ApplyError::Io(format!("{what} {}: {e}", path.display()))
+}
+
+impl Replica {
+    pub fn image_path(replicas_dir: &Path, machine: &str, disk: &str) -> PathBuf {
+        replicas_dir.join(machine).join(format!("{disk}.img"))
+    }
+
+    /// Opens (creating as needed) the replica of a machine for `epoch`. A newer epoch is a new
+    /// protection: images are emptied (the full resync skips zero blocks, so stale data would
+    /// otherwise survive) and the cursor starts at 0.
+    pub fn open(replicas_dir: &Path, machine: &str, epoch: u32, disks: &[DiskInfo]) -> Result<Self, ApplyError> {
+        let dir = replicas_dir.join(machine);
+        std::fs::create_dir_all(&dir).map_err(|e| io("create", &dir, e))?;
+        let state_path = dir.join("state");
+        let stored: Option<ReplicaState> = read_optional(&state_path)
+            .map_err(|e| io("read", &state_path, e))?
+            .map(|b| haven_transport::codec::decode(&b))
+            .transpose()
+            .map_err(|e| ApplyError::Io(format!("replica state {} is unreadable: {e}", state_path.display())))?;
+        let reset = match &stored {
+            Some(s) if s.epoch > epoch => return Err(ApplyError::StaleEpoch { got: epoch, have: s.epoch }),
+            Some(s) => s.epoch < epoch,
+            None => true,
+        };
+        let mut files = Vec::with_capacity(disks.len());
+        for d in disks {
+            let path = Self::image_path(replicas_dir, machine, &d.name);
+            let f = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(|e| io("open", &path, e))?;
+            if reset {
+                f.set_len(0).map_err(|e| io("truncate", &path, e))?;
+            }
+            let len = f.metadata().map_err(|e| io("stat", &path, e))?.len();
+            if len != d.size_bytes {
+                f.set_len(d.size_bytes).map_err(|e| io("resize", &path, e))?;
+            }
+            files.push((d.clone(), f));
+        }
+        let state = match stored {
+            Some(s) if !reset => s,
+            _ => ReplicaState { version: 1, epoch, applied_seq: 0 },
+        };
+        let mut r = Self { dir, dirty: vec![reset; files.len()], disks: files, pending_seq: state.applied_seq, state };
+        if reset {
+            r.commit()?;
+        }
+        Ok(r)
+    }
+
+    /// Highest seq durably applied.
+    pub fn applied_seq(&self) -> u64 {
+        self.state.applied_seq
+    }
+
+    pub fn epoch(&self) -> u32 {
+        self.state.epoch
+    }
+
+    /// Applies one batch in seq order. Every record is validated before anything is written,
+    /// so an invalid batch leaves the disks untouched.
+    pub fn apply(&mut self, first_seq: u64, last_seq: u64, body: &BatchBody) -> Result<Applied, ApplyError> {
+        if last_seq <= self.pending_seq {
+            return Ok(Applied::Duplicate);
+        }
+        if first_seq != self.pending_seq + 1 {
+            return Err(ApplyError::Gap { applied: self.pending_seq, first: first_seq });
+        }
+        for r in &body.records {
+            let (d, _) = self
+                .disks
+                .get(r.disk as usize)
+                .ok_or_else(|| ApplyError::Invalid(format!("record names disk #{} of {}", r.disk, self.disks.len())))?;
+            let end = r.offset.checked_add(r.data.len() as u64);
+            if end.is_none_or(|end| end > d.size_bytes) {
+                return Err(ApplyError::Invalid(format!("write at {}+{} is beyond disk {} ({} bytes)", r.offset, r.data.len(), d.name, d.size_bytes)));
+            }
+            if r.seq < first_seq || r.seq > last_seq {
+                return Err(ApplyError::Invalid(format!("record seq {} outside batch {first_seq}..={last_seq}", r.seq)));
+            }
+        }
+        for r in &body.records {
+            let (d, f) = &self.disks[r.disk as usize];
+            f.write_all_at(&r.data, r.offset).map_err(|e| ApplyError::Io(format!("write {}: {e}", d.name)))?;
+            self.dirty[r.disk as usize] = true;
+        }
+        self.pending_seq = last_seq;
+        Ok(Applied::Applied)
+    }
+
+    /// Makes everything applied so far durable: fsync the images, then record the cursor.
+    pub fn commit(&mut self) -> Result<u64, ApplyError> {
+        for (i, (d, f)) in self.disks.iter().enumerate() {
+            if self.dirty[i] {
+                f.sync_data().map_err(|e| ApplyError::Io(format!("fsync {}: {e}", d.name)))?;
+            }
+        }
+        self.dirty.iter_mut().for_each(|d| *d = false);
+        if self.pending_seq != self.state.applied_seq || !self.dir.join("state").exists() {
+            let next = ReplicaState { applied_seq: self.pending_seq, ..self.state.clone() };
+            let bytes = haven_transport::codec::encode(&next).map_err(|e| ApplyError::Io(e.to_string()))?;
+            let path = self.dir.join("state");
+            write_atomic(&path, &bytes).map_err(|e| io("write", &path, e))?;
+            self.state = next;
+        }
+        Ok(self.state.applied_seq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::WriteRecord;
+    use serde_bytes::ByteBuf;
+
+    fn body(seq0: u64, writes: &[(u64, &[u8])]) -> BatchBody {
+        BatchBody {
+            records: writes
+                .iter()
+                .enumerate()
+                .map(|(i, (off, data))| WriteRecord { seq: seq0 + i as u64, disk: 0, offset: *off, data: ByteBuf::from(data.to_vec()) })
+                .collect(),
+        }
+    }
+
+    fn disks() -> Vec<DiskInfo> {
+        vec![DiskInfo { name: "d0".into(), size_bytes: 1 << 16 }]
+    }
+
+    fn image(dir: &Path) -> Vec<u8> {
+        std::fs::read(Replica::image_path(dir, "m", "d0")).unwrap()
+    }
+
+    #[test]
+    fn applies_in_order_and_ignores_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = Replica::open(dir.path(), "m", 1, &disks()).unwrap();
+        assert_eq!(r.apply(1, 2, &body(1, &[(0, b"aa"), (10, b"bb")])).unwrap(), Applied::Applied);
+        assert_eq!(r.apply(3, 3, &body(3, &[(0, b"cc")])).unwrap(), Applied::Applied);
+        // A resend of seq 1..2 must not undo seq 3.
+        assert_eq!(r.apply(1, 2, &body(1, &[(0, b"aa"), (10, b"bb")])).unwrap(), Applied::Duplicate);
+        assert_eq!(r.commit().unwrap(), 3);
+        let img = image(dir.path());
+        assert_eq!(&img[0..2], b"cc");
+        assert_eq!(&img[10..12], b"bb");
+        assert_eq!(img.len(), 1 << 16);
+    }
+
+    #[test]
+    fn gap_is_refused_and_nothing_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = Replica::open(dir.path(), "m", 1, &disks()).unwrap();
+        assert_eq!(r.apply(5, 5, &body(5, &[(0, b"zz")])), Err(ApplyError::Gap { applied: 0, first: 5 }));
+        assert!(image(dir.path()).iter().all(|b| *b == 0));
+    }
+
+    #[test]
+    fn invalid_record_leaves_disk_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = Replica::open(dir.path(), "m", 1, &disks()).unwrap();
+        // First record valid, second beyond the end: the whole batch is refused.
+        let bad = body(1, &[(0, b"xx"), ((1 << 16) - 1, b"yy")]);
+        assert!(matches!(r.apply(1, 2, &bad), Err(ApplyError::Invalid(_))));
+        assert!(image(dir.path()).iter().all(|b| *b == 0));
+        let mut wrong_disk = body(1, &[(0, b"xx")]);
+        wrong_disk.records[0].disk = 3;
+        assert!(matches!(r.apply(1, 1, &wrong_disk), Err(ApplyError::Invalid(_))));
+        assert_eq!(r.applied_seq(), 0);
+    }
+
+    #[test]
+    fn cursor_survives_reopen_and_new_epoch_resets() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut r = Replica::open(dir.path(), "m", 1, &disks()).unwrap();
+            r.apply(1, 1, &body(1, &[(0, b"q")])).unwrap();
+            r.commit().unwrap();
+            // Applied but not committed: must not be claimed after a crash.
+            r.apply(2, 2, &body(2, &[(1, b"r")])).unwrap();
+        }
+        let r = Replica::open(dir.path(), "m", 1, &disks()).unwrap();
+        assert_eq!(r.applied_seq(), 1);
+        assert!(matches!(Replica::open(dir.path(), "m", 0, &disks()), Err(ApplyError::StaleEpoch { .. })));
+        drop(r);
+        let r = Replica::open(dir.path(), "m", 2, &disks()).unwrap();
+        assert_eq!(r.applied_seq(), 0);
+        assert!(image(dir.path()).iter().all(|b| *b == 0));
+    }
+}

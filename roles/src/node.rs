@@ -1,0 +1,379 @@
+//! A haven node: one QUIC endpoint, the roles it runs, and the supervision tree over them.
+//!
+//! ```text
+//! Supervisor "node/<name>"
+//!  ├─ configuration      ConfigActor (if the role is on)
+//!  ├─ acceptor           accepts connections; one task per stream, routed by the first request
+//!  ├─ poller             NodePoll to the configuration node every 500 ms; persists assignments
+//!  └─ Supervisor "process"         (if the role is on)
+//!      ├─ manager        starts/stops one ship child per assigned machine
+//!      └─ ship/<machine> ships the machine's cache to its master target
+//! ```
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use actix::Addr;
+use haven_actors::{AddChild, ChildHandle, ChildSpec, RemoveChild, Supervisor, SupervisorConfig};
+use haven_cluster::{NodeRecord, ROLE_CONFIGURATION, ROLE_MASTER_TARGET, ROLE_PROCESS};
+use haven_transport::{
+    endpoint,
+    frame::{self, MAX_CONTROL_FRAME},
+    identity::{PeerIdentity, Token, TokenKind},
+};
+use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use tokio::sync::watch;
+
+use crate::{
+    client,
+    configuration::{self, ConfigActor, ConfigSlot, HandleRequest},
+    enroll::{self, Identity},
+    fsutil::{read_optional, write_atomic},
+    master_target::{self, MasterState},
+    process::{self, ProcessState},
+    proto::{Assignment, JoinKind, NodePollReply, NodeReport, Request, Response},
+};
+
+pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    pub data_dir: PathBuf,
+    pub roles: Vec<String>,
+    pub listen: SocketAddr,
+    /// Address others use to reach this node; defaults to `listen` (0.0.0.0 → 127.0.0.1).
+    pub advertise: Option<String>,
+    pub name: String,
+    pub join: Option<(String, PathBuf)>,
+    pub capacity: u32,
+    pub cache_limit_bytes: u64,
+}
+
+/// Everything the role tasks of one node share.
+pub struct NodeContext {
+    pub name: String,
+    pub roles: Vec<String>,
+    pub data_dir: PathBuf,
+    pub identity: Identity,
+    pub endpoint: Endpoint,
+    pub client_cfg: quinn::ClientConfig,
+    pub config: Option<ConfigSlot>,
+    pub process: Option<Arc<ProcessState>>,
+    pub master: Option<Arc<MasterState>>,
+    pub assignments: watch::Sender<Vec<Assignment>>,
+}
+
+impl NodeContext {
+    pub fn assignment(&self, machine: &str) -> Option<Assignment> {
+        self.assignments.borrow().iter().find(|a| a.machine == machine).cloned()
+    }
+}
+
+fn advertise_addr(opts: &NodeOptions, bound: SocketAddr) -> String {
+    opts.advertise.clone().unwrap_or_else(|| {
+        if bound.ip().is_unspecified() {
+            format!("127.0.0.1:{}", bound.port())
+        } else {
+            bound.to_string()
+        }
+    })
+}
+
+/// Loads, bootstraps or joins, so the node has credentials. Returns them and, on a
+/// configuration node, the CA.
+async fn ensure_identity(opts: &NodeOptions, addr: &str) -> Result<(Identity, Option<Arc<haven_transport::identity::CertificateAuthority>>), String> {
+    let is_config = opts.roles.iter().any(|r| r == ROLE_CONFIGURATION);
+    let me = PeerIdentity::Node { name: opts.name.clone(), roles: opts.roles.clone() };
+    if is_config {
+        if opts.join.is_some() {
+            return Err("a configuration node bootstraps its own cluster; drop --join".into());
+        }
+        let record = NodeRecord { name: opts.name.clone(), roles: opts.roles.clone(), addr: addr.to_string(), capacity: opts.capacity, drained: false };
+        let (ca, meta) = configuration::bootstrap(&opts.data_dir, &record)?;
+        let fp = ca.fingerprint();
+        for (kind, secret, file) in [(TokenKind::Join, &meta.join_secret, "join-token"), (TokenKind::Admin, &meta.admin_secret, "admin-token")] {
+            let token = Token { kind, cluster_id: meta.cluster_id.clone(), ca_fingerprint: fp.clone(), secret: secret.clone() };
+            let path = opts.data_dir.join(file);
+            write_atomic(&path, format!("{}\n", token.encode()).as_bytes()).map_err(|e| format!("write {}: {e}", path.display()))?;
+            configuration::restrict(&path);
+        }
+        tracing::info!(
+            cluster = %meta.cluster_id,
+            "cluster ready; join token: {}, admin token: {}",
+            opts.data_dir.join("join-token").display(),
+            opts.data_dir.join("admin-token").display()
+        );
+        // A configuration node's certificate is re-issued on every start (roles may change).
+        let creds = ca.issue(&me).map_err(|e| e.to_string())?;
+        let identity = Identity { creds, ca: ca.cert_der.clone(), cluster_id: meta.cluster_id, config_addr: addr.to_string() };
+        identity.save(&opts.data_dir)?;
+        return Ok((identity, Some(ca)));
+    }
+    if let Some(id) = Identity::load(&opts.data_dir)? {
+        return Ok((id, None));
+    }
+    let Some((join_addr, token_file)) = &opts.join else {
+        return Err("this node has no configuration role and no identity yet: pass --join ADDR --token-file FILE".into());
+    };
+    let token = enroll::read_token(token_file, TokenKind::Join)?;
+    let kind = JoinKind::Node { name: opts.name.clone(), roles: opts.roles.clone(), addr: addr.to_string(), capacity: opts.capacity };
+    let identity = enroll::join(join_addr, &token, kind).await?;
+    identity.save(&opts.data_dir)?;
+    tracing::info!(cluster = %identity.cluster_id, "joined the cluster at {join_addr}");
+    Ok((identity, None))
+}
+
+/// Runs a node until SIGINT/SIGTERM. Must be called inside an actix `System` whose tokio
+/// runtime is multi-threaded (see `haven_actors` docs).
+pub async fn run(opts: NodeOptions) -> Result<(), String> {
+    std::fs::create_dir_all(&opts.data_dir).map_err(|e| format!("create {}: {e}", opts.data_dir.display()))?;
+    // Bind first: the advertised address must be known before joining.
+    let probe = std::net::UdpSocket::bind(opts.listen).map_err(|e| format!("cannot bind {}: {e}", opts.listen))?;
+    let bound = probe.local_addr().map_err(|e| e.to_string())?;
+    drop(probe);
+    let addr = advertise_addr(&opts, bound);
+    let (identity, ca) = ensure_identity(&opts, &addr).await?;
+    let server_cfg = endpoint::server_config(&identity.creds, &identity.ca).map_err(|e| e.to_string())?;
+    let ep = endpoint::server_endpoint(bound, server_cfg).map_err(|e| e.to_string())?;
+    let client_cfg = identity.client_config()?;
+    let has = |r: &str| opts.roles.iter().any(|x| x == r);
+    let assignments = watch::Sender::new(load_assignments(&opts.data_dir));
+    let ctx = Arc::new(NodeContext {
+        name: opts.name.clone(),
+        roles: opts.roles.clone(),
+        data_dir: opts.data_dir.clone(),
+        identity,
+        endpoint: ep.clone(),
+        client_cfg,
+        config: has(ROLE_CONFIGURATION).then(ConfigSlot::default),
+        process: has(ROLE_PROCESS).then(|| Arc::new(ProcessState::new(&opts.data_dir, opts.cache_limit_bytes))),
+        master: has(ROLE_MASTER_TARGET).then(|| Arc::new(MasterState::new(&opts.data_dir))),
+        assignments,
+    });
+    tracing::info!(node = %opts.name, roles = ?opts.roles, %addr, "node listening on {bound}");
+
+    let root = Supervisor::start_root(SupervisorConfig::new(format!("node/{}", opts.name)));
+    let mut children = vec![];
+    if let (Some(slot), Some(ca)) = (ctx.config.clone(), ca) {
+        let dir = opts.data_dir.clone();
+        children.push(ChildSpec::new(ROLE_CONFIGURATION, move |mut guard| match ConfigActor::load(&dir, ca.clone()) {
+            Ok(parts) => {
+                let addr = actix::Actor::start(parts.into_actor(guard));
+                slot.set(Some(addr.clone()));
+                ChildHandle::actor(addr)
+            }
+            Err(e) => {
+                guard.fail(e);
+                ChildHandle::none()
+            }
+        }));
+    }
+    let c = ctx.clone();
+    children.push(ChildSpec::task("acceptor", move |_| accept_loop(c.clone())));
+    if ctx.process.is_some() || ctx.master.is_some() {
+        let c = ctx.clone();
+        children.push(ChildSpec::task("poller", move |_| poll_loop(c.clone())));
+    }
+    if let Some(ps) = ctx.process.clone() {
+        let sup_cfg = SupervisorConfig::new("process");
+        let c = ctx.clone();
+        let manager = ChildSpec::task("manager", move |tc| process_manager(c.clone(), ps.clone(), tc.supervisor));
+        children.push(Supervisor::child_spec(sup_cfg, vec![manager]));
+    }
+    for spec in children {
+        root.send(AddChild(spec)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+    }
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    ep.close(0u32.into(), b"node shutting down");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn assignments_path(dir: &Path) -> PathBuf {
+    dir.join("assignments")
+}
+
+fn load_assignments(dir: &Path) -> Vec<Assignment> {
+    match read_optional(&assignments_path(dir)) {
+        Ok(Some(b)) => haven_transport::codec::decode(&b).unwrap_or_else(|e| {
+            tracing::warn!("ignoring unreadable assignments file: {e}");
+            vec![]
+        }),
+        Ok(None) => vec![],
+        Err(e) => {
+            tracing::warn!("cannot read assignments: {e}");
+            vec![]
+        }
+    }
+}
+
+async fn accept_loop(ctx: Arc<NodeContext>) -> Result<(), String> {
+    while let Some(incoming) = ctx.endpoint.accept().await {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(%remote, "connection handshake failed: {e}");
+                    return;
+                }
+            };
+            let who = match endpoint::accept_hello(&conn).await {
+                Ok((_, who)) => who,
+                Err(e) => {
+                    tracing::warn!(%remote, "connection refused: {e}");
+                    return;
+                }
+            };
+            serve_connection(ctx, conn, who).await;
+        });
+    }
+    Err("endpoint closed".into())
+}
+
+async fn serve_connection(ctx: Arc<NodeContext>, conn: Connection, who: Option<PeerIdentity>) {
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        let (ctx, who) = (ctx.clone(), who.clone());
+        tokio::spawn(async move {
+            let peer = who.as_ref().map(|w| w.common_name()).unwrap_or_else(|| "anonymous".into());
+            if let Err(e) = serve_stream(ctx, who, send, recv).await {
+                tracing::warn!(%peer, "stream ended: {e}");
+            }
+        });
+    }
+}
+
+async fn serve_stream(ctx: Arc<NodeContext>, who: Option<PeerIdentity>, mut send: SendStream, mut recv: RecvStream) -> Result<(), String> {
+    let req: Request = frame::expect_msg(&mut recv, MAX_CONTROL_FRAME).await.map_err(|e| format!("bad request: {e}"))?;
+    let resp = match req {
+        Request::OpenStream(open) => return process::ingest::ingest(ctx, who, open, send, recv).await,
+        Request::OpenShip(open) => return master_target::apply_stream(ctx, who, open, send, recv).await,
+        request => match ctx.config.as_ref().map(|s| s.get()) {
+            None => Response::Refused { reason: format!("node {} has no configuration role", ctx.name) },
+            Some(None) => Response::Refused { reason: "the configuration service is restarting; retry".into() },
+            Some(Some(addr)) => ask(&addr, who, request).await,
+        },
+    };
+    frame::send_msg(&mut send, &resp).await.map_err(|e| e.to_string())?;
+    let _ = send.finish();
+    Ok(())
+}
+
+async fn ask(addr: &Addr<ConfigActor>, who: Option<PeerIdentity>, request: Request) -> Response {
+    match addr.send(HandleRequest { who, request }).await {
+        Ok(r) => r,
+        Err(e) => Response::Refused { reason: format!("configuration service unavailable: {e}") },
+    }
+}
+
+/// Reports to the configuration node and keeps this node's assignments current. While the
+/// configuration node is unreachable the last assignments stay in force.
+async fn poll_loop(ctx: Arc<NodeContext>) -> Result<(), String> {
+    let addr = ctx.identity.config_socket_addr()?;
+    let mut conn: Option<Connection> = None;
+    let mut reachable = true;
+    loop {
+        let report = NodeReport {
+            name: ctx.name.clone(),
+            machines: ctx
+                .process
+                .iter()
+                .flat_map(|p| p.reports())
+                .chain(ctx.master.iter().flat_map(|m| m.reports()))
+                .collect(),
+        };
+        if conn.as_ref().is_some_and(|c| c.close_reason().is_some()) {
+            conn = None;
+        }
+        let result = async {
+            if conn.is_none() {
+                conn = Some(client::connect(&ctx.endpoint, ctx.client_cfg.clone(), addr, &ctx.name).await.map_err(|e| e.to_string())?);
+            }
+            let c = conn.as_ref().expect("set above");
+            client::call(c, &Request::NodePoll(report), Duration::from_secs(5)).await.map_err(|e| e.to_string())
+        }
+        .await;
+        match result {
+            Ok(Response::NodePoll(NodePollReply { assignments })) => {
+                if !reachable {
+                    tracing::info!("configuration node reachable again");
+                    reachable = true;
+                }
+                if *ctx.assignments.borrow() != assignments {
+                    let bytes = haven_transport::codec::encode(&assignments).map_err(|e| e.to_string())?;
+                    let path = assignments_path(&ctx.data_dir);
+                    if let Err(e) = write_atomic(&path, &bytes) {
+                        tracing::error!("cannot persist assignments to {}: {e}", path.display());
+                    }
+                    configuration::restrict(&path);
+                    ctx.assignments.send_replace(assignments);
+                }
+            }
+            Ok(other) => tracing::warn!("unexpected poll reply: {other:?}"),
+            Err(e) => {
+                conn = None;
+                if reachable {
+                    tracing::warn!("configuration node unreachable ({e}); replication continues on the last assignments");
+                    reachable = false;
+                }
+            }
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// Keeps one `ship/<machine>` child per machine assigned to this process server.
+async fn process_manager(ctx: Arc<NodeContext>, ps: Arc<ProcessState>, sup: Option<Addr<Supervisor>>) -> Result<(), String> {
+    let sup = sup.ok_or("the process manager must run under a supervisor")?;
+    let mut rx = ctx.assignments.subscribe();
+    let mut running: std::collections::HashMap<String, haven_cluster::Epoch> = Default::default();
+    loop {
+        let mine: Vec<Assignment> = rx.borrow_and_update().iter().filter(|a| a.process_server == ctx.name).cloned().collect();
+        for a in &mine {
+            let ps2 = ps.clone();
+            let a2 = a.clone();
+            let m = tokio::task::spawn_blocking(move || ps2.machine(&a2)).await.map_err(|e| e.to_string())??;
+            if running.get(&a.machine) == Some(&a.epoch) {
+                continue;
+            }
+            let name = format!("ship/{}", a.machine);
+            if running.remove(&a.machine).is_some() {
+                let _ = sup.send(RemoveChild(name.clone())).await;
+            }
+            let (c, p) = (ctx.clone(), ps.clone());
+            let spec = ChildSpec::task(name, move |tc| {
+                m.ship_restarts.store(tc.restarts, std::sync::atomic::Ordering::Relaxed);
+                process::ship::ship(c.clone(), p.clone(), m.clone())
+            });
+            sup.send(AddChild(spec)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+            running.insert(a.machine.clone(), a.epoch);
+        }
+        let gone: Vec<String> = running.keys().filter(|k| !mine.iter().any(|a| &a.machine == *k)).cloned().collect();
+        for machine in gone {
+            running.remove(&machine);
+            let _ = sup.send(RemoveChild(format!("ship/{machine}"))).await;
+            tracing::info!(%machine, "no longer assigned here; dropping its cache");
+            ps.remove(&machine);
+        }
+        rx.changed().await.map_err(|_| "assignments closed".to_string())?;
+    }
+}

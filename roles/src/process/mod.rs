@@ -1,0 +1,165 @@
+//! The process server: receives batches from agents, seals them (zstd + XChaCha20-Poly1305),
+//! appends them to a durable per-machine cache *before* acknowledging, ships them to the
+//! master target and resends until they are applied.
+//!
+//! ```text
+//! agent stream ─▶ ingest ─▶ seal (blocking pool, 2 in flight) ─▶ cache.append ─▶ group fsync ─▶ Ack{cached}
+//!                                                                      │
+//!                       master target ◀─ ship (supervised child per machine) reads the cache
+//!                                       └─▶ Applied{seq} ─▶ trim cache, Ack{applied} to the agent
+//! ```
+//! Both ends rebuild from durable cursors: the cache on disk and the master target's
+//! `applied_seq`, which it reports when a ship stream opens.
+pub mod ingest;
+pub mod ship;
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+};
+
+use dashmap::DashMap;
+use haven_storage::cache::{CacheOptions, MachineCache};
+use tokio::sync::{watch, Notify};
+
+use crate::proto::{Assignment, NodeMachineReport};
+
+pub struct ProcessState {
+    pub dir: PathBuf,
+    /// Upper bound of all machines' cache bytes; ingest stops reading when it is reached.
+    pub cache_limit_bytes: u64,
+    pub machines: DashMap<String, Arc<PsMachine>>,
+    /// Signalled whenever any cache shrinks, so blocked ingests re-check the limit.
+    pub space: Notify,
+}
+
+impl ProcessState {
+    pub fn new(data_dir: &Path, cache_limit_bytes: u64) -> Self {
+        Self { dir: data_dir.join("cache"), cache_limit_bytes, machines: DashMap::new(), space: Notify::new() }
+    }
+
+    pub fn cache_bytes(&self) -> u64 {
+        self.machines.iter().map(|m| m.cache_bytes.load(Ordering::Relaxed)).sum()
+    }
+
+    pub fn reports(&self) -> Vec<NodeMachineReport> {
+        self.machines
+            .iter()
+            .map(|m| NodeMachineReport {
+                machine: m.name.clone(),
+                role: haven_cluster::ROLE_PROCESS.into(),
+                cached_seq: *m.durable.borrow(),
+                applied_seq: *m.applied.borrow(),
+                wire_bytes: m.wire_bytes.load(Ordering::Relaxed),
+                raw_bytes: m.raw_bytes.load(Ordering::Relaxed),
+                cache_bytes: m.cache_bytes.load(Ordering::Relaxed),
+                batches_refused: 0,
+                restarts: m.ship_restarts.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    /// Opens (or reuses) the machine's cache. An epoch change means a new protection: the
+    /// old cache belongs to a stream that no longer exists and is cleared.
+    pub fn machine(&self, a: &Assignment) -> Result<Arc<PsMachine>, String> {
+        if let Some(m) = self.machines.get(&a.machine) {
+            if m.assignment.borrow().epoch == a.epoch {
+                m.assignment.send_replace(a.clone());
+                return Ok(m.clone());
+            }
+        }
+        self.machines.remove(&a.machine);
+        let dir = self.dir.join(&a.machine);
+        let epoch_file = dir.join("epoch");
+        let (mut cache, report) = MachineCache::open(&dir.join("log"), CacheOptions::default())
+            .map_err(|e| format!("cache for {}: {e}", a.machine))?;
+        let stored = crate::fsutil::read_optional(&epoch_file).map_err(|e| e.to_string())?;
+        let epoch_bytes = a.epoch.0.to_string();
+        if stored.as_deref() != Some(epoch_bytes.as_bytes()) {
+            if report.records > 0 {
+                tracing::info!(machine = %a.machine, epoch = a.epoch.0, "new protection epoch: clearing the old cache");
+            }
+            cache.clear().map_err(|e| e.to_string())?;
+            crate::fsutil::write_atomic(&epoch_file, epoch_bytes.as_bytes()).map_err(|e| e.to_string())?;
+        } else if report.truncated_bytes > 0 {
+            tracing::warn!(machine = %a.machine, bytes = report.truncated_bytes, "cut a torn tail from the cache after a crash");
+        }
+        let durable = cache.durable_last_seq().unwrap_or(0);
+        let m = Arc::new(PsMachine {
+            name: a.machine.clone(),
+            assignment: watch::Sender::new(a.clone()),
+            cache_bytes: AtomicU64::new(cache.bytes()),
+            cache: Arc::new(Mutex::new(cache)),
+            durable: watch::Sender::new(durable),
+            applied: watch::Sender::new(0),
+            applied_known: watch::Sender::new(false),
+            ingest_owner: AtomicU64::new(0),
+            raw_bytes: AtomicU64::new(0),
+            wire_bytes: AtomicU64::new(0),
+            ship_restarts: AtomicU64::new(0),
+        });
+        self.machines.insert(a.machine.clone(), m.clone());
+        Ok(m)
+    }
+
+    /// Drops a machine that is no longer assigned here, deleting its cache.
+    pub fn remove(&self, machine: &str) {
+        if let Some((_, m)) = self.machines.remove(machine) {
+            if let Ok(mut c) = m.cache.lock() {
+                if let Err(e) = c.clear() {
+                    tracing::warn!(machine, "clearing cache: {e}");
+                }
+            }
+            self.space.notify_waiters();
+        }
+    }
+}
+
+/// One protected machine on this process server.
+pub struct PsMachine {
+    pub name: String,
+    pub assignment: watch::Sender<Assignment>,
+    pub cache: Arc<Mutex<MachineCache>>,
+    pub cache_bytes: AtomicU64,
+    /// Highest seq durable in the cache.
+    pub durable: watch::Sender<u64>,
+    /// Highest seq the master target reported applied.
+    pub applied: watch::Sender<u64>,
+    /// Whether `applied` came from the master target since this process started.
+    pub applied_known: watch::Sender<bool>,
+    /// Id of the agent stream allowed to append; a newer stream takes over.
+    pub ingest_owner: AtomicU64,
+    pub raw_bytes: AtomicU64,
+    pub wire_bytes: AtomicU64,
+    pub ship_restarts: AtomicU64,
+}
+
+impl PsMachine {
+    /// Runs `f` on the cache in the blocking pool (cache calls do file I/O and fsync).
+    pub async fn with_cache<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut MachineCache) -> Result<T, haven_storage::cache::CacheError> + Send + 'static,
+    ) -> Result<T, String> {
+        let cache = self.cache.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut c = cache.lock().map_err(|_| "cache lock poisoned".to_string())?;
+            f(&mut c).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| format!("cache task failed: {e}"))?
+    }
+
+    pub fn record_applied(&self, seq: u64) {
+        self.applied.send_if_modified(|a| {
+            let grew = seq > *a;
+            if grew {
+                *a = seq;
+            }
+            grew
+        });
+        self.applied_known.send_replace(true);
+    }
+}

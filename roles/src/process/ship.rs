@@ -1,0 +1,110 @@
+//! Shipping one machine's cached batches to its master target: a supervised child per
+//! machine. On (re)start it asks the master target for `applied_seq` and resends everything
+//! after it from the cache, so a crash anywhere costs a resend, never a loss.
+use std::sync::{atomic::Ordering, Arc};
+
+use haven_transport::frame::{self, MAX_CONTROL_FRAME};
+
+use super::{ProcessState, PsMachine};
+use crate::{
+    client,
+    enroll::resolve,
+    node::NodeContext,
+    proto::{Applied, Request, Response, ShipOpen},
+};
+
+/// Bytes read from the cache per round.
+const READ_BYTES: usize = 16 << 20;
+
+/// Debug fault injection: `HAVEN_FAULT_CORRUPT_SHIP=N` flips one bit in the N-th batch this
+/// process ships (counting from 1), to prove the master target refuses it.
+static SHIPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn corrupt_this_one() -> bool {
+    let n = SHIPPED.fetch_add(1, Ordering::Relaxed) + 1;
+    std::env::var("HAVEN_FAULT_CORRUPT_SHIP").ok().and_then(|v| v.parse::<u64>().ok()) == Some(n)
+}
+
+pub async fn ship(ctx: Arc<NodeContext>, ps: Arc<ProcessState>, m: Arc<PsMachine>) -> Result<(), String> {
+    let a = m.assignment.borrow().clone();
+    let addr = resolve(&a.master_target_addr)?;
+    let conn = client::connect(&ctx.endpoint, ctx.client_cfg.clone(), addr, &format!("process {}", ctx.name))
+        .await
+        .map_err(|e| format!("master target {} at {addr}: {e}", a.master_target))?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let open = ShipOpen { machine: a.machine.clone(), epoch: a.epoch.0, generation: a.generation, disks: a.disks.clone() };
+    frame::send_msg(&mut send, &Request::OpenShip(open)).await.map_err(|e| e.to_string())?;
+    let applied = match frame::expect_msg::<Response>(&mut recv, MAX_CONTROL_FRAME).await.map_err(|e| e.to_string())? {
+        Response::ShipAccepted { applied_seq } => applied_seq,
+        Response::Refused { reason } => return Err(format!("master target refused: {reason}")),
+        other => return Err(format!("unexpected reply to OpenShip: {other:?}")),
+    };
+    tracing::info!(machine = %a.machine, applied, "shipping to master target {}", a.master_target);
+    m.record_applied(applied);
+    trim(&ps, &m, applied).await?;
+
+    let mut acks = {
+        let (ps, m) = (ps.clone(), m.clone());
+        tokio::spawn(async move {
+            loop {
+                let Applied { applied_seq } = frame::expect_msg(&mut recv, MAX_CONTROL_FRAME).await.map_err(|e| e.to_string())?;
+                m.record_applied(applied_seq);
+                trim(&ps, &m, applied_seq).await?;
+            }
+        })
+    };
+    let result = async {
+        let mut durable = m.durable.subscribe();
+        let mut assignment = m.assignment.subscribe();
+        let mut cursor = applied;
+        loop {
+            durable.borrow_and_update();
+            let records = m.with_cache(move |c| c.read_after(cursor, READ_BYTES)).await?;
+            if records.is_empty() {
+                tokio::select! {
+                    r = durable.changed() => r.map_err(|_| "machine dropped".to_string())?,
+                    r = assignment.changed() => {
+                        r.map_err(|_| "machine dropped".to_string())?;
+                        let now = assignment.borrow_and_update().clone();
+                        if now.master_target_addr != a.master_target_addr || now.epoch != a.epoch {
+                            return Err::<(), String>("assignment changed; reconnecting".into());
+                        }
+                    }
+                    r = &mut acks => return Err(ack_end(r)),
+                }
+                continue;
+            }
+            for mut r in records {
+                if corrupt_this_one() {
+                    tracing::warn!(machine = %a.machine, first = r.first_seq, "HAVEN_FAULT_CORRUPT_SHIP: corrupting this batch on purpose");
+                    if let Some(b) = r.payload.last_mut() {
+                        *b ^= 0x01;
+                    }
+                }
+                frame::write_frame(&mut send, &r.payload).await.map_err(|e| e.to_string())?;
+                m.wire_bytes.fetch_add(r.payload.len() as u64, Ordering::Relaxed);
+                cursor = r.last_seq;
+            }
+        }
+    }
+    .await;
+    acks.abort();
+    result
+}
+
+fn ack_end(r: Result<Result<(), String>, tokio::task::JoinError>) -> String {
+    match r {
+        Ok(Err(e)) => format!("master target stream: {e}"),
+        Ok(Ok(())) => "master target stream ended".into(),
+        Err(e) => format!("ack reader failed: {e}"),
+    }
+}
+
+async fn trim(ps: &ProcessState, m: &PsMachine, applied: u64) -> Result<(), String> {
+    let (freed, bytes) = m.with_cache(move |c| Ok((c.trim(applied)?, c.bytes()))).await?;
+    m.cache_bytes.store(bytes, Ordering::Relaxed);
+    if freed > 0 {
+        ps.space.notify_waiters();
+    }
+    Ok(())
+}

@@ -1,0 +1,214 @@
+//! Wire messages between roles. Every control exchange is one bidirectional QUIC stream: one
+//! [`Request`], one [`Response`]. The two data streams (agent → process server, process
+//! server → master target) start the same way and then carry frames in both directions:
+//!
+//! ```text
+//! agent                      process server                    master target
+//!   |-- OpenStream ---------->|                                    |
+//!   |<-- StreamAccepted ------|  (cached_seq, applied_seq)          |
+//!   |-- AgentFrame::Batch --->|  seal, cache, fsync                 |
+//!   |<-- Ack{cached,applied} -|-- OpenShip ----------------------->|
+//!   |                         |<-- ShipAccepted{applied_seq} ------|
+//!   |                         |-- ShipFrame::Sealed ------------->|  open, apply, fsync
+//!   |<-- Ack{.., applied} ----|<-- Applied{applied_seq} ----------|
+//! ```
+//! Enums are append-only: add variants and fields at the end, never reuse a name.
+use haven_cluster::{DiskInfo, Epoch, Generation};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Request {
+    Join(JoinRequest),
+    Admin { secret: String, command: AdminCommand },
+    AgentPoll(AgentReport),
+    NodePoll(NodeReport),
+    OpenStream(StreamOpen),
+    OpenShip(ShipOpen),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Response {
+    Joined(JoinReply),
+    Admin(AdminReply),
+    AgentPoll(AgentPollReply),
+    NodePoll(NodePollReply),
+    StreamAccepted { cached_seq: u64, applied_seq: u64 },
+    ShipAccepted { applied_seq: u64 },
+    /// The request was refused; nothing was changed. `reason` is for the operator.
+    Refused { reason: String },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JoinRequest {
+    pub secret: String,
+    pub kind: JoinKind,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum JoinKind {
+    Node { name: String, roles: Vec<String>, addr: String, capacity: u32 },
+    Agent { machine: String, hostname: String, disks: Vec<DiskInfo> },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JoinReply {
+    pub cluster_id: String,
+    /// Leaf first, then the CA (DER).
+    pub chain: Vec<serde_bytes::ByteBuf>,
+    pub key_pkcs8: serde_bytes::ByteBuf,
+    pub ca: serde_bytes::ByteBuf,
+}
+
+/// What an agent tells the configuration node every poll.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct AgentReport {
+    pub machine: String,
+    pub hostname: String,
+    pub disks: Vec<DiskInfo>,
+    pub stats: AgentStats,
+    /// A sync barrier the agent completed: (request id, seq it must be applied through).
+    pub sync_done: Option<(u64, u64)>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AgentStats {
+    pub epoch: u32,
+    pub captured_seq: u64,
+    pub cached_seq: u64,
+    pub applied_seq: u64,
+    /// Unix ms of the oldest write captured but not yet applied; 0 when in sync.
+    pub oldest_unapplied_ms: u64,
+    pub raw_bytes_sent: u64,
+    pub raw_bytes_captured: u64,
+    pub throughput_bps: u64,
+    /// Initial sync progress in percent, None once the first full pass is applied.
+    pub initial_sync_percent: Option<f64>,
+    pub retained_bytes: u64,
+    pub connected: bool,
+    pub degraded_reason: Option<String>,
+    pub scans: u64,
+    pub stream_restarts: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct AgentPollReply {
+    pub protected: bool,
+    pub epoch: u32,
+    pub generation: Generation,
+    /// (node name, QUIC address) of the assigned process server.
+    pub process_server: Option<(String, String)>,
+    /// Capture everything written so far and report it under this id.
+    pub sync_request: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct NodeReport {
+    pub name: String,
+    pub machines: Vec<NodeMachineReport>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct NodeMachineReport {
+    pub machine: String,
+    pub role: String,
+    pub cached_seq: u64,
+    pub applied_seq: u64,
+    pub wire_bytes: u64,
+    pub raw_bytes: u64,
+    pub cache_bytes: u64,
+    pub batches_refused: u64,
+    pub restarts: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct NodePollReply {
+    pub assignments: Vec<Assignment>,
+}
+
+/// A machine's placement, as sent to the nodes that serve it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub machine: String,
+    pub epoch: Epoch,
+    pub generation: Generation,
+    pub disks: Vec<DiskInfo>,
+    pub process_server: String,
+    pub master_target: String,
+    pub master_target_addr: String,
+    pub data_key: serde_bytes::ByteBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StreamOpen {
+    pub machine: String,
+    pub epoch: u32,
+    pub generation: Generation,
+    pub disks: Vec<DiskInfo>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum AgentFrame {
+    /// `body` is an encoded [`BatchBody`]; the process server seals it without looking inside.
+    Batch { first_seq: u64, last_seq: u64, body: serde_bytes::ByteBuf },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Ack {
+    pub cached_seq: u64,
+    pub applied_seq: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ShipOpen {
+    pub machine: String,
+    pub epoch: u32,
+    pub generation: Generation,
+    pub disks: Vec<DiskInfo>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ShipFrame {
+    Sealed { first_seq: u64, last_seq: u64, sealed: haven_transport::seal::Sealed },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Applied {
+    pub applied_seq: u64,
+}
+
+/// The plaintext of a batch: writes in seq order. `disk` indexes the machine's disk list.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BatchBody {
+    pub records: Vec<WriteRecord>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WriteRecord {
+    pub seq: u64,
+    pub disk: u16,
+    pub offset: u64,
+    pub data: serde_bytes::ByteBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum AdminCommand {
+    Status,
+    Nodes,
+    Machines,
+    Protect { machine: String },
+    Unprotect { machine: String },
+    /// Ask the agent for a barrier; answered with `SyncRequested{id}`.
+    RequestSync { machine: String },
+    /// Poll a barrier: answered with `SyncState`.
+    SyncState { machine: String, id: u64 },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum AdminReply {
+    Status(crate::view::ClusterStatus),
+    Nodes(Vec<crate::view::NodeView>),
+    Machines(Vec<crate::view::MachineView>),
+    Done { message: String },
+    SyncRequested { id: u64 },
+    SyncState { barrier_seq: Option<u64>, applied_seq: u64, done: bool },
+}

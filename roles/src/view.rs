@@ -1,0 +1,51 @@
+//! What `haven ctl` shows. These structs are the `--json` output; their fields are documented
+//! in docs/json.md and only ever added to.
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub cluster_id: String,
+    pub nodes: Vec<NodeView>,
+    pub machines: Vec<MachineView>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct NodeView {
+    pub name: String,
+    pub roles: Vec<String>,
+    pub addr: String,
+    pub alive: bool,
+    /// Milliseconds since the node last reported; None if it never has since this
+    /// configuration node started.
+    pub last_seen_ms_ago: Option<u64>,
+    pub machines: u32,
+    pub capacity: u32,
+    pub drained: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct MachineView {
+    pub name: String,
+    pub hostname: String,
+    /// discovered | initial-sync | replicating | degraded
+    pub state: String,
+    pub initial_sync_percent: Option<f64>,
+    pub degraded_reason: Option<String>,
+    pub process_server: Option<String>,
+    pub master_target: Option<String>,
+    pub generation: u64,
+    pub epoch: u32,
+    pub captured_seq: u64,
+    pub cached_seq: u64,
+    pub applied_seq: u64,
+    /// Age of the oldest captured-but-unapplied write, seconds; 0 when in sync.
+    pub rpo_seconds: f64,
+    pub raw_bytes_sent: u64,
+    pub wire_bytes_sent: u64,
+    pub throughput_bytes_per_sec: u64,
+    pub retained_bytes: u64,
+    pub disks: Vec<haven_cluster::DiskInfo>,
+    pub agent_last_seen_ms_ago: Option<u64>,
+    pub stream_restarts: u64,
+    pub batches_refused: u64,
+}

@@ -1,0 +1,325 @@
+//! `haven demo`: an all-in-one node and an agent on a generated disk, in a temporary
+//! directory: initial sync with progress, random writes while replicating, a sync barrier,
+//! a byte-for-byte check of replica against source, the status table, and the commands to do
+//! the same by hand.
+use std::{
+    io::{Read, Seek, SeekFrom},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+use crate::ctl::{self, Admin};
+
+#[derive(clap::Args)]
+pub struct DemoArgs {
+    /// Size of the generated disk.
+    #[arg(long, default_value = "256MiB", value_parser = crate::parse_size)]
+    disk_size: u64,
+    /// How long to write random changes while replicating.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    write_for: Duration,
+    /// Keep everything in this directory instead of a temporary one (kept afterwards).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Seed for the generated content and writes.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+}
+
+struct Procs(Vec<(String, Child)>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.0 {
+            // SIGTERM first so the agent checkpoints; then make sure.
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        }
+        for (_, c) in &mut self.0 {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn spawn(exe: &Path, args: &[&str], log: &Path) -> Result<Child, String> {
+    let out = std::fs::File::create(log).map_err(|e| format!("create {}: {e}", log.display()))?;
+    let err = out.try_clone().map_err(|e| e.to_string())?;
+    Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .map_err(|e| format!("start {}: {e}", exe.display()))
+}
+
+fn free_udp_port() -> Result<u16, String> {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    Ok(s.local_addr().map_err(|e| e.to_string())?.port())
+}
+
+/// A disk with realistic mixed content: text, structured binary, incompressible data and
+/// zero regions, in 1 MiB extents.
+pub fn generate_disk(path: &Path, size: u64, seed: u64) -> Result<(), String> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut f = std::fs::File::create(path).map_err(|e| e.to_string())?;
+    f.set_len(size).map_err(|e| e.to_string())?;
+    const WORDS: &[&str] = &["the", "replica", "disk", "block", "kernel", "config", "error", "user", "data", "time", "process", "server", "recovery", "point", "write", "/usr/lib", "0x7f3a", "GET /index.html", "INFO", "WARN"];
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    while off < size {
+        let n = ((size - off) as usize).min(buf.len());
+        let chunk = &mut buf[..n];
+        match rng.gen_range(0..10) {
+            0..=2 => {
+                let mut i = 0;
+                while i < n {
+                    let w = WORDS[rng.gen_range(0..WORDS.len())].as_bytes();
+                    let take = w.len().min(n - i);
+                    chunk[i..i + take].copy_from_slice(&w[..take]);
+                    i += take;
+                    if i < n {
+                        chunk[i] = if rng.gen_ratio(1, 12) { b'\n' } else { b' ' };
+                        i += 1;
+                    }
+                }
+            }
+            3..=5 => {
+                for rec in chunk.chunks_mut(64) {
+                    let id: u32 = rng.gen_range(0..5000);
+                    for (j, b) in rec.iter_mut().enumerate() {
+                        *b = match j {
+                            0..=3 => id.to_le_bytes()[j],
+                            4..=7 => rng.gen_range(0..4),
+                            _ => (j as u8).wrapping_mul(3),
+                        };
+                    }
+                }
+            }
+            6..=7 => rng.fill(chunk),
+            _ => {
+                off += n as u64;
+                continue; // a hole: stays zero
+            }
+        }
+        f.write_all_at_pos(chunk, off)?;
+        off += n as u64;
+    }
+    f.sync_all().map_err(|e| e.to_string())
+}
+
+trait WriteAt {
+    fn write_all_at_pos(&mut self, buf: &[u8], off: u64) -> Result<(), String>;
+}
+impl WriteAt for std::fs::File {
+    fn write_all_at_pos(&mut self, buf: &[u8], off: u64) -> Result<(), String> {
+        use std::os::unix::fs::FileExt;
+        self.write_all_at(buf, off).map_err(|e| e.to_string())
+    }
+}
+
+/// Random writes of mixed sizes (4 KiB to 256 KiB) for `duration`. Returns bytes written.
+pub fn random_writes(path: &Path, duration: Duration, rng: &mut StdRng) -> Result<u64, String> {
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(path).map_err(|e| e.to_string())?;
+    let size = f.seek(SeekFrom::End(0)).map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    let mut written = 0u64;
+    let mut buf = vec![0u8; 256 << 10];
+    while start.elapsed() < duration {
+        let len = 4096usize << rng.gen_range(0..7);
+        let off = rng.gen_range(0..(size - len as u64) / 512) * 512;
+        rng.fill(&mut buf[..len]);
+        f.write_all_at_pos(&buf[..len], off)?;
+        written += len as u64;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f.sync_all().map_err(|e| e.to_string())?;
+    Ok(written)
+}
+
+/// Byte-compares two files; returns the first differing offset.
+pub fn first_difference(a: &Path, b: &Path) -> Result<Option<u64>, String> {
+    let mut fa = std::fs::File::open(a).map_err(|e| format!("{}: {e}", a.display()))?;
+    let mut fb = std::fs::File::open(b).map_err(|e| format!("{}: {e}", b.display()))?;
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    let mut off = 0u64;
+    loop {
+        let na = read_full(&mut fa, &mut ba)?;
+        let nb = read_full(&mut fb, &mut bb)?;
+        if na != nb || ba[..na] != bb[..nb] {
+            let i = ba[..na.min(nb)].iter().zip(&bb[..na.min(nb)]).position(|(x, y)| x != y).unwrap_or(na.min(nb));
+            return Ok(Some(off + i as u64));
+        }
+        if na == 0 {
+            return Ok(None);
+        }
+        off += na as u64;
+    }
+}
+
+fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> Result<usize, String> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]).map_err(|e| e.to_string())? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+pub async fn run(args: DemoArgs) -> Result<(), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let _tmp;
+    let dir = match &args.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).map_err(|e| e.to_string())?;
+            d.clone()
+        }
+        None => {
+            let t = tempfile::Builder::new().prefix("haven-demo-").tempdir().map_err(|e| e.to_string())?;
+            let p = t.path().to_path_buf();
+            _tmp = t;
+            p
+        }
+    };
+    let (node_dir, agent_dir, disk) = (dir.join("node"), dir.join("agent"), dir.join("disk.img"));
+    println!("haven demo in {}", dir.display());
+    let t = Instant::now();
+    generate_disk(&disk, args.disk_size, args.seed)?;
+    println!("1. generated a {} disk with mixed content and zero regions ({:.1}s)", ctl::human_bytes(args.disk_size), t.elapsed().as_secs_f64());
+
+    let port = free_udp_port()?;
+    let addr = format!("127.0.0.1:{port}");
+    let mut procs = Procs(vec![]);
+    let node_log = dir.join("node.log");
+    let node_args = ["node", "--data-dir", node_dir.to_str().unwrap_or_default(), "--listen", &addr, "--name", "demo-node"];
+    procs.0.push(("node".into(), spawn(&exe, &node_args, &node_log)?));
+    let admin_token = node_dir.join("admin-token");
+    let join_token = node_dir.join("join-token");
+    let admin = connect_with_retry(&addr, &admin_token, &mut procs).await?;
+    println!("2. started an all-in-one node (configuration + process + master-target) on {addr}; log: {}", node_log.display());
+
+    let agent_log = dir.join("agent.log");
+    let disk_arg = format!("root={}", disk.display());
+    let agent_args = ["agent", "--join", &addr, "--token-file", join_token.to_str().unwrap_or_default(), "--data-dir", agent_dir.to_str().unwrap_or_default(), "--disk", &disk_arg, "--name", "demo-vm", "--scan-interval", "2s"];
+    procs.0.push(("agent".into(), spawn(&exe, &agent_args, &agent_log)?));
+    wait_for(&admin, "agent enrollment", Duration::from_secs(30), &mut procs, |m| m.is_some()).await?;
+    println!("3. agent enrolled machine demo-vm; log: {}", agent_log.display());
+
+    match admin.call(haven_roles::proto::AdminCommand::Protect { machine: "demo-vm".into() }).await {
+        Ok(r) => println!("4. protect: {}", done_message(&r)),
+        Err(e) => return Err(format!("protect failed: {e}")),
+    }
+    let t = Instant::now();
+    let mut last_print = Instant::now() - Duration::from_secs(1);
+    loop {
+        check_alive(&mut procs)?;
+        let m = admin.machine("demo-vm").await?.ok_or("machine vanished")?;
+        if last_print.elapsed() >= Duration::from_millis(500) {
+            let pct = m.initial_sync_percent.unwrap_or(100.0);
+            println!("   initial sync {:5.1}%  applied seq {:>6}  {} sent", pct, m.applied_seq, ctl::human_bytes(m.raw_bytes_sent));
+            last_print = Instant::now();
+        }
+        if m.state == "replicating" && m.applied_seq > 0 {
+            let secs = t.elapsed().as_secs_f64();
+            println!("   initial sync done in {secs:.1}s: {} raw, {} on the wire after zstd", ctl::human_bytes(m.raw_bytes_sent), ctl::human_bytes(m.wire_bytes_sent));
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(600) {
+            return Err("initial sync did not finish in 10 minutes".into());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let (disk2, dur, seed) = (disk.clone(), args.write_for, args.seed);
+    let written = tokio::task::spawn_blocking(move || random_writes(&disk2, dur, &mut StdRng::seed_from_u64(seed + 1)))
+        .await
+        .map_err(|e| e.to_string())??;
+    println!("5. wrote {} of random changes (4 KiB-256 KiB writes) for {}s while replicating", ctl::human_bytes(written), args.write_for.as_secs());
+    let t = Instant::now();
+    if !admin.wait_sync("demo-vm", Duration::from_secs(300), |_, _| {}).await? {
+        return Err("wait-sync timed out".into());
+    }
+    println!("6. wait-sync: everything written is applied at the master target ({:.2}s)", t.elapsed().as_secs_f64());
+    let replica = node_dir.join("replicas").join("demo-vm").join("root.img");
+    match first_difference(&disk, &replica)? {
+        None => println!("7. verified: replica {} is byte-identical to the source", replica.display()),
+        Some(off) => return Err(format!("replica differs from the source at byte {off}")),
+    }
+    println!();
+    let status = admin.status().await?;
+    ctl::print_nodes(&status.nodes);
+    println!();
+    ctl::print_machines(&status.machines);
+    admin.close().await;
+    drop(procs);
+    println!(
+        "\nTo do this by hand:\n  haven node --data-dir /var/lib/haven --listen 0.0.0.0:7400\n  haven agent --join HOST:7400 --token-file /var/lib/haven/join-token --data-dir /var/lib/haven-agent --disk root=/dev/vda --name web01\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token protect web01\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token status\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token wait-sync web01\n  cmp /dev/vda /var/lib/haven/replicas/web01/root.img\n\ndemo OK"
+    );
+    Ok(())
+}
+
+fn done_message(r: &haven_roles::proto::AdminReply) -> String {
+    match r {
+        haven_roles::proto::AdminReply::Done { message } => message.clone(),
+        other => format!("{other:?}"),
+    }
+}
+
+fn check_alive(procs: &mut Procs) -> Result<(), String> {
+    for (name, c) in &mut procs.0 {
+        if let Ok(Some(status)) = c.try_wait() {
+            return Err(format!("the {name} process exited ({status}); see its log"));
+        }
+    }
+    Ok(())
+}
+
+async fn connect_with_retry(addr: &str, token: &Path, procs: &mut Procs) -> Result<Admin, String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        check_alive(procs)?;
+        if token.exists() {
+            match Admin::connect(addr, token).await {
+                Ok(a) => return Ok(a),
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => {}
+            }
+        } else if Instant::now() > deadline {
+            return Err(format!("node did not write {} in 30s", token.display()));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn wait_for(
+    admin: &Admin,
+    what: &str,
+    timeout: Duration,
+    procs: &mut Procs,
+    mut ok: impl FnMut(Option<&haven_roles::view::MachineView>) -> bool,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        check_alive(procs)?;
+        let m = admin.machine("demo-vm").await?;
+        if ok(m.as_ref()) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("timed out waiting for {what}"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,287 @@
+//! `haven`: one binary for every role, the agent, the operator CLI and the demo.
+mod ctl;
+mod demo;
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+use haven_roles::{agent::AgentOptions, node::NodeOptions, proto::AdminCommand, proto::AdminReply};
+
+#[derive(Parser)]
+#[command(name = "haven", version, about = "Disaster-recovery replication: live, point-in-time-recoverable copies of machines' disks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a server node (configuration, process, master-target; all three by default).
+    Node {
+        /// Role to run; repeat for several. Default: all three.
+        #[arg(long = "role", value_parser = ["configuration", "process", "master-target", "all"])]
+        roles: Vec<String>,
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// UDP address for QUIC.
+        #[arg(long, default_value = "0.0.0.0:7400")]
+        listen: SocketAddr,
+        /// Address other nodes and agents use to reach this one (default: the listen address).
+        #[arg(long)]
+        advertise: Option<String>,
+        /// Configuration node to join (nodes without the configuration role).
+        #[arg(long, requires = "token_file")]
+        join: Option<String>,
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Node name (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Machines this node takes before placement prefers others.
+        #[arg(long, default_value_t = 100)]
+        capacity: u32,
+        /// Upper bound of the process server's on-disk cache; agents are slowed down beyond it.
+        #[arg(long, default_value = "4GiB", value_parser = parse_size)]
+        cache_size: u64,
+    },
+    /// Run the agent on a protected machine.
+    Agent {
+        #[arg(long)]
+        join: String,
+        #[arg(long)]
+        token_file: PathBuf,
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// A disk to protect, NAME=PATH (a file or a block device); repeat for several.
+        #[arg(long = "disk", required = true, value_parser = parse_disk)]
+        disks: Vec<(String, PathBuf)>,
+        /// Machine name (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, default_value = "scan", value_parser = ["scan"])]
+        capture: String,
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        scan_interval: Duration,
+        /// Bytes of captured-but-unapplied data kept in memory; capture pauses beyond it.
+        #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+        retention_size: u64,
+    },
+    /// The operator's command line.
+    Ctl {
+        #[arg(long, default_value = "127.0.0.1:7400")]
+        cluster: String,
+        #[arg(long)]
+        token_file: PathBuf,
+        /// Machine-readable output (fields documented in docs/json.md).
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
+    /// A self-contained all-in-one cluster with an agent on a generated disk.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// Nodes and machines.
+    Status,
+    Nodes,
+    Machines,
+    /// Start replicating a discovered machine.
+    Protect { machine: String },
+    Unprotect { machine: String },
+    /// Capture everything written so far and wait until it is applied (exit 3 on timeout).
+    WaitSync {
+        machine: String,
+        #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+}
+
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().map_err(|_| format!("bad size {s:?}"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        other => return Err(format!("unknown size unit {other:?} (use KiB, MiB, GiB)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+fn parse_disk(s: &str) -> Result<(String, PathBuf), String> {
+    let (name, path) = s.split_once('=').ok_or("expected NAME=PATH")?;
+    if name.is_empty() || path.is_empty() {
+        return Err("expected NAME=PATH".into());
+    }
+    Ok((name.to_string(), PathBuf::from(path)))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "haven".into())
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// actix with a multi-threaded tokio runtime: actors on the main thread's LocalSet, data-path
+/// tasks (`tokio::spawn`) on two workers, sealing and disk I/O in the blocking pool.
+fn system() -> actix::SystemRunner {
+    actix_rt::System::with_tokio_rt(|| {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime")
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Node { roles, data_dir, listen, advertise, join, token_file, name, capacity, cache_size } => {
+            init_logging("info,quinn=warn");
+            let roles = if roles.is_empty() || roles.iter().any(|r| r == "all") {
+                haven_cluster::ALL_ROLES.iter().map(|r| r.to_string()).collect()
+            } else {
+                let mut r = roles;
+                r.dedup();
+                r
+            };
+            let opts = NodeOptions {
+                data_dir,
+                roles,
+                listen,
+                advertise,
+                name: name.unwrap_or_else(hostname),
+                join: join.zip(token_file),
+                capacity,
+                cache_limit_bytes: cache_size,
+            };
+            finish(system().block_on(haven_roles::node::run(opts)))
+        }
+        Command::Agent { join, token_file, data_dir, disks, name, capture: _, scan_interval, retention_size } => {
+            init_logging("info,quinn=warn");
+            let opts = AgentOptions {
+                data_dir,
+                join: Some((join, token_file)),
+                disks,
+                machine: name.unwrap_or_else(hostname),
+                scan_interval,
+                retention_bytes: retention_size,
+            };
+            finish(system().block_on(haven_roles::agent::run(opts)))
+        }
+        Command::Ctl { cluster, token_file, json, command } => {
+            init_logging("warn");
+            system().block_on(run_ctl(cluster, token_file, json, command))
+        }
+        Command::Demo(args) => {
+            init_logging("warn");
+            finish(system().block_on(demo::run(args)))
+        }
+    }
+}
+
+fn finish(r: Result<(), String>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_ctl(cluster: String, token_file: PathBuf, json: bool, command: CtlCommand) -> ExitCode {
+    let admin = match ctl::Admin::connect(&cluster, &token_file).await {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = ctl_command(&admin, json, command).await;
+    admin.close().await;
+    code
+}
+
+async fn ctl_command(admin: &ctl::Admin, json: bool, command: CtlCommand) -> ExitCode {
+    let print_json = |v: &dyn erased::Json| println!("{}", v.to_json());
+    let cmd = match command {
+        CtlCommand::WaitSync { machine, timeout } => {
+            let started = std::time::Instant::now();
+            let r = admin
+                .wait_sync(&machine, timeout, |barrier, applied| {
+                    if !json {
+                        eprint!("\rwaiting: barrier {} applied {applied}   ", barrier.map(|b| b.to_string()).unwrap_or_else(|| "(scanning)".into()));
+                    }
+                })
+                .await;
+            return match r {
+                Ok(true) => {
+                    if json {
+                        println!("{}", serde_json::json!({"machine": machine, "synced": true, "seconds": started.elapsed().as_secs_f64()}));
+                    } else {
+                        eprintln!();
+                        println!("{machine}: in sync ({:.1}s)", started.elapsed().as_secs_f64());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Ok(false) => {
+                    eprintln!("\nerror: {machine} did not sync within {}", humantime::format_duration(timeout));
+                    ExitCode::from(ctl::EXIT_TIMEOUT as u8)
+                }
+                Err(e) => {
+                    eprintln!("\nerror: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        CtlCommand::Status => AdminCommand::Status,
+        CtlCommand::Nodes => AdminCommand::Nodes,
+        CtlCommand::Machines => AdminCommand::Machines,
+        CtlCommand::Protect { machine } => AdminCommand::Protect { machine },
+        CtlCommand::Unprotect { machine } => AdminCommand::Unprotect { machine },
+    };
+    match admin.call(cmd).await {
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+        Ok(reply) => {
+            match reply {
+                AdminReply::Status(s) if json => print_json(&s),
+                AdminReply::Status(s) => {
+                    println!("cluster {}", s.cluster_id);
+                    ctl::print_nodes(&s.nodes);
+                    println!();
+                    ctl::print_machines(&s.machines);
+                }
+                AdminReply::Nodes(n) if json => print_json(&n),
+                AdminReply::Nodes(n) => ctl::print_nodes(&n),
+                AdminReply::Machines(m) if json => print_json(&m),
+                AdminReply::Machines(m) => ctl::print_machines(&m),
+                AdminReply::Done { message } if json => println!("{}", serde_json::json!({"ok": true, "message": message})),
+                AdminReply::Done { message } => println!("{message}"),
+                other => println!("{other:?}"),
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+mod erased {
+    pub trait Json {
+        fn to_json(&self) -> String;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn to_json(&self) -> String {
+            serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+        }
+    }
+}
