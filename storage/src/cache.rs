@@ -425,11 +425,33 @@ fn sync_dir(dir: &Path) -> Result<(), CacheError> {
         .map_err(io_err("fsync directory", dir))
 }
 
+/// `create_dir_all`, then `fsync`s the parent of every directory it created, so that a
+/// new cache directory (and so what is synced in it) survives a power loss.
+fn create_dir_durably(dir: &Path) -> Result<(), CacheError> {
+    let mut missing = Vec::new();
+    let mut p = Some(dir);
+    while let Some(d) = p {
+        if d.as_os_str().is_empty() || d.exists() {
+            break;
+        }
+        missing.push(d);
+        p = d.parent();
+    }
+    fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+    for d in missing.iter().rev() {
+        match d.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent)?,
+            _ => sync_dir(Path::new("."))?,
+        }
+    }
+    Ok(())
+}
+
 impl MachineCache {
     /// Opens (creating if needed) the cache in `dir`, verifying every record. See the module
     /// docs for what is cut and what is refused.
     pub fn open(dir: &Path, opts: CacheOptions) -> Result<(Self, RecoveryReport), CacheError> {
-        fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+        create_dir_durably(dir)?;
         let lock = lock_dir(dir)?;
 
         let mut found: Vec<(u64, PathBuf)> = Vec::new();
@@ -640,8 +662,19 @@ impl MachineCache {
         if let Err(e) = res {
             let err = io_err("write", &seg.path)(e);
             let path = seg.path.clone();
-            // Roll back the partial record so later appends do not sit behind garbage.
-            if let Err(e2) = f.set_len(off) {
+            // Roll back so that later appends do not sit behind garbage: drop a segment that
+            // was created for this record (its name would not match the next record), else
+            // cut the partial record.
+            let rollback = if seg.entries.is_empty() {
+                self.active = None;
+                self.segments.pop_back();
+                self.total_bytes -= SEGMENT_HEADER_LEN;
+                self.dir_dirty = true;
+                fs::remove_file(&path)
+            } else {
+                f.set_len(off)
+            };
+            if let Err(e2) = rollback {
                 tracing::error!(path = %path.display(), error = %e2, "cannot roll back a failed cache write");
                 return Err(self.poison(err));
             }

@@ -317,12 +317,13 @@ impl ConfigCore {
     fn machine_view(&self, now: Instant, m: &MachineRecord) -> MachineView {
         let agent = self.agent_reports.get(&m.name);
         let stats = agent.map(|o| o.report.stats.clone()).unwrap_or_default();
-        let node_report = |node: Option<&String>| {
+        // One node may serve a machine in two roles (all-in-one): pick the report by role.
+        let node_report = |node: Option<&String>, role: &str| {
             let node = node?;
-            self.node_reports.get(node).and_then(|o| o.report.machines.iter().find(|r| r.machine == m.name))
+            self.node_reports.get(node).and_then(|o| o.report.machines.iter().find(|r| r.machine == m.name && r.role == role))
         };
-        let ps = node_report(m.process_server.as_ref());
-        let mt = node_report(m.master_target.as_ref());
+        let ps = node_report(m.process_server.as_ref(), ROLE_PROCESS);
+        let mt = node_report(m.master_target.as_ref(), ROLE_MASTER_TARGET);
         let applied_seq = self.applied_seq(&m.name);
         let agent_age = agent.map(|o| now.duration_since(o.at));
         let mut degraded = None;
@@ -397,3 +398,4 @@ fn valid_name(name: &str) -> Result<(), String> {
         Err(format!("invalid name {name:?}: use 1-64 letters, digits, '-', '_' or '.'"))
     }
 }
+#[cfg(test)] #[path = "core_tests.rs"] mod tests;

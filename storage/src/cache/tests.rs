@@ -518,3 +518,13 @@ fn empty_payloads_round_trip() {
     assert_eq!(rep.records, 2);
     assert_eq!(c.read_after(1, 0).unwrap()[0].last_seq, 2);
 }
+
+#[test]
+fn creates_nested_directories() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a/b/machine-1");
+    let (mut c, _) = MachineCache::open(&dir, small()).unwrap();
+    fill(&mut c, 0..1);
+    c.sync().unwrap();
+    assert_eq!(segment_files(&dir).len(), 1);
+}

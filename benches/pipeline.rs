@@ -1,0 +1,1074 @@
+//! End-to-end benchmark of the real system: `haven node` (all-in-one) + `haven agent` on a
+//! generated mixed-content disk, driven through `haven ctl --json`, with same-run baselines
+//! (`cp` + `sync`, `rsync -B 4096`, a single-threaded read+xxh3 scan floor) and the targets
+//! from LIMITS.md / the issue.
+//!
+//! It builds nothing: build the binary first.
+//!
+//! ```text
+//! export CARGO_TARGET_DIR=/work/target-bench     # or leave it unset
+//! cargo build --release
+//! HAVEN_BIN=$CARGO_TARGET_DIR/release/haven cargo bench --bench pipeline
+//! ```
+//!
+//! Environment:
+//! - `HAVEN_BIN`            the haven binary (default `<manifest dir>/target/release/haven`)
+//! - `HAVEN_BENCH_DISK`     disk size, e.g. `1GiB` (default), `256MiB`
+//! - `HAVEN_BENCH_SYNCS`    initial syncs (first protect, then unprotect + protect), default 3
+//! - `HAVEN_BENCH_ROUNDS`   1 % change rounds, default 5
+//! - `HAVEN_BENCH_SEED`     generator seed, default 42
+//! - `HAVEN_BENCH_KEEP=1`   keep the temporary directory (logs, images) afterwards
+//!
+//! Every haven figure is only reported after `cmp` proved the replica byte-identical to the
+//! source; a mismatch aborts the run with a non-zero exit.
+use std::{
+    collections::HashMap,
+    fs::{File, OpenOptions},
+    io::Read,
+    os::unix::fs::FileExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitCode, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+const BLOCK: u64 = 4096;
+const MIB: f64 = 1024.0 * 1024.0;
+const MB: f64 = 1e6;
+const MACHINE: &str = "bench";
+const RETENTION: &str = "64MiB";
+const RETENTION_BYTES: u64 = 64 << 20;
+
+// Targets from the issue (see LIMITS.md for the hardware figures behind them).
+const TARGET_INITIAL_MBPS: f64 = 100.0;
+const TARGET_CHANGE_SECS: f64 = 1.0;
+const TARGET_RSS_BEYOND_RETENTION_MIB: f64 = 64.0;
+
+type Res<T> = Result<T, String>;
+
+fn main() -> ExitCode {
+    // `cargo bench` passes `--bench`; nothing else is understood.
+    if std::env::args().skip(1).any(|a| a == "--help" || a == "-h") {
+        println!("end-to-end pipeline benchmark; see the header of benches/pipeline.rs for the environment variables");
+        return ExitCode::SUCCESS;
+    }
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("\npipeline bench FAILED: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Configuration
+
+struct Config {
+    bin: PathBuf,
+    disk_size: u64,
+    syncs: usize,
+    rounds: usize,
+    seed: u64,
+    keep: bool,
+}
+
+fn parse_size(s: &str) -> Res<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().map_err(|_| format!("bad size {s:?}"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?} in {s:?} (use KiB, MiB, GiB)")),
+    };
+    Ok(n * mult)
+}
+
+fn env_num(name: &str, default: u64) -> Res<u64> {
+    match std::env::var(name) {
+        Ok(v) => v.trim().parse().map_err(|_| format!("{name}={v:?} is not a number")),
+        Err(_) => Ok(default),
+    }
+}
+
+impl Config {
+    fn from_env() -> Res<Self> {
+        let bin = match std::env::var_os("HAVEN_BIN") {
+            Some(p) => PathBuf::from(p),
+            None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/haven"),
+        };
+        if !bin.is_file() {
+            return Err(format!(
+                "haven binary not found at {}.\n  This benchmark builds nothing: run `cargo build --release` first, \
+                 and set HAVEN_BIN=<target dir>/release/haven if you use CARGO_TARGET_DIR.",
+                bin.display()
+            ));
+        }
+        let disk_size = match std::env::var("HAVEN_BENCH_DISK") {
+            Ok(v) => parse_size(&v)?,
+            Err(_) => 1 << 30,
+        };
+        if disk_size < 16 << 20 {
+            return Err("HAVEN_BENCH_DISK must be at least 16MiB".into());
+        }
+        Ok(Self {
+            bin,
+            disk_size: disk_size / BLOCK * BLOCK,
+            syncs: env_num("HAVEN_BENCH_SYNCS", 3)?.max(1) as usize,
+            rounds: env_num("HAVEN_BENCH_ROUNDS", 5)?.max(1) as usize,
+            seed: env_num("HAVEN_BENCH_SEED", 42)?,
+            keep: std::env::var("HAVEN_BENCH_KEEP").is_ok_and(|v| v == "1"),
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Deterministic data
+
+/// xorshift64*: small, fast, stable across dependency versions.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        ((self.next_u64() >> 32) * n) >> 32
+    }
+    fn below64(&mut self, n: u64) -> u64 {
+        ((self.next_u64() as u128 * n as u128) >> 64) as u64
+    }
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+#[derive(Default, Clone, Copy)]
+struct DiskStats {
+    /// Bytes in 4 KiB blocks that are not all zero: what an initial scan must send.
+    nonzero_bytes: u64,
+    text: u64,
+    structured: u64,
+    random: u64,
+    zero: u64,
+}
+
+/// Vocabulary skewed towards common words, plus generated identifiers, paths and numbers.
+fn vocabulary(rng: &mut Rng) -> Vec<Vec<u8>> {
+    const COMMON: &[&str] = &[
+        "the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "with", "was", "on", "be", "by",
+        "this", "are", "from", "or", "an", "error", "value", "return", "int", "if", "else", "void",
+        "static", "const", "struct", "self", "None", "true", "false", "INFO", "WARN", "kernel:",
+        "GET", "/index.html", "HTTP/1.1", "200", "user", "session", "/usr/lib/x86_64-linux-gnu",
+    ];
+    let mut v: Vec<Vec<u8>> = COMMON.iter().map(|w| w.as_bytes().to_vec()).collect();
+    while v.len() < 600 {
+        let len = 3 + rng.below(10) as usize;
+        let w: Vec<u8> = (0..len)
+            .map(|i| match rng.below(10) {
+                0 if i > 0 => b'_',
+                1 if i > 0 => b'0' + rng.below(10) as u8,
+                _ => b'a' + rng.below(26) as u8,
+            })
+            .collect();
+        v.push(w);
+    }
+    v
+}
+
+/// Writes a disk image of realistic mixed content in extents of 64 KiB–1 MiB:
+/// ~30 % text (logs, source, config), ~30 % structured binary (fixed-size records with
+/// constant fields, counters and small random fields), ~20 % incompressible random data
+/// (already-compressed files), ~20 % zero regions (left as holes, like a fresh sparse image).
+fn generate_disk(path: &Path, size: u64, seed: u64) -> Res<DiskStats> {
+    let mut rng = Rng::new(seed);
+    let vocab = vocabulary(&mut rng);
+    let f = File::create(path).map_err(|e| format!("create {}: {e}", path.display()))?;
+    f.set_len(size).map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut stats = DiskStats::default();
+    let mut off = 0u64;
+    let mut counter = 0u64;
+    while off < size {
+        let ext = ((64u64 << 10) << rng.below(5)).min(size - off) as usize; // 64 KiB..1 MiB
+        let chunk = &mut buf[..ext];
+        match rng.below(10) {
+            0..=2 => {
+                let mut i = 0;
+                while i < ext {
+                    // Zipf-ish: common words much more often.
+                    let r = rng.below(1000) as usize;
+                    let idx = if r < 600 { r % 46 } else { r % vocab.len() };
+                    let w = &vocab[idx];
+                    let take = w.len().min(ext - i);
+                    chunk[i..i + take].copy_from_slice(&w[..take]);
+                    i += take;
+                    if i < ext {
+                        chunk[i] = match rng.below(16) {
+                            0 => b'\n',
+                            1 => b',',
+                            _ => b' ',
+                        };
+                        i += 1;
+                    }
+                }
+                stats.text += ext as u64;
+            }
+            3..=5 => {
+                for rec in chunk.chunks_mut(56) {
+                    counter += 1;
+                    let small = rng.next_u64();
+                    let mut r = [0u8; 56];
+                    r[0..4].copy_from_slice(b"REC1");
+                    r[4..12].copy_from_slice(&counter.to_le_bytes());
+                    r[12..16].copy_from_slice(&((small & 0xffff) as u32).to_le_bytes());
+                    r[16..20].copy_from_slice(&(((small >> 16) & 0xff) as u32).to_le_bytes());
+                    r[20..28].copy_from_slice(&(1_700_000_000u64 + counter / 7).to_le_bytes());
+                    r[28] = (small >> 24) as u8 & 3;
+                    // r[29..56]: padding / constant fields
+                    r[48..56].copy_from_slice(b"\xde\xad\xbe\xef\0\0\0\x01");
+                    let n = rec.len();
+                    rec.copy_from_slice(&r[..n]);
+                }
+                stats.structured += ext as u64;
+            }
+            6..=7 => {
+                rng.fill(chunk);
+                stats.random += ext as u64;
+            }
+            _ => {
+                stats.zero += ext as u64;
+                off += ext as u64;
+                continue; // a hole: reads as zeros
+            }
+        }
+        for b in chunk.chunks(BLOCK as usize) {
+            if b.iter().any(|&x| x != 0) {
+                stats.nonzero_bytes += b.len() as u64;
+            }
+        }
+        f.write_all_at(chunk, off).map_err(|e| format!("write {}: {e}", path.display()))?;
+        off += ext as u64;
+    }
+    f.sync_all().map_err(|e| e.to_string())?;
+    Ok(stats)
+}
+
+/// Overwrites 1 % of the disk's 4 KiB blocks (distinct, random offsets) with random data,
+/// then fsyncs. Returns the bytes written.
+fn change_one_percent(path: &Path, size: u64, seed: u64) -> Res<u64> {
+    let mut rng = Rng::new(seed);
+    let blocks = size / BLOCK;
+    let n = (blocks / 100).max(1);
+    let mut taken = vec![false; blocks as usize];
+    let f = OpenOptions::new().write(true).open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
+    let mut buf = [0u8; BLOCK as usize];
+    let mut done = 0;
+    while done < n {
+        let b = rng.below64(blocks);
+        if std::mem::replace(&mut taken[b as usize], true) {
+            continue;
+        }
+        rng.fill(&mut buf);
+        f.write_all_at(&buf, b * BLOCK).map_err(|e| e.to_string())?;
+        done += 1;
+    }
+    f.sync_all().map_err(|e| e.to_string())?;
+    Ok(n * BLOCK)
+}
+
+/// The scan floor: read the whole image and xxh3 every 4 KiB block, single-threaded (what a
+/// scan-mode capture pass has to do at minimum, before finding anything).
+fn read_and_hash(path: &Path) -> Res<Duration> {
+    let t = Instant::now();
+    let mut f = File::open(path).map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 4 << 20];
+    let mut acc = 0u64;
+    loop {
+        let n = read_full(&mut f, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        for b in buf[..n].chunks(BLOCK as usize) {
+            acc ^= xxhash_rust::xxh3::xxh3_64(b);
+        }
+    }
+    std::hint::black_box(acc);
+    Ok(t.elapsed())
+}
+
+fn read_full(f: &mut File, buf: &mut [u8]) -> Res<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]).map_err(|e| e.to_string())? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+// ---------------------------------------------------------------------------------------
+// Processes
+
+/// Every process this bench started; SIGTERM, then SIGKILL after 5 s, on drop (also on error
+/// and on panic).
+struct Procs(Vec<(String, Child, PathBuf)>);
+
+impl Procs {
+    fn pid(&self, name: &str) -> Option<u32> {
+        self.0.iter().find(|(n, _, _)| n == name).map(|(_, c, _)| c.id())
+    }
+
+    fn check_alive(&mut self) -> Res<()> {
+        for (name, c, log) in &mut self.0 {
+            if let Ok(Some(status)) = c.try_wait() {
+                return Err(format!("the {name} process exited ({status}); last lines of {}:\n{}", log.display(), tail(log, 20)));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for (_, c, _) in &mut self.0 {
+            if let Ok(None) = c.try_wait() {
+                let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).stderr(Stdio::null()).status();
+            }
+        }
+        for (_, c, _) in &mut self.0 {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
+    let v: Vec<&str> = s.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+fn spawn(bin: &Path, args: &[&str], log: &Path) -> Res<Child> {
+    let out = File::create(log).map_err(|e| format!("create {}: {e}", log.display()))?;
+    let err = out.try_clone().map_err(|e| e.to_string())?;
+    Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .map_err(|e| format!("start {}: {e}", bin.display()))
+}
+
+fn free_udp_port() -> Res<u16> {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    Ok(s.local_addr().map_err(|e| e.to_string())?.port())
+}
+
+/// Runs a command to completion; Err with its output on failure.
+fn run_cmd(prog: &str, args: &[&str]) -> Res<String> {
+    let out = Command::new(prog).args(args).stdin(Stdio::null()).output().map_err(|e| format!("run {prog}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "`{prog} {}` failed ({}): {}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn timed<T>(f: impl FnOnce() -> Res<T>) -> Res<(Duration, T)> {
+    let t = Instant::now();
+    let v = f()?;
+    Ok((t.elapsed(), v))
+}
+
+/// `cmp` of replica against source: the benchmark of a wrong result is worthless.
+fn verify_same(source: &Path, replica: &Path, what: &str) -> Res<()> {
+    let out = Command::new("cmp").arg(source).arg(replica).output().map_err(|e| format!("run cmp: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "REPLICA MISMATCH after {what}: `cmp {} {}` says: {}{}",
+            source.display(),
+            replica.display(),
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+struct Ctl {
+    bin: PathBuf,
+    addr: String,
+    token: PathBuf,
+}
+
+impl Ctl {
+    fn call(&self, args: &[&str]) -> Res<Value> {
+        let out = Command::new(&self.bin)
+            .arg("ctl")
+            .arg("--cluster")
+            .arg(&self.addr)
+            .arg("--token-file")
+            .arg(&self.token)
+            .arg("--json")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("run haven ctl: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "`haven ctl {}` failed ({}): {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("`haven ctl {}` printed non-JSON ({e}): {}", args.join(" "), String::from_utf8_lossy(&out.stdout)))
+    }
+
+    fn machine(&self) -> Res<Option<Value>> {
+        let v = self.call(&["machines"])?;
+        let list = v.as_array().ok_or("`ctl machines --json` is not an array")?;
+        Ok(list.iter().find(|m| m["name"] == MACHINE).cloned())
+    }
+}
+
+fn u64_field(m: &Value, f: &str) -> u64 {
+    m[f].as_u64().unwrap_or(0)
+}
+
+fn str_field<'a>(m: &'a Value, f: &str) -> &'a str {
+    m[f].as_str().unwrap_or("?")
+}
+
+// ---------------------------------------------------------------------------------------
+// /proc sampling
+
+fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with(key))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// utime + stime of a process or thread, in clock ticks, from a `stat` file.
+fn stat_ticks(path: &str) -> Option<(String, u64)> {
+    let s = std::fs::read_to_string(path).ok()?;
+    let open = s.find('(')?;
+    let close = s.rfind(')')?;
+    let comm = s[open + 1..close].to_string();
+    let rest: Vec<&str> = s[close + 2..].split_whitespace().collect();
+    // fields after ")" start at field 3 (state); utime is field 14, stime 15.
+    let ut: u64 = rest.get(11)?.parse().ok()?;
+    let st: u64 = rest.get(12)?.parse().ok()?;
+    Some((comm, ut + st))
+}
+
+fn clk_tck() -> f64 {
+    run_cmd("getconf", &["CLK_TCK"]).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(100.0)
+}
+
+/// Per-thread CPU ticks of a process: tid -> (comm, ticks).
+fn thread_ticks(pid: u32) -> HashMap<u32, (String, u64)> {
+    let mut m = HashMap::new();
+    if let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for e in rd.flatten() {
+            if let Ok(tid) = e.file_name().to_string_lossy().parse::<u32>() {
+                if let Some(v) = stat_ticks(&format!("/proc/{pid}/task/{tid}/stat")) {
+                    m.insert(tid, v);
+                }
+            }
+        }
+    }
+    m
+}
+
+/// CPU used by a process during a phase, total and by thread.
+struct CpuSnap {
+    at: Instant,
+    total: u64,
+    threads: HashMap<u32, (String, u64)>,
+}
+
+fn cpu_snap(pid: u32) -> CpuSnap {
+    CpuSnap { at: Instant::now(), total: stat_ticks(&format!("/proc/{pid}/stat")).map(|x| x.1).unwrap_or(0), threads: thread_ticks(pid) }
+}
+
+struct CpuUse {
+    wall: f64,
+    cpu: f64,
+    /// Busiest threads: (comm, tid, cpu seconds).
+    top: Vec<(String, u32, f64)>,
+}
+
+fn cpu_since(pid: u32, before: &CpuSnap, tck: f64) -> CpuUse {
+    let now = cpu_snap(pid);
+    let mut top: Vec<(String, u32, f64)> = now
+        .threads
+        .iter()
+        .map(|(tid, (comm, t))| {
+            let b = before.threads.get(tid).map(|x| x.1).unwrap_or(0);
+            (comm.clone(), *tid, (t - b.min(*t)) as f64 / tck)
+        })
+        .filter(|x| x.2 > 0.0)
+        .collect();
+    top.sort_by(|a, b| b.2.total_cmp(&a.2));
+    top.truncate(6);
+    CpuUse { wall: now.at.duration_since(before.at).as_secs_f64(), cpu: (now.total.saturating_sub(before.total)) as f64 / tck, top }
+}
+
+/// Samples the agent's VmRSS every 20 ms; keeps the maximum per phase.
+struct RssSampler {
+    stop: Arc<AtomicBool>,
+    phase: Arc<AtomicUsize>,
+    max: Arc<Vec<AtomicU64>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+const PHASES: usize = 4;
+const PH_IDLE: usize = 0;
+const PH_INITIAL: usize = 1;
+const PH_CHANGES: usize = 2;
+const PH_OTHER: usize = 3;
+
+impl RssSampler {
+    fn start(pid: u32) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let phase = Arc::new(AtomicUsize::new(PH_IDLE));
+        let max: Arc<Vec<AtomicU64>> = Arc::new((0..PHASES).map(|_| AtomicU64::new(0)).collect());
+        let (s, p, m) = (stop.clone(), phase.clone(), max.clone());
+        let handle = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                if let Some(kib) = proc_status_kib(pid, "VmRSS:") {
+                    m[p.load(Ordering::Relaxed)].fetch_max(kib, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Self { stop, phase, max, handle: Some(handle) }
+    }
+    fn set_phase(&self, p: usize) {
+        self.phase.store(p, Ordering::Relaxed);
+    }
+    fn max_mib(&self, p: usize) -> f64 {
+        self.max[p].load(Ordering::Relaxed) as f64 / 1024.0
+    }
+}
+
+impl Drop for RssSampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Statistics and output
+
+#[derive(Clone, Copy)]
+struct Stat {
+    median: f64,
+    min: f64,
+    max: f64,
+    n: usize,
+}
+
+fn stat(v: &[f64]) -> Stat {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let n = s.len();
+    let median = if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    };
+    Stat { median, min: *s.first().unwrap_or(&f64::NAN), max: *s.last().unwrap_or(&f64::NAN), n }
+}
+
+fn fmt_stat(s: Stat, prec: usize) -> String {
+    if s.n <= 1 {
+        format!("{:.p$}", s.median, p = prec)
+    } else {
+        format!("{:.p$} [{:.p$}–{:.p$}]", s.median, s.min, s.max, p = prec)
+    }
+}
+
+fn machine_desc() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_else(|| "?".into());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let mem = proc_meminfo_gib();
+    format!("{cores} vCPU {cpu}, {mem:.0} GiB RAM")
+}
+
+fn proc_meminfo_gib() -> f64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .unwrap_or(0.0)
+        / 1024.0
+        / 1024.0
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg").map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")).unwrap_or_default()
+}
+
+fn print_cpu(name: &str, u: &CpuUse) {
+    let threads: Vec<String> = u.top.iter().map(|(c, tid, s)| format!("{c}/{tid} {:.2}s ({:.0}%)", s, 100.0 * s / u.wall.max(1e-9))).collect();
+    println!("      {name:<6} {:.2} CPU-s in {:.2}s = {:.2} cores; busiest threads: {}", u.cpu, u.wall, u.cpu / u.wall.max(1e-9), threads.join(", "));
+}
+
+// ---------------------------------------------------------------------------------------
+// The run
+
+struct InitialRun {
+    secs_total: f64,
+    secs_replicating: f64,
+    raw: u64,
+    wire: u64,
+}
+
+struct ChangeRun {
+    wall: f64,
+    ctl_secs: f64,
+    raw: u64,
+    wire: u64,
+}
+
+fn run() -> Res<()> {
+    let cfg = Config::from_env()?;
+    let tck = clk_tck();
+    let tmp = tempfile::Builder::new()
+        .prefix("haven-bench-")
+        .tempdir_in(std::env::temp_dir())
+        .map_err(|e| format!("create a temp dir in {}: {e}", std::env::temp_dir().display()))?;
+    let dir = tmp.path().to_path_buf();
+    let result = bench(&cfg, &dir, tck);
+    if cfg.keep {
+        let kept = tmp.keep();
+        eprintln!("kept {}", kept.display());
+    } else if result.is_err() {
+        eprintln!("(set HAVEN_BENCH_KEEP=1 to keep the logs and images in the temp dir)");
+    }
+    result
+}
+
+fn bench(cfg: &Config, dir: &Path, tck: f64) -> Res<()> {
+    let date = run_cmd("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_default().trim().to_string();
+    println!("haven pipeline benchmark — {date}");
+    println!("machine: {}; load average at start: {}", machine_desc(), loadavg());
+    println!("binary: {}; temp dir: {}", cfg.bin.display(), dir.display());
+
+    let disk = dir.join("disk.img");
+    let (gen_t, ds) = timed(|| generate_disk(&disk, cfg.disk_size, cfg.seed))?;
+    println!(
+        "\ngenerated a {:.0} MiB disk in {:.1}s: {:.0} MiB text, {:.0} MiB structured, {:.0} MiB random, {:.0} MiB zero holes; {:.1} MiB in non-zero 4 KiB blocks",
+        cfg.disk_size as f64 / MIB,
+        gen_t.as_secs_f64(),
+        ds.text as f64 / MIB,
+        ds.structured as f64 / MIB,
+        ds.random as f64 / MIB,
+        ds.zero as f64 / MIB,
+        ds.nonzero_bytes as f64 / MIB
+    );
+
+    // ---- Baselines, with no haven process running (the agent's periodic scans would
+    // otherwise compete with them for the two cores).
+    println!("\nbaselines (haven not running):");
+    let copy = dir.join("copy.img");
+    let mut cp_mbps = vec![];
+    let mut cp_disk_mbps = vec![];
+    for i in 0..cfg.syncs {
+        let _ = std::fs::remove_file(&copy);
+        let (t, _) = timed(|| {
+            run_cmd("cp", &[path_str(&disk)?, path_str(&copy)?])?;
+            run_cmd("sync", &[path_str(&copy)?])
+        })?;
+        let s = t.as_secs_f64();
+        cp_mbps.push(ds.nonzero_bytes as f64 / MB / s);
+        cp_disk_mbps.push(cfg.disk_size as f64 / MB / s);
+        println!("  cp + sync #{}: {:.2}s = {:.0} MB/s of non-zero data ({:.0} MB/s of disk)", i + 1, s, cp_mbps[i], cp_disk_mbps[i]);
+    }
+    verify_same(&disk, &copy, "cp")?;
+
+    let mut scan_floor = vec![];
+    for _ in 0..3 {
+        scan_floor.push(read_and_hash(&disk)?.as_secs_f64());
+    }
+    println!("  read + xxh3 per 4 KiB block, whole image, one thread: {}s", fmt_stat(stat(&scan_floor), 3));
+
+    let rsync = ensure_rsync();
+    let mut rsync_secs = vec![];
+    let mut rsync_sent = vec![];
+    let change_bytes;
+    match &rsync {
+        Ok(()) => {
+            // `copy` is the pre-change image; each round changes `disk` and rsyncs it onto `copy`.
+            let mut last = 0;
+            for i in 0..cfg.rounds {
+                last = change_one_percent(&disk, cfg.disk_size, cfg.seed ^ (0x1000 + i as u64))?;
+                let (t, out) = timed(|| {
+                    let out = run_cmd("rsync", &["--inplace", "--no-whole-file", "-B", "4096", "--stats", path_str(&disk)?, path_str(&copy)?])?;
+                    run_cmd("sync", &[path_str(&copy)?])?;
+                    Ok(out)
+                })?;
+                verify_same(&disk, &copy, "rsync")?;
+                let sent = out
+                    .lines()
+                    .find(|l| l.starts_with("Total bytes sent:"))
+                    .and_then(|l| l.split(':').nth(1))
+                    .map(|v| v.trim().replace(',', "").parse::<u64>().unwrap_or(0))
+                    .unwrap_or(0);
+                rsync_secs.push(t.as_secs_f64());
+                rsync_sent.push(sent as f64);
+                println!("  rsync -B 4096 of a 1 % change #{}: {:.2}s, {:.1} MB sent", i + 1, t.as_secs_f64(), sent as f64 / MB);
+            }
+            change_bytes = last;
+        }
+        Err(e) => {
+            println!("  rsync baseline SKIPPED: {e}");
+            change_bytes = (cfg.disk_size / BLOCK / 100).max(1) * BLOCK;
+        }
+    }
+    std::fs::remove_file(&copy).map_err(|e| e.to_string())?;
+    // The rsync rounds changed the disk: recount what an initial scan has to send.
+    let nonzero = count_nonzero_blocks(&disk)?;
+
+    // ---- haven
+    let mut procs = Procs(vec![]);
+    let node_dir = dir.join("node");
+    let agent_dir = dir.join("agent");
+    let port = free_udp_port()?;
+    let addr = format!("127.0.0.1:{port}");
+    let node_log = dir.join("node.log");
+    procs.0.push((
+        "node".into(),
+        spawn(&cfg.bin, &["node", "--data-dir", path_str(&node_dir)?, "--listen", &addr, "--name", "bench-node"], &node_log)?,
+        node_log.clone(),
+    ));
+    let admin_token = node_dir.join("admin-token");
+    let join_token = node_dir.join("join-token");
+    wait_until(&mut procs, "the node to write its admin token", Duration::from_secs(30), || Ok(admin_token.exists() && join_token.exists()))?;
+    let ctl = Ctl { bin: cfg.bin.clone(), addr: addr.clone(), token: admin_token.clone() };
+    wait_until(&mut procs, "the configuration node to answer", Duration::from_secs(30), || Ok(ctl.call(&["status"]).is_ok()))?;
+
+    let agent_log = dir.join("agent.log");
+    let disk_arg = format!("root={}", disk.display());
+    procs.0.push((
+        "agent".into(),
+        spawn(
+            &cfg.bin,
+            &[
+                "agent", "--join", &addr, "--token-file", path_str(&join_token)?, "--data-dir", path_str(&agent_dir)?, "--disk", &disk_arg, "--name",
+                MACHINE, "--scan-interval", "1s", "--retention-size", RETENTION,
+            ],
+            &agent_log,
+        )?,
+        agent_log.clone(),
+    ));
+    let agent_pid = procs.pid("agent").ok_or("agent pid")?;
+    let node_pid = procs.pid("node").ok_or("node pid")?;
+    let rss = RssSampler::start(agent_pid);
+    wait_until(&mut procs, "the agent to enroll", Duration::from_secs(30), || Ok(ctl.machine()?.is_some()))?;
+
+    // The cost of one ctl call (process start, QUIC + TLS handshake, one request).
+    let mut ctl_secs = vec![];
+    for _ in 0..5 {
+        ctl_secs.push(timed(|| ctl.call(&["status"]))?.0.as_secs_f64());
+    }
+    let ctl_overhead = stat(&ctl_secs);
+    std::thread::sleep(Duration::from_millis(500));
+    let idle_rss = proc_status_kib(agent_pid, "VmRSS:").unwrap_or(0) as f64 / 1024.0;
+    println!("\nhaven: node pid {node_pid} on {addr}, agent pid {agent_pid}; one `ctl status` call takes {}s; idle agent RSS {idle_rss:.1} MiB", fmt_stat(ctl_overhead, 3));
+
+    // ---- (a) initial sync
+    let replica = node_dir.join("replicas").join(MACHINE).join("root.img");
+    let mut initial: Vec<InitialRun> = vec![];
+    let mut initial_cpu = vec![];
+    rss.set_phase(PH_INITIAL);
+    for i in 0..cfg.syncs {
+        if i > 0 {
+            // A new protection epoch: a full resync from scratch.
+            rss.set_phase(PH_OTHER);
+            ctl.call(&["unprotect", MACHINE])?;
+            wait_until(&mut procs, "the machine to be unprotected", Duration::from_secs(30), || Ok(ctl.machine()?.is_some_and(|m| m["state"] == "discovered")))?;
+            std::thread::sleep(Duration::from_secs(2));
+            rss.set_phase(PH_INITIAL);
+        }
+        let (agent_cpu0, node_cpu0) = (cpu_snap(agent_pid), cpu_snap(node_pid));
+        let t0 = Instant::now();
+        ctl.call(&["protect", MACHINE])?;
+        let mut replicating_at = None;
+        let mut last = Value::Null;
+        while replicating_at.is_none() {
+            procs.check_alive()?;
+            if t0.elapsed() > Duration::from_secs(900) {
+                return Err(format!("initial sync did not finish in 15 minutes; last status {last}"));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            let m = ctl.machine()?.ok_or("machine vanished")?;
+            // Done once the first pass is applied: state replicating and everything non-zero
+            // sent (so a stale report from the previous epoch cannot end the wait).
+            if m["state"] == "replicating" && u64_field(&m, "raw_bytes_sent") >= nonzero {
+                replicating_at = Some(t0.elapsed());
+            }
+            last = m;
+        }
+        let ws = ctl.call(&["wait-sync", MACHINE, "--timeout", "300s"])?;
+        let total = t0.elapsed();
+        let (acpu, ncpu) = (cpu_since(agent_pid, &agent_cpu0, tck), cpu_since(node_pid, &node_cpu0, tck));
+        if ws["synced"] != true {
+            return Err(format!("wait-sync after the initial sync: {ws}"));
+        }
+        verify_same(&disk, &replica, &format!("initial sync #{}", i + 1))?;
+        std::thread::sleep(Duration::from_millis(1100)); // let the node report its wire bytes
+        let m = ctl.machine()?.ok_or("machine vanished")?;
+        let run = InitialRun {
+            secs_total: total.as_secs_f64(),
+            secs_replicating: replicating_at.expect("set").as_secs_f64(),
+            raw: u64_field(&m, "raw_bytes_sent"),
+            wire: u64_field(&m, "wire_bytes_sent"),
+        };
+        println!(
+            "  initial sync #{} (epoch {}): replicating after {:.2}s, wait-sync done after {:.2}s; {:.1} MiB raw ({:.0} MB/s), {:.1} MiB on the wire (ratio {:.2}); replica verified with cmp",
+            i + 1,
+            m["epoch"],
+            run.secs_replicating,
+            run.secs_total,
+            run.raw as f64 / MIB,
+            run.raw as f64 / MB / run.secs_total,
+            run.wire as f64 / MIB,
+            run.raw as f64 / run.wire.max(1) as f64
+        );
+        if run.raw != nonzero {
+            println!("    note: raw bytes sent {} != non-zero bytes on the disk {}", run.raw, nonzero);
+        }
+        print_cpu("agent", &acpu);
+        print_cpu("node", &ncpu);
+        initial_cpu.push((acpu, ncpu));
+        initial.push(run);
+    }
+
+    // ---- empty barriers: what a sync barrier costs with nothing to send
+    rss.set_phase(PH_OTHER);
+    let mut empty = vec![];
+    for _ in 0..3 {
+        let (t, ws) = timed(|| ctl.call(&["wait-sync", MACHINE, "--timeout", "60s"]))?;
+        if ws["synced"] != true {
+            return Err(format!("empty wait-sync: {ws}"));
+        }
+        empty.push((t.as_secs_f64(), ws["seconds"].as_f64().unwrap_or(f64::NAN)));
+    }
+    let empty_wall = stat(&empty.iter().map(|x| x.0).collect::<Vec<_>>());
+    let empty_ctl = stat(&empty.iter().map(|x| x.1).collect::<Vec<_>>());
+    println!("\n  wait-sync with nothing changed: {}s wall ({}s inside ctl)", fmt_stat(empty_wall, 2), fmt_stat(empty_ctl, 2));
+
+    // ---- (b) 1 % change rounds
+    rss.set_phase(PH_CHANGES);
+    let mut changes: Vec<ChangeRun> = vec![];
+    let mut change_cpu = vec![];
+    for i in 0..cfg.rounds {
+        let before = ctl.machine()?.ok_or("machine vanished")?;
+        let (agent_cpu0, node_cpu0) = (cpu_snap(agent_pid), cpu_snap(node_pid));
+        let (wt, written) = timed(|| change_one_percent(&disk, cfg.disk_size, cfg.seed ^ (0x2000 + i as u64)))?;
+        let t0 = Instant::now();
+        let ws = ctl.call(&["wait-sync", MACHINE, "--timeout", "300s"])?;
+        let wall = t0.elapsed().as_secs_f64();
+        let (acpu, ncpu) = (cpu_since(agent_pid, &agent_cpu0, tck), cpu_since(node_pid, &node_cpu0, tck));
+        if ws["synced"] != true {
+            return Err(format!("wait-sync after change round {}: {ws}", i + 1));
+        }
+        verify_same(&disk, &replica, &format!("change round {}", i + 1))?;
+        std::thread::sleep(Duration::from_millis(1100));
+        let after = ctl.machine()?.ok_or("machine vanished")?;
+        let run = ChangeRun {
+            wall,
+            ctl_secs: ws["seconds"].as_f64().unwrap_or(f64::NAN),
+            raw: u64_field(&after, "raw_bytes_sent").saturating_sub(u64_field(&before, "raw_bytes_sent")),
+            wire: u64_field(&after, "wire_bytes_sent").saturating_sub(u64_field(&before, "wire_bytes_sent")),
+        };
+        println!(
+            "  1 % change #{}: wrote {:.1} MiB in {:.2}s (fsynced); wait-sync {:.2}s wall ({:.2}s inside ctl); {:.1} MiB raw, {:.1} MiB wire; state {}; replica verified with cmp",
+            i + 1,
+            written as f64 / MIB,
+            wt.as_secs_f64(),
+            run.wall,
+            run.ctl_secs,
+            run.raw as f64 / MIB,
+            run.wire as f64 / MIB,
+            str_field(&after, "state"),
+        );
+        print_cpu("agent", &acpu);
+        print_cpu("node", &ncpu);
+        change_cpu.push((acpu, ncpu));
+        changes.push(run);
+    }
+    let hwm = proc_status_kib(agent_pid, "VmHWM:").unwrap_or(0) as f64 / 1024.0;
+    let node_hwm = proc_status_kib(node_pid, "VmHWM:").unwrap_or(0) as f64 / 1024.0;
+    let (rss_initial, rss_changes) = (rss.max_mib(PH_INITIAL), rss.max_mib(PH_CHANGES));
+    drop(rss);
+    let end_load = loadavg();
+    drop(procs); // stop haven before printing, so nothing is left behind even if printing fails
+
+    // ---- the table
+    let init_mbps = stat(&initial.iter().map(|r| r.raw as f64 / MB / r.secs_total).collect::<Vec<_>>());
+    let init_mbps_repl = stat(&initial.iter().map(|r| r.raw as f64 / MB / r.secs_replicating).collect::<Vec<_>>());
+    let init_secs = stat(&initial.iter().map(|r| r.secs_total).collect::<Vec<_>>());
+    let init_wire = stat(&initial.iter().map(|r| r.wire as f64 / MB).collect::<Vec<_>>());
+    let init_ratio = stat(&initial.iter().map(|r| r.raw as f64 / r.wire.max(1) as f64).collect::<Vec<_>>());
+    let cp = stat(&cp_mbps);
+    let ch_wall = stat(&changes.iter().map(|r| r.wall).collect::<Vec<_>>());
+    let ch_ctl = stat(&changes.iter().map(|r| r.ctl_secs).collect::<Vec<_>>());
+    let ch_raw = stat(&changes.iter().map(|r| r.raw as f64 / MB).collect::<Vec<_>>());
+    let ch_wire = stat(&changes.iter().map(|r| r.wire as f64 / MB).collect::<Vec<_>>());
+    let rs = stat(&rsync_secs);
+    let rs_sent = stat(&rsync_sent);
+    let peak = rss_initial.max(rss_changes);
+    let beyond = peak - RETENTION_BYTES as f64 / MIB;
+    let verdict = |ok: bool| if ok { "meets" } else { "MISSES" };
+
+    println!("\n=== results: {:.0} MiB disk, {:.1} MiB non-zero, {} initial syncs, {} change rounds of {:.1} MiB; median [min–max] ===", cfg.disk_size as f64 / MIB, nonzero as f64 / MIB, cfg.syncs, cfg.rounds, change_bytes as f64 / MIB);
+    println!("{:<46} {:>24} {:>26} {:>9} {:>22}", "metric", "haven", "baseline (same run)", "ratio", "target (LIMITS/issue)");
+    let row = |m: &str, h: String, b: String, r: String, t: String| println!("{m:<46} {h:>24} {b:>26} {r:>9} {t:>22}");
+    row(
+        "initial sync, raw MB/s (protect→wait-sync)",
+        fmt_stat(init_mbps, 0),
+        format!("cp+sync {}", fmt_stat(cp, 0)),
+        format!("{:.2}x", init_mbps.median / cp.median),
+        format!("≥{TARGET_INITIAL_MBPS:.0}: {} ({:.2}x)", verdict(init_mbps.median >= TARGET_INITIAL_MBPS), init_mbps.median / TARGET_INITIAL_MBPS),
+    );
+    row(
+        "initial sync, raw MB/s (protect→replicating)",
+        fmt_stat(init_mbps_repl, 0),
+        "".into(),
+        format!("{:.2}x", init_mbps_repl.median / cp.median),
+        format!("pipeline bound ~200 ({:.2}x)", init_mbps_repl.median / 200.0),
+    );
+    row("initial sync, seconds", fmt_stat(init_secs, 2), "".into(), "".into(), "".into());
+    row("initial sync, wire MB (raw/wire ratio)", format!("{} ({})", fmt_stat(init_wire, 0), fmt_stat(init_ratio, 2)), "".into(), "".into(), "zstd-1 ratio ~1.81".into());
+    row(
+        "1 % change, capture→applied s (wait-sync wall)",
+        fmt_stat(ch_wall, 2),
+        if rs.n > 0 { format!("rsync -B4096 {}", fmt_stat(rs, 2)) } else { "rsync: n/a".into() },
+        if rs.n > 0 { format!("{:.2}x", ch_wall.median / rs.median) } else { "".into() },
+        format!("<{TARGET_CHANGE_SECS:.0}: {} ({:.2}x)", verdict(ch_wall.median < TARGET_CHANGE_SECS), ch_wall.median / TARGET_CHANGE_SECS),
+    );
+    row("1 % change, seconds inside ctl (excl. connect)", fmt_stat(ch_ctl, 2), "".into(), "".into(), "".into());
+    row("1 % change, raw / wire MB", format!("{} / {}", fmt_stat(ch_raw, 1), fmt_stat(ch_wire, 1)), if rs.n > 0 { format!("rsync sent {} MB", fmt_stat(stat(&rsync_sent.iter().map(|x| x / MB).collect::<Vec<_>>()), 1)) } else { "".into() }, if rs.n > 0 { format!("{:.2}x", ch_wire.median / (rs_sent.median / MB)) } else { "".into() }, "rsync ~11.8 MB".into());
+    row("empty wait-sync (nothing changed), s", fmt_stat(empty_wall, 2), format!("scan floor {}", fmt_stat(stat(&scan_floor), 2)), "".into(), "".into());
+    row("one `ctl status` call, s", fmt_stat(ctl_overhead, 3), "".into(), "".into(), "".into());
+    row(
+        "agent peak RSS, MiB (initial sync / changes)",
+        format!("{rss_initial:.1} / {rss_changes:.1}"),
+        format!("retention {RETENTION}"),
+        "".into(),
+        format!("<{:.0}: {} ({:.1} beyond)", RETENTION_BYTES as f64 / MIB + TARGET_RSS_BEYOND_RETENTION_MIB, verdict(beyond < TARGET_RSS_BEYOND_RETENTION_MIB), beyond),
+    );
+    row("agent VmHWM / idle RSS, MiB", format!("{hwm:.1} / {idle_rss:.1}"), "".into(), "".into(), "".into());
+    row("node (all-in-one) VmHWM, MiB", format!("{node_hwm:.1}"), "".into(), "".into(), "".into());
+    let avg_cores = |v: &[(CpuUse, CpuUse)], agent: bool| {
+        stat(&v.iter().map(|(a, n)| if agent { a.cpu / a.wall } else { n.cpu / n.wall }).collect::<Vec<_>>())
+    };
+    row("CPU cores used in initial sync (agent / node)", format!("{} / {}", fmt_stat(avg_cores(&initial_cpu, true), 2), fmt_stat(avg_cores(&initial_cpu, false), 2)), "".into(), "".into(), "2 vCPU in total".into());
+    row("CPU-s per 1 % change round (agent / node)", format!("{} / {}", fmt_stat(stat(&change_cpu.iter().map(|x| x.0.cpu).collect::<Vec<_>>()), 2), fmt_stat(stat(&change_cpu.iter().map(|x| x.1.cpu).collect::<Vec<_>>()), 2)), "".into(), "".into(), "".into());
+    println!("load average at end: {end_load}");
+    if let Err(e) = rsync {
+        println!("note: the rsync baseline could not run: {e}");
+    }
+    println!("pipeline bench OK (every replica verified byte-identical with cmp)");
+    Ok(())
+}
+
+fn path_str(p: &Path) -> Res<&str> {
+    p.to_str().ok_or_else(|| format!("non-UTF-8 path {}", p.display()))
+}
+
+fn count_nonzero_blocks(path: &Path) -> Res<u64> {
+    let mut f = File::open(path).map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 4 << 20];
+    let mut n = 0;
+    loop {
+        let k = read_full(&mut f, &mut buf)?;
+        if k == 0 {
+            return Ok(n);
+        }
+        for b in buf[..k].chunks(BLOCK as usize) {
+            if b.iter().any(|&x| x != 0) {
+                n += b.len() as u64;
+            }
+        }
+    }
+}
+
+/// rsync for the change baseline: installed, or installed now with apt-get.
+fn ensure_rsync() -> Res<()> {
+    let have = || Command::new("rsync").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+    if have() {
+        return Ok(());
+    }
+    eprintln!("rsync is not installed; trying `apt-get install -y rsync`");
+    let out = Command::new("apt-get").args(["install", "-y", "rsync"]).env("DEBIAN_FRONTEND", "noninteractive").output();
+    if have() {
+        return Ok(());
+    }
+    Err(match out {
+        Ok(o) => format!("rsync is not installed and `apt-get install -y rsync` failed: {}", String::from_utf8_lossy(&o.stderr).trim()),
+        Err(e) => format!("rsync is not installed and apt-get could not run: {e}"),
+    })
+}
+
+fn wait_until(procs: &mut Procs, what: &str, timeout: Duration, mut ok: impl FnMut() -> Res<bool>) -> Res<()> {
+    let deadline = Instant::now() + timeout;
+    let mut last_err = String::new();
+    loop {
+        procs.check_alive()?;
+        match ok() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last_err = e,
+        }
+        if Instant::now() > deadline {
+            return Err(format!("timed out after {}s waiting for {what}{}", timeout.as_secs(), if last_err.is_empty() { String::new() } else { format!(" (last error: {last_err})") }));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,307 @@
+//! A harness for tests against real `haven` processes on loopback.
+//!
+//! Every process logs to `<dir>/<name>.log`; on drop all processes are killed. Waits are
+//! bounded polls that fail with what they waited for. `assert_no_unexpected_errors` fails a
+//! test on any ERROR log line it did not expect.
+#![allow(dead_code)]
+
+use std::{
+    collections::BTreeMap,
+    os::unix::fs::FileExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_haven");
+
+pub fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn phase(msg: &str) {
+    eprintln!("\n=== {msg}");
+}
+
+/// Polls `f` every 50 ms until it returns Some, or panics after `timeout`.
+pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct Proc {
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+}
+
+pub struct Cluster {
+    pub dir: PathBuf,
+    _tmp: tempfile::TempDir,
+    pub config_addr: String,
+    procs: BTreeMap<String, Proc>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for p in self.procs.values_mut() {
+            if let Some(c) = p.child.as_mut() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        if std::thread::panicking() {
+            for name in self.procs.keys() {
+                let log = self.dir.join(format!("{name}.log"));
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                eprintln!("--- last lines of {name}.log ---");
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}
+
+impl Cluster {
+    pub fn new() -> Self {
+        let tmp = tempfile::Builder::new().prefix("haven-test-").tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        Self { dir, _tmp: tmp, config_addr: String::new(), procs: BTreeMap::new() }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.join(rel)
+    }
+
+    pub fn admin_token(&self) -> PathBuf {
+        self.path("config/admin-token")
+    }
+
+    pub fn join_token(&self) -> PathBuf {
+        self.path("config/join-token")
+    }
+
+    fn spawn(&mut self, name: &str) {
+        let p = self.procs.get_mut(name).expect("known process");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join(format!("{name}.log"))).unwrap();
+        let child = Command::new(BIN)
+            .args(&p.args)
+            .envs(p.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("RUST_LOG", "info,quinn=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn haven");
+        p.child = Some(child);
+    }
+
+    pub fn add(&mut self, name: &str, args: Vec<String>, env: Vec<(String, String)>) {
+        self.procs.insert(name.to_string(), Proc { args, env, child: None });
+        self.spawn(name);
+    }
+
+    /// The configuration node (optionally with more roles). Waits for its tokens.
+    pub fn start_config(&mut self, roles: &[&str], env: Vec<(String, String)>) {
+        let port = free_port();
+        self.config_addr = format!("127.0.0.1:{port}");
+        let mut args = vec!["node".to_string(), "--data-dir".into(), self.path("config").display().to_string(), "--listen".into(), self.config_addr.clone(), "--name".into(), "config".into()];
+        for r in roles {
+            args.extend(["--role".to_string(), r.to_string()]);
+        }
+        self.add("config", args, env);
+        let token = self.admin_token();
+        wait_until("admin token", Duration::from_secs(30), || token.exists().then_some(()));
+        wait_until("configuration node answering", Duration::from_secs(30), || self.try_ctl(&["status"]).ok());
+    }
+
+    pub fn start_node(&mut self, name: &str, roles: &[&str], env: Vec<(String, String)>) {
+        let port = free_port();
+        let mut args = vec![
+            "node".to_string(),
+            "--data-dir".into(),
+            self.path(name).display().to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--name".into(),
+            name.into(),
+            "--join".into(),
+            self.config_addr.clone(),
+            "--token-file".into(),
+            self.join_token().display().to_string(),
+        ];
+        for r in roles {
+            args.extend(["--role".to_string(), r.to_string()]);
+        }
+        self.add(name, args, env);
+        let n = name.to_string();
+        wait_until(&format!("node {name} alive"), Duration::from_secs(30), || {
+            let nodes = self.try_ctl(&["nodes"]).ok()?;
+            nodes.as_array()?.iter().any(|x| x["name"] == n.as_str() && x["alive"] == true).then_some(())
+        });
+    }
+
+    pub fn start_agent(&mut self, machine: &str, disks: &[(&str, &Path)]) {
+        let mut args = vec![
+            "agent".to_string(),
+            "--join".into(),
+            self.config_addr.clone(),
+            "--token-file".into(),
+            self.join_token().display().to_string(),
+            "--data-dir".into(),
+            self.path(&format!("agent-{machine}")).display().to_string(),
+            "--name".into(),
+            machine.into(),
+            "--scan-interval".into(),
+            "1s".into(),
+        ];
+        for (n, p) in disks {
+            args.extend(["--disk".to_string(), format!("{n}={}", p.display())]);
+        }
+        self.add(&format!("agent-{machine}"), args, vec![]);
+        let m = machine.to_string();
+        wait_until(&format!("machine {machine} enrolled"), Duration::from_secs(30), || self.machine(&m));
+    }
+
+    pub fn kill(&mut self, name: &str) {
+        let p = self.procs.get_mut(name).expect("known process");
+        let mut c = p.child.take().expect("running");
+        c.kill().unwrap(); // SIGKILL
+        c.wait().unwrap();
+    }
+
+    pub fn restart(&mut self, name: &str) {
+        self.spawn(name);
+    }
+
+    pub fn pid(&self, name: &str) -> u32 {
+        self.procs[name].child.as_ref().expect("running").id()
+    }
+
+    pub fn assert_running(&mut self) {
+        for (name, p) in &mut self.procs {
+            if let Some(c) = p.child.as_mut() {
+                if let Ok(Some(s)) = c.try_wait() {
+                    panic!("process {name} exited unexpectedly: {s}");
+                }
+            }
+        }
+    }
+
+    pub fn ctl_output(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(["ctl", "--cluster", &self.config_addr, "--token-file"])
+            .arg(self.admin_token())
+            .arg("--json")
+            .args(args)
+            .output()
+            .expect("run haven ctl")
+    }
+
+    pub fn try_ctl(&self, args: &[&str]) -> Result<Value, String> {
+        let out = self.ctl_output(args);
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+    }
+
+    pub fn ctl(&self, args: &[&str]) -> Value {
+        self.try_ctl(args).unwrap_or_else(|e| panic!("haven ctl {args:?} failed: {e}"))
+    }
+
+    pub fn machine(&self, name: &str) -> Option<Value> {
+        let ms = self.try_ctl(&["machines"]).ok()?;
+        ms.as_array()?.iter().find(|m| m["name"] == name).cloned()
+    }
+
+    pub fn wait_sync(&self, machine: &str, timeout: Duration) {
+        let t = format!("{}s", timeout.as_secs());
+        let out = self.ctl_output(&["wait-sync", machine, "--timeout", &t]);
+        assert!(out.status.success(), "wait-sync {machine} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    pub fn replica(&self, mt: &str, machine: &str, disk: &str) -> PathBuf {
+        self.path(&format!("{mt}/replicas/{machine}/{disk}.img"))
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// Fails on any ERROR line in any log that matches none of `expected`.
+    pub fn assert_no_unexpected_errors(&self, expected: &[&str]) {
+        for name in self.procs.keys() {
+            for line in self.log(name).lines() {
+                if line.contains(" ERROR ") && !expected.iter().any(|e| line.contains(e)) {
+                    panic!("unexpected ERROR in {name}.log: {line}");
+                }
+            }
+        }
+    }
+}
+
+/// A disk image of realistic mixed content: text, structured records, random bytes, zeros.
+pub fn make_disk(path: &Path, size: u64, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut off = 0;
+    while off < size {
+        let n = ((size - off) as usize).min(buf.len());
+        let chunk = &mut buf[..n];
+        match rng.gen_range(0..4) {
+            0 => chunk.iter_mut().enumerate().for_each(|(i, b)| *b = b"lorem ipsum dolor sit amet\n"[i % 27]),
+            1 => chunk.iter_mut().enumerate().for_each(|(i, b)| *b = if i % 16 < 4 { rng.gen() } else { (i % 7) as u8 }),
+            2 => rng.fill(chunk),
+            _ => {
+                off += n as u64;
+                continue;
+            }
+        }
+        f.write_all_at(chunk, off).unwrap();
+        off += n as u64;
+    }
+    f.sync_all().unwrap();
+}
+
+/// Random writes of mixed sizes (512 B .. 1 MiB, unaligned too). Returns bytes written.
+pub fn random_writes(path: &Path, rng: &mut StdRng, count: usize) -> u64 {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    let size = f.metadata().unwrap().len();
+    let mut total = 0;
+    for _ in 0..count {
+        let len = match rng.gen_range(0..4) {
+            0 => rng.gen_range(1..=512),
+            1 => 4096,
+            2 => rng.gen_range(4096..65536),
+            _ => 1 << 20,
+        };
+        let off = rng.gen_range(0..size - len as u64);
+        let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+        f.write_all_at(&data, off).unwrap();
+        total += len as u64;
+    }
+    f.sync_data().unwrap();
+    total
+}
+
+pub fn assert_identical(a: &Path, b: &Path) {
+    let out = Command::new("cmp").arg(a).arg(b).output().expect("run cmp");
+    assert!(out.status.success(), "cmp {} {}: {}{}", a.display(), b.display(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if let Ok(q) = Command::new("qemu-img").args(["compare", "-q", "-f", "raw", "-F", "raw"]).arg(a).arg(b).status() {
+        assert!(q.success(), "qemu-img compare {} {} reports a difference", a.display(), b.display());
+    }
+}

@@ -1,0 +1,109 @@
+//! Refusals at the boundary: wrong tokens, a server with the wrong CA, a protocol version
+//! mismatch, and a corrupted sealed batch. Each is refused with a clear error, and nothing
+//! from it is registered or applied.
+mod common;
+
+use std::{process::Command, time::Duration};
+
+use common::*;
+use haven_transport::{endpoint, identity::Token};
+
+fn join_output(c: &Cluster, token_file: &std::path::Path, name: &str) -> std::process::Output {
+    Command::new(BIN)
+        .args(["node", "--role", "process", "--listen"])
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .args(["--name", name, "--join", &c.config_addr, "--token-file"])
+        .arg(token_file)
+        .arg("--data-dir")
+        .arg(c.path(name))
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn bad_tokens_are_refused_and_nothing_is_registered() {
+    let mut c = Cluster::new();
+    c.start_config(&["configuration"], vec![]);
+    let good = Token::parse(&std::fs::read_to_string(c.join_token()).unwrap()).unwrap();
+
+    phase("a join token with the wrong secret");
+    let wrong_secret = Token { secret: "ab".repeat(24), ..good.clone() };
+    let f = c.path("wrong-secret");
+    std::fs::write(&f, wrong_secret.encode()).unwrap();
+    let out = join_output(&c, &f, "intruder1");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "joiner must exit non-zero");
+    assert!(err.contains("invalid join token"), "clear error for the joiner: {err}");
+    assert!(c.log("config").contains("join refused"), "the server logs the refusal");
+
+    phase("a token pinning another cluster's CA fingerprint");
+    let wrong_ca = Token { ca_fingerprint: "0".repeat(64), ..good.clone() };
+    let f = c.path("wrong-ca");
+    std::fs::write(&f, wrong_ca.encode()).unwrap();
+    let out = join_output(&c, &f, "intruder2");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("fingerprint"), "the joiner names the fingerprint mismatch: {err}");
+
+    phase("an admin token where a join token is expected, and garbage");
+    let out = join_output(&c, &c.admin_token(), "intruder3");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs a Join token"));
+    let f = c.path("garbage");
+    std::fs::write(&f, "not a token").unwrap();
+    let out = join_output(&c, &f, "intruder4");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("token file"));
+
+    phase("a ctl call with the join token instead of the admin token");
+    let out = Command::new(BIN).args(["ctl", "--cluster", &c.config_addr, "--token-file"]).arg(c.join_token()).arg("status").output().unwrap();
+    assert!(!out.status.success());
+
+    phase("nothing was registered");
+    let nodes = c.ctl(&["nodes"]);
+    let names: Vec<&str> = nodes.as_array().unwrap().iter().map(|n| n["name"].as_str().unwrap()).collect();
+    assert_eq!(names, vec!["config"]);
+    for n in ["intruder1", "intruder2", "intruder3", "intruder4"] {
+        assert!(!c.path(n).join("identity/cert.der").exists(), "{n} got no certificate");
+    }
+}
+
+#[test]
+fn protocol_version_mismatch_is_refused_on_both_sides() {
+    let mut c = Cluster::new();
+    c.start_config(&["configuration"], vec![]);
+    let token = Token::parse(&std::fs::read_to_string(c.admin_token()).unwrap()).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let err = rt.block_on(async {
+        let ep = endpoint::client_endpoint().unwrap();
+        let cfg = endpoint::pinned_client_config(&token.ca_fingerprint).unwrap();
+        let addr = c.config_addr.parse().unwrap();
+        endpoint::connect(&ep, cfg, addr, "test-client", endpoint::PROTOCOL_VERSION + 98).await.err().expect("must be refused")
+    });
+    match err {
+        endpoint::EndpointError::VersionMismatch { ours, theirs } => {
+            assert_eq!((ours, theirs), (endpoint::PROTOCOL_VERSION + 98, endpoint::PROTOCOL_VERSION));
+        }
+        other => panic!("expected a version mismatch, got {other}"),
+    }
+    wait_until("server logs the mismatch", Duration::from_secs(10), || c.log("config").contains("protocol version mismatch").then_some(()));
+}
+
+#[test]
+fn corrupted_sealed_batch_is_refused_and_never_applied() {
+    let mut c = Cluster::new();
+    // The all-in-one node corrupts the 2nd batch it ships (debug fault injection).
+    c.start_config(&[], vec![("HAVEN_FAULT_CORRUPT_SHIP".into(), "2".into())]);
+    let disk = c.path("disk.img");
+    make_disk(&disk, 32 << 20, 9);
+    c.start_agent("db01", &[("root", disk.as_path())]);
+    c.ctl(&["protect", "db01"]);
+    c.wait_sync("db01", Duration::from_secs(120));
+    assert_identical(&disk, &c.replica("config", "db01", "root"));
+    let m = c.machine("db01").unwrap();
+    assert!(m["batches_refused"].as_u64().unwrap() >= 1, "the refusal is counted: {m}");
+    let log = c.log("config");
+    assert!(log.contains("HAVEN_FAULT_CORRUPT_SHIP: corrupting"), "the fault was injected");
+    assert!(log.contains("failed authentication"), "refused for a failed tag: {}", log.lines().filter(|l| l.contains("refused")).collect::<Vec<_>>().join("\n"));
+    c.assert_no_unexpected_errors(&["nothing from it was applied"]);
+}
