@@ -218,9 +218,10 @@ async fn ctl_command(admin: &ctl::Admin, json: bool, command: CtlCommand) -> Exi
     let cmd = match command {
         CtlCommand::WaitSync { machine, timeout } => {
             let started = std::time::Instant::now();
+            let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
             let r = admin
                 .wait_sync(&machine, timeout, |barrier, applied| {
-                    if !json {
+                    if !json && tty {
                         eprint!("\rwaiting: barrier {} applied {applied}   ", barrier.map(|b| b.to_string()).unwrap_or_else(|| "(scanning)".into()));
                     }
                 })
@@ -230,7 +231,9 @@ async fn ctl_command(admin: &ctl::Admin, json: bool, command: CtlCommand) -> Exi
                     if json {
                         println!("{}", serde_json::json!({"machine": machine, "synced": true, "seconds": started.elapsed().as_secs_f64()}));
                     } else {
-                        eprintln!();
+                        if tty {
+                            eprintln!();
+                        }
                         println!("{machine}: in sync ({:.1}s)", started.elapsed().as_secs_f64());
                     }
                     ExitCode::SUCCESS
