@@ -18,6 +18,8 @@
 //! - `HAVEN_BENCH_ROUNDS`   1 % change rounds, default 5
 //! - `HAVEN_BENCH_SEED`     generator seed, default 42
 //! - `HAVEN_BENCH_KEEP=1`   keep the temporary directory (logs, images) afterwards
+//! - `HAVEN_BENCH_RETENTION` the agent's `--retention-size` (default 64MiB; for experiments)
+//! - `HAVEN_BENCH_TRACE=1`  print every status poll during the initial syncs
 //!
 //! Every haven figure is only reported after `cmp` proved the replica byte-identical to the
 //! source; a mismatch aborts the run with a non-zero exit.
@@ -42,8 +44,8 @@ const BLOCK: u64 = 4096;
 const MIB: f64 = 1024.0 * 1024.0;
 const MB: f64 = 1e6;
 const MACHINE: &str = "bench";
-const RETENTION: &str = "64MiB";
-const RETENTION_BYTES: u64 = 64 << 20;
+/// The agent's `--retention-size` unless `HAVEN_BENCH_RETENTION` says otherwise.
+const RETENTION_DEFAULT: &str = "64MiB";
 
 // Targets from the issue (see LIMITS.md for the hardware figures behind them).
 const TARGET_INITIAL_MBPS: f64 = 100.0;
@@ -77,6 +79,9 @@ struct Config {
     rounds: usize,
     seed: u64,
     keep: bool,
+    retention: String,
+    retention_bytes: u64,
+    trace: bool,
 }
 
 fn parse_size(s: &str) -> Res<u64> {
@@ -89,14 +94,21 @@ fn parse_size(s: &str) -> Res<u64> {
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
-        other => return Err(format!("unknown size unit {other:?} in {s:?} (use KiB, MiB, GiB)")),
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {s:?} (use KiB, MiB, GiB)"
+            ))
+        }
     };
     Ok(n * mult)
 }
 
 fn env_num(name: &str, default: u64) -> Res<u64> {
     match std::env::var(name) {
-        Ok(v) => v.trim().parse().map_err(|_| format!("{name}={v:?} is not a number")),
+        Ok(v) => v
+            .trim()
+            .parse()
+            .map_err(|_| format!("{name}={v:?} is not a number")),
         Err(_) => Ok(default),
     }
 }
@@ -121,6 +133,8 @@ impl Config {
         if disk_size < 16 << 20 {
             return Err("HAVEN_BENCH_DISK must be at least 16MiB".into());
         }
+        let retention =
+            std::env::var("HAVEN_BENCH_RETENTION").unwrap_or_else(|_| RETENTION_DEFAULT.into());
         Ok(Self {
             bin,
             disk_size: disk_size / BLOCK * BLOCK,
@@ -128,6 +142,9 @@ impl Config {
             rounds: env_num("HAVEN_BENCH_ROUNDS", 5)?.max(1) as usize,
             seed: env_num("HAVEN_BENCH_SEED", 42)?,
             keep: std::env::var("HAVEN_BENCH_KEEP").is_ok_and(|v| v == "1"),
+            retention_bytes: parse_size(&retention)?,
+            retention,
+            trace: std::env::var("HAVEN_BENCH_TRACE").is_ok_and(|v| v == "1"),
         })
     }
 }
@@ -175,10 +192,50 @@ struct DiskStats {
 /// Vocabulary skewed towards common words, plus generated identifiers, paths and numbers.
 fn vocabulary(rng: &mut Rng) -> Vec<Vec<u8>> {
     const COMMON: &[&str] = &[
-        "the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "with", "was", "on", "be", "by",
-        "this", "are", "from", "or", "an", "error", "value", "return", "int", "if", "else", "void",
-        "static", "const", "struct", "self", "None", "true", "false", "INFO", "WARN", "kernel:",
-        "GET", "/index.html", "HTTP/1.1", "200", "user", "session", "/usr/lib/x86_64-linux-gnu",
+        "the",
+        "of",
+        "and",
+        "to",
+        "in",
+        "is",
+        "that",
+        "for",
+        "it",
+        "as",
+        "with",
+        "was",
+        "on",
+        "be",
+        "by",
+        "this",
+        "are",
+        "from",
+        "or",
+        "an",
+        "error",
+        "value",
+        "return",
+        "int",
+        "if",
+        "else",
+        "void",
+        "static",
+        "const",
+        "struct",
+        "self",
+        "None",
+        "true",
+        "false",
+        "INFO",
+        "WARN",
+        "kernel:",
+        "GET",
+        "/index.html",
+        "HTTP/1.1",
+        "200",
+        "user",
+        "session",
+        "/usr/lib/x86_64-linux-gnu",
     ];
     let mut v: Vec<Vec<u8>> = COMMON.iter().map(|w| w.as_bytes().to_vec()).collect();
     while v.len() < 600 {
@@ -266,7 +323,8 @@ fn generate_disk(path: &Path, size: u64, seed: u64) -> Res<DiskStats> {
                 stats.nonzero_bytes += b.len() as u64;
             }
         }
-        f.write_all_at(chunk, off).map_err(|e| format!("write {}: {e}", path.display()))?;
+        f.write_all_at(chunk, off)
+            .map_err(|e| format!("write {}: {e}", path.display()))?;
         off += ext as u64;
     }
     f.sync_all().map_err(|e| e.to_string())?;
@@ -280,7 +338,10 @@ fn change_one_percent(path: &Path, size: u64, seed: u64) -> Res<u64> {
     let blocks = size / BLOCK;
     let n = (blocks / 100).max(1);
     let mut taken = vec![false; blocks as usize];
-    let f = OpenOptions::new().write(true).open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("open {}: {e}", path.display()))?;
     let mut buf = [0u8; BLOCK as usize];
     let mut done = 0;
     while done < n {
@@ -336,13 +397,20 @@ struct Procs(Vec<(String, Child, PathBuf)>);
 
 impl Procs {
     fn pid(&self, name: &str) -> Option<u32> {
-        self.0.iter().find(|(n, _, _)| n == name).map(|(_, c, _)| c.id())
+        self.0
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .map(|(_, c, _)| c.id())
     }
 
     fn check_alive(&mut self) -> Res<()> {
         for (name, c, log) in &mut self.0 {
             if let Ok(Some(status)) = c.try_wait() {
-                return Err(format!("the {name} process exited ({status}); last lines of {}:\n{}", log.display(), tail(log, 20)));
+                return Err(format!(
+                    "the {name} process exited ({status}); last lines of {}:\n{}",
+                    log.display(),
+                    tail(log, 20)
+                ));
             }
         }
         Ok(())
@@ -353,7 +421,11 @@ impl Drop for Procs {
     fn drop(&mut self) {
         for (_, c, _) in &mut self.0 {
             if let Ok(None) = c.try_wait() {
-                let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).stderr(Stdio::null()).status();
+                let _ = Command::new("kill")
+                    .arg("-TERM")
+                    .arg(c.id().to_string())
+                    .stderr(Stdio::null())
+                    .status();
             }
         }
         for (_, c, _) in &mut self.0 {
@@ -395,7 +467,11 @@ fn free_udp_port() -> Res<u16> {
 
 /// Runs a command to completion; Err with its output on failure.
 fn run_cmd(prog: &str, args: &[&str]) -> Res<String> {
-    let out = Command::new(prog).args(args).stdin(Stdio::null()).output().map_err(|e| format!("run {prog}: {e}"))?;
+    let out = Command::new(prog)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("run {prog}: {e}"))?;
     if !out.status.success() {
         return Err(format!(
             "`{prog} {}` failed ({}): {}{}",
@@ -416,7 +492,11 @@ fn timed<T>(f: impl FnOnce() -> Res<T>) -> Res<(Duration, T)> {
 
 /// `cmp` of replica against source: the benchmark of a wrong result is worthless.
 fn verify_same(source: &Path, replica: &Path, what: &str) -> Res<()> {
-    let out = Command::new("cmp").arg(source).arg(replica).output().map_err(|e| format!("run cmp: {e}"))?;
+    let out = Command::new("cmp")
+        .arg(source)
+        .arg(replica)
+        .output()
+        .map_err(|e| format!("run cmp: {e}"))?;
     if !out.status.success() {
         return Err(format!(
             "REPLICA MISMATCH after {what}: `cmp {} {}` says: {}{}",
@@ -456,12 +536,20 @@ impl Ctl {
                 String::from_utf8_lossy(&out.stderr).trim()
             ));
         }
-        serde_json::from_slice(&out.stdout).map_err(|e| format!("`haven ctl {}` printed non-JSON ({e}): {}", args.join(" "), String::from_utf8_lossy(&out.stdout)))
+        serde_json::from_slice(&out.stdout).map_err(|e| {
+            format!(
+                "`haven ctl {}` printed non-JSON ({e}): {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
     }
 
     fn machine(&self) -> Res<Option<Value>> {
         let v = self.call(&["machines"])?;
-        let list = v.as_array().ok_or("`ctl machines --json` is not an array")?;
+        let list = v
+            .as_array()
+            .ok_or("`ctl machines --json` is not an array")?;
         Ok(list.iter().find(|m| m["name"] == MACHINE).cloned())
     }
 }
@@ -497,7 +585,10 @@ fn stat_ticks(path: &str) -> Option<(String, u64)> {
 }
 
 fn clk_tck() -> f64 {
-    run_cmd("getconf", &["CLK_TCK"]).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(100.0)
+    run_cmd("getconf", &["CLK_TCK"])
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
 }
 
 /// Per-thread CPU ticks of a process: tid -> (comm, ticks).
@@ -523,7 +614,13 @@ struct CpuSnap {
 }
 
 fn cpu_snap(pid: u32) -> CpuSnap {
-    CpuSnap { at: Instant::now(), total: stat_ticks(&format!("/proc/{pid}/stat")).map(|x| x.1).unwrap_or(0), threads: thread_ticks(pid) }
+    CpuSnap {
+        at: Instant::now(),
+        total: stat_ticks(&format!("/proc/{pid}/stat"))
+            .map(|x| x.1)
+            .unwrap_or(0),
+        threads: thread_ticks(pid),
+    }
 }
 
 struct CpuUse {
@@ -546,7 +643,11 @@ fn cpu_since(pid: u32, before: &CpuSnap, tck: f64) -> CpuUse {
         .collect();
     top.sort_by(|a, b| b.2.total_cmp(&a.2));
     top.truncate(6);
-    CpuUse { wall: now.at.duration_since(before.at).as_secs_f64(), cpu: (now.total.saturating_sub(before.total)) as f64 / tck, top }
+    CpuUse {
+        wall: now.at.duration_since(before.at).as_secs_f64(),
+        cpu: (now.total.saturating_sub(before.total)) as f64 / tck,
+        top,
+    }
 }
 
 /// Samples the agent's VmRSS every 20 ms; keeps the maximum per phase.
@@ -577,7 +678,12 @@ impl RssSampler {
                 std::thread::sleep(Duration::from_millis(20));
             }
         });
-        Self { stop, phase, max, handle: Some(handle) }
+        Self {
+            stop,
+            phase,
+            max,
+            handle: Some(handle),
+        }
     }
     fn set_phase(&self, p: usize) {
         self.phase.store(p, Ordering::Relaxed);
@@ -618,7 +724,12 @@ fn stat(v: &[f64]) -> Stat {
     } else {
         (s[n / 2 - 1] + s[n / 2]) / 2.0
     };
-    Stat { median, min: *s.first().unwrap_or(&f64::NAN), max: *s.last().unwrap_or(&f64::NAN), n }
+    Stat {
+        median,
+        min: *s.first().unwrap_or(&f64::NAN),
+        max: *s.last().unwrap_or(&f64::NAN),
+        n,
+    }
 }
 
 fn fmt_stat(s: Stat, prec: usize) -> String {
@@ -632,9 +743,15 @@ fn fmt_stat(s: Stat, prec: usize) -> String {
 fn machine_desc() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "?".into());
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let mem = proc_meminfo_gib();
     format!("{cores} vCPU {cpu}, {mem:.0} GiB RAM")
 }
@@ -642,19 +759,35 @@ fn machine_desc() -> String {
 fn proc_meminfo_gib() -> f64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
         .unwrap_or(0.0)
         / 1024.0
         / 1024.0
 }
 
 fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg").map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")).unwrap_or_default()
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 fn print_cpu(name: &str, u: &CpuUse) {
-    let threads: Vec<String> = u.top.iter().map(|(c, tid, s)| format!("{c}/{tid} {:.2}s ({:.0}%)", s, 100.0 * s / u.wall.max(1e-9))).collect();
-    println!("      {name:<6} {:.2} CPU-s in {:.2}s = {:.2} cores; busiest threads: {}", u.cpu, u.wall, u.cpu / u.wall.max(1e-9), threads.join(", "));
+    let threads: Vec<String> = u
+        .top
+        .iter()
+        .map(|(c, tid, s)| format!("{c}/{tid} {:.2}s ({:.0}%)", s, 100.0 * s / u.wall.max(1e-9)))
+        .collect();
+    println!(
+        "      {name:<6} {:.2} CPU-s in {:.2}s = {:.2} cores; busiest threads: {}",
+        u.cpu,
+        u.wall,
+        u.cpu / u.wall.max(1e-9),
+        threads.join(", ")
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -680,7 +813,12 @@ fn run() -> Res<()> {
     let tmp = tempfile::Builder::new()
         .prefix("haven-bench-")
         .tempdir_in(std::env::temp_dir())
-        .map_err(|e| format!("create a temp dir in {}: {e}", std::env::temp_dir().display()))?;
+        .map_err(|e| {
+            format!(
+                "create a temp dir in {}: {e}",
+                std::env::temp_dir().display()
+            )
+        })?;
     let dir = tmp.path().to_path_buf();
     let result = bench(&cfg, &dir, tck);
     if cfg.keep {
@@ -693,9 +831,16 @@ fn run() -> Res<()> {
 }
 
 fn bench(cfg: &Config, dir: &Path, tck: f64) -> Res<()> {
-    let date = run_cmd("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_default().trim().to_string();
+    let date = run_cmd("date", &["-u", "+%Y-%m-%d %H:%M UTC"])
+        .unwrap_or_default()
+        .trim()
+        .to_string();
     println!("haven pipeline benchmark — {date}");
-    println!("machine: {}; load average at start: {}", machine_desc(), loadavg());
+    println!(
+        "machine: {}; load average at start: {}",
+        machine_desc(),
+        loadavg()
+    );
     println!("binary: {}; temp dir: {}", cfg.bin.display(), dir.display());
 
     let disk = dir.join("disk.img");
@@ -726,7 +871,13 @@ fn bench(cfg: &Config, dir: &Path, tck: f64) -> Res<()> {
         let s = t.as_secs_f64();
         cp_mbps.push(ds.nonzero_bytes as f64 / MB / s);
         cp_disk_mbps.push(cfg.disk_size as f64 / MB / s);
-        println!("  cp + sync #{}: {:.2}s = {:.0} MB/s of non-zero data ({:.0} MB/s of disk)", i + 1, s, cp_mbps[i], cp_disk_mbps[i]);
+        println!(
+            "  cp + sync #{}: {:.2}s = {:.0} MB/s of non-zero data ({:.0} MB/s of disk)",
+            i + 1,
+            s,
+            cp_mbps[i],
+            cp_disk_mbps[i]
+        );
     }
     verify_same(&disk, &copy, "cp")?;
 
@@ -734,7 +885,10 @@ fn bench(cfg: &Config, dir: &Path, tck: f64) -> Res<()> {
     for _ in 0..3 {
         scan_floor.push(read_and_hash(&disk)?.as_secs_f64());
     }
-    println!("  read + xxh3 per 4 KiB block, whole image, one thread: {}s", fmt_stat(stat(&scan_floor), 3));
+    println!(
+        "  read + xxh3 per 4 KiB block, whole image, one thread: {}s",
+        fmt_stat(stat(&scan_floor), 3)
+    );
 
     let rsync = ensure_rsync();
     let mut rsync_secs = vec![];
@@ -747,7 +901,22 @@ fn bench(cfg: &Config, dir: &Path, tck: f64) -> Res<()> {
             for i in 0..cfg.rounds {
                 last = change_one_percent(&disk, cfg.disk_size, cfg.seed ^ (0x1000 + i as u64))?;
                 let (t, out) = timed(|| {
-                    let out = run_cmd("rsync", &["--inplace", "--no-whole-file", "-B", "4096", "--stats", path_str(&disk)?, path_str(&copy)?])?;
+                    let out = run_cmd(
+                        "rsync",
+                        &[
+                            "--inplace",
+                            "--no-whole-file",
+                            // Always run the delta algorithm: the default quick check (size and
+                            // mtime in whole seconds) silently skips a file changed within the
+                            // same second as the last copy.
+                            "--ignore-times",
+                            "-B",
+                            "4096",
+                            "--stats",
+                            path_str(&disk)?,
+                            path_str(&copy)?,
+                        ],
+                    )?;
                     run_cmd("sync", &[path_str(&copy)?])?;
                     Ok(out)
                 })?;
@@ -760,7 +929,12 @@ fn bench(cfg: &Config, dir: &Path, tck: f64) -> Res<()> {
                     .unwrap_or(0);
                 rsync_secs.push(t.as_secs_f64());
                 rsync_sent.push(sent as f64);
-                println!("  rsync -B 4096 of a 1 % change #{}: {:.2}s, {:.1} MB sent", i + 1, t.as_secs_f64(), sent as f64 / MB);
+                println!(
+                    "  rsync -B 4096 of a 1 % change #{}: {:.2}s, {:.1} MB sent",
+                    i + 1,
+                    t.as_secs_f64(),
+                    sent as f64 / MB
+                );
             }
             change_bytes = last;
         }
@@ -782,14 +956,40 @@ fn bench(cfg: &Config, dir: &Path, tck: f64) -> Res<()> {
     let node_log = dir.join("node.log");
     procs.0.push((
         "node".into(),
-        spawn(&cfg.bin, &["node", "--data-dir", path_str(&node_dir)?, "--listen", &addr, "--name", "bench-node"], &node_log)?,
+        spawn(
+            &cfg.bin,
+            &[
+                "node",
+                "--data-dir",
+                path_str(&node_dir)?,
+                "--listen",
+                &addr,
+                "--name",
+                "bench-node",
+            ],
+            &node_log,
+        )?,
         node_log.clone(),
     ));
     let admin_token = node_dir.join("admin-token");
     let join_token = node_dir.join("join-token");
-    wait_until(&mut procs, "the node to write its admin token", Duration::from_secs(30), || Ok(admin_token.exists() && join_token.exists()))?;
-    let ctl = Ctl { bin: cfg.bin.clone(), addr: addr.clone(), token: admin_token.clone() };
-    wait_until(&mut procs, "the configuration node to answer", Duration::from_secs(30), || Ok(ctl.call(&["status"]).is_ok()))?;
+    wait_until(
+        &mut procs,
+        "the node to write its admin token",
+        Duration::from_secs(30),
+        || Ok(admin_token.exists() && join_token.exists()),
+    )?;
+    let ctl = Ctl {
+        bin: cfg.bin.clone(),
+        addr: addr.clone(),
+        token: admin_token.clone(),
+    };
+    wait_until(
+        &mut procs,
+        "the configuration node to answer",
+        Duration::from_secs(30),
+        || Ok(ctl.call(&["status"]).is_ok()),
+    )?;
 
     let agent_log = dir.join("agent.log");
     let disk_arg = format!("root={}", disk.display());
@@ -798,8 +998,21 @@ fn bench(cfg: &Config, dir: &Path, tck: f64) -> Res<()> {
         spawn(
             &cfg.bin,
             &[
-                "agent", "--join", &addr, "--token-file", path_str(&join_token)?, "--data-dir", path_str(&agent_dir)?, "--disk", &disk_arg, "--name",
-                MACHINE, "--scan-interval", "1s", "--retention-size", RETENTION,
+                "agent",
+                "--join",
+                &addr,
+                "--token-file",
+                path_str(&join_token)?,
+                "--data-dir",
+                path_str(&agent_dir)?,
+                "--disk",
+                &disk_arg,
+                "--name",
+                MACHINE,
+                "--scan-interval",
+                "1s",
+                "--retention-size",
+                &cfg.retention,
             ],
             &agent_log,
         )?,
@@ -808,7 +1021,12 @@ fn bench(cfg: &Config, dir: &Path, tck: f64) -> Res<()> {
     let agent_pid = procs.pid("agent").ok_or("agent pid")?;
     let node_pid = procs.pid("node").ok_or("node pid")?;
     let rss = RssSampler::start(agent_pid);
-    wait_until(&mut procs, "the agent to enroll", Duration::from_secs(30), || Ok(ctl.machine()?.is_some()))?;
+    wait_until(
+        &mut procs,
+        "the agent to enroll",
+        Duration::from_secs(30),
+        || Ok(ctl.machine()?.is_some()),
+    )?;
 
     // The cost of one ctl call (process start, QUIC + TLS handshake, one request).
     let mut ctl_secs = vec![];
@@ -830,7 +1048,12 @@ fn bench(cfg: &Config, dir: &Path, tck: f64) -> Res<()> {
             // A new protection epoch: a full resync from scratch.
             rss.set_phase(PH_OTHER);
             ctl.call(&["unprotect", MACHINE])?;
-            wait_until(&mut procs, "the machine to be unprotected", Duration::from_secs(30), || Ok(ctl.machine()?.is_some_and(|m| m["state"] == "discovered")))?;
+            wait_until(
+                &mut procs,
+                "the machine to be unprotected",
+                Duration::from_secs(30),
+                || Ok(ctl.machine()?.is_some_and(|m| m["state"] == "discovered")),
+            )?;
             std::thread::sleep(Duration::from_secs(2));
             rss.set_phase(PH_INITIAL);
         }
@@ -842,10 +1065,26 @@ fn bench(cfg: &Config, dir: &Path, tck: f64) -> Res<()> {
         while replicating_at.is_none() {
             procs.check_alive()?;
             if t0.elapsed() > Duration::from_secs(900) {
-                return Err(format!("initial sync did not finish in 15 minutes; last status {last}"));
+                return Err(format!(
+                    "initial sync did not finish in 15 minutes; last status {last}"
+                ));
             }
             std::thread::sleep(Duration::from_millis(200));
             let m = ctl.machine()?.ok_or("machine vanished")?;
+            if cfg.trace {
+                println!(
+                    "    t={:6.2}s {:<13} {:>5.1}% captured {:>4} cached {:>4} applied {:>4} retained {:>6.1} MiB raw sent {:>6.1} MiB wire {:>6.1} MiB",
+                    t0.elapsed().as_secs_f64(),
+                    str_field(&m, "state"),
+                    m["initial_sync_percent"].as_f64().unwrap_or(100.0),
+                    u64_field(&m, "captured_seq"),
+                    u64_field(&m, "cached_seq"),
+                    u64_field(&m, "applied_seq"),
+                    u64_field(&m, "retained_bytes") as f64 / MIB,
+                    u64_field(&m, "raw_bytes_sent") as f64 / MIB,
+                    u64_field(&m, "wire_bytes_sent") as f64 / MIB,
+                );
+            }
             // Done once the first pass is applied: state replicating and everything non-zero
             // sent (so a stale report from the previous epoch cannot end the wait).
             if m["state"] == "replicating" && u64_field(&m, "raw_bytes_sent") >= nonzero {
@@ -855,7 +1094,10 @@ fn bench(cfg: &Config, dir: &Path, tck: f64) -> Res<()> {
         }
         let ws = ctl.call(&["wait-sync", MACHINE, "--timeout", "300s"])?;
         let total = t0.elapsed();
-        let (acpu, ncpu) = (cpu_since(agent_pid, &agent_cpu0, tck), cpu_since(node_pid, &node_cpu0, tck));
+        let (acpu, ncpu) = (
+            cpu_since(agent_pid, &agent_cpu0, tck),
+            cpu_since(node_pid, &node_cpu0, tck),
+        );
         if ws["synced"] != true {
             return Err(format!("wait-sync after the initial sync: {ws}"));
         }
@@ -880,7 +1122,10 @@ fn bench(cfg: &Config, dir: &Path, tck: f64) -> Res<()> {
             run.raw as f64 / run.wire.max(1) as f64
         );
         if run.raw != nonzero {
-            println!("    note: raw bytes sent {} != non-zero bytes on the disk {}", run.raw, nonzero);
+            println!(
+                "    note: raw bytes sent {} != non-zero bytes on the disk {}",
+                run.raw, nonzero
+            );
         }
         print_cpu("agent", &acpu);
         print_cpu("node", &ncpu);
@@ -900,7 +1145,11 @@ fn bench(cfg: &Config, dir: &Path, tck: f64) -> Res<()> {
     }
     let empty_wall = stat(&empty.iter().map(|x| x.0).collect::<Vec<_>>());
     let empty_ctl = stat(&empty.iter().map(|x| x.1).collect::<Vec<_>>());
-    println!("\n  wait-sync with nothing changed: {}s wall ({}s inside ctl)", fmt_stat(empty_wall, 2), fmt_stat(empty_ctl, 2));
+    println!(
+        "\n  wait-sync with nothing changed: {}s wall ({}s inside ctl)",
+        fmt_stat(empty_wall, 2),
+        fmt_stat(empty_ctl, 2)
+    );
 
     // ---- (b) 1 % change rounds
     rss.set_phase(PH_CHANGES);
@@ -909,11 +1158,15 @@ fn bench(cfg: &Config, dir: &Path, tck: f64) -> Res<()> {
     for i in 0..cfg.rounds {
         let before = ctl.machine()?.ok_or("machine vanished")?;
         let (agent_cpu0, node_cpu0) = (cpu_snap(agent_pid), cpu_snap(node_pid));
-        let (wt, written) = timed(|| change_one_percent(&disk, cfg.disk_size, cfg.seed ^ (0x2000 + i as u64)))?;
+        let (wt, written) =
+            timed(|| change_one_percent(&disk, cfg.disk_size, cfg.seed ^ (0x2000 + i as u64)))?;
         let t0 = Instant::now();
         let ws = ctl.call(&["wait-sync", MACHINE, "--timeout", "300s"])?;
         let wall = t0.elapsed().as_secs_f64();
-        let (acpu, ncpu) = (cpu_since(agent_pid, &agent_cpu0, tck), cpu_since(node_pid, &node_cpu0, tck));
+        let (acpu, ncpu) = (
+            cpu_since(agent_pid, &agent_cpu0, tck),
+            cpu_since(node_pid, &node_cpu0, tck),
+        );
         if ws["synced"] != true {
             return Err(format!("wait-sync after change round {}: {ws}", i + 1));
         }
@@ -923,8 +1176,10 @@ fn bench(cfg: &Config, dir: &Path, tck: f64) -> Res<()> {
         let run = ChangeRun {
             wall,
             ctl_secs: ws["seconds"].as_f64().unwrap_or(f64::NAN),
-            raw: u64_field(&after, "raw_bytes_sent").saturating_sub(u64_field(&before, "raw_bytes_sent")),
-            wire: u64_field(&after, "wire_bytes_sent").saturating_sub(u64_field(&before, "wire_bytes_sent")),
+            raw: u64_field(&after, "raw_bytes_sent")
+                .saturating_sub(u64_field(&before, "raw_bytes_sent")),
+            wire: u64_field(&after, "wire_bytes_sent")
+                .saturating_sub(u64_field(&before, "wire_bytes_sent")),
         };
         println!(
             "  1 % change #{}: wrote {:.1} MiB in {:.2}s (fsynced); wait-sync {:.2}s wall ({:.2}s inside ctl); {:.1} MiB raw, {:.1} MiB wire; state {}; replica verified with cmp",
@@ -950,66 +1205,223 @@ fn bench(cfg: &Config, dir: &Path, tck: f64) -> Res<()> {
     drop(procs); // stop haven before printing, so nothing is left behind even if printing fails
 
     // ---- the table
-    let init_mbps = stat(&initial.iter().map(|r| r.raw as f64 / MB / r.secs_total).collect::<Vec<_>>());
-    let init_mbps_repl = stat(&initial.iter().map(|r| r.raw as f64 / MB / r.secs_replicating).collect::<Vec<_>>());
+    let init_mbps = stat(
+        &initial
+            .iter()
+            .map(|r| r.raw as f64 / MB / r.secs_total)
+            .collect::<Vec<_>>(),
+    );
+    let init_mbps_repl = stat(
+        &initial
+            .iter()
+            .map(|r| r.raw as f64 / MB / r.secs_replicating)
+            .collect::<Vec<_>>(),
+    );
     let init_secs = stat(&initial.iter().map(|r| r.secs_total).collect::<Vec<_>>());
-    let init_wire = stat(&initial.iter().map(|r| r.wire as f64 / MB).collect::<Vec<_>>());
-    let init_ratio = stat(&initial.iter().map(|r| r.raw as f64 / r.wire.max(1) as f64).collect::<Vec<_>>());
+    let init_wire = stat(
+        &initial
+            .iter()
+            .map(|r| r.wire as f64 / MB)
+            .collect::<Vec<_>>(),
+    );
+    let init_ratio = stat(
+        &initial
+            .iter()
+            .map(|r| r.raw as f64 / r.wire.max(1) as f64)
+            .collect::<Vec<_>>(),
+    );
     let cp = stat(&cp_mbps);
     let ch_wall = stat(&changes.iter().map(|r| r.wall).collect::<Vec<_>>());
     let ch_ctl = stat(&changes.iter().map(|r| r.ctl_secs).collect::<Vec<_>>());
-    let ch_raw = stat(&changes.iter().map(|r| r.raw as f64 / MB).collect::<Vec<_>>());
-    let ch_wire = stat(&changes.iter().map(|r| r.wire as f64 / MB).collect::<Vec<_>>());
+    let ch_raw = stat(
+        &changes
+            .iter()
+            .map(|r| r.raw as f64 / MB)
+            .collect::<Vec<_>>(),
+    );
+    let ch_wire = stat(
+        &changes
+            .iter()
+            .map(|r| r.wire as f64 / MB)
+            .collect::<Vec<_>>(),
+    );
     let rs = stat(&rsync_secs);
     let rs_sent = stat(&rsync_sent);
     let peak = rss_initial.max(rss_changes);
-    let beyond = peak - RETENTION_BYTES as f64 / MIB;
+    let beyond = peak - cfg.retention_bytes as f64 / MIB;
     let verdict = |ok: bool| if ok { "meets" } else { "MISSES" };
 
     println!("\n=== results: {:.0} MiB disk, {:.1} MiB non-zero, {} initial syncs, {} change rounds of {:.1} MiB; median [min–max] ===", cfg.disk_size as f64 / MIB, nonzero as f64 / MIB, cfg.syncs, cfg.rounds, change_bytes as f64 / MIB);
-    println!("{:<46} {:>24} {:>26} {:>9} {:>22}", "metric", "haven", "baseline (same run)", "ratio", "target (LIMITS/issue)");
-    let row = |m: &str, h: String, b: String, r: String, t: String| println!("{m:<46} {h:>24} {b:>26} {r:>9} {t:>22}");
+    println!(
+        "{:<46} {:>24} {:>26} {:>9} {:>22}",
+        "metric", "haven", "baseline (same run)", "ratio", "target (LIMITS/issue)"
+    );
+    let row = |m: &str, h: String, b: String, r: String, t: String| {
+        println!("{m:<46} {h:>24} {b:>26} {r:>9} {t:>22}")
+    };
     row(
         "initial sync, raw MB/s (protect→wait-sync)",
         fmt_stat(init_mbps, 0),
         format!("cp+sync {}", fmt_stat(cp, 0)),
         format!("{:.2}x", init_mbps.median / cp.median),
-        format!("≥{TARGET_INITIAL_MBPS:.0}: {} ({:.2}x)", verdict(init_mbps.median >= TARGET_INITIAL_MBPS), init_mbps.median / TARGET_INITIAL_MBPS),
+        format!(
+            "≥{TARGET_INITIAL_MBPS:.0}: {} ({:.2}x)",
+            verdict(init_mbps.median >= TARGET_INITIAL_MBPS),
+            init_mbps.median / TARGET_INITIAL_MBPS
+        ),
     );
     row(
         "initial sync, raw MB/s (protect→replicating)",
         fmt_stat(init_mbps_repl, 0),
         "".into(),
         format!("{:.2}x", init_mbps_repl.median / cp.median),
-        format!("pipeline bound ~200 ({:.2}x)", init_mbps_repl.median / 200.0),
+        format!(
+            "pipeline bound ~200 ({:.2}x)",
+            init_mbps_repl.median / 200.0
+        ),
     );
-    row("initial sync, seconds", fmt_stat(init_secs, 2), "".into(), "".into(), "".into());
-    row("initial sync, wire MB (raw/wire ratio)", format!("{} ({})", fmt_stat(init_wire, 0), fmt_stat(init_ratio, 2)), "".into(), "".into(), "zstd-1 ratio ~1.81".into());
+    row(
+        "initial sync, seconds",
+        fmt_stat(init_secs, 2),
+        "".into(),
+        "".into(),
+        "".into(),
+    );
+    row(
+        "initial sync, wire MB (raw/wire ratio)",
+        format!("{} ({})", fmt_stat(init_wire, 0), fmt_stat(init_ratio, 2)),
+        "".into(),
+        "".into(),
+        "zstd-1 ratio ~1.81".into(),
+    );
     row(
         "1 % change, capture→applied s (wait-sync wall)",
         fmt_stat(ch_wall, 2),
-        if rs.n > 0 { format!("rsync -B4096 {}", fmt_stat(rs, 2)) } else { "rsync: n/a".into() },
-        if rs.n > 0 { format!("{:.2}x", ch_wall.median / rs.median) } else { "".into() },
-        format!("<{TARGET_CHANGE_SECS:.0}: {} ({:.2}x)", verdict(ch_wall.median < TARGET_CHANGE_SECS), ch_wall.median / TARGET_CHANGE_SECS),
+        if rs.n > 0 {
+            format!("rsync -B4096 {}", fmt_stat(rs, 2))
+        } else {
+            "rsync: n/a".into()
+        },
+        if rs.n > 0 {
+            format!("{:.2}x", ch_wall.median / rs.median)
+        } else {
+            "".into()
+        },
+        format!(
+            "<{TARGET_CHANGE_SECS:.0}: {} ({:.2}x)",
+            verdict(ch_wall.median < TARGET_CHANGE_SECS),
+            ch_wall.median / TARGET_CHANGE_SECS
+        ),
     );
-    row("1 % change, seconds inside ctl (excl. connect)", fmt_stat(ch_ctl, 2), "".into(), "".into(), "".into());
-    row("1 % change, raw / wire MB", format!("{} / {}", fmt_stat(ch_raw, 1), fmt_stat(ch_wire, 1)), if rs.n > 0 { format!("rsync sent {} MB", fmt_stat(stat(&rsync_sent.iter().map(|x| x / MB).collect::<Vec<_>>()), 1)) } else { "".into() }, if rs.n > 0 { format!("{:.2}x", ch_wire.median / (rs_sent.median / MB)) } else { "".into() }, "rsync ~11.8 MB".into());
-    row("empty wait-sync (nothing changed), s", fmt_stat(empty_wall, 2), format!("scan floor {}", fmt_stat(stat(&scan_floor), 2)), "".into(), "".into());
-    row("one `ctl status` call, s", fmt_stat(ctl_overhead, 3), "".into(), "".into(), "".into());
+    row(
+        "1 % change, seconds inside ctl (excl. connect)",
+        fmt_stat(ch_ctl, 2),
+        "".into(),
+        "".into(),
+        "".into(),
+    );
+    row(
+        "1 % change, raw / wire MB",
+        format!("{} / {}", fmt_stat(ch_raw, 1), fmt_stat(ch_wire, 1)),
+        if rs.n > 0 {
+            format!(
+                "rsync sent {} MB",
+                fmt_stat(
+                    stat(&rsync_sent.iter().map(|x| x / MB).collect::<Vec<_>>()),
+                    1
+                )
+            )
+        } else {
+            "".into()
+        },
+        if rs.n > 0 {
+            format!("{:.2}x", ch_wire.median / (rs_sent.median / MB))
+        } else {
+            "".into()
+        },
+        "rsync ~11.8 MB".into(),
+    );
+    row(
+        "empty wait-sync (nothing changed), s",
+        fmt_stat(empty_wall, 2),
+        format!("scan floor {}", fmt_stat(stat(&scan_floor), 2)),
+        "".into(),
+        "".into(),
+    );
+    row(
+        "one `ctl status` call, s",
+        fmt_stat(ctl_overhead, 3),
+        "".into(),
+        "".into(),
+        "".into(),
+    );
     row(
         "agent peak RSS, MiB (initial sync / changes)",
         format!("{rss_initial:.1} / {rss_changes:.1}"),
-        format!("retention {RETENTION}"),
+        format!("retention {}", cfg.retention),
         "".into(),
-        format!("<{:.0}: {} ({:.1} beyond)", RETENTION_BYTES as f64 / MIB + TARGET_RSS_BEYOND_RETENTION_MIB, verdict(beyond < TARGET_RSS_BEYOND_RETENTION_MIB), beyond),
+        format!(
+            "<{:.0}: {} ({:.1} beyond)",
+            cfg.retention_bytes as f64 / MIB + TARGET_RSS_BEYOND_RETENTION_MIB,
+            verdict(beyond < TARGET_RSS_BEYOND_RETENTION_MIB),
+            beyond
+        ),
     );
-    row("agent VmHWM / idle RSS, MiB", format!("{hwm:.1} / {idle_rss:.1}"), "".into(), "".into(), "".into());
-    row("node (all-in-one) VmHWM, MiB", format!("{node_hwm:.1}"), "".into(), "".into(), "".into());
+    row(
+        "agent VmHWM / idle RSS, MiB",
+        format!("{hwm:.1} / {idle_rss:.1}"),
+        "".into(),
+        "".into(),
+        "".into(),
+    );
+    row(
+        "node (all-in-one) VmHWM, MiB",
+        format!("{node_hwm:.1}"),
+        "".into(),
+        "".into(),
+        "".into(),
+    );
     let avg_cores = |v: &[(CpuUse, CpuUse)], agent: bool| {
-        stat(&v.iter().map(|(a, n)| if agent { a.cpu / a.wall } else { n.cpu / n.wall }).collect::<Vec<_>>())
+        stat(
+            &v.iter()
+                .map(|(a, n)| {
+                    if agent {
+                        a.cpu / a.wall
+                    } else {
+                        n.cpu / n.wall
+                    }
+                })
+                .collect::<Vec<_>>(),
+        )
     };
-    row("CPU cores used in initial sync (agent / node)", format!("{} / {}", fmt_stat(avg_cores(&initial_cpu, true), 2), fmt_stat(avg_cores(&initial_cpu, false), 2)), "".into(), "".into(), "2 vCPU in total".into());
-    row("CPU-s per 1 % change round (agent / node)", format!("{} / {}", fmt_stat(stat(&change_cpu.iter().map(|x| x.0.cpu).collect::<Vec<_>>()), 2), fmt_stat(stat(&change_cpu.iter().map(|x| x.1.cpu).collect::<Vec<_>>()), 2)), "".into(), "".into(), "".into());
+    row(
+        "CPU cores used in initial sync (agent / node)",
+        format!(
+            "{} / {}",
+            fmt_stat(avg_cores(&initial_cpu, true), 2),
+            fmt_stat(avg_cores(&initial_cpu, false), 2)
+        ),
+        "".into(),
+        "".into(),
+        "2 vCPU in total".into(),
+    );
+    row(
+        "CPU-s per 1 % change round (agent / node)",
+        format!(
+            "{} / {}",
+            fmt_stat(
+                stat(&change_cpu.iter().map(|x| x.0.cpu).collect::<Vec<_>>()),
+                2
+            ),
+            fmt_stat(
+                stat(&change_cpu.iter().map(|x| x.1.cpu).collect::<Vec<_>>()),
+                2
+            )
+        ),
+        "".into(),
+        "".into(),
+        "".into(),
+    );
     println!("load average at end: {end_load}");
     if let Err(e) = rsync {
         println!("note: the rsync baseline could not run: {e}");
@@ -1019,7 +1431,8 @@ fn bench(cfg: &Config, dir: &Path, tck: f64) -> Res<()> {
 }
 
 fn path_str(p: &Path) -> Res<&str> {
-    p.to_str().ok_or_else(|| format!("non-UTF-8 path {}", p.display()))
+    p.to_str()
+        .ok_or_else(|| format!("non-UTF-8 path {}", p.display()))
 }
 
 fn count_nonzero_blocks(path: &Path) -> Res<u64> {
@@ -1041,22 +1454,40 @@ fn count_nonzero_blocks(path: &Path) -> Res<u64> {
 
 /// rsync for the change baseline: installed, or installed now with apt-get.
 fn ensure_rsync() -> Res<()> {
-    let have = || Command::new("rsync").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+    let have = || {
+        Command::new("rsync")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
     if have() {
         return Ok(());
     }
     eprintln!("rsync is not installed; trying `apt-get install -y rsync`");
-    let out = Command::new("apt-get").args(["install", "-y", "rsync"]).env("DEBIAN_FRONTEND", "noninteractive").output();
+    let out = Command::new("apt-get")
+        .args(["install", "-y", "rsync"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .output();
     if have() {
         return Ok(());
     }
     Err(match out {
-        Ok(o) => format!("rsync is not installed and `apt-get install -y rsync` failed: {}", String::from_utf8_lossy(&o.stderr).trim()),
+        Ok(o) => format!(
+            "rsync is not installed and `apt-get install -y rsync` failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
         Err(e) => format!("rsync is not installed and apt-get could not run: {e}"),
     })
 }
 
-fn wait_until(procs: &mut Procs, what: &str, timeout: Duration, mut ok: impl FnMut() -> Res<bool>) -> Res<()> {
+fn wait_until(
+    procs: &mut Procs,
+    what: &str,
+    timeout: Duration,
+    mut ok: impl FnMut() -> Res<bool>,
+) -> Res<()> {
     let deadline = Instant::now() + timeout;
     let mut last_err = String::new();
     loop {
@@ -1067,7 +1498,15 @@ fn wait_until(procs: &mut Procs, what: &str, timeout: Duration, mut ok: impl FnM
             Err(e) => last_err = e,
         }
         if Instant::now() > deadline {
-            return Err(format!("timed out after {}s waiting for {what}{}", timeout.as_secs(), if last_err.is_empty() { String::new() } else { format!(" (last error: {last_err})") }));
+            return Err(format!(
+                "timed out after {}s waiting for {what}{}",
+                timeout.as_secs(),
+                if last_err.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (last error: {last_err})")
+                }
+            ));
         }
         std::thread::sleep(Duration::from_millis(100));
     }

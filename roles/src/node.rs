@@ -64,6 +64,8 @@ pub struct NodeContext {
     pub process: Option<Arc<ProcessState>>,
     pub master: Option<Arc<MasterState>>,
     pub assignments: watch::Sender<Vec<Assignment>>,
+    /// Signalled by the configuration role when something agents long-poll for happens.
+    pub config_events: Arc<tokio::sync::Notify>,
 }
 
 impl NodeContext {
@@ -152,6 +154,7 @@ pub async fn run(opts: NodeOptions) -> Result<(), String> {
         process: has(ROLE_PROCESS).then(|| Arc::new(ProcessState::new(&opts.data_dir, opts.cache_limit_bytes))),
         master: has(ROLE_MASTER_TARGET).then(|| Arc::new(MasterState::new(&opts.data_dir))),
         assignments,
+        config_events: Arc::new(tokio::sync::Notify::new()),
     });
     tracing::info!(node = %opts.name, roles = ?opts.roles, %addr, "node listening on {bound}");
 
@@ -159,9 +162,10 @@ pub async fn run(opts: NodeOptions) -> Result<(), String> {
     let mut children = vec![];
     if let (Some(slot), Some(ca)) = (ctx.config.clone(), ca) {
         let dir = opts.data_dir.clone();
+        let events = ctx.config_events.clone();
         children.push(ChildSpec::new(ROLE_CONFIGURATION, move |mut guard| match ConfigActor::load(&dir, ca.clone()) {
             Ok(parts) => {
-                let addr = actix::Actor::start(parts.into_actor(guard));
+                let addr = actix::Actor::start(parts.into_actor(guard, events.clone()));
                 slot.set(Some(addr.clone()));
                 ChildHandle::actor(addr)
             }
@@ -173,10 +177,9 @@ pub async fn run(opts: NodeOptions) -> Result<(), String> {
     }
     let c = ctx.clone();
     children.push(ChildSpec::task("acceptor", move |_| accept_loop(c.clone())));
-    if ctx.process.is_some() || ctx.master.is_some() {
-        let c = ctx.clone();
-        children.push(ChildSpec::task("poller", move |_| poll_loop(c.clone())));
-    }
+    // Every node reports, so every node (a configuration-only one too) shows as alive.
+    let c = ctx.clone();
+    children.push(ChildSpec::task("poller", move |_| poll_loop(c.clone())));
     if let Some(ps) = ctx.process.clone() {
         let sup_cfg = SupervisorConfig::new("process");
         let c = ctx.clone();
@@ -270,12 +273,38 @@ async fn serve_stream(ctx: Arc<NodeContext>, who: Option<PeerIdentity>, mut send
         request => match ctx.config.as_ref().map(|s| s.get()) {
             None => Response::Refused { reason: format!("node {} has no configuration role", ctx.name) },
             Some(None) => Response::Refused { reason: "the configuration service is restarting; retry".into() },
-            Some(Some(addr)) => ask(&addr, who, request).await,
+            Some(Some(addr)) => ask_or_hold(&ctx, &addr, who, request).await,
         },
     };
-    frame::send_msg(&mut send, &resp).await.map_err(|e| e.to_string())?;
+    // A client that gave up on its request (an agent cutting a long poll short) is no error.
+    if let Err(e) = frame::send_msg(&mut send, &resp).await {
+        tracing::debug!("control reply not delivered: {e}");
+    }
     let _ = send.finish();
     Ok(())
+}
+
+/// Answers a request; an agent's long poll with nothing to say is held until a
+/// configuration event or its `wait_ms`, then answered afresh.
+async fn ask_or_hold(ctx: &NodeContext, addr: &Addr<ConfigActor>, who: Option<PeerIdentity>, request: Request) -> Response {
+    const HOLD_MAX: Duration = Duration::from_secs(5);
+    let wait = match &request {
+        Request::AgentPoll(r) => Duration::from_millis(r.wait_ms as u64).min(HOLD_MAX),
+        _ => Duration::ZERO,
+    };
+    // Registered before the first ask, so an event between the ask and the wait is not lost.
+    let event = ctx.config_events.notified();
+    tokio::pin!(event);
+    event.as_mut().enable();
+    let again = (!wait.is_zero()).then(|| request.clone());
+    let first = ask(addr, who.clone(), request).await;
+    match (again, &first) {
+        (Some(req), Response::AgentPoll(r)) if r.sync_request.is_none() => {
+            let _ = tokio::time::timeout(wait, event).await;
+            ask(addr, who, req).await
+        }
+        _ => first,
+    }
 }
 
 async fn ask(addr: &Addr<ConfigActor>, who: Option<PeerIdentity>, request: Request) -> Response {

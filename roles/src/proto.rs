@@ -68,6 +68,10 @@ pub struct AgentReport {
     pub stats: AgentStats,
     /// A sync barrier the agent completed: (request id, seq it must be applied through).
     pub sync_done: Option<(u64, u64)>,
+    /// Long poll: if there is nothing new for the agent, the server may hold the reply this
+    /// long, answering early when a sync barrier is requested.
+    #[serde(default)]
+    pub wait_ms: u32,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -118,6 +122,9 @@ pub struct NodeMachineReport {
     pub cache_bytes: u64,
     pub batches_refused: u64,
     pub restarts: u64,
+    /// The stream epoch these figures belong to; figures of another epoch are ignored.
+    #[serde(default)]
+    pub epoch: u32,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

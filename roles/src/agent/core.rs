@@ -60,8 +60,11 @@ pub struct AgentCore {
     retained_bytes: u64,
     pub retention_limit_bytes: u64,
     pub applied_tables: Vec<Vec<u64>>,
-    /// Applied tables changed since the last checkpoint.
+    /// Applied tables changed since the last snapshot.
     pub applied_dirty: bool,
+    /// Hash updates folded into the applied tables since the journal last took them.
+    journal_pending: Vec<HashUpdate>,
+    journal_seq: u64,
     pub initial: Option<InitialSync>,
     pub raw_bytes_sent: u64,
     pub raw_bytes_captured: u64,
@@ -80,6 +83,8 @@ impl AgentCore {
             retention_limit_bytes,
             applied_tables,
             applied_dirty: false,
+            journal_pending: Vec::new(),
+            journal_seq: applied_seq,
             initial,
             raw_bytes_sent: 0,
             raw_bytes_captured: 0,
@@ -142,6 +147,7 @@ impl AgentCore {
                     *slot = hash;
                 }
             }
+            self.journal_pending.extend_from_slice(&b.updates);
             self.applied_dirty = true;
         }
         if applied > self.applied_seq {
@@ -153,6 +159,27 @@ impl AgentCore {
                 self.initial = None;
             }
         }
+    }
+
+    /// What the journal must record since it last asked: (epoch, applied seq, updates), or
+    /// None if nothing was applied since.
+    pub fn take_journal(&mut self) -> Option<(u32, u64, Vec<HashUpdate>)> {
+        if self.journal_pending.is_empty() && self.journal_seq == self.applied_seq {
+            return None;
+        }
+        self.journal_seq = self.applied_seq;
+        Some((self.epoch, self.applied_seq, std::mem::take(&mut self.journal_pending)))
+    }
+
+    /// Folds replayed journal updates into the applied tables (at start-up).
+    pub fn replay(&mut self, applied_seq: u64, updates: &[HashUpdate]) {
+        for &(disk, block, hash) in updates {
+            if let Some(slot) = self.applied_tables.get_mut(disk as usize).and_then(|t| t.get_mut(block as usize)) {
+                *slot = hash;
+            }
+        }
+        self.applied_seq = self.applied_seq.max(applied_seq);
+        self.journal_seq = self.applied_seq;
     }
 
     /// Numbers and retains a batch of `records` writes. Returns (first_seq, last_seq).
@@ -249,8 +276,11 @@ mod tests {
         assert_eq!(c.batches_after(0, 10).len(), 1);
         assert!(c.applied_dirty);
         assert_eq!(c.oldest_unapplied_ms(), 1000);
+        assert_eq!(c.take_journal(), Some((1, 2, vec![(0, 1, 111)])));
+        assert_eq!(c.take_journal(), None);
         c.handle_ack(3, 3);
         assert_eq!(c.applied_tables[0][1..3], [111, 222]);
+        assert_eq!(c.take_journal(), Some((1, 3, vec![(0, 2, 222)])));
         assert_eq!((c.retained_bytes(), c.oldest_unapplied_ms()), (0, 0));
     }
 

@@ -10,6 +10,7 @@
 //! ```
 //! All three share [`core::AgentCore`] behind a mutex; none holds it across I/O.
 pub mod core;
+pub mod journal;
 pub mod scan;
 
 use std::{
@@ -42,7 +43,12 @@ use crate::{
 
 /// Raw bytes per batch.
 const BATCH_BYTES: u64 = 4 << 20;
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
+/// How often applied hash updates are journaled (and fsynced): after a crash, at most about
+/// this much applied data is captured again.
+const JOURNAL_EVERY: Duration = Duration::from_millis(200);
+/// A full snapshot of the tables replaces the journal this often, or when it grows large.
+const SNAPSHOT_EVERY: Duration = Duration::from_secs(30);
+const JOURNAL_BYTES_MAX: u64 = 16 << 20;
 
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
@@ -101,6 +107,7 @@ struct Agent {
     client_cfg: quinn::ClientConfig,
     disks: Vec<DiskInfo>,
     core: Mutex<AgentCore>,
+    journal: Mutex<Option<journal::Journal>>,
     control: watch::Sender<Control>,
     /// Bumped whenever the core is reset for a new epoch.
     reset: watch::Sender<u64>,
@@ -108,6 +115,8 @@ struct Agent {
     room: Notify,
     scan_now: Notify,
     floor_known: Notify,
+    /// Cuts the control loop's long poll short: something worth reporting happened.
+    report_now: Notify,
     pass_scanned: AtomicU64,
     sync_wanted: Mutex<Option<u64>>,
     sync_done: Mutex<Option<(u64, u64)>>,
@@ -132,7 +141,16 @@ impl Agent {
         AgentCore::new(epoch, 0, tables, self.opts.retention_bytes, Some(InitialSync { total_bytes: total, ..Default::default() }))
     }
 
-    fn checkpoint(&self) -> Result<(), String> {
+    /// Appends what was applied since the last call to the journal and fsyncs it.
+    fn journal_applied(&self) -> Result<(), String> {
+        let Some((epoch, seq, updates)) = lock(&self.core).take_journal() else { return Ok(()) };
+        let mut j = lock(&self.journal);
+        let Some(j) = j.as_mut() else { return Ok(()) };
+        j.append(epoch, seq, &updates).and_then(|_| j.sync()).map_err(|e| format!("journal {}: {e}", j.path().display()))
+    }
+
+    /// Writes a full snapshot of the applied tables, then empties the journal.
+    fn snapshot(&self) -> Result<(), String> {
         let file = {
             let mut core = lock(&self.core);
             if !core.applied_dirty {
@@ -154,10 +172,14 @@ impl Agent {
         };
         let bytes = codec::encode(&file).map_err(|e| e.to_string())?;
         let path = self.dir().join("tables");
-        write_atomic(&path, &bytes).map_err(|e| format!("checkpoint {}: {e}", path.display()))
+        write_atomic(&path, &bytes).map_err(|e| format!("snapshot {}: {e}", path.display()))?;
+        if let Some(j) = lock(&self.journal).as_mut() {
+            j.truncate().map_err(|e| format!("journal {}: {e}", j.path().display()))?;
+        }
+        Ok(())
     }
 
-    fn report(&self, throughput_bps: u64) -> AgentReport {
+    fn report(&self, throughput_bps: u64, wait_ms: u32) -> AgentReport {
         let core = lock(&self.core);
         let initial = core.initial.clone().map(|mut i| {
             if i.pass_last_seq.is_none() {
@@ -186,6 +208,7 @@ impl Agent {
                 stream_restarts: self.stream_restarts.load(Ordering::Relaxed),
             },
             sync_done: *lock(&self.sync_done),
+            wait_ms,
         }
     }
 }
@@ -239,12 +262,14 @@ pub async fn run(opts: AgentOptions) -> Result<(), String> {
         endpoint,
         client_cfg,
         core: Mutex::new(AgentCore::new(0, 0, vec![], 0, None)),
+        journal: Mutex::new(None),
         control: watch::Sender::new(control.clone()),
         reset: watch::Sender::new(0),
         new_batch: Notify::new(),
         room: Notify::new(),
         scan_now: Notify::new(),
         floor_known: Notify::new(),
+        report_now: Notify::new(),
         pass_scanned: AtomicU64::new(0),
         sync_wanted: Mutex::new(None),
         sync_done: Mutex::new(None),
@@ -264,7 +289,16 @@ pub async fn run(opts: AgentOptions) -> Result<(), String> {
         }
         None => agent.fresh_core(control.epoch),
     };
+    let (journal, replay) = journal::Journal::open(&agent.dir().join("journal"), core.epoch, core.applied_seq)
+        .map_err(|e| format!("open journal: {e}"))?;
+    let mut core = core;
+    if replay.records > 0 {
+        tracing::info!(records = replay.records, applied_seq = replay.applied_seq, "replayed the applied-hash journal");
+        core.replay(replay.applied_seq, &replay.updates);
+        core.applied_dirty = true;
+    }
     *lock(&agent.core) = core;
+    *lock(&agent.journal) = Some(journal);
 
     let root = Supervisor::start_root(SupervisorConfig { max_restarts: 100, ..SupervisorConfig::new(format!("agent/{}", opts.machine)) });
     let a = agent.clone();
@@ -272,17 +306,20 @@ pub async fn run(opts: AgentOptions) -> Result<(), String> {
     let a = agent.clone();
     let capture_child = ChildSpec::task("capture", move |_| capture_loop(a.clone()));
     let a = agent.clone();
+    let journal_child = ChildSpec::task("journal", move |_| journal_loop(a.clone()));
+    let a = agent.clone();
     let stream_child = ChildSpec::task("stream", move |tc| {
         a.stream_restarts.store(tc.restarts, Ordering::Relaxed);
         stream_loop(a.clone())
     });
-    for spec in [control_child, capture_child, stream_child] {
+    for spec in [control_child, journal_child, capture_child, stream_child] {
         root.send(AddChild(spec)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
     }
     wait_for_signal().await;
+    agent.journal_applied()?;
     lock(&agent.core).applied_dirty = true;
-    agent.checkpoint()?;
-    tracing::info!("agent stopped; hash tables checkpointed");
+    agent.snapshot()?;
+    tracing::info!("agent stopped; hash tables saved");
     Ok(())
 }
 
@@ -298,10 +335,36 @@ async fn wait_for_signal() {
     }
 }
 
+/// Makes applied hash updates durable: journal every 200 ms, snapshot now and then.
+async fn journal_loop(a: Arc<Agent>) -> Result<(), String> {
+    let mut last_snapshot = Instant::now();
+    let mut reset = a.reset.subscribe();
+    loop {
+        let epoch_changed = tokio::select! {
+            _ = tokio::time::sleep(JOURNAL_EVERY) => false,
+            r = reset.changed() => { r.map_err(|_| "reset closed".to_string())?; true }
+        };
+        let a2 = a.clone();
+        let big = tokio::task::spawn_blocking(move || {
+            a2.journal_applied()?;
+            Ok::<_, String>(lock(&a2.journal).as_ref().map(|j| j.bytes()).unwrap_or(0) > JOURNAL_BYTES_MAX)
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        if epoch_changed || big || last_snapshot.elapsed() >= SNAPSHOT_EVERY {
+            let a2 = a.clone();
+            tokio::task::spawn_blocking(move || a2.snapshot()).await.map_err(|e| e.to_string())??;
+            last_snapshot = Instant::now();
+        }
+    }
+}
+
+/// How long the configuration node may hold an idle poll: a sync barrier wakes it at once.
+const LONG_POLL_MS: u32 = 1000;
+
 async fn control_loop(a: Arc<Agent>) -> Result<(), String> {
     let addr = a.identity.config_socket_addr()?;
     let mut conn: Option<Connection> = None;
-    let mut last_checkpoint = Instant::now();
     let mut last_rate = (Instant::now(), lock(&a.core).raw_bytes_applied);
     let mut throughput = 0u64;
     let mut reachable = true;
@@ -313,40 +376,48 @@ async fn control_loop(a: Arc<Agent>) -> Result<(), String> {
             throughput = ((applied_bytes - last_rate.1) as f64 / dt) as u64;
             last_rate = (now, applied_bytes);
         }
-        let report = a.report(throughput);
+        let report = a.report(throughput, LONG_POLL_MS);
         if conn.as_ref().is_some_and(|c| c.close_reason().is_some()) {
             conn = None;
         }
-        let result = async {
+        let poll = async {
             if conn.is_none() {
                 conn = Some(client::connect(&a.endpoint, a.client_cfg.clone(), addr, &format!("agent {}", a.opts.machine)).await.map_err(|e| e.to_string())?);
             }
-            client::call(conn.as_ref().expect("set"), &Request::AgentPoll(report), Duration::from_secs(5)).await.map_err(|e| e.to_string())
-        }
-        .await;
-        match result {
-            Ok(Response::AgentPoll(reply)) => {
+            let timeout = Duration::from_secs(5) + Duration::from_millis(LONG_POLL_MS as u64);
+            client::call(conn.as_ref().expect("set"), &Request::AgentPoll(report), timeout).await.map_err(|e| e.to_string())
+        };
+        let result = tokio::select! {
+            r = poll => Some(r),
+            _ = a.report_now.notified() => None,
+        };
+        let pause = match result {
+            None => Duration::ZERO, // report right away
+            Some(Ok(Response::AgentPoll(reply))) => {
                 if !reachable {
                     tracing::info!("configuration node reachable again");
                     reachable = true;
                 }
                 handle_poll_reply(&a, reply)?;
+                Duration::from_millis(100)
             }
-            Ok(other) => tracing::warn!("unexpected poll reply: {other:?}"),
-            Err(e) => {
+            Some(Ok(other)) => {
+                tracing::warn!("unexpected poll reply: {other:?}");
+                crate::node::POLL_INTERVAL
+            }
+            Some(Err(e)) => {
                 conn = None;
                 if reachable {
                     tracing::warn!("configuration node unreachable ({e}); replication continues");
                     reachable = false;
                 }
+                crate::node::POLL_INTERVAL
             }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = a.report_now.notified() => {}
         }
-        if last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
-            let a2 = a.clone();
-            tokio::task::spawn_blocking(move || a2.checkpoint()).await.map_err(|e| e.to_string())??;
-            last_checkpoint = Instant::now();
-        }
-        tokio::time::sleep(crate::node::POLL_INTERVAL).await;
     }
 }
 
@@ -415,6 +486,7 @@ async fn capture_loop(a: Arc<Agent>) -> Result<(), String> {
                 if *wanted == Some(id) {
                     *wanted = None;
                 }
+                a.report_now.notify_one();
             }
         }
         if *a.reset.borrow() != generation {
@@ -539,8 +611,17 @@ async fn stream_once(a: &Arc<Agent>) -> Result<(), String> {
         tokio::spawn(async move {
             loop {
                 let ack: Ack = frame::expect_msg(&mut recv, MAX_CONTROL_FRAME).await.map_err(|e| format!("ack stream: {e}"))?;
-                lock(&a.core).handle_ack(ack.cached_seq, ack.applied_seq);
+                let before = {
+                    let mut core = lock(&a.core);
+                    let before = core.applied_seq;
+                    core.handle_ack(ack.cached_seq, ack.applied_seq);
+                    before
+                };
                 a.room.notify_one();
+                // A pending sync barrier just got applied: tell the configuration node now.
+                if lock(&a.sync_done).is_some_and(|(_, seq)| before < seq && seq <= ack.applied_seq) {
+                    a.report_now.notify_one();
+                }
             }
             #[allow(unreachable_code)]
             Ok::<(), String>(())

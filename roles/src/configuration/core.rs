@@ -58,7 +58,9 @@ impl ConfigCore {
             node_reports: HashMap::new(),
             agent_reports: HashMap::new(),
             barriers: HashMap::new(),
-            next_barrier: 1,
+            // Barrier ids must not repeat across restarts of the configuration node: an agent
+            // may still report a barrier id of the previous incarnation as done.
+            next_barrier: (rand::random::<u32>() as u64) << 24 | 1,
         }
     }
 
@@ -213,6 +215,9 @@ impl ConfigCore {
                 AdminReply::SyncRequested { id }
             }
             AdminCommand::SyncState { machine, id } => {
+                if !self.machines.get(&machine).is_some_and(|m| m.protected) {
+                    return refused(format!("{machine} is not protected"));
+                }
                 let applied_seq = self.applied_seq(&machine);
                 let barrier_seq = self.barriers.get(&machine).filter(|b| b.id == id).and_then(|b| b.barrier_seq);
                 let done = barrier_seq.is_some_and(|b| applied_seq >= b);
@@ -277,17 +282,24 @@ impl ConfigCore {
         (Response::Admin(AdminReply::Done { message }), vec![Persist::Machine(m.clone())])
     }
 
+    /// What the machine's current master target (or its agent) says is applied in the
+    /// current epoch. Reports of other nodes or epochs are stale and ignored.
     fn applied_seq(&self, machine: &str) -> u64 {
-        let from_agent = self.agent_reports.get(machine).map(|o| o.report.stats.applied_seq).unwrap_or(0);
-        let from_nodes = self
-            .node_reports
-            .values()
-            .flat_map(|o| o.report.machines.iter())
-            .filter(|r| r.machine == machine && r.role == ROLE_MASTER_TARGET)
-            .map(|r| r.applied_seq)
-            .max()
+        let Some(m) = self.machines.get(machine) else { return 0 };
+        let from_agent = self
+            .agent_reports
+            .get(machine)
+            .filter(|o| o.report.stats.epoch == m.epoch.0)
+            .map(|o| o.report.stats.applied_seq)
             .unwrap_or(0);
-        from_agent.max(from_nodes)
+        let from_mt = m
+            .master_target
+            .as_ref()
+            .and_then(|mt| self.node_reports.get(mt))
+            .and_then(|o| o.report.machines.iter().find(|r| r.machine == machine && r.role == ROLE_MASTER_TARGET && r.epoch == m.epoch.0))
+            .map(|r| r.applied_seq)
+            .unwrap_or(0);
+        from_agent.max(from_mt)
     }
 
     fn node_views(&self, now: Instant) -> Vec<NodeView> {

@@ -17,7 +17,7 @@ use haven_transport::{
 use crate::slot::Slot;
 
 use self::core::{ConfigCore, Persist};
-use crate::proto::{JoinReply, Request, Response};
+use crate::proto::{AdminCommand, JoinReply, Request, Response};
 
 pub type ConfigSlot = Slot<Addr<ConfigActor>>;
 
@@ -26,6 +26,8 @@ pub struct ConfigActor {
     store: Store,
     ca: Arc<CertificateAuthority>,
     guard: ChildGuard,
+    /// Wakes long-polling agents (see `node::ask_or_hold`).
+    events: Arc<tokio::sync::Notify>,
 }
 
 /// A loaded configuration state, not yet running as an actor.
@@ -36,8 +38,8 @@ pub struct ConfigParts {
 }
 
 impl ConfigParts {
-    pub fn into_actor(self, guard: ChildGuard) -> ConfigActor {
-        ConfigActor { core: self.core, store: self.store, ca: self.ca, guard }
+    pub fn into_actor(self, guard: ChildGuard, events: Arc<tokio::sync::Notify>) -> ConfigActor {
+        ConfigActor { core: self.core, store: self.store, ca: self.ca, guard, events }
     }
 }
 
@@ -115,9 +117,12 @@ impl Handler<HandleRequest> for ConfigActor {
                 },
             },
             (Request::Admin { secret, command }, _) => {
+                let wakes_agents = matches!(command, AdminCommand::RequestSync { .. } | AdminCommand::Protect { .. } | AdminCommand::Unprotect { .. });
                 let (r, p) = self.core.handle_admin(now, &secret, command, || DataKey::generate().as_bytes().to_vec());
                 if let Response::Refused { reason } = &r {
                     tracing::warn!(%reason, "admin request refused");
+                } else if wakes_agents {
+                    self.events.notify_waiters();
                 }
                 (r, p)
             }

@@ -46,6 +46,8 @@ pub struct MtMachine {
     pub refused: AtomicU64,
     pub owner: AtomicU64,
     pub bytes_applied: AtomicU64,
+    /// Epoch of the open replica.
+    pub epoch: AtomicU64,
 }
 
 static NEXT_STREAM_ID: AtomicU64 = AtomicU64::new(1);
@@ -64,6 +66,7 @@ impl MasterState {
                 applied_seq: e.applied.load(Ordering::Relaxed),
                 raw_bytes: e.bytes_applied.load(Ordering::Relaxed),
                 batches_refused: e.refused.load(Ordering::Relaxed),
+                epoch: e.epoch.load(Ordering::Relaxed) as u32,
                 ..Default::default()
             })
             .collect()
@@ -131,6 +134,7 @@ async fn admit(ctx: &NodeContext, who: Option<&PeerIdentity>, open: &ShipOpen) -
             *slot = None;
             let r = Replica::open(&dir, &machine, epoch, &disks).map_err(|e| e.to_string())?;
             m2.applied.store(r.applied_seq(), Ordering::SeqCst);
+            m2.epoch.store(r.epoch() as u64, Ordering::SeqCst);
             *slot = Some(r);
         }
         Ok::<_, String>(())

@@ -58,6 +58,7 @@ impl ProcessState {
                 cache_bytes: m.cache_bytes.load(Ordering::Relaxed),
                 batches_refused: 0,
                 restarts: m.ship_restarts.load(Ordering::Relaxed),
+                epoch: m.assignment.borrow().epoch.0,
             })
             .collect()
     }
