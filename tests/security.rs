@@ -78,7 +78,7 @@ fn protocol_version_mismatch_is_refused_on_both_sides() {
         let ep = endpoint::client_endpoint().unwrap();
         let cfg = endpoint::pinned_client_config(&token.ca_fingerprint).unwrap();
         let addr = c.config_addr.parse().unwrap();
-        endpoint::connect(&ep, cfg, addr, "test-client", endpoint::PROTOCOL_VERSION + 98).await.err().expect("must be refused")
+        endpoint::connect(&ep, cfg, addr, "test-client", endpoint::PROTOCOL_VERSION + 98).await.expect_err("must be refused")
     });
     match err {
         endpoint::EndpointError::VersionMismatch { ours, theirs } => {

@@ -279,8 +279,9 @@ pub fn make_disk(path: &Path, size: u64, seed: u64) {
 
 /// Random writes of mixed sizes (512 B .. 1 MiB, unaligned too). Returns bytes written.
 pub fn random_writes(path: &Path, rng: &mut StdRng, count: usize) -> u64 {
-    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    let size = f.metadata().unwrap().len();
+    let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    // Seek, not metadata: a block device's metadata length is 0.
+    let size = std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)).unwrap();
     let mut total = 0;
     for _ in 0..count {
         let len = match rng.gen_range(0..4) {

@@ -12,22 +12,14 @@
 //!
 //! ## Nonce
 //!
-//! The 24-byte nonce is derived, not random, and is not stored:
-//!
-//! ```text
-//! epoch (u32 LE) || first_seq (u64 LE) || last_seq (u64 LE) || [0u8; 4]
-//! ```
-//!
-//! Within one key, a given `(epoch, first_seq, last_seq)` always names the same records, so
-//! sealing it again (after a resend, on another process server) encrypts the same plaintext
-//! under the same nonce and yields byte-identical ciphertext: no keystream is ever used for two
-//! different messages. **That argument holds only if the compressed bytes are identical too**,
-//! i.e. the same records are sealed with the same zstd level and the same zstd build. Callers
-//! must therefore use one fixed level per key (the default, level 1, unless the whole fleet
-//! agrees on another), and an agent must never reuse a seq for different data within an epoch
-//! (bump the epoch instead). Sealing the same range with different compressed bytes under one
-//! key is a nonce reuse: it reveals the XOR of the two compressed streams and lets an attacker
-//! forge Poly1305 tags for that nonce.
+//! A fresh random 24-byte nonce per seal, carried in [`Sealed::nonce`]. XChaCha20's 192-bit
+//! nonce makes random nonces safe (no birthday risk at any realistic volume), so a nonce never
+//! repeats under a key, whatever happens to sequence numbers around crashes: a process server
+//! that sealed a range, crashed before caching it, and later sealed *different* records under
+//! the same range (a restarted agent reusing uncached seqs) still uses two different nonces.
+//! (An earlier design derived the nonce from the seq range; that was safe only as long as a
+//! range never carried two different plaintexts, an invariant too easy to break in recovery.)
+//! Binding to machine, epoch and position is the associated data's job.
 //!
 //! ## Associated data
 //!
@@ -136,7 +128,13 @@ pub struct Sealed {
     pub raw_len: u32,
     #[serde(with = "serde_bytes")]
     pub ciphertext: Vec<u8>,
+    /// The random 24-byte XChaCha20 nonce this batch was sealed under.
+    #[serde(with = "serde_bytes")]
+    pub nonce: Vec<u8>,
 }
+
+/// Length of [`Sealed::nonce`].
+pub const NONCE_LEN: usize = 24;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SealError {
@@ -199,11 +197,9 @@ fn with_contexts<R>(f: impl FnOnce(&mut Contexts) -> R) -> R {
     }
 }
 
-fn nonce(ctx: &SealContext) -> XNonce {
-    let mut n = [0u8; 24];
-    n[0..4].copy_from_slice(&ctx.epoch.to_le_bytes());
-    n[4..12].copy_from_slice(&ctx.first_seq.to_le_bytes());
-    n[12..20].copy_from_slice(&ctx.last_seq.to_le_bytes());
+fn random_nonce() -> XNonce {
+    let mut n = [0u8; NONCE_LEN];
+    rand::thread_rng().fill_bytes(&mut n);
     n.into()
 }
 
@@ -265,9 +261,10 @@ pub fn seal_with_level(
         Ok(())
     })?;
 
+    let nonce = random_nonce();
     let tag = key
         .cipher()
-        .encrypt_in_place_detached(&nonce(ctx), &associated_data(ctx, raw_len), &mut out)
+        .encrypt_in_place_detached(&nonce, &associated_data(ctx, raw_len), &mut out)
         .map_err(|_| SealError::Compress("encryption failed".into()))?;
     out.extend_from_slice(&tag);
     if out.len() > MAX_SEALED_LEN {
@@ -285,6 +282,7 @@ pub fn seal_with_level(
     Ok(Sealed {
         raw_len,
         ciphertext: out,
+        nonce: nonce.to_vec(),
     })
 }
 
@@ -312,7 +310,10 @@ pub fn open(key: &DataKey, ctx: &SealContext, sealed: &Sealed) -> Result<Vec<u8>
     let (body, tag) = ct.split_at(ct.len() - TAG_LEN);
     let tag = Tag::clone_from_slice(tag);
     let cipher = key.cipher();
-    let nonce = nonce(ctx);
+    if sealed.nonce.len() != NONCE_LEN {
+        return Err(SealError::Authentication);
+    }
+    let nonce = *XNonce::from_slice(&sealed.nonce);
     let ad = associated_data(ctx, sealed.raw_len);
 
     with_contexts(|c| {
@@ -391,7 +392,7 @@ pub mod bench_hooks {
     /// XChaCha20-Poly1305 encryption only, in place; returns the tag.
     pub fn encrypt_in_place(key: &DataKey, ctx: &SealContext, buf: &mut [u8]) -> [u8; 16] {
         key.cipher()
-            .encrypt_in_place_detached(&nonce(ctx), &associated_data(ctx, 0), buf)
+            .encrypt_in_place_detached(&random_nonce(), &associated_data(ctx, 0), buf)
             .expect("encrypt")
             .into()
     }
@@ -506,7 +507,15 @@ mod tests {
         let t = Sealed {
             raw_len: 0,
             ciphertext: vec![0; 5],
+            nonce: vec![0; NONCE_LEN],
         };
+        assert!(matches!(open(&k, &c, &t), Err(SealError::Authentication)));
+        // A tampered or truncated nonce.
+        let mut t = s.clone();
+        t.nonce[3] ^= 1;
+        assert!(matches!(open(&k, &c, &t), Err(SealError::Authentication)));
+        let mut t = s.clone();
+        t.nonce.pop();
         assert!(matches!(open(&k, &c, &t), Err(SealError::Authentication)));
     }
 
@@ -585,6 +594,7 @@ mod tests {
         let t = Sealed {
             raw_len: 10,
             ciphertext: vec![0; MAX_SEALED_LEN + 1],
+            nonce: vec![0; NONCE_LEN],
         };
         assert!(matches!(
             open(&k, &c, &t),
@@ -596,6 +606,7 @@ mod tests {
         let t = Sealed {
             raw_len: MAX_RAW_LEN as u32 + 1,
             ciphertext: vec![0; 100],
+            nonce: vec![0; NONCE_LEN],
         };
         assert!(matches!(
             open(&k, &c, &t),
@@ -613,33 +624,23 @@ mod tests {
     }
 
     #[test]
-    fn deterministic() {
+    fn every_seal_uses_a_fresh_nonce() {
+        // Sealing the same range twice (a resend after a crash, possibly with other records)
+        // must never reuse a nonce under the key.
         let k = key();
         let c = ctx();
         let data = mixed(1 << 20);
         let a = seal(&k, &c, &data).unwrap();
-        // Interleave other work on the reused contexts.
         let _ = seal_with_level(&k, &c, &random(1000, 3), 5).unwrap();
         let b = seal(&k, &c, &data).unwrap();
-        assert_eq!(a, b);
-        // A fresh thread (fresh contexts) agrees too.
-        let d2 = data.clone();
-        let k2 = k.clone();
-        let c2 = std::thread::spawn(move || seal(&k2, &ctx(), &d2).unwrap())
-            .join()
-            .unwrap();
-        assert_eq!(a, c2);
-        // A different range gives a different ciphertext.
-        let other = seal(
-            &k,
-            &SealContext {
-                last_seq: 1042,
-                ..c
-            },
-            &data,
-        )
-        .unwrap();
-        assert_ne!(a.ciphertext, other.ciphertext);
+        assert_ne!(a.nonce, b.nonce);
+        assert_ne!(a.ciphertext, b.ciphertext);
+        assert_eq!(a.nonce.len(), NONCE_LEN);
+        // Both open to the same plaintext, on this thread and on a fresh one.
+        assert_eq!(open(&k, &c, &a).unwrap(), data);
+        let (k2, b2) = (k.clone(), b.clone());
+        let opened = std::thread::spawn(move || open(&k2, &ctx(), &b2).unwrap()).join().unwrap();
+        assert_eq!(opened, data);
     }
 
     #[test]
@@ -670,27 +671,31 @@ mod tests {
         let frame = zstd::bulk::compress(&zeros, 1).unwrap();
         let raw_len = 1000u32;
         let mut body = frame.clone();
+        let n = random_nonce();
         let tag = k
             .cipher()
-            .encrypt_in_place_detached(&nonce(&c), &associated_data(&c, raw_len), &mut body)
+            .encrypt_in_place_detached(&n, &associated_data(&c, raw_len), &mut body)
             .unwrap();
         body.extend_from_slice(&tag);
         let t = Sealed {
             raw_len,
             ciphertext: body,
+            nonce: n.to_vec(),
         };
         assert!(matches!(open(&k, &c, &t), Err(SealError::Decompress(_))));
         // And a frame shorter than raw_len is a length mismatch.
         let raw_len = (8 << 20) + 1;
         let mut body = frame;
+        let n = random_nonce();
         let tag = k
             .cipher()
-            .encrypt_in_place_detached(&nonce(&c), &associated_data(&c, raw_len), &mut body)
+            .encrypt_in_place_detached(&n, &associated_data(&c, raw_len), &mut body)
             .unwrap();
         body.extend_from_slice(&tag);
         let t = Sealed {
             raw_len,
             ciphertext: body,
+            nonce: n.to_vec(),
         };
         assert!(matches!(
             open(&k, &c, &t),
