@@ -129,3 +129,72 @@ fn sigkill_of_each_process_loses_nothing_and_does_not_resync() {
     }
     s.c.assert_no_unexpected_errors(&[]);
 }
+
+/// With the master target down, a process server with a small cache fills it, stops reading,
+/// and the agent's retention buffer takes the rest: nothing is dropped, and everything
+/// converges when the master target returns.
+#[test]
+fn a_full_cache_slows_the_agent_and_loses_nothing() {
+    const LIMIT: u64 = 8 << 20;
+    let mut c = Cluster::new();
+    c.start_config(&["configuration"], vec![]);
+    c.add(
+        "ps1",
+        vec![
+            "node".into(),
+            "--role".into(),
+            "process".into(),
+            "--data-dir".into(),
+            c.path("ps1").display().to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{}", free_port()),
+            "--name".into(),
+            "ps1".into(),
+            "--join".into(),
+            c.config_addr.clone(),
+            "--token-file".into(),
+            c.join_token().display().to_string(),
+            "--cache-size".into(),
+            "8MiB".into(),
+        ],
+        vec![],
+    );
+    c.start_node("mt1", &["master-target"], vec![]);
+    wait_until("ps1 alive", Duration::from_secs(30), || {
+        let nodes = c.try_ctl(&["nodes"]).ok()?;
+        nodes.as_array()?.iter().any(|n| n["name"] == "ps1" && n["alive"] == true).then_some(())
+    });
+    let disk = c.path("disk.img");
+    make_disk(&disk, 64 << 20, 11);
+    c.start_agent("web01", &[("root", disk.as_path())]);
+    c.ctl(&["protect", "web01"]);
+    c.wait_sync("web01", SYNC);
+    assert_identical(&disk, &c.replica("mt1", "web01", "root"));
+
+    phase("master target down: 40 MiB of writes against an 8 MiB cache");
+    c.kill("mt1");
+    let mut rng = StdRng::seed_from_u64(12);
+    let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    for i in 0..40u64 {
+        let data: Vec<u8> = (0..1 << 20).map(|_| rng.gen()).collect();
+        f.write_all_at(&data, i * (1 << 20) + 4096).unwrap();
+    }
+    f.sync_all().unwrap();
+    // Capture runs until the cache is full and the agent holds the rest.
+    let m = wait_until("back-pressure reaches the agent", Duration::from_secs(60), || {
+        let m = c.machine("web01")?;
+        (u64_of(&m, "retained_bytes") > 0 && u64_of(&m, "captured_seq") > u64_of(&m, "cached_seq")).then_some(m)
+    });
+    std::thread::sleep(Duration::from_secs(2)); // give an unbounded cache the chance to overrun
+    let m2 = c.machine("web01").unwrap();
+    let cache = u64_of(&m2, "cache_bytes");
+    eprintln!("cache {cache} bytes, agent retains {} bytes", u64_of(&m2, "retained_bytes"));
+    assert!(cache <= LIMIT + (6 << 20), "the cache stays near its 8 MiB limit, holds {cache}");
+    assert!(u64_of(&m2, "cached_seq") < u64_of(&m2, "captured_seq"), "the agent holds what the cache cannot: {m}");
+
+    phase("master target back: everything converges");
+    c.restart("mt1");
+    c.wait_sync("web01", SYNC);
+    assert_identical(&disk, &c.replica("mt1", "web01", "root"));
+    c.assert_no_unexpected_errors(&[]);
+}

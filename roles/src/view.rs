@@ -48,4 +48,7 @@ pub struct MachineView {
     pub agent_last_seen_ms_ago: Option<u64>,
     pub stream_restarts: u64,
     pub batches_refused: u64,
+    /// Bytes of this machine's sealed batches in its process server's cache.
+    #[serde(default)]
+    pub cache_bytes: u64,
 }

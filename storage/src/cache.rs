@@ -743,6 +743,19 @@ impl MachineCache {
         self.total_bytes
     }
 
+    /// Payload bytes of the records with `last_seq > after_seq`: what is still waiting to be
+    /// applied. Unlike [`bytes`](Self::bytes) this shrinks record by record, not segment by
+    /// segment, so it is what a limit on unapplied data should watch.
+    pub fn bytes_after(&self, after_seq: u64) -> u64 {
+        self.segments
+            .iter()
+            .rev()
+            .flat_map(|s| s.entries.iter().rev())
+            .take_while(|e| e.last > after_seq)
+            .map(|e| e.len as u64)
+            .sum()
+    }
+
     /// Lowest seq still held (including records not yet synced).
     pub fn first_seq(&self) -> Option<u64> {
         self.segments

@@ -390,6 +390,7 @@ impl ConfigCore {
             agent_last_seen_ms_ago: agent_age.map(|a| a.as_millis() as u64),
             stream_restarts: stats.stream_restarts + ps.map(|r| r.restarts).unwrap_or(0),
             batches_refused: mt.map(|r| r.batches_refused).unwrap_or(0),
+            cache_bytes: ps.map(|r| r.cache_bytes).unwrap_or(0),
         }
     }
 }

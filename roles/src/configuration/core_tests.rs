@@ -1172,6 +1172,7 @@ fn a_discovered_machine_view() {
             "agent_last_seen_ms_ago": 1500,
             "stream_restarts": 0,
             "batches_refused": 0,
+            "cache_bytes": 0,
         })
     );
 }
@@ -1233,6 +1234,7 @@ fn initial_sync_then_replicating_with_counters_from_agent_and_nodes() {
             "agent_last_seen_ms_ago": 2000,
             "stream_restarts": 3,
             "batches_refused": 4,
+            "cache_bytes": 0,
         })
     };
     assert_eq!(

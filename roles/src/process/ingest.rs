@@ -28,6 +28,27 @@ struct Sealed {
     first_seq: u64,
     last_seq: u64,
     payload: Vec<u8>,
+    /// Counted in `PsMachine::inflight_bytes` until appended or dropped.
+    _inflight: Inflight,
+}
+
+/// Raw bytes on their way into the cache; uncounted when dropped, whatever the outcome.
+struct Inflight {
+    m: Arc<PsMachine>,
+    bytes: u64,
+}
+
+impl Inflight {
+    fn new(m: &Arc<PsMachine>, bytes: u64) -> Self {
+        m.inflight_bytes.fetch_add(bytes, Ordering::Relaxed);
+        Self { m: m.clone(), bytes }
+    }
+}
+
+impl Drop for Inflight {
+    fn drop(&mut self) {
+        self.m.inflight_bytes.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 static NEXT_STREAM_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -104,17 +125,18 @@ pub async fn ingest(
             }
             next_expected = last_seq + 1;
             // Back-pressure: a full cache stops us reading; QUIC flow control slows the agent.
-            while ps.cache_bytes() >= ps.cache_limit_bytes {
+            while ps.pending_bytes() >= ps.cache_limit_bytes {
                 let wait = ps.space.notified();
                 let _ = tokio::time::timeout(Duration::from_millis(200), wait).await;
             }
             m.raw_bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
+            let inflight = Inflight::new(&m, body.len() as u64);
             let (key, machine, epoch) = (key.clone(), m.name.clone(), open.epoch);
             let job = tokio::task::spawn_blocking(move || {
                 let sctx = SealContext { machine: &machine, epoch, first_seq, last_seq };
                 let sealed = seal::seal(&key, &sctx, &body).map_err(|e| e.to_string())?;
                 let payload = codec::encode(&ShipFrame::Sealed { first_seq, last_seq, sealed }).map_err(|e| e.to_string())?;
-                Ok(Sealed { first_seq, last_seq, payload })
+                Ok(Sealed { first_seq, last_seq, payload, _inflight: inflight })
             });
             if tx.send(job).await.is_err() {
                 break;
@@ -174,16 +196,19 @@ async fn write_groups(
             bytes += s.payload.len();
             group.push(s);
         }
-        let (durable, cache_bytes) = m
+        let applied = *m.applied.borrow();
+        let (durable, cache_bytes, pending, group) = m
             .with_cache(move |c| {
                 for s in &group {
                     c.append(s.first_seq, s.last_seq, &s.payload)?;
                 }
                 c.sync()?;
-                Ok((c.durable_last_seq().unwrap_or(0), c.bytes()))
+                Ok((c.durable_last_seq().unwrap_or(0), c.bytes(), c.bytes_after(applied), group))
             })
             .await?;
         m.cache_bytes.store(cache_bytes, Ordering::Relaxed);
+        m.pending_bytes.store(pending, Ordering::Relaxed);
+        drop(group); // now counted in cache_bytes, no longer in flight
         m.durable.send_replace(durable);
         let _ = &ps;
     }

@@ -41,8 +41,15 @@ impl ProcessState {
         Self { dir: data_dir.join("cache"), cache_limit_bytes, machines: DashMap::new(), space: Notify::new() }
     }
 
-    pub fn cache_bytes(&self) -> u64 {
-        self.machines.iter().map(|m| m.cache_bytes.load(Ordering::Relaxed)).sum()
+    /// Unapplied bytes in all caches plus bytes being sealed on their way in: what the limit
+    /// bounds. (Files on disk exceed it by at most the partly applied segments.)
+    pub fn pending_bytes(&self) -> u64 {
+        self.machines.iter().map(|m| m.pending_bytes.load(Ordering::Relaxed) + m.inflight_bytes.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Segments small enough that trimming whole segments keeps the disk near the limit.
+    fn cache_options(&self) -> CacheOptions {
+        CacheOptions { segment_bytes: (self.cache_limit_bytes / 4).clamp(1 << 20, 64 << 20) }
     }
 
     pub fn reports(&self) -> Vec<NodeMachineReport> {
@@ -75,7 +82,7 @@ impl ProcessState {
         self.machines.remove(&a.machine);
         let dir = self.dir.join(&a.machine);
         let epoch_file = dir.join("epoch");
-        let (mut cache, report) = MachineCache::open(&dir.join("log"), CacheOptions::default())
+        let (mut cache, report) = MachineCache::open(&dir.join("log"), self.cache_options())
             .map_err(|e| format!("cache for {}: {e}", a.machine))?;
         let stored = crate::fsutil::read_optional(&epoch_file).map_err(|e| e.to_string())?;
         let epoch_bytes = a.epoch.0.to_string();
@@ -93,6 +100,8 @@ impl ProcessState {
             name: a.machine.clone(),
             assignment: watch::Sender::new(a.clone()),
             cache_bytes: AtomicU64::new(cache.bytes()),
+            inflight_bytes: AtomicU64::new(0),
+            pending_bytes: AtomicU64::new(cache.bytes_after(0)),
             cache: Arc::new(Mutex::new(cache)),
             durable: watch::Sender::new(durable),
             applied: watch::Sender::new(0),
@@ -125,6 +134,10 @@ pub struct PsMachine {
     pub assignment: watch::Sender<Assignment>,
     pub cache: Arc<Mutex<MachineCache>>,
     pub cache_bytes: AtomicU64,
+    /// Bytes in the cache not yet applied by the master target.
+    pub pending_bytes: AtomicU64,
+    /// Raw bytes accepted from the agent but not yet appended (being sealed).
+    pub inflight_bytes: AtomicU64,
     /// Highest seq durable in the cache.
     pub durable: watch::Sender<u64>,
     /// Highest seq the master target reported applied.

@@ -101,9 +101,10 @@ fn ack_end(r: Result<Result<(), String>, tokio::task::JoinError>) -> String {
 }
 
 async fn trim(ps: &ProcessState, m: &PsMachine, applied: u64) -> Result<(), String> {
-    let (freed, bytes) = m.with_cache(move |c| Ok((c.trim(applied)?, c.bytes()))).await?;
+    let (bytes, pending) = m.with_cache(move |c| Ok((c.trim(applied).map(|_| c.bytes())?, c.bytes_after(applied)))).await?;
     m.cache_bytes.store(bytes, Ordering::Relaxed);
-    if freed > 0 {
+    let before = m.pending_bytes.swap(pending, Ordering::Relaxed);
+    if pending < before {
         ps.space.notify_waiters();
     }
     Ok(())

@@ -528,3 +528,20 @@ fn creates_nested_directories() {
     c.sync().unwrap();
     assert_eq!(segment_files(&dir).len(), 1);
 }
+
+#[test]
+fn bytes_after_counts_unapplied_payload_record_by_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut c, _) = MachineCache::open(tmp.path(), small()).unwrap();
+    assert_eq!(c.bytes_after(0), 0);
+    fill(&mut c, 0..10);
+    assert_eq!(c.bytes_after(0), 10 * 3000);
+    assert_eq!(c.bytes_after(30), 7 * 3000);
+    assert_eq!(c.bytes_after(35), 7 * 3000); // record 31..=40 is not fully applied
+    assert_eq!(c.bytes_after(40), 6 * 3000);
+    assert_eq!(c.bytes_after(100), 0);
+    // Trimming whole segments does not change what is unapplied.
+    c.sync().unwrap();
+    c.trim(40).unwrap();
+    assert_eq!(c.bytes_after(40), 6 * 3000);
+}
