@@ -88,16 +88,24 @@ pub fn human_bytes(b: u64) -> String {
 }
 
 pub fn print_nodes(nodes: &[NodeView]) {
-    println!("{:<16} {:<40} {:<22} {:<6} {:>8} {:>8}", "NODE", "ROLES", "ADDRESS", "ALIVE", "MACHINES", "CAPACITY");
+    println!("{:<16} {:<36} {:<22} {:<6} {:>8} {:>8} {:>10} {:>10} {:>10}", "NODE", "ROLES", "ADDRESS", "ALIVE", "MACHINES", "CAPACITY", "IN/s", "OUT/s", "CACHE");
     for n in nodes {
+        let alive = match (n.alive, n.drained) {
+            (true, true) => "drain",
+            (true, false) => "yes",
+            (false, _) => "no",
+        };
         println!(
-            "{:<16} {:<40} {:<22} {:<6} {:>8} {:>8}",
+            "{:<16} {:<36} {:<22} {:<6} {:>8} {:>8} {:>10} {:>10} {:>10}",
             n.name,
             n.roles.join(","),
             n.addr,
-            if n.alive { "yes" } else { "no" },
+            alive,
             n.machines,
-            n.capacity
+            n.capacity,
+            human_bytes(n.bytes_in_per_sec),
+            human_bytes(n.bytes_out_per_sec),
+            human_bytes(n.cache_bytes),
         );
     }
 }
@@ -128,5 +136,23 @@ pub fn print_machines(machines: &[MachineView]) {
         if let Some(reason) = &m.degraded_reason {
             println!("  degraded: {reason}");
         }
+    }
+}
+
+pub fn print_events(events: &[haven_roles::view::EventView]) {
+    println!("{:>8} {:<10} {:<14} {:<10} {:<10} {:>4} {:>9} {:>10}  REASON", "AGO(s)", "KIND", "MACHINE", "FROM", "TO", "GEN", "PAUSE(ms)", "RESENT");
+    for e in events {
+        println!(
+            "{:>8.1} {:<10} {:<14} {:<10} {:<10} {:>4} {:>9} {:>10}  {}",
+            e.age_ms as f64 / 1000.0,
+            e.kind,
+            e.machine,
+            e.from.as_deref().unwrap_or("-"),
+            e.to.as_deref().unwrap_or("-"),
+            e.generation,
+            e.pause_ms.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            e.bytes_resent.map(human_bytes).unwrap_or_else(|| "-".into()),
+            e.reason
+        );
     }
 }

@@ -43,6 +43,18 @@ enum Command {
         /// Upper bound of the process server's on-disk cache; agents are slowed down beyond it.
         #[arg(long, default_value = "4GiB", value_parser = parse_size)]
         cache_size: u64,
+        /// Configuration role: a process server silent this long is failed over.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        failure_timeout: Duration,
+        /// Configuration role: rebalance when process servers' headroom differs by this many machines.
+        #[arg(long, default_value_t = 2)]
+        rebalance_threshold: u32,
+        /// Configuration role: most automatic rebalancing moves per minute.
+        #[arg(long, default_value_t = 10)]
+        max_moves_per_minute: u32,
+        /// Configuration role: rebalance only on `haven ctl rebalance`.
+        #[arg(long)]
+        no_auto_rebalance: bool,
     },
     /// Run the agent on a protected machine.
     Agent {
@@ -91,6 +103,19 @@ enum CtlCommand {
     /// Start replicating a discovered machine.
     Protect { machine: String },
     Unprotect { machine: String },
+    /// Live-move a machine to another process server; reports the pause and bytes resent.
+    Move {
+        machine: String,
+        #[arg(long)]
+        to: String,
+    },
+    /// One rebalancing pass now.
+    Rebalance,
+    /// Move every machine off a process server and place none on it.
+    Drain { node: String },
+    Undrain { node: String },
+    /// Moves, failovers and drains, with their figures.
+    Events,
     /// Capture everything written so far and wait until it is applied (exit 3 on timeout).
     WaitSync {
         machine: String,
@@ -146,7 +171,21 @@ fn system() -> actix::SystemRunner {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Node { roles, data_dir, listen, advertise, join, token_file, name, capacity, cache_size } => {
+        Command::Node {
+            roles,
+            data_dir,
+            listen,
+            advertise,
+            join,
+            token_file,
+            name,
+            capacity,
+            cache_size,
+            failure_timeout,
+            rebalance_threshold,
+            max_moves_per_minute,
+            no_auto_rebalance,
+        } => {
             init_logging("info,quinn=warn");
             let roles = if roles.is_empty() || roles.iter().any(|r| r == "all") {
                 haven_cluster::ALL_ROLES.iter().map(|r| r.to_string()).collect()
@@ -164,6 +203,13 @@ fn main() -> ExitCode {
                 join: join.zip(token_file),
                 capacity,
                 cache_limit_bytes: cache_size,
+                failure_timeout,
+                rebalance: haven_roles::configuration::core::scaleout::RebalancePolicy {
+                    auto: !no_auto_rebalance,
+                    skew_threshold: rebalance_threshold.max(2),
+                    max_moves_per_minute,
+                    ..Default::default()
+                },
             };
             finish(system().block_on(haven_roles::node::run(opts)))
         }
@@ -248,6 +294,11 @@ async fn ctl_command(admin: &ctl::Admin, json: bool, command: CtlCommand) -> Exi
                 }
             };
         }
+        CtlCommand::Move { machine, to } => return ctl_move(admin, json, machine, to).await,
+        CtlCommand::Rebalance => AdminCommand::Rebalance,
+        CtlCommand::Drain { node } => AdminCommand::Drain { node },
+        CtlCommand::Undrain { node } => AdminCommand::Undrain { node },
+        CtlCommand::Events => AdminCommand::Events,
         CtlCommand::Status => AdminCommand::Status,
         CtlCommand::Nodes => AdminCommand::Nodes,
         CtlCommand::Machines => AdminCommand::Machines,
@@ -274,10 +325,55 @@ async fn ctl_command(admin: &ctl::Admin, json: bool, command: CtlCommand) -> Exi
                 AdminReply::Machines(m) => ctl::print_machines(&m),
                 AdminReply::Done { message } if json => println!("{}", serde_json::json!({"ok": true, "message": message})),
                 AdminReply::Done { message } => println!("{message}"),
+                AdminReply::Events(e) if json => print_json(&e),
+                AdminReply::Events(e) => ctl::print_events(&e),
+                AdminReply::Rebalanced { moves } if json => print_json(&moves),
+                AdminReply::Rebalanced { moves } if moves.is_empty() => println!("balanced: no moves needed"),
+                AdminReply::Rebalanced { moves } => ctl::print_events(&moves),
                 other => println!("{other:?}"),
             }
             ExitCode::SUCCESS
         }
+    }
+}
+
+/// `ctl move`: request the move, then wait until the agent reports what it cost.
+async fn ctl_move(admin: &ctl::Admin, json: bool, machine: String, to: String) -> ExitCode {
+    let reply = admin.call(AdminCommand::Move { machine: machine.clone(), to: to.clone() }).await;
+    let (from, generation) = match reply {
+        Ok(AdminReply::Moved { from, generation, .. }) => (from, generation),
+        Ok(other) => {
+            eprintln!("error: unexpected reply {other:?}");
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let events = match admin.call(AdminCommand::Events).await {
+            Ok(AdminReply::Events(e)) => e,
+            Ok(_) | Err(_) => vec![],
+        };
+        if let Some(e) = events.iter().rev().find(|e| e.machine == machine && e.generation == generation && e.pause_ms.is_some()) {
+            if json {
+                println!("{}", serde_json::to_string_pretty(e).unwrap_or_default());
+            } else {
+                println!(
+                    "{machine} moved {from} -> {to} (generation {generation}): replication paused {} ms, {} resent",
+                    e.pause_ms.unwrap_or(0),
+                    ctl::human_bytes(e.bytes_resent.unwrap_or(0))
+                );
+            }
+            return ExitCode::SUCCESS;
+        }
+        if std::time::Instant::now() > deadline {
+            eprintln!("error: {machine} was reassigned to {to} (generation {generation}) but its agent has not reported the move within 60s");
+            return ExitCode::from(ctl::EXIT_TIMEOUT as u8);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

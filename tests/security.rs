@@ -100,8 +100,11 @@ fn corrupted_sealed_batch_is_refused_and_never_applied() {
     c.ctl(&["protect", "db01"]);
     c.wait_sync("db01", Duration::from_secs(120));
     assert_identical(&disk, &c.replica("config", "db01", "root"));
-    let m = c.machine("db01").unwrap();
-    assert!(m["batches_refused"].as_u64().unwrap() >= 1, "the refusal is counted: {m}");
+    // Node reports reach the configuration node within a poll (about a second).
+    wait_until("the refusal is counted in status", Duration::from_secs(10), || {
+        let m = c.machine("db01")?;
+        (m["batches_refused"].as_u64()? >= 1).then_some(())
+    });
     let log = c.log("config");
     assert!(log.contains("HAVEN_FAULT_CORRUPT_SHIP: corrupting"), "the fault was injected");
     assert!(log.contains("failed authentication"), "refused for a failed tag: {}", log.lines().filter(|l| l.contains("refused")).collect::<Vec<_>>().join("\n"));

@@ -38,6 +38,9 @@ use crate::{
 };
 
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// How long the configuration node may hold a poll with nothing new (long poll): changes
+/// reach nodes and agents at once, and idle polls cost one round trip a second.
+pub const LONG_POLL_MS: u32 = 1000;
 
 #[derive(Clone, Debug)]
 pub struct NodeOptions {
@@ -50,6 +53,9 @@ pub struct NodeOptions {
     pub join: Option<(String, PathBuf)>,
     pub capacity: u32,
     pub cache_limit_bytes: u64,
+    /// A process server silent this long is declared failed (configuration role).
+    pub failure_timeout: Duration,
+    pub rebalance: crate::configuration::core::scaleout::RebalancePolicy,
 }
 
 /// Everything the role tasks of one node share.
@@ -163,7 +169,8 @@ pub async fn run(opts: NodeOptions) -> Result<(), String> {
     if let (Some(slot), Some(ca)) = (ctx.config.clone(), ca) {
         let dir = opts.data_dir.clone();
         let events = ctx.config_events.clone();
-        children.push(ChildSpec::new(ROLE_CONFIGURATION, move |mut guard| match ConfigActor::load(&dir, ca.clone()) {
+        let (failure_timeout, policy) = (opts.failure_timeout, opts.rebalance.clone());
+        children.push(ChildSpec::new(ROLE_CONFIGURATION, move |mut guard| match ConfigActor::load(&dir, ca.clone(), failure_timeout, policy.clone()) {
             Ok(parts) => {
                 let addr = actix::Actor::start(parts.into_actor(guard, events.clone()));
                 slot.set(Some(addr.clone()));
@@ -290,6 +297,7 @@ async fn ask_or_hold(ctx: &NodeContext, addr: &Addr<ConfigActor>, who: Option<Pe
     const HOLD_MAX: Duration = Duration::from_secs(5);
     let wait = match &request {
         Request::AgentPoll(r) => Duration::from_millis(r.wait_ms as u64).min(HOLD_MAX),
+        Request::NodePoll(r) => Duration::from_millis(r.wait_ms as u64).min(HOLD_MAX),
         _ => Duration::ZERO,
     };
     // Registered before the first ask, so an event between the ask and the wait is not lost.
@@ -298,8 +306,13 @@ async fn ask_or_hold(ctx: &NodeContext, addr: &Addr<ConfigActor>, who: Option<Pe
     event.as_mut().enable();
     let again = (!wait.is_zero()).then(|| request.clone());
     let first = ask(addr, who.clone(), request).await;
-    match (again, &first) {
-        (Some(req), Response::AgentPoll(r)) if r.sync_request.is_none() => {
+    let idle = match (&again, &first) {
+        (Some(_), Response::AgentPoll(r)) => r.sync_request.is_none(),
+        (Some(Request::NodePoll(q)), Response::NodePoll(r)) => q.version == r.version,
+        _ => false,
+    };
+    match again {
+        Some(req) if idle => {
             let _ = tokio::time::timeout(wait, event).await;
             ask(addr, who, req).await
         }
@@ -320,6 +333,7 @@ async fn poll_loop(ctx: Arc<NodeContext>) -> Result<(), String> {
     let addr = ctx.identity.config_socket_addr()?;
     let mut conn: Option<Connection> = None;
     let mut reachable = true;
+    let mut version = 0u64;
     loop {
         let report = NodeReport {
             name: ctx.name.clone(),
@@ -329,6 +343,8 @@ async fn poll_loop(ctx: Arc<NodeContext>) -> Result<(), String> {
                 .flat_map(|p| p.reports())
                 .chain(ctx.master.iter().flat_map(|m| m.reports()))
                 .collect(),
+            version,
+            wait_ms: LONG_POLL_MS,
         };
         if conn.as_ref().is_some_and(|c| c.close_reason().is_some()) {
             conn = None;
@@ -338,11 +354,13 @@ async fn poll_loop(ctx: Arc<NodeContext>) -> Result<(), String> {
                 conn = Some(client::connect(&ctx.endpoint, ctx.client_cfg.clone(), addr, &ctx.name).await.map_err(|e| e.to_string())?);
             }
             let c = conn.as_ref().expect("set above");
-            client::call(c, &Request::NodePoll(report), Duration::from_secs(5)).await.map_err(|e| e.to_string())
+            let timeout = Duration::from_secs(5) + Duration::from_millis(LONG_POLL_MS as u64);
+            client::call(c, &Request::NodePoll(report), timeout).await.map_err(|e| e.to_string())
         }
         .await;
         match result {
-            Ok(Response::NodePoll(NodePollReply { assignments })) => {
+            Ok(Response::NodePoll(NodePollReply { assignments, version: v })) => {
+                version = v;
                 if !reachable {
                     tracing::info!("configuration node reachable again");
                     reachable = true;
@@ -364,9 +382,12 @@ async fn poll_loop(ctx: Arc<NodeContext>) -> Result<(), String> {
                     tracing::warn!("configuration node unreachable ({e}); replication continues on the last assignments");
                     reachable = false;
                 }
+                tokio::time::sleep(POLL_INTERVAL).await;
+                continue;
             }
         }
-        tokio::time::sleep(POLL_INTERVAL).await;
+        // The server holds idle polls; this floor only bounds the rate when it answers at once.
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -385,9 +406,9 @@ async fn process_manager(ctx: Arc<NodeContext>, ps: Arc<ProcessState>, sup: Opti
                 continue;
             }
             let name = format!("ship/{}", a.machine);
-            if running.remove(&a.machine).is_some() {
-                let _ = sup.send(RemoveChild(name.clone())).await;
-            }
+            // A ship child may still be draining (or be of an old epoch): replace it.
+            let _ = sup.send(RemoveChild(name.clone())).await;
+            running.remove(&a.machine);
             let (c, p) = (ctx.clone(), ps.clone());
             let spec = ChildSpec::task(name, move |tc| {
                 m.ship_restarts.store(tc.restarts, std::sync::atomic::Ordering::Relaxed);
@@ -396,12 +417,20 @@ async fn process_manager(ctx: Arc<NodeContext>, ps: Arc<ProcessState>, sup: Opti
             sup.send(AddChild(spec)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
             running.insert(a.machine.clone(), a.epoch);
         }
+        // A machine moved away drains: its ship child ships what is cached, then drops it.
         let gone: Vec<String> = running.keys().filter(|k| !mine.iter().any(|a| &a.machine == *k)).cloned().collect();
         for machine in gone {
             running.remove(&machine);
-            let _ = sup.send(RemoveChild(format!("ship/{machine}"))).await;
-            tracing::info!(%machine, "no longer assigned here; dropping its cache");
-            ps.remove(&machine);
+            match ps.machines.get(&machine).map(|m| m.clone()) {
+                Some(m) => {
+                    tracing::info!(%machine, "no longer assigned here; draining its cache to the master target");
+                    m.draining.store(true, std::sync::atomic::Ordering::SeqCst);
+                    m.assignment.send_modify(|_| {}); // wake the ship child
+                }
+                None => {
+                    let _ = sup.send(RemoveChild(format!("ship/{machine}"))).await;
+                }
+            }
         }
         rx.changed().await.map_err(|_| "assignments closed".to_string())?;
     }

@@ -92,6 +92,20 @@ pub struct AgentStats {
     pub degraded_reason: Option<String>,
     pub scans: u64,
     pub stream_restarts: u64,
+    /// Figures of the agent's last move to another process server.
+    #[serde(default)]
+    pub last_move: Option<MoveStats>,
+}
+
+/// What a move cost, as the agent saw it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MoveStats {
+    /// The assignment generation the agent moved to.
+    pub generation: u64,
+    /// From noticing the new assignment to the new process server's first acknowledgement.
+    pub pause_ms: u64,
+    /// Raw bytes sent again because the old process server may not have shipped them.
+    pub bytes_resent: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -109,6 +123,12 @@ pub struct AgentPollReply {
 pub struct NodeReport {
     pub name: String,
     pub machines: Vec<NodeMachineReport>,
+    /// Long poll: the assignments version the node holds; if unchanged, the server may hold
+    /// the reply up to `wait_ms`, answering early when assignments change.
+    #[serde(default)]
+    pub version: u64,
+    #[serde(default)]
+    pub wait_ms: u32,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -130,6 +150,9 @@ pub struct NodeMachineReport {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct NodePollReply {
     pub assignments: Vec<Assignment>,
+    /// Changes whenever any assignment changes.
+    #[serde(default)]
+    pub version: u64,
 }
 
 /// A machine's placement, as sent to the nodes that serve it.
@@ -208,6 +231,13 @@ pub enum AdminCommand {
     RequestSync { machine: String },
     /// Poll a barrier: answered with `SyncState`.
     SyncState { machine: String, id: u64 },
+    /// Live move to another process server: answered with `Moved`.
+    Move { machine: String, to: String },
+    /// One rebalancing pass now: answered with `Rebalanced`.
+    Rebalance,
+    Drain { node: String },
+    Undrain { node: String },
+    Events,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -218,4 +248,7 @@ pub enum AdminReply {
     Done { message: String },
     SyncRequested { id: u64 },
     SyncState { barrier_seq: Option<u64>, applied_seq: u64, done: bool },
+    Moved { machine: String, from: String, to: String, generation: u64 },
+    Rebalanced { moves: Vec<crate::view::EventView> },
+    Events(Vec<crate::view::EventView>),
 }

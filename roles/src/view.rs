@@ -21,6 +21,33 @@ pub struct NodeView {
     pub machines: u32,
     pub capacity: u32,
     pub drained: bool,
+    /// Raw bytes per second received from agents (process servers) over the last report.
+    #[serde(default)]
+    pub bytes_in_per_sec: u64,
+    /// Sealed bytes per second shipped to master targets (process servers).
+    #[serde(default)]
+    pub bytes_out_per_sec: u64,
+    /// Bytes in the process server's cache, all machines.
+    #[serde(default)]
+    pub cache_bytes: u64,
+}
+
+/// A move, failover or drain, with its figures once the agent reported them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EventView {
+    /// Milliseconds since the event (configuration node's clock).
+    pub age_ms: u64,
+    /// move | failover | rebalance | drain
+    pub kind: String,
+    pub machine: String,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub generation: u64,
+    pub reason: String,
+    /// Replication pause the agent measured, once reported.
+    pub pause_ms: Option<u64>,
+    /// Raw bytes the agent sent again, once reported.
+    pub bytes_resent: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

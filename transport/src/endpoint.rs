@@ -25,6 +25,7 @@ use rustls::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    faults::{self, FaultConfig, FaultHandle},
     frame::{self, FrameError, MAX_CONTROL_FRAME},
     identity::{fingerprint, Credentials, PeerIdentity, SERVER_NAME},
 };
@@ -188,8 +189,14 @@ fn udp_socket(addr: SocketAddr) -> Result<std::net::UdpSocket, EndpointError> {
     Ok(socket)
 }
 
-/// A server endpoint (also usable as a client) bound to `addr`.
+/// A server endpoint (also usable as a client) bound to `addr`. With `HAVEN_NET_FAULTS` set,
+/// its packets go through a fault-injecting socket ([`faults`]).
 pub fn server_endpoint(addr: SocketAddr, server: quinn::ServerConfig) -> Result<Endpoint, EndpointError> {
+    if let Some(config) = faults_from_env()? {
+        let (endpoint, _handle) = server_endpoint_with_faults(addr, server, config)?;
+        warn_faults(&endpoint, &config);
+        return Ok(endpoint);
+    }
     let socket = udp_socket(addr)?;
     Endpoint::new(
         quinn::EndpointConfig::default(),
@@ -200,12 +207,50 @@ pub fn server_endpoint(addr: SocketAddr, server: quinn::ServerConfig) -> Result<
     .map_err(|source| EndpointError::Bind { addr, source })
 }
 
-/// A client-only endpoint on an ephemeral port.
+/// A client-only endpoint on an ephemeral port. With `HAVEN_NET_FAULTS` set, its packets go
+/// through a fault-injecting socket ([`faults`]).
 pub fn client_endpoint() -> Result<Endpoint, EndpointError> {
+    if let Some(config) = faults_from_env()? {
+        let (endpoint, _handle) = client_endpoint_with_faults(config)?;
+        warn_faults(&endpoint, &config);
+        return Ok(endpoint);
+    }
     let addr: SocketAddr = "0.0.0.0:0".parse().expect("literal address");
     let socket = udp_socket(addr)?;
     Endpoint::new(quinn::EndpointConfig::default(), None, socket, Arc::new(quinn::TokioRuntime))
         .map_err(|source| EndpointError::Bind { addr, source })
+}
+
+/// [`server_endpoint`] with injected network faults, controlled through the handle.
+pub fn server_endpoint_with_faults(
+    addr: SocketAddr,
+    server: quinn::ServerConfig,
+    config: FaultConfig,
+) -> Result<(Endpoint, FaultHandle), EndpointError> {
+    let socket = udp_socket(addr)?;
+    faults::endpoint(socket, Some(server), config).map_err(|source| EndpointError::Bind { addr, source })
+}
+
+/// [`client_endpoint`] with injected network faults, controlled through the handle.
+pub fn client_endpoint_with_faults(config: FaultConfig) -> Result<(Endpoint, FaultHandle), EndpointError> {
+    let addr: SocketAddr = "0.0.0.0:0".parse().expect("literal address");
+    let socket = udp_socket(addr)?;
+    faults::endpoint(socket, None, config).map_err(|source| EndpointError::Bind { addr, source })
+}
+
+fn faults_from_env() -> Result<Option<FaultConfig>, EndpointError> {
+    FaultConfig::from_env().map_err(|e| {
+        EndpointError::Quic(format!("{}={:?} is invalid: {e}", faults::ENV_VAR, std::env::var_os(faults::ENV_VAR)))
+    })
+}
+
+fn warn_faults(endpoint: &Endpoint, config: &FaultConfig) {
+    let local = endpoint.local_addr().map(|a| a.to_string()).unwrap_or_else(|e| e.to_string());
+    tracing::warn!(
+        %local,
+        "{}={config}: injecting network faults on this endpoint (debug flag; replay with the same seed)",
+        faults::ENV_VAR
+    );
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -2,6 +2,7 @@
 //! payload sealing. Knows nothing of roles.
 pub mod codec;
 pub mod endpoint;
+pub mod faults;
 pub mod frame;
 pub mod identity;
 pub mod seal;

@@ -124,6 +124,7 @@ struct Agent {
     degraded: Mutex<Option<String>>,
     scans: AtomicU64,
     stream_restarts: AtomicU64,
+    last_move: Mutex<Option<crate::proto::MoveStats>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -206,6 +207,7 @@ impl Agent {
                 degraded_reason: lock(&self.degraded).clone(),
                 scans: self.scans.load(Ordering::Relaxed),
                 stream_restarts: self.stream_restarts.load(Ordering::Relaxed),
+                last_move: lock(&self.last_move).clone(),
             },
             sync_done: *lock(&self.sync_done),
             wait_ms,
@@ -277,6 +279,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), String> {
         degraded: Mutex::new(None),
         scans: AtomicU64::new(0),
         stream_restarts: AtomicU64::new(0),
+        last_move: Mutex::new(None),
         disks: disks.clone(),
         opts: opts.clone(),
     });
@@ -567,16 +570,48 @@ async fn emit(a: &Agent, extents: Vec<scan::Extent>, generation: u64) -> Result<
     Ok(())
 }
 
-async fn stream_loop(a: Arc<Agent>) -> Result<(), String> {
-    let result = stream_once(&a).await;
-    a.connected.store(false, Ordering::Relaxed);
-    if let Err(e) = &result {
-        *lock(&a.degraded) = Some(e.clone());
-    }
-    result
+/// How a stream ended.
+enum StreamEnd {
+    /// The assignment changed (a move): reconnect at once, no backoff.
+    Moved,
+    Failed(String),
 }
 
-async fn stream_once(a: &Arc<Agent>) -> Result<(), String> {
+impl From<String> for StreamEnd {
+    fn from(e: String) -> Self {
+        StreamEnd::Failed(e)
+    }
+}
+
+/// A move in progress, as the agent measures it.
+struct PendingMove {
+    noticed: Instant,
+    generation: u64,
+    bytes_resent: u64,
+    /// The move is complete once the new process server has cached through this seq.
+    until_cached: u64,
+}
+
+async fn stream_loop(a: Arc<Agent>) -> Result<(), String> {
+    let mut moved_at: Option<Instant> = None;
+    loop {
+        let result = stream_once(&a, moved_at.take()).await;
+        a.connected.store(false, Ordering::Relaxed);
+        match result {
+            Err(StreamEnd::Moved) => {
+                moved_at = Some(Instant::now());
+                continue;
+            }
+            Err(StreamEnd::Failed(e)) => {
+                *lock(&a.degraded) = Some(e.clone());
+                return Err(e);
+            }
+            Ok(()) => return Ok(()),
+        }
+    }
+}
+
+async fn stream_once(a: &Arc<Agent>, moved_at: Option<Instant>) -> Result<(), StreamEnd> {
     let mut control = a.control.subscribe();
     let ctl = loop {
         let c = control.borrow_and_update().clone();
@@ -597,10 +632,23 @@ async fn stream_once(a: &Arc<Agent>) -> Result<(), String> {
     frame::send_msg(&mut send, &Request::OpenStream(open)).await.map_err(|e| e.to_string())?;
     let (cached, applied) = match frame::expect_msg::<Response>(&mut recv, MAX_CONTROL_FRAME).await.map_err(|e| e.to_string())? {
         Response::StreamAccepted { cached_seq, applied_seq } => (cached_seq, applied_seq),
-        Response::Refused { reason } => return Err(format!("process server {ps_name} refused the stream: {reason}")),
-        other => return Err(format!("unexpected reply: {other:?}")),
+        Response::Refused { reason } => return Err(format!("process server {ps_name} refused the stream: {reason}").into()),
+        other => return Err(format!("unexpected reply: {other:?}").into()),
     };
-    let mut after = lock(&a.core).handle_stream_open(cached, applied);
+    let (mut after, pending_move) = {
+        let mut core = lock(&a.core);
+        let old_cached = core.cached_seq;
+        let after = core.handle_stream_open(cached, applied);
+        // What the old process server already held but must travel again.
+        let resend = core.batches_after(after, usize::MAX);
+        let pending = moved_at.map(|noticed| PendingMove {
+            noticed,
+            generation: ctl.generation,
+            bytes_resent: resend.iter().filter(|b| b.last_seq <= old_cached).map(|b| b.raw_bytes).sum(),
+            until_cached: resend.first().map(|b| b.last_seq).unwrap_or(0),
+        });
+        (after, pending)
+    };
     a.floor_known.notify_waiters();
     a.room.notify_one();
     a.connected.store(true, Ordering::Relaxed);
@@ -608,7 +656,18 @@ async fn stream_once(a: &Arc<Agent>) -> Result<(), String> {
     tracing::info!(ps = %ps_name, cached, applied, "streaming to process server");
     let mut acks = {
         let a = a.clone();
+        let mut pending_move = pending_move;
         tokio::spawn(async move {
+            // The move is over once *this* process server has cached what had to travel again.
+            let finish_move = |pending: &mut Option<PendingMove>, cached_here: u64| {
+                if let Some(p) = pending.take_if(|p| cached_here >= p.until_cached) {
+                    let stats = crate::proto::MoveStats { generation: p.generation, pause_ms: p.noticed.elapsed().as_millis() as u64, bytes_resent: p.bytes_resent };
+                    tracing::info!(generation = stats.generation, pause_ms = stats.pause_ms, bytes_resent = stats.bytes_resent, "moved to process server {ps_name}");
+                    *lock(&a.last_move) = Some(stats);
+                    a.report_now.notify_one();
+                }
+            };
+            finish_move(&mut pending_move, cached);
             loop {
                 let ack: Ack = frame::expect_msg(&mut recv, MAX_CONTROL_FRAME).await.map_err(|e| format!("ack stream: {e}"))?;
                 let before = {
@@ -618,6 +677,7 @@ async fn stream_once(a: &Arc<Agent>) -> Result<(), String> {
                     before
                 };
                 a.room.notify_one();
+                finish_move(&mut pending_move, ack.cached_seq);
                 // A pending sync barrier just got applied: tell the configuration node now.
                 if lock(&a.sync_done).is_some_and(|(_, seq)| before < seq && seq <= ack.applied_seq) {
                     a.report_now.notify_one();
@@ -635,12 +695,16 @@ async fn stream_once(a: &Arc<Agent>) -> Result<(), String> {
             if batches.is_empty() {
                 tokio::select! {
                     _ = a.new_batch.notified() => {}
-                    r = &mut acks => return Err(match r { Ok(Err(e)) => e, _ => "ack reader ended".into() }),
+                    r = &mut acks => return Err(StreamEnd::Failed(match r { Ok(Err(e)) => e, _ => "ack reader ended".into() })),
                     r = control.changed() => {
                         r.map_err(|_| "control closed".to_string())?;
-                        if *control.borrow() != ctl { return Err::<(), String>("assignment changed; reconnecting".into()); }
+                        let now = control.borrow().clone();
+                        if now.process_server != ctl.process_server && now.protected {
+                            return Err(StreamEnd::Moved);
+                        }
+                        if now != ctl { return Err(StreamEnd::Failed("assignment changed; reconnecting".into())); }
                     }
-                    _ = reset.changed() => return Err("protection reset; reconnecting".into()),
+                    _ = reset.changed() => return Err(StreamEnd::Failed("protection reset; reconnecting".into())),
                 }
                 continue;
             }

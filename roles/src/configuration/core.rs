@@ -38,10 +38,24 @@ pub struct ConfigCore {
     nodes: BTreeMap<String, NodeRecord>,
     machines: BTreeMap<String, MachineRecord>,
     node_reports: HashMap<String, Observed<NodeReport>>,
+    /// Previous report of each node: (when, raw bytes in, wire bytes out), for rates.
+    node_rates: HashMap<String, (Instant, u64, u64, u64, u64)>,
     agent_reports: HashMap<String, Observed<AgentReport>>,
     barriers: HashMap<String, Barrier>,
     next_barrier: u64,
+    pub(super) failure_timeout: Duration,
+    pub(super) policy: scaleout::RebalancePolicy,
+    /// When this core started judging liveness (first tick).
+    up_since: Option<Instant>,
+    events: std::collections::VecDeque<scaleout::Event>,
+    recent_moves: std::collections::VecDeque<Instant>,
+    last_rebalanced: HashMap<String, Instant>,
+    /// Bumped on every assignment change; nodes long-poll on it.
+    version: u64,
 }
+
+#[path = "scaleout.rs"]
+pub mod scaleout;
 
 pub type Outcome = (Response, Vec<Persist>);
 
@@ -57,11 +71,34 @@ impl ConfigCore {
             machines: machines.into_iter().map(|m| (m.name.clone(), m)).collect(),
             node_reports: HashMap::new(),
             agent_reports: HashMap::new(),
+            node_rates: HashMap::new(),
+            failure_timeout: FAILURE_TIMEOUT,
+            policy: scaleout::RebalancePolicy::default(),
+            up_since: None,
+            events: Default::default(),
+            recent_moves: Default::default(),
+            last_rebalanced: HashMap::new(),
+            version: rand::random::<u32>() as u64,
             barriers: HashMap::new(),
             // Barrier ids must not repeat across restarts of the configuration node: an agent
             // may still report a barrier id of the previous incarnation as done.
             next_barrier: (rand::random::<u32>() as u64) << 24 | 1,
         }
+    }
+
+    pub fn with_failure_timeout(mut self, t: Duration) -> Self {
+        self.failure_timeout = t;
+        self
+    }
+
+    pub fn with_policy(mut self, p: scaleout::RebalancePolicy) -> Self {
+        self.policy = p;
+        self
+    }
+
+    /// Changes whenever an assignment changes.
+    pub fn version(&self) -> u64 {
+        self.version
     }
 
     pub fn meta(&self) -> &ClusterMeta {
@@ -133,6 +170,10 @@ impl ConfigCore {
         if !self.machines.contains_key(machine) {
             persist = self.enroll(machine, &report.hostname, &report.disks);
         }
+        if let Some(stats) = &report.stats.last_move {
+            let stats = stats.clone();
+            self.record_move_figures(machine, &stats);
+        }
         if let (Some((id, seq)), Some(b)) = (report.sync_done, self.barriers.get_mut(machine)) {
             if b.id == id && b.barrier_seq.is_none() {
                 b.barrier_seq = Some(seq);
@@ -166,6 +207,22 @@ impl ConfigCore {
         if !self.nodes.contains_key(name) {
             return refused(format!("node {name} is not a member of this cluster"));
         }
+        let (raw, wire) = report
+            .machines
+            .iter()
+            .filter(|r| r.role == ROLE_PROCESS)
+            .fold((0u64, 0u64), |(a, b), r| (a + r.raw_bytes, b + r.wire_bytes));
+        let rates = match self.node_rates.get(name) {
+            Some(&(at, raw0, wire0, ..)) if now.duration_since(at) >= Duration::from_millis(900) => {
+                let secs = now.duration_since(at).as_secs_f64();
+                Some((now, raw, wire, (raw.saturating_sub(raw0) as f64 / secs) as u64, (wire.saturating_sub(wire0) as f64 / secs) as u64))
+            }
+            Some(_) => None,
+            None => Some((now, raw, wire, 0, 0)),
+        };
+        if let Some(r) = rates {
+            self.node_rates.insert(name.clone(), r);
+        }
         self.node_reports.insert(name.clone(), Observed { at: now, report });
         let assignments = self
             .machines
@@ -186,7 +243,7 @@ impl ConfigCore {
                 })
             })
             .collect();
-        (Response::NodePoll(NodePollReply { assignments }), vec![])
+        (Response::NodePoll(NodePollReply { assignments, version: self.version }), vec![])
     }
 
     pub fn handle_admin(&mut self, now: Instant, secret: &str, cmd: AdminCommand, new_key: impl FnOnce() -> Vec<u8>) -> Outcome {
@@ -214,6 +271,36 @@ impl ConfigCore {
                 self.barriers.insert(machine, Barrier { id, barrier_seq: None });
                 AdminReply::SyncRequested { id }
             }
+            AdminCommand::Move { machine, to } => match self.handle_move(now, &machine, &to) {
+                Ok((p, e)) => {
+                    let reply = AdminReply::Moved { machine, from: e.from.unwrap_or_default(), to, generation: e.generation };
+                    return (Response::Admin(reply), vec![p]);
+                }
+                Err(reason) => return refused(reason),
+            },
+            AdminCommand::Rebalance => {
+                let (persist, moves): (Vec<_>, Vec<_>) = self.rebalance_pass(now).into_iter().unzip();
+                return (Response::Admin(AdminReply::Rebalanced { moves }), persist);
+            }
+            AdminCommand::Drain { node } | AdminCommand::Undrain { node } if !self.nodes.contains_key(&node) => {
+                return refused(format!("no node named {node:?}"));
+            }
+            AdminCommand::Drain { node } => {
+                let n = self.nodes.get_mut(&node).expect("checked");
+                n.drained = true;
+                let mut persist = vec![Persist::Node(n.clone())];
+                persist.extend(self.handle_tick(now));
+                let left = self.machines_on(&node).len();
+                let message = format!("{node} drained; {left} machine(s) still to move");
+                return (Response::Admin(AdminReply::Done { message }), persist);
+            }
+            AdminCommand::Undrain { node } => {
+                let n = self.nodes.get_mut(&node).expect("checked");
+                n.drained = false;
+                let persist = vec![Persist::Node(n.clone())];
+                return (Response::Admin(AdminReply::Done { message: format!("{node} accepts machines again") }), persist);
+            }
+            AdminCommand::Events => AdminReply::Events(self.event_views(now)),
             AdminCommand::SyncState { machine, id } => {
                 if !self.machines.get(&machine).is_some_and(|m| m.protected) {
                     return refused(format!("{machine} is not protected"));
@@ -228,7 +315,7 @@ impl ConfigCore {
     }
 
     fn alive(&self, now: Instant, node: &str) -> bool {
-        self.node_reports.get(node).is_some_and(|o| now.duration_since(o.at) < FAILURE_TIMEOUT)
+        self.node_reports.get(node).is_some_and(|o| now.duration_since(o.at) < self.failure_timeout)
     }
 
     fn protect(&mut self, now: Instant, machine: &str, new_key: impl FnOnce() -> Vec<u8>) -> Outcome {
@@ -264,6 +351,7 @@ impl ConfigCore {
         m.process_server = Some(ps.clone());
         m.master_target = Some(mt.clone());
         m.data_key = new_key();
+        self.version += 1;
         let message = format!("{machine} protected: process server {ps}, master target {mt}, epoch {}", m.epoch.0);
         (Response::Admin(AdminReply::Done { message }), vec![Persist::Machine(m.clone())])
     }
@@ -277,6 +365,7 @@ impl ConfigCore {
         }
         m.protected = false;
         m.generation = Generation(m.generation.0 + 1);
+        self.version += 1;
         self.barriers.remove(machine);
         let message = format!("{machine} unprotected; its replica stays on {}", m.master_target.as_deref().unwrap_or("?"));
         (Response::Admin(AdminReply::Done { message }), vec![Persist::Machine(m.clone())])
@@ -318,6 +407,13 @@ impl ConfigCore {
                     .count() as u32,
                 capacity: n.capacity,
                 drained: n.drained,
+                bytes_in_per_sec: self.node_rates.get(&n.name).map(|r| r.3).unwrap_or(0),
+                bytes_out_per_sec: self.node_rates.get(&n.name).map(|r| r.4).unwrap_or(0),
+                cache_bytes: self
+                    .node_reports
+                    .get(&n.name)
+                    .map(|o| o.report.machines.iter().filter(|r| r.role == ROLE_PROCESS).map(|r| r.cache_bytes).sum())
+                    .unwrap_or(0),
             })
             .collect()
     }
@@ -340,7 +436,7 @@ impl ConfigCore {
         let agent_age = agent.map(|o| now.duration_since(o.at));
         let mut degraded = None;
         if m.protected {
-            if agent_age.is_none_or(|a| a >= FAILURE_TIMEOUT) {
+            if agent_age.is_none_or(|a| a >= self.failure_timeout) {
                 degraded = Some("agent is not reporting".to_string());
             } else if let Some(reason) = &stats.degraded_reason {
                 degraded = Some(reason.clone());

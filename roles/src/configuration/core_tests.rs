@@ -186,6 +186,7 @@ impl Cluster {
             NodeReport {
                 name: name.into(),
                 machines,
+                ..Default::default()
             },
         )
     }
@@ -651,6 +652,7 @@ fn node_poll_is_for_members_reporting_for_themselves() {
     let report = NodeReport {
         name: "ps-b".into(),
         machines: vec![],
+        ..Default::default()
     };
     refused_with(
         c.core
@@ -1181,6 +1183,7 @@ fn a_discovered_machine_view() {
 fn initial_sync_then_replicating_with_counters_from_agent_and_nodes() {
     let mut c = protected_web();
     let agent_stats = AgentStats {
+        last_move: None,
         epoch: 1,
         captured_seq: 100,
         cached_seq: 90,
@@ -1426,11 +1429,14 @@ fn node_views_report_liveness_load_and_capacity() {
         views,
         json!([
             {"name": "mt-a", "roles": ["master-target"], "addr": "mt-a.example:7400", "alive": false,
-             "last_seen_ms_ago": DEAD.as_millis() as u64 + 250, "machines": 2, "capacity": 20, "drained": false},
+             "last_seen_ms_ago": DEAD.as_millis() as u64 + 250, "machines": 2, "capacity": 20, "drained": false,
+             "bytes_in_per_sec": 0, "bytes_out_per_sec": 0, "cache_bytes": 0},
             {"name": "ps-a", "roles": ["process"], "addr": "ps-a.example:7400", "alive": true,
-             "last_seen_ms_ago": 250, "machines": 2, "capacity": 10, "drained": false},
+             "last_seen_ms_ago": 250, "machines": 2, "capacity": 10, "drained": false,
+             "bytes_in_per_sec": 0, "bytes_out_per_sec": 0, "cache_bytes": 0},
             {"name": "ps-b", "roles": ["process"], "addr": "ps-b.example:7400", "alive": false,
-             "last_seen_ms_ago": null, "machines": 0, "capacity": 10, "drained": true},
+             "last_seen_ms_ago": null, "machines": 0, "capacity": 10, "drained": true,
+             "bytes_in_per_sec": 0, "bytes_out_per_sec": 0, "cache_bytes": 0},
         ])
     );
 }

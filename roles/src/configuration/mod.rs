@@ -45,13 +45,14 @@ impl ConfigParts {
 
 impl ConfigActor {
     /// Loads state from `<data>/config/`. The store must already have been bootstrapped.
-    pub fn load(data_dir: &Path, ca: Arc<CertificateAuthority>) -> Result<ConfigParts, String> {
+    pub fn load(data_dir: &Path, ca: Arc<CertificateAuthority>, failure_timeout: std::time::Duration, policy: core::scaleout::RebalancePolicy) -> Result<ConfigParts, String> {
         let store = Store::open(&data_dir.join("config").join("state.redb")).map_err(|e| e.to_string())?;
         let meta = store.meta().map_err(|e| e.to_string())?.ok_or("cluster state has no identity; was the data dir bootstrapped?")?;
         let nodes = store.nodes().map_err(|e| e.to_string())?;
         let machines = store.machines().map_err(|e| e.to_string())?;
         tracing::info!(nodes = nodes.len(), machines = machines.len(), cluster = %meta.cluster_id, "configuration state loaded");
-        Ok(ConfigParts { core: ConfigCore::new(meta, nodes, machines), store, ca })
+        let core = ConfigCore::new(meta, nodes, machines).with_failure_timeout(failure_timeout).with_policy(policy);
+        Ok(ConfigParts { core, store, ca })
     }
 
     fn persist(&self, records: Vec<Persist>) -> Result<(), String> {
@@ -71,6 +72,21 @@ impl Actor for ConfigActor {
     fn started(&mut self, ctx: &mut Self::Context) {
         // Control messages are small; a bounded mailbox pushes back on a flood of polls.
         ctx.set_mailbox_capacity(256);
+        // Failover, draining and rebalancing are judged once a second.
+        ctx.run_interval(std::time::Duration::from_secs(1), |act, ctx| {
+            let persist = act.core.handle_tick(Instant::now());
+            if persist.is_empty() {
+                return;
+            }
+            if let Err(e) = act.persist(persist) {
+                // Not durable, so not in force: restart from the store.
+                tracing::error!("{e}; restarting the configuration service");
+                act.guard.fail(e);
+                ctx.stop();
+                return;
+            }
+            act.events.notify_waiters();
+        });
     }
 }
 
@@ -117,7 +133,7 @@ impl Handler<HandleRequest> for ConfigActor {
                 },
             },
             (Request::Admin { secret, command }, _) => {
-                let wakes_agents = matches!(command, AdminCommand::RequestSync { .. } | AdminCommand::Protect { .. } | AdminCommand::Unprotect { .. });
+                let wakes_agents = !matches!(command, AdminCommand::Status | AdminCommand::Nodes | AdminCommand::Machines | AdminCommand::Events | AdminCommand::SyncState { .. });
                 let (r, p) = self.core.handle_admin(now, &secret, command, || DataKey::generate().as_bytes().to_vec());
                 if let Response::Refused { reason } = &r {
                     tracing::warn!(%reason, "admin request refused");

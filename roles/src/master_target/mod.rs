@@ -44,13 +44,10 @@ pub struct MtMachine {
     pub replica: Mutex<Option<Replica>>,
     pub applied: AtomicU64,
     pub refused: AtomicU64,
-    pub owner: AtomicU64,
     pub bytes_applied: AtomicU64,
     /// Epoch of the open replica.
     pub epoch: AtomicU64,
 }
-
-static NEXT_STREAM_ID: AtomicU64 = AtomicU64::new(1);
 
 impl MasterState {
     pub fn new(data_dir: &Path) -> Self {
@@ -89,15 +86,14 @@ pub async fn apply_stream(
             return Err(reason);
         }
     };
-    let id = NEXT_STREAM_ID.fetch_add(1, Ordering::Relaxed);
-    m.owner.store(id, Ordering::SeqCst);
+    let generation = open.generation.0;
     let applied = m.applied.load(Ordering::SeqCst);
     frame::send_msg(&mut send, &Response::ShipAccepted { applied_seq: applied }).await.map_err(|e| e.to_string())?;
     tracing::info!(machine = %open.machine, applied, "ship stream accepted");
 
     let (tx, rx) = mpsc::channel(OPEN_QUEUE);
     let reader = tokio::spawn(read_and_open(open.clone(), key, recv, tx));
-    let result = apply_in_order(&m, id, &mut send, rx).await;
+    let result = apply_in_order(&m, generation, &mut send, rx).await;
     reader.abort();
     if let Err(e) = &result {
         if e.starts_with("refused") {
@@ -126,6 +122,7 @@ async fn admit(ctx: &NodeContext, who: Option<&PeerIdentity>, open: &ShipOpen) -
     let key = DataKey::from_slice(&a.data_key).map_err(|e| e.to_string())?;
     let m = mt.machines.entry(open.machine.clone()).or_default().clone();
     let (dir, machine, epoch, disks) = (mt.dir.clone(), open.machine.clone(), a.epoch.0, a.disks.clone());
+    let generation = open.generation.0;
     let m2 = m.clone();
     tokio::task::spawn_blocking(move || {
         let mut slot = m2.replica.lock().map_err(|_| "replica lock poisoned".to_string())?;
@@ -137,7 +134,8 @@ async fn admit(ctx: &NodeContext, who: Option<&PeerIdentity>, open: &ShipOpen) -
             m2.epoch.store(r.epoch() as u64, Ordering::SeqCst);
             *slot = Some(r);
         }
-        Ok::<_, String>(())
+        // A process server of an older generation than one that delivered is fenced.
+        slot.as_ref().expect("opened above").check_generation(generation).map_err(|e| e.to_string())
     })
     .await
     .map_err(|e| e.to_string())??;
@@ -189,7 +187,7 @@ async fn read_and_open(
 
 async fn apply_in_order(
     m: &Arc<MtMachine>,
-    id: u64,
+    generation: u64,
     send: &mut SendStream,
     mut rx: mpsc::Receiver<tokio::task::JoinHandle<Result<Opened, String>>>,
 ) -> Result<(), String> {
@@ -200,16 +198,13 @@ async fn apply_in_order(
             let Ok(job) = rx.try_recv() else { break };
             batch.push(job.await.map_err(|e| e.to_string())??);
         }
-        if m.owner.load(Ordering::SeqCst) != id {
-            return Err("superseded by a newer ship stream".into());
-        }
         let m2 = m.clone();
         let applied = tokio::task::spawn_blocking(move || {
             let mut slot = m2.replica.lock().map_err(|_| "replica lock poisoned".to_string())?;
             let r = slot.as_mut().ok_or("replica closed")?;
             let mut failed = None;
             for o in &batch {
-                match r.apply(o.first_seq, o.last_seq, &o.body) {
+                match r.apply(generation, o.first_seq, o.last_seq, &o.body) {
                     Ok(replica::Applied::Applied) => {
                         m2.bytes_applied.fetch_add(o.raw_len, Ordering::Relaxed);
                     }

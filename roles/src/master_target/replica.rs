@@ -26,6 +26,8 @@ pub enum ApplyError {
     Io(String),
     #[error("stale epoch {got}: replica is at epoch {have}")]
     StaleEpoch { got: u32, have: u32 },
+    #[error("stale generation {got}: generation {have} has delivered (fenced)")]
+    StaleGeneration { got: u64, have: u64 },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -33,6 +35,9 @@ struct ReplicaState {
     version: u32,
     epoch: u32,
     applied_seq: u64,
+    /// Highest assignment generation that has delivered a batch: older ones are fenced.
+    #[serde(default)]
+    generation: u64,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -48,6 +53,7 @@ pub struct Replica {
     state: ReplicaState,
     /// Applied in memory but not yet fsynced and recorded.
     pending_seq: u64,
+    pending_generation: u64,
     dirty: Vec<bool>,
 }
 
@@ -92,9 +98,16 @@ impl Replica {
         }
         let state = match stored {
             Some(s) if !reset => s,
-            _ => ReplicaState { version: 1, epoch, applied_seq: 0 },
+            _ => ReplicaState { version: 1, epoch, applied_seq: 0, generation: 0 },
         };
-        let mut r = Self { dir, dirty: vec![reset; files.len()], disks: files, pending_seq: state.applied_seq, state };
+        let mut r = Self {
+            dir,
+            dirty: vec![reset; files.len()],
+            disks: files,
+            pending_seq: state.applied_seq,
+            pending_generation: state.generation,
+            state,
+        };
         if reset {
             r.commit()?;
         }
@@ -110,9 +123,23 @@ impl Replica {
         self.state.epoch
     }
 
+    /// Highest generation that has delivered (including not yet committed batches).
+    pub fn generation(&self) -> u64 {
+        self.pending_generation
+    }
+
+    /// Refuses a stream of an older generation than one that has delivered.
+    pub fn check_generation(&self, generation: u64) -> Result<(), ApplyError> {
+        if generation < self.pending_generation {
+            return Err(ApplyError::StaleGeneration { got: generation, have: self.pending_generation });
+        }
+        Ok(())
+    }
+
     /// Applies one batch in seq order. Every record is validated before anything is written,
     /// so an invalid batch leaves the disks untouched.
-    pub fn apply(&mut self, first_seq: u64, last_seq: u64, body: &BatchBody) -> Result<Applied, ApplyError> {
+    pub fn apply(&mut self, generation: u64, first_seq: u64, last_seq: u64, body: &BatchBody) -> Result<Applied, ApplyError> {
+        self.check_generation(generation)?;
         if last_seq <= self.pending_seq {
             return Ok(Applied::Duplicate);
         }
@@ -138,6 +165,8 @@ impl Replica {
             self.dirty[r.disk as usize] = true;
         }
         self.pending_seq = last_seq;
+        // This generation has delivered: every older one is fenced from now on.
+        self.pending_generation = generation;
         Ok(Applied::Applied)
     }
 
@@ -149,8 +178,9 @@ impl Replica {
             }
         }
         self.dirty.iter_mut().for_each(|d| *d = false);
-        if self.pending_seq != self.state.applied_seq || !self.dir.join("state").exists() {
-            let next = ReplicaState { applied_seq: self.pending_seq, ..self.state.clone() };
+        let changed = self.pending_seq != self.state.applied_seq || self.pending_generation != self.state.generation;
+        if changed || !self.dir.join("state").exists() {
+            let next = ReplicaState { applied_seq: self.pending_seq, generation: self.pending_generation, ..self.state.clone() };
             let bytes = haven_transport::codec::encode(&next).map_err(|e| ApplyError::Io(e.to_string()))?;
             let path = self.dir.join("state");
             write_atomic(&path, &bytes).map_err(|e| io("write", &path, e))?;
@@ -188,10 +218,10 @@ mod tests {
     fn applies_in_order_and_ignores_duplicates() {
         let dir = tempfile::tempdir().unwrap();
         let mut r = Replica::open(dir.path(), "m", 1, &disks()).unwrap();
-        assert_eq!(r.apply(1, 2, &body(1, &[(0, b"aa"), (10, b"bb")])).unwrap(), Applied::Applied);
-        assert_eq!(r.apply(3, 3, &body(3, &[(0, b"cc")])).unwrap(), Applied::Applied);
+        assert_eq!(r.apply(1, 1, 2, &body(1, &[(0, b"aa"), (10, b"bb")])).unwrap(), Applied::Applied);
+        assert_eq!(r.apply(1, 3, 3, &body(3, &[(0, b"cc")])).unwrap(), Applied::Applied);
         // A resend of seq 1..2 must not undo seq 3.
-        assert_eq!(r.apply(1, 2, &body(1, &[(0, b"aa"), (10, b"bb")])).unwrap(), Applied::Duplicate);
+        assert_eq!(r.apply(1, 1, 2, &body(1, &[(0, b"aa"), (10, b"bb")])).unwrap(), Applied::Duplicate);
         assert_eq!(r.commit().unwrap(), 3);
         let img = image(dir.path());
         assert_eq!(&img[0..2], b"cc");
@@ -200,10 +230,28 @@ mod tests {
     }
 
     #[test]
+    fn an_older_generation_is_fenced_once_a_newer_one_delivered() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = Replica::open(dir.path(), "m", 1, &disks()).unwrap();
+        r.apply(3, 1, 1, &body(1, &[(0, b"a")])).unwrap();
+        // Generation 3 delivered; the old process server (generation 2) is refused.
+        assert_eq!(r.apply(2, 2, 2, &body(2, &[(0, b"X")])), Err(ApplyError::StaleGeneration { got: 2, have: 3 }));
+        assert_eq!(r.check_generation(2), Err(ApplyError::StaleGeneration { got: 2, have: 3 }));
+        r.apply(4, 2, 2, &body(2, &[(0, b"b")])).unwrap();
+        r.commit().unwrap();
+        drop(r);
+        // The fence survives a restart.
+        let r = Replica::open(dir.path(), "m", 1, &disks()).unwrap();
+        assert_eq!(r.generation(), 4);
+        assert!(r.check_generation(3).is_err());
+        assert_eq!(&image(dir.path())[0..1], b"b");
+    }
+
+    #[test]
     fn gap_is_refused_and_nothing_written() {
         let dir = tempfile::tempdir().unwrap();
         let mut r = Replica::open(dir.path(), "m", 1, &disks()).unwrap();
-        assert_eq!(r.apply(5, 5, &body(5, &[(0, b"zz")])), Err(ApplyError::Gap { applied: 0, first: 5 }));
+        assert_eq!(r.apply(1, 5, 5, &body(5, &[(0, b"zz")])), Err(ApplyError::Gap { applied: 0, first: 5 }));
         assert!(image(dir.path()).iter().all(|b| *b == 0));
     }
 
@@ -213,11 +261,11 @@ mod tests {
         let mut r = Replica::open(dir.path(), "m", 1, &disks()).unwrap();
         // First record valid, second beyond the end: the whole batch is refused.
         let bad = body(1, &[(0, b"xx"), ((1 << 16) - 1, b"yy")]);
-        assert!(matches!(r.apply(1, 2, &bad), Err(ApplyError::Invalid(_))));
+        assert!(matches!(r.apply(1, 1, 2, &bad), Err(ApplyError::Invalid(_))));
         assert!(image(dir.path()).iter().all(|b| *b == 0));
         let mut wrong_disk = body(1, &[(0, b"xx")]);
         wrong_disk.records[0].disk = 3;
-        assert!(matches!(r.apply(1, 1, &wrong_disk), Err(ApplyError::Invalid(_))));
+        assert!(matches!(r.apply(1, 1, 1, &wrong_disk), Err(ApplyError::Invalid(_))));
         assert_eq!(r.applied_seq(), 0);
     }
 
@@ -226,10 +274,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let mut r = Replica::open(dir.path(), "m", 1, &disks()).unwrap();
-            r.apply(1, 1, &body(1, &[(0, b"q")])).unwrap();
+            r.apply(1, 1, 1, &body(1, &[(0, b"q")])).unwrap();
             r.commit().unwrap();
             // Applied but not committed: must not be claimed after a crash.
-            r.apply(2, 2, &body(2, &[(1, b"r")])).unwrap();
+            r.apply(1, 2, 2, &body(2, &[(1, b"r")])).unwrap();
         }
         let r = Replica::open(dir.path(), "m", 1, &disks()).unwrap();
         assert_eq!(r.applied_seq(), 1);

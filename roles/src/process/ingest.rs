@@ -120,8 +120,11 @@ pub async fn ingest(
             if last_seq < next_expected {
                 continue; // a resend of something already cached
             }
-            if first_seq != next_expected {
-                return Err(format!("seq gap or overlap: expected {next_expected}, got {first_seq}..={last_seq}"));
+            // A gap is legal: after moves, the seqs in between were cached by another process
+            // server (the master target orders and deduplicates). An overlap is not: batches
+            // are immutable units, so a partial overlap means a broken sender.
+            if first_seq < next_expected {
+                return Err(format!("batch {first_seq}..={last_seq} overlaps what is cached (through {})", next_expected - 1));
             }
             next_expected = last_seq + 1;
             // Back-pressure: a full cache stops us reading; QUIC flow control slows the agent.
@@ -158,10 +161,22 @@ async fn admit(ctx: &NodeContext, who: Option<&PeerIdentity>, open: &StreamOpen)
         Some(other) => return Err(format!("{} may not send data for machine {}", other.common_name(), open.machine)),
         None => return Err("data streams need a cluster certificate".into()),
     }
-    let a = ctx
-        .assignment(&open.machine)
-        .filter(|a| a.process_server == ctx.name)
-        .ok_or_else(|| format!("machine {} is not assigned to process server {}", open.machine, ctx.name))?;
+    // The agent may hear of a move before we do: wait briefly for our assignment to catch up.
+    let mut assignments = ctx.assignments.subscribe();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let a = loop {
+        let current = ctx.assignment(&open.machine).filter(|a| a.process_server == ctx.name);
+        match current {
+            Some(a) if a.generation >= open.generation => break a,
+            _ => {}
+        }
+        if tokio::time::timeout_at(deadline, assignments.changed()).await.is_err() {
+            return Err(format!("machine {} (generation {}) is not assigned to process server {}", open.machine, open.generation.0, ctx.name));
+        }
+    };
+    if a.generation > open.generation {
+        return Err(format!("stale assignment: the agent streams generation {}, the cluster is at {}", open.generation.0, a.generation.0));
+    }
     if a.epoch.0 != open.epoch {
         return Err(format!("epoch mismatch: agent streams epoch {}, cluster has {}", open.epoch, a.epoch.0));
     }
@@ -170,6 +185,9 @@ async fn admit(ctx: &NodeContext, who: Option<&PeerIdentity>, open: &StreamOpen)
         tokio::task::spawn_blocking(move || ps.machine(&a)).await.map_err(|e| e.to_string())??
     };
     // Without cached data, the seq floor comes from the master target: wait for it.
+    if m.draining.load(Ordering::SeqCst) {
+        return Err(format!("machine {} is draining off process server {}", open.machine, ctx.name));
+    }
     if *m.durable.borrow() == 0 && !*m.applied_known.borrow() {
         let mut known = m.applied_known.subscribe();
         let waited = tokio::time::timeout(Duration::from_secs(10), known.wait_for(|k| *k)).await;

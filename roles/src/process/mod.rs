@@ -75,7 +75,10 @@ impl ProcessState {
     pub fn machine(&self, a: &Assignment) -> Result<Arc<PsMachine>, String> {
         if let Some(m) = self.machines.get(&a.machine) {
             if m.assignment.borrow().epoch == a.epoch {
-                m.assignment.send_replace(a.clone());
+                m.draining.store(false, Ordering::SeqCst);
+                if *m.assignment.borrow() != *a {
+                    m.assignment.send_replace(a.clone());
+                }
                 return Ok(m.clone());
             }
         }
@@ -110,6 +113,7 @@ impl ProcessState {
             raw_bytes: AtomicU64::new(0),
             wire_bytes: AtomicU64::new(0),
             ship_restarts: AtomicU64::new(0),
+            draining: std::sync::atomic::AtomicBool::new(false),
         });
         self.machines.insert(a.machine.clone(), m.clone());
         Ok(m)
@@ -149,6 +153,8 @@ pub struct PsMachine {
     pub raw_bytes: AtomicU64,
     pub wire_bytes: AtomicU64,
     pub ship_restarts: AtomicU64,
+    /// No longer assigned here: ship what is cached, then drop the machine.
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 impl PsMachine {

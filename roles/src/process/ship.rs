@@ -25,7 +25,36 @@ fn corrupt_this_one() -> bool {
     std::env::var("HAVEN_FAULT_CORRUPT_SHIP").ok().and_then(|v| v.parse::<u64>().ok()) == Some(n)
 }
 
+/// Longest a machine that moved away keeps shipping its cache before it is dropped.
+const DRAIN_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub async fn ship(ctx: Arc<NodeContext>, ps: Arc<ProcessState>, m: Arc<PsMachine>) -> Result<(), String> {
+    if !m.draining.load(Ordering::SeqCst) {
+        return ship_once(&ctx, &ps, &m).await;
+    }
+    // Draining after a move: best effort. Whatever does not get through, the agent still
+    // retains and sends to the new process server; a newer generation fences us anyway.
+    let drained = tokio::time::timeout(DRAIN_MAX, ship_once(&ctx, &ps, &m)).await;
+    let outcome = match drained {
+        Ok(Ok(())) => "drained".to_string(),
+        Ok(Err(e)) => format!("drain ended: {e}"),
+        Err(_) => format!("drain timed out after {DRAIN_MAX:?}"),
+    };
+    tracing::info!(machine = %m.name, "{outcome}; dropping the machine's cache");
+    if ps.machines.remove_if(&m.name, |_, x| Arc::ptr_eq(x, &m) && x.draining.load(Ordering::SeqCst)).is_some() {
+        if let Ok(mut c) = m.cache.lock() {
+            if let Err(e) = c.clear() {
+                tracing::warn!(machine = %m.name, "clearing cache: {e}");
+            }
+        }
+        ps.space.notify_waiters();
+    }
+    Ok(())
+}
+
+/// Ships until an error, or (when draining) until everything cached is applied.
+async fn ship_once(ctx: &Arc<NodeContext>, ps: &Arc<ProcessState>, m: &Arc<PsMachine>) -> Result<(), String> {
+    let (ctx, ps, m) = (ctx.clone(), ps.clone(), m.clone());
     let a = m.assignment.borrow().clone();
     let addr = resolve(&a.master_target_addr)?;
     let conn = client::connect(&ctx.endpoint, ctx.client_cfg.clone(), addr, &format!("process {}", ctx.name))
@@ -61,12 +90,20 @@ pub async fn ship(ctx: Arc<NodeContext>, ps: Arc<ProcessState>, m: Arc<PsMachine
             durable.borrow_and_update();
             let records = m.with_cache(move |c| c.read_after(cursor, READ_BYTES)).await?;
             if records.is_empty() {
+                if m.draining.load(Ordering::SeqCst) && *m.applied.borrow() >= *m.durable.borrow() {
+                    return Ok(());
+                }
+                let mut applied = m.applied.subscribe();
                 tokio::select! {
+                    r = applied.changed() => r.map_err(|_| "machine dropped".to_string())?,
                     r = durable.changed() => r.map_err(|_| "machine dropped".to_string())?,
                     r = assignment.changed() => {
                         r.map_err(|_| "machine dropped".to_string())?;
                         let now = assignment.borrow_and_update().clone();
-                        if now.master_target_addr != a.master_target_addr || now.epoch != a.epoch {
+                        if m.draining.load(Ordering::SeqCst) {
+                            continue; // ship what is left under the old generation
+                        }
+                        if now.master_target_addr != a.master_target_addr || now.epoch != a.epoch || now.generation != a.generation {
                             return Err::<(), String>("assignment changed; reconnecting".into());
                         }
                     }

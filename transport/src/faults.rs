@@ -1,0 +1,1116 @@
+//! A fault-injecting UDP socket for quinn: drops, duplicates, delays (and so reorders),
+//! corrupts and partitions packets, for tests and for manual runs with `HAVEN_NET_FAULTS`.
+//!
+//! ```text
+//!   quinn Endpoint
+//!     | try_send(transmit)                 ^ poll_recv(bufs, meta)
+//!     v                                    |
+//!   FaultySocket ---- one decision per datagram, per direction -----------------+
+//!     | partitioned(peer, dir)? -> drop (counted `partitioned`)                 |
+//!     | FaultDecider (seeded)   -> drop | deliver {copies 1..2, delay, corrupt} |
+//!     |   delay: held by a tokio task, sent (or queued for receive) later,      |
+//!     |          so packets behind it overtake it                               |
+//!     v                                    |                                    |
+//!   inner socket (TokioRuntime.wrap_udp_socket)   <- FaultHandle: partition / heal /
+//!                                                    set_rates / stats, from the test
+//! ```
+//!
+//! **One decision per packet.** The socket reports `max_transmit_segments() == 1` and
+//! `max_receive_segments() == 1`, so quinn never hands it a GSO batch. The inner socket may
+//! still have GRO enabled and receive a coalesced buffer from a peer that sends with GSO; such
+//! buffers are split at their stride and each datagram is judged on its own.
+//!
+//! **Replay.** Each direction has its own RNG seeded from [`FaultConfig::seed`], and every
+//! judged packet consumes the same amount of randomness whatever the rates, so the n-th
+//! packet's decision depends only on the seed, n and the rates (raising a rate only adds
+//! faults). Which packet is the n-th depends on the traffic, which on a real network is not
+//! deterministic; the decision sequence is. Packets cut by a partition take no decision. A
+//! send that the inner socket refuses with `WouldBlock` is retried by quinn and takes a fresh
+//! decision. The seed is reproducible for a given `rand` version (`StdRng`).
+//!
+//! **Corruption** flips one byte of a datagram. QUIC authenticates every packet, so the
+//! receiver silently drops a corrupted packet: on the wire it is equivalent to a loss. To
+//! test the application's handling of damaged frames, corrupt them above QUIC.
+//!
+//! **Bounds.** At most [`DELAYED_PACKETS_MAX`] packets are held for delay at a time, and at
+//! most [`RECV_QUEUE_PACKETS_MAX`] received packets (duplicates, released delays, split GRO
+//! buffers) wait for quinn; beyond that packets are dropped and counted as `overflowed`.
+//! A delay is at most [`DELAY_LIMIT`].
+use std::{
+    collections::{HashMap, VecDeque},
+    fmt,
+    future::poll_fn,
+    io::{self, IoSliceMut},
+    net::{IpAddr, SocketAddr},
+    pin::Pin,
+    str::FromStr,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex, MutexGuard, PoisonError,
+    },
+    task::{Context, Poll, Waker},
+    time::Duration,
+};
+
+use quinn::{
+    udp::{EcnCodepoint, RecvMeta, Transmit},
+    AsyncUdpSocket, Endpoint, EndpointConfig, Runtime, UdpPoller,
+};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+/// Debug flag: when set (and not empty), every endpoint built by [`crate::endpoint`] injects
+/// these faults, e.g. `seed=42,drop=0.01,dup=0.01,delay=0.05,delay_max=30ms,corrupt=0.001`.
+pub const ENV_VAR: &str = "HAVEN_NET_FAULTS";
+/// Packets held for delay at one time, per socket (both directions together).
+pub const DELAYED_PACKETS_MAX: usize = 1024;
+/// Received packets waiting for quinn to poll them, per socket.
+pub const RECV_QUEUE_PACKETS_MAX: usize = 1024;
+/// Largest accepted `delay_max`.
+pub const DELAY_LIMIT: Duration = Duration::from_secs(10);
+/// Sends of a delayed packet retried after `WouldBlock` before it is given up.
+const DELAYED_SEND_ATTEMPTS_MAX: usize = 4;
+/// Inner-socket reads per `poll_recv` call when every packet read was dropped.
+const RECV_ROUNDS_MAX: usize = 16;
+/// Makes the incoming RNG stream differ from the outgoing one for the same seed.
+const INCOMING_SEED_SALT: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// Which way packets travel, seen from this endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// Packets this endpoint sends.
+    Outgoing,
+    /// Packets this endpoint receives.
+    Incoming,
+    Both,
+}
+
+impl Direction {
+    pub fn covers(self, other: Direction) -> bool {
+        self == Direction::Both || self == other
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outgoing => "out",
+            Direction::Incoming => "in",
+            Direction::Both => "both",
+        }
+    }
+}
+
+/// Per-packet fault probabilities (each in `0.0..=1.0`, rolled independently).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FaultRates {
+    pub drop: f64,
+    /// The packet is delivered twice.
+    pub duplicate: f64,
+    /// The packet is held for a uniformly random time in `0..delay_max`.
+    pub delay: f64,
+    pub delay_max: Duration,
+    /// One byte of the packet is inverted (QUIC then drops it: see the module docs).
+    pub corrupt: f64,
+}
+
+impl Default for FaultRates {
+    /// No faults; a delayed packet would be held up to 20 ms.
+    fn default() -> Self {
+        Self {
+            drop: 0.0,
+            duplicate: 0.0,
+            delay: 0.0,
+            delay_max: Duration::from_millis(20),
+            corrupt: 0.0,
+        }
+    }
+}
+
+impl FaultRates {
+    pub fn validate(&self) -> Result<(), FaultConfigError> {
+        let probabilities = [
+            ("drop", self.drop),
+            ("dup", self.duplicate),
+            ("delay", self.delay),
+            ("corrupt", self.corrupt),
+        ];
+        for (key, p) in probabilities {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(FaultConfigError::bad_value(
+                    key,
+                    p,
+                    "a probability must be in 0..=1",
+                ));
+            }
+        }
+        if self.delay_max > DELAY_LIMIT {
+            return Err(FaultConfigError::bad_value(
+                "delay_max",
+                DisplayDuration(self.delay_max),
+                format!("at most {}", DisplayDuration(DELAY_LIMIT)),
+            ));
+        }
+        if self.delay > 0.0 && self.delay_max.is_zero() {
+            return Err(FaultConfigError::bad_value(
+                "delay_max",
+                DisplayDuration(self.delay_max),
+                "must be above zero when delay > 0",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What to inject, and the seed that makes it replayable. Parses from and displays as the
+/// [`ENV_VAR`] syntax.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FaultConfig {
+    pub seed: u64,
+    pub rates: FaultRates,
+    /// Where `rates` apply; partitions are set separately, through the [`FaultHandle`].
+    pub direction: Direction,
+}
+
+impl FaultConfig {
+    /// The given rates, both ways.
+    pub fn new(seed: u64, rates: FaultRates) -> Self {
+        Self {
+            seed,
+            rates,
+            direction: Direction::Both,
+        }
+    }
+
+    /// No random faults: only counters, and partitions set through the handle.
+    pub fn none(seed: u64) -> Self {
+        Self::new(seed, FaultRates::default())
+    }
+
+    /// Reads [`ENV_VAR`]; `None` when it is unset or empty.
+    pub fn from_env() -> Result<Option<Self>, FaultConfigError> {
+        match std::env::var(ENV_VAR) {
+            Ok(value) if value.trim().is_empty() => Ok(None),
+            Ok(value) => value.parse().map(Some),
+            Err(std::env::VarError::NotPresent) => Ok(None),
+            Err(std::env::VarError::NotUnicode(_)) => Err(FaultConfigError::NotUnicode),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FaultConfigError {
+    #[error("no settings (expected e.g. `seed=42,drop=0.01,dup=0.01,delay=0.05,delay_max=30ms,corrupt=0.001`)")]
+    Empty,
+    #[error("{ENV_VAR} is not valid UTF-8")]
+    NotUnicode,
+    #[error("expected key=value, got {0:?}")]
+    NotKeyValue(String),
+    #[error("unknown key {0:?} (known: seed, drop, dup, delay, delay_max, corrupt, dir)")]
+    UnknownKey(String),
+    #[error("key {0:?} given twice")]
+    DuplicateKey(String),
+    #[error("{key}={value}: {reason}")]
+    BadValue {
+        key: String,
+        value: String,
+        reason: String,
+    },
+}
+
+impl FaultConfigError {
+    fn bad_value(key: &str, value: impl fmt::Display, reason: impl Into<String>) -> Self {
+        Self::BadValue {
+            key: key.into(),
+            value: value.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl FromStr for FaultConfig {
+    type Err = FaultConfigError;
+
+    /// `key=value` items separated by commas. Keys: `seed` (decimal or `0x` hex; a random
+    /// one when absent — it is printed with the config, so the run can be replayed), `drop`,
+    /// `dup`/`duplicate`, `delay`, `corrupt` (probabilities, `0.05` or `5%`), `delay_max`
+    /// (`500us`, `30ms`, `1.5s`; default 20ms), `dir` (`out`, `in` or `both`, default both).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut seed = None;
+        let mut rates = FaultRates::default();
+        let mut direction = None;
+        let mut seen: Vec<&str> = Vec::new();
+        for item in s.split(',').map(str::trim).filter(|item| !item.is_empty()) {
+            let (key, value) = item
+                .split_once('=')
+                .map(|(k, v)| (k.trim(), v.trim()))
+                .ok_or_else(|| FaultConfigError::NotKeyValue(item.to_string()))?;
+            let key = match key {
+                "duplicate" => "dup",
+                "direction" => "dir",
+                other => other,
+            };
+            if seen.contains(&key) {
+                return Err(FaultConfigError::DuplicateKey(key.to_string()));
+            }
+            match key {
+                "seed" => seed = Some(parse_seed(value)?),
+                "drop" => rates.drop = parse_probability(key, value)?,
+                "dup" => rates.duplicate = parse_probability(key, value)?,
+                "delay" => rates.delay = parse_probability(key, value)?,
+                "corrupt" => rates.corrupt = parse_probability(key, value)?,
+                "delay_max" => rates.delay_max = parse_duration(key, value)?,
+                "dir" => direction = Some(parse_direction(value)?),
+                other => return Err(FaultConfigError::UnknownKey(other.to_string())),
+            }
+            seen.push(key);
+        }
+        if seen.is_empty() {
+            return Err(FaultConfigError::Empty);
+        }
+        rates.validate()?;
+        Ok(Self {
+            seed: seed.unwrap_or_else(rand::random),
+            rates,
+            direction: direction.unwrap_or(Direction::Both),
+        })
+    }
+}
+
+impl fmt::Display for FaultConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let r = &self.rates;
+        write!(
+            f,
+            "seed={},drop={},dup={},delay={},delay_max={},corrupt={},dir={}",
+            self.seed,
+            r.drop,
+            r.duplicate,
+            r.delay,
+            DisplayDuration(r.delay_max),
+            r.corrupt,
+            self.direction.as_str()
+        )
+    }
+}
+
+/// A duration in the parser's syntax: whole milliseconds as `ms`, otherwise `us`.
+struct DisplayDuration(Duration);
+
+impl fmt::Display for DisplayDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let us = self.0.as_micros();
+        if us % 1000 == 0 {
+            write!(f, "{}ms", us / 1000)
+        } else {
+            write!(f, "{us}us")
+        }
+    }
+}
+
+fn parse_seed(value: &str) -> Result<u64, FaultConfigError> {
+    let parsed = match value
+        .strip_prefix("0x")
+        .or_else(|| value.strip_prefix("0X"))
+    {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => value.parse(),
+    };
+    parsed.map_err(|e| FaultConfigError::bad_value("seed", value, format!("not a u64 ({e})")))
+}
+
+fn parse_probability(key: &str, value: &str) -> Result<f64, FaultConfigError> {
+    let (number, scale) = match value.strip_suffix('%') {
+        Some(percent) => (percent.trim(), 100.0),
+        None => (value, 1.0),
+    };
+    let p = number.parse::<f64>().map_err(|_| {
+        FaultConfigError::bad_value(key, value, "not a number (expected e.g. 0.05 or 5%)")
+    })? / scale;
+    if !(0.0..=1.0).contains(&p) {
+        return Err(FaultConfigError::bad_value(
+            key,
+            value,
+            "a probability must be in 0..=1 (or 0%..=100%)",
+        ));
+    }
+    Ok(p)
+}
+
+fn parse_duration(key: &str, value: &str) -> Result<Duration, FaultConfigError> {
+    let split = value
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(value.len());
+    let (number, unit) = value.split_at(split);
+    let scale_s = match unit.trim() {
+        "us" => 1e-6,
+        "ms" => 1e-3,
+        "s" => 1.0,
+        "" => {
+            return Err(FaultConfigError::bad_value(
+                key,
+                value,
+                "needs a unit: us, ms or s",
+            ))
+        }
+        _ => {
+            return Err(FaultConfigError::bad_value(
+                key,
+                value,
+                "unknown unit (expected us, ms or s)",
+            ))
+        }
+    };
+    let number: f64 = number
+        .parse()
+        .map_err(|_| FaultConfigError::bad_value(key, value, "not a number"))?;
+    let seconds = number * scale_s;
+    if !(0.0..=DELAY_LIMIT.as_secs_f64()).contains(&seconds) {
+        return Err(FaultConfigError::bad_value(
+            key,
+            value,
+            format!("at most {}", DisplayDuration(DELAY_LIMIT)),
+        ));
+    }
+    // Whole microseconds, so Display round-trips.
+    Ok(Duration::from_micros((seconds * 1e6).round() as u64))
+}
+
+fn parse_direction(value: &str) -> Result<Direction, FaultConfigError> {
+    match value {
+        "out" | "outgoing" | "send" => Ok(Direction::Outgoing),
+        "in" | "incoming" | "recv" => Ok(Direction::Incoming),
+        "both" => Ok(Direction::Both),
+        _ => Err(FaultConfigError::bad_value(
+            "dir",
+            value,
+            "expected out, in or both",
+        )),
+    }
+}
+
+/// What happens to one packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Drop,
+    Deliver {
+        /// 1, or 2 when duplicated.
+        copies: u8,
+        /// Held this long before it is sent (or handed to quinn); all copies together.
+        delay: Option<Duration>,
+        /// Byte offset to invert, in every copy.
+        corrupt: Option<usize>,
+    },
+}
+
+impl Verdict {
+    const CLEAN: Verdict = Verdict::Deliver {
+        copies: 1,
+        delay: None,
+        corrupt: None,
+    };
+}
+
+/// The seeded, pure part of the socket: one [`Verdict`] per packet.
+#[derive(Debug)]
+pub struct FaultDecider {
+    rng: StdRng,
+    rates: FaultRates,
+}
+
+impl FaultDecider {
+    pub fn new(seed: u64, rates: FaultRates) -> Self {
+        Self {
+            rng: StdRng::seed_from_u64(seed),
+            rates,
+        }
+    }
+
+    pub fn set_rates(&mut self, rates: FaultRates) {
+        self.rates = rates;
+    }
+
+    /// Decides the fate of the next packet, `len` bytes long. Always draws the same amount of
+    /// randomness, so the sequence stays aligned to packets whatever the rates.
+    pub fn decide(&mut self, len: usize) -> Verdict {
+        let drop_roll: f64 = self.rng.gen();
+        let duplicate_roll: f64 = self.rng.gen();
+        let delay_roll: f64 = self.rng.gen();
+        let delay_fraction: f64 = self.rng.gen();
+        let corrupt_roll: f64 = self.rng.gen();
+        let corrupt_position: u64 = self.rng.gen();
+        let r = &self.rates;
+        if drop_roll < r.drop {
+            return Verdict::Drop;
+        }
+        Verdict::Deliver {
+            copies: if duplicate_roll < r.duplicate { 2 } else { 1 },
+            delay: (delay_roll < r.delay).then(|| r.delay_max.mul_f64(delay_fraction)),
+            corrupt: (corrupt_roll < r.corrupt && len > 0)
+                .then(|| (corrupt_position % len as u64) as usize),
+        }
+    }
+}
+
+/// Counters for one direction. `seen` counts every datagram; the others count what was done
+/// to them (a packet may be duplicated, delayed and corrupted at once).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultCounters {
+    pub seen: u64,
+    /// Dropped at random.
+    pub dropped: u64,
+    /// Extra copies delivered.
+    pub duplicated: u64,
+    pub delayed: u64,
+    pub corrupted: u64,
+    /// Dropped by a partition.
+    pub partitioned: u64,
+    /// Dropped because the delay cap or the receive queue was full, or a delayed send failed.
+    pub overflowed: u64,
+}
+
+impl FaultCounters {
+    fn add(self, o: Self) -> Self {
+        Self {
+            seen: self.seen + o.seen,
+            dropped: self.dropped + o.dropped,
+            duplicated: self.duplicated + o.duplicated,
+            delayed: self.delayed + o.delayed,
+            corrupted: self.corrupted + o.corrupted,
+            partitioned: self.partitioned + o.partitioned,
+            overflowed: self.overflowed + o.overflowed,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultStats {
+    pub outgoing: FaultCounters,
+    pub incoming: FaultCounters,
+}
+
+impl FaultStats {
+    pub fn total(&self) -> FaultCounters {
+        self.outgoing.add(self.incoming)
+    }
+}
+
+#[derive(Debug, Default)]
+struct AtomicCounters {
+    seen: AtomicU64,
+    dropped: AtomicU64,
+    duplicated: AtomicU64,
+    delayed: AtomicU64,
+    corrupted: AtomicU64,
+    partitioned: AtomicU64,
+    overflowed: AtomicU64,
+}
+
+impl AtomicCounters {
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> FaultCounters {
+        let read = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        FaultCounters {
+            seen: read(&self.seen),
+            dropped: read(&self.dropped),
+            duplicated: read(&self.duplicated),
+            delayed: read(&self.delayed),
+            corrupted: read(&self.corrupted),
+            partitioned: read(&self.partitioned),
+            overflowed: read(&self.overflowed),
+        }
+    }
+}
+
+/// A received datagram waiting for quinn.
+#[derive(Debug)]
+struct Datagram {
+    addr: SocketAddr,
+    ecn: Option<EcnCodepoint>,
+    dst_ip: Option<IpAddr>,
+    data: Vec<u8>,
+}
+
+#[derive(Debug, Default)]
+struct RecvQueue {
+    ready: VecDeque<Datagram>,
+    /// The endpoint driver's waker, registered before the queue is checked so a push from a
+    /// delay task cannot be missed.
+    waker: Option<Waker>,
+}
+
+/// State shared by the socket, its handle and its delay tasks.
+#[derive(Debug)]
+struct Shared {
+    seed: u64,
+    /// Where random faults apply.
+    direction: Direction,
+    outgoing: Mutex<FaultDecider>,
+    incoming: Mutex<FaultDecider>,
+    partitions: Mutex<HashMap<SocketAddr, Direction>>,
+    outgoing_counters: AtomicCounters,
+    incoming_counters: AtomicCounters,
+    delayed_in_flight: AtomicUsize,
+    recv_queue: Mutex<RecvQueue>,
+}
+
+/// A poisoned lock here only means a panic elsewhere; the data stays usable.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Partitions match regardless of IPv4-mapped IPv6 spelling.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+impl Shared {
+    fn counters(&self, direction: Direction) -> &AtomicCounters {
+        match direction {
+            Direction::Outgoing => &self.outgoing_counters,
+            Direction::Incoming => &self.incoming_counters,
+            Direction::Both => unreachable!("a packet travels one way"),
+        }
+    }
+
+    /// Judges one datagram to or from `peer` and counts the outcome.
+    fn judge(&self, direction: Direction, peer: SocketAddr, len: usize) -> Verdict {
+        debug_assert!(direction != Direction::Both);
+        let counters = self.counters(direction);
+        AtomicCounters::bump(&counters.seen);
+        let cut = lock(&self.partitions)
+            .get(&canonical(peer))
+            .is_some_and(|d| d.covers(direction));
+        if cut {
+            AtomicCounters::bump(&counters.partitioned);
+            return Verdict::Drop;
+        }
+        if !self.direction.covers(direction) {
+            return Verdict::CLEAN;
+        }
+        let decider = match direction {
+            Direction::Outgoing => &self.outgoing,
+            _ => &self.incoming,
+        };
+        let verdict = lock(decider).decide(len);
+        match verdict {
+            Verdict::Drop => AtomicCounters::bump(&counters.dropped),
+            Verdict::Deliver {
+                copies, corrupt, ..
+            } => {
+                if copies > 1 {
+                    AtomicCounters::bump(&counters.duplicated);
+                }
+                if corrupt.is_some() {
+                    AtomicCounters::bump(&counters.corrupted);
+                }
+                // `delayed` is counted when the packet is actually held (the cap may refuse it).
+            }
+        }
+        verdict
+    }
+
+    /// Takes a slot for a delayed packet, or counts an overflow.
+    fn reserve_delay_slot(&self, direction: Direction) -> bool {
+        let reserved = self
+            .delayed_in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < DELAYED_PACKETS_MAX).then_some(n + 1)
+            })
+            .is_ok();
+        let counters = self.counters(direction);
+        AtomicCounters::bump(if reserved {
+            &counters.delayed
+        } else {
+            &counters.overflowed
+        });
+        reserved
+    }
+
+    fn release_delay_slot(&self) {
+        let before = self.delayed_in_flight.fetch_sub(1, Ordering::AcqRel);
+        debug_assert!(before > 0, "delay slot released twice");
+    }
+
+    /// Queues `copies` of a received datagram for quinn; wakes the driver if `wake`.
+    fn push_received(&self, datagram: Datagram, copies: u8, wake: bool) {
+        let waker = {
+            let mut queue = lock(&self.recv_queue);
+            let Datagram {
+                addr,
+                ecn,
+                dst_ip,
+                mut data,
+            } = datagram;
+            for copy in 0..copies {
+                if queue.ready.len() >= RECV_QUEUE_PACKETS_MAX {
+                    AtomicCounters::bump(&self.incoming_counters.overflowed);
+                    continue;
+                }
+                let data = if copy + 1 == copies {
+                    std::mem::take(&mut data)
+                } else {
+                    data.clone()
+                };
+                queue.ready.push_back(Datagram {
+                    addr,
+                    ecn,
+                    dst_ip,
+                    data,
+                });
+            }
+            if wake {
+                queue.waker.take()
+            } else {
+                None
+            }
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// Registers `waker`, then moves queued datagrams into the free slots. Returns the number
+    /// of slots filled and of datagrams still queued.
+    fn take_received(
+        &self,
+        waker: &Waker,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> (usize, usize) {
+        let mut queue = lock(&self.recv_queue);
+        match &queue.waker {
+            Some(w) if w.will_wake(waker) => {}
+            _ => queue.waker = Some(waker.clone()),
+        }
+        let mut filled = 0;
+        while filled < bufs.len() {
+            let Some(datagram) = queue.ready.pop_front() else {
+                break;
+            };
+            let len = datagram.data.len();
+            if len > bufs[filled].len() {
+                // quinn's buffers hold a maximum-size datagram; this cannot happen with quinn.
+                AtomicCounters::bump(&self.incoming_counters.overflowed);
+                continue;
+            }
+            bufs[filled][..len].copy_from_slice(&datagram.data);
+            meta[filled] = RecvMeta {
+                addr: datagram.addr,
+                len,
+                stride: len,
+                ecn: datagram.ecn,
+                dst_ip: datagram.dst_ip,
+            };
+            filled += 1;
+        }
+        (filled, queue.ready.len())
+    }
+}
+
+/// Run-time control of one [`FaultySocket`], cloneable into test code.
+#[derive(Clone)]
+pub struct FaultHandle {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for FaultHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FaultHandle")
+            .field("seed", &self.shared.seed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FaultHandle {
+    /// Cuts packets to and/or from `peer`, replacing any earlier partition of that peer.
+    pub fn partition(&self, peer: SocketAddr, direction: Direction) {
+        tracing::info!(%peer, ?direction, "fault injection: partition");
+        lock(&self.shared.partitions).insert(canonical(peer), direction);
+    }
+
+    pub fn heal(&self, peer: SocketAddr) {
+        tracing::info!(%peer, "fault injection: heal");
+        lock(&self.shared.partitions).remove(&canonical(peer));
+    }
+
+    pub fn heal_all(&self) {
+        tracing::info!("fault injection: heal all partitions");
+        lock(&self.shared.partitions).clear();
+    }
+
+    pub fn partitions(&self) -> Vec<(SocketAddr, Direction)> {
+        lock(&self.shared.partitions)
+            .iter()
+            .map(|(a, d)| (*a, *d))
+            .collect()
+    }
+
+    /// Changes the random fault rates from the next packet on; the RNG sequences continue.
+    pub fn set_rates(&self, rates: FaultRates) -> Result<(), FaultConfigError> {
+        rates.validate()?;
+        tracing::info!(?rates, "fault injection: new rates");
+        lock(&self.shared.outgoing).set_rates(rates);
+        lock(&self.shared.incoming).set_rates(rates);
+        Ok(())
+    }
+
+    pub fn rates(&self) -> FaultRates {
+        lock(&self.shared.outgoing).rates
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.shared.seed
+    }
+
+    pub fn stats(&self) -> FaultStats {
+        FaultStats {
+            outgoing: self.shared.outgoing_counters.snapshot(),
+            incoming: self.shared.incoming_counters.snapshot(),
+        }
+    }
+}
+
+/// An [`AsyncUdpSocket`] that injects faults into another one.
+pub struct FaultySocket {
+    inner: Arc<dyn AsyncUdpSocket>,
+    shared: Arc<Shared>,
+    /// Where delay tasks run (the endpoint's runtime).
+    tasks: tokio::runtime::Handle,
+}
+
+impl fmt::Debug for FaultySocket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FaultySocket")
+            .field("inner", &self.inner)
+            .field("seed", &self.shared.seed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FaultySocket {
+    /// Wraps `inner`. Must be called within a tokio runtime, which runs the delay tasks.
+    pub fn new(
+        inner: Arc<dyn AsyncUdpSocket>,
+        config: FaultConfig,
+    ) -> io::Result<(Self, FaultHandle)> {
+        config
+            .rates
+            .validate()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let tasks = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
+        let shared = Arc::new(Shared {
+            seed: config.seed,
+            direction: config.direction,
+            outgoing: Mutex::new(FaultDecider::new(config.seed, config.rates)),
+            incoming: Mutex::new(FaultDecider::new(
+                config.seed ^ INCOMING_SEED_SALT,
+                config.rates,
+            )),
+            partitions: Mutex::default(),
+            outgoing_counters: AtomicCounters::default(),
+            incoming_counters: AtomicCounters::default(),
+            delayed_in_flight: AtomicUsize::new(0),
+            recv_queue: Mutex::default(),
+        });
+        let handle = FaultHandle {
+            shared: shared.clone(),
+        };
+        Ok((
+            Self {
+                inner,
+                shared,
+                tasks,
+            },
+            handle,
+        ))
+    }
+
+    /// Sends one datagram through the fault decision.
+    fn send_datagram(&self, t: &Transmit<'_>) -> io::Result<()> {
+        let (copies, delay, corrupt) =
+            match self
+                .shared
+                .judge(Direction::Outgoing, t.destination, t.contents.len())
+            {
+                Verdict::Drop => return Ok(()),
+                Verdict::Deliver {
+                    copies,
+                    delay,
+                    corrupt,
+                } => (copies, delay, corrupt),
+            };
+        let mut corrupted;
+        let contents = match corrupt {
+            Some(offset) => {
+                corrupted = t.contents.to_vec();
+                corrupted[offset] ^= 0xFF;
+                &corrupted[..]
+            }
+            None => t.contents,
+        };
+        if let Some(delay) = delay {
+            self.send_later(t, contents.to_vec(), copies, delay);
+            return Ok(());
+        }
+        let single = Transmit {
+            contents,
+            segment_size: None,
+            ..t.clone()
+        };
+        // WouldBlock on the first copy goes back to quinn, which retries the transmit.
+        self.inner.try_send(&single)?;
+        for _ in 1..copies {
+            // Lost if the socket is full, like any UDP packet.
+            let _ = self.inner.try_send(&single);
+        }
+        Ok(())
+    }
+
+    fn send_later(&self, t: &Transmit<'_>, data: Vec<u8>, copies: u8, delay: Duration) {
+        if !self.shared.reserve_delay_slot(Direction::Outgoing) {
+            return;
+        }
+        let (destination, ecn, src_ip) = (t.destination, t.ecn, t.src_ip);
+        let inner = self.inner.clone();
+        let shared = self.shared.clone();
+        self.tasks.spawn(async move {
+            tokio::time::sleep(delay).await;
+            let transmit = Transmit {
+                destination,
+                ecn,
+                contents: &data,
+                segment_size: None,
+                src_ip,
+            };
+            for _ in 0..copies {
+                if !send_when_writable(&inner, &transmit).await {
+                    AtomicCounters::bump(&shared.outgoing_counters.overflowed);
+                }
+            }
+            shared.release_delay_slot();
+        });
+    }
+
+    fn receive_later(&self, datagram: Datagram, copies: u8, delay: Duration) {
+        if !self.shared.reserve_delay_slot(Direction::Incoming) {
+            return;
+        }
+        let shared = self.shared.clone();
+        self.tasks.spawn(async move {
+            tokio::time::sleep(delay).await;
+            shared.release_delay_slot();
+            shared.push_received(datagram, copies, true);
+        });
+    }
+
+    /// Judges the `n` buffers the inner socket just filled at `start..start + n`, splitting
+    /// GRO buffers into datagrams. Survivors are compacted into slots from `start` on (at most
+    /// one per buffer, so a slot is never overwritten before it is read); extra copies and
+    /// further datagrams of a GRO buffer go to the receive queue. Returns the slots filled.
+    fn judge_received(
+        &self,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+        start: usize,
+        n: usize,
+    ) -> usize {
+        let mut out = start;
+        for k in start..start + n {
+            debug_assert!(out <= k);
+            let m = meta[k];
+            let stride = if m.stride == 0 || m.stride > m.len {
+                m.len
+            } else {
+                m.stride
+            };
+            let mut placed = false;
+            let mut offset = 0;
+            while offset < m.len {
+                let len = stride.min(m.len - offset);
+                let range = offset..offset + len;
+                offset += len;
+                let Verdict::Deliver {
+                    copies,
+                    delay,
+                    corrupt,
+                } = self.shared.judge(Direction::Incoming, m.addr, len)
+                else {
+                    continue;
+                };
+                let segment = &mut bufs[k][range.clone()];
+                if let Some(at) = corrupt {
+                    segment[at] ^= 0xFF;
+                }
+                let datagram = |data: &[u8]| Datagram {
+                    addr: m.addr,
+                    ecn: m.ecn,
+                    dst_ip: m.dst_ip,
+                    data: data.to_vec(),
+                };
+                if let Some(delay) = delay {
+                    self.receive_later(datagram(segment), copies, delay);
+                    continue;
+                }
+                let mut copies_left = copies;
+                if !placed && len <= bufs[out].len() {
+                    if out == k {
+                        // Earlier datagrams of this buffer are already handled: safe to overwrite.
+                        bufs[k].copy_within(range, 0);
+                    } else {
+                        let (head, tail) = bufs.split_at_mut(k);
+                        head[out][..len].copy_from_slice(&tail[0][range]);
+                    }
+                    meta[out] = RecvMeta {
+                        len,
+                        stride: len,
+                        ..m
+                    };
+                    out += 1;
+                    placed = true;
+                    copies_left -= 1;
+                    if copies_left > 0 {
+                        self.shared.push_received(
+                            datagram(&bufs[out - 1][..len]),
+                            copies_left,
+                            false,
+                        );
+                    }
+                } else {
+                    self.shared
+                        .push_received(datagram(&bufs[k][range]), copies_left, false);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Sends a delayed datagram, waiting for writability a bounded number of times.
+async fn send_when_writable(inner: &Arc<dyn AsyncUdpSocket>, transmit: &Transmit<'_>) -> bool {
+    let mut poller: Option<Pin<Box<dyn UdpPoller>>> = None;
+    for _ in 0..DELAYED_SEND_ATTEMPTS_MAX {
+        match inner.try_send(transmit) {
+            Ok(()) => return true,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let poller = poller.get_or_insert_with(|| inner.clone().create_io_poller());
+                if poll_fn(|cx| poller.as_mut().poll_writable(cx))
+                    .await
+                    .is_err()
+                {
+                    return false;
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+impl AsyncUdpSocket for FaultySocket {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
+        match transmit.segment_size {
+            Some(size) if size > 0 && size < transmit.contents.len() => {
+                // quinn sends no batches to a socket with one transmit segment; split anyway.
+                let mut datagrams = transmit.contents.chunks(size);
+                let first = datagrams.next().expect("contents longer than one segment");
+                self.send_datagram(&Transmit {
+                    contents: first,
+                    segment_size: None,
+                    ..transmit.clone()
+                })?;
+                for contents in datagrams {
+                    let _ = self.send_datagram(&Transmit {
+                        contents,
+                        segment_size: None,
+                        ..transmit.clone()
+                    });
+                }
+                Ok(())
+            }
+            _ => self.send_datagram(transmit),
+        }
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        let slots = bufs.len().min(meta.len());
+        let mut filled = 0;
+        // Each buffer read may leave up to two copies of each of its datagrams to queue.
+        let queued_per_buffer_max = 2 * self.max_receive_segments().max(1);
+        for _ in 0..RECV_ROUNDS_MAX {
+            let (taken, queued) = self.shared.take_received(
+                cx.waker(),
+                &mut bufs[filled..slots],
+                &mut meta[filled..slots],
+            );
+            filled += taken;
+            // Read no more than the queue can take, so coalesced reads cannot overflow it.
+            let room = RECV_QUEUE_PACKETS_MAX.saturating_sub(queued) / queued_per_buffer_max;
+            let end = slots.min(filled + room);
+            if filled == end {
+                break;
+            }
+            match self
+                .inner
+                .poll_recv(cx, &mut bufs[filled..end], &mut meta[filled..end])
+            {
+                Poll::Pending if filled == 0 => return Poll::Pending,
+                Poll::Pending => break,
+                // Deliver what we have; a lasting error shows again on the next poll.
+                Poll::Ready(Err(e)) if filled == 0 => return Poll::Ready(Err(e)),
+                Poll::Ready(Err(_)) => break,
+                Poll::Ready(Ok(n)) => filled = self.judge_received(bufs, meta, filled, n),
+            }
+        }
+        // Possibly 0 when everything read was dropped: quinn simply polls again.
+        Poll::Ready(Ok(filled))
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    /// One datagram per transmit, so each gets its own decision.
+    fn max_transmit_segments(&self) -> usize {
+        1
+    }
+
+    /// What the inner socket may coalesce (GRO), because quinn sizes its receive buffers by
+    /// it: reporting 1 while the kernel still coalesces makes it truncate the buffer and lose
+    /// the rest. Each datagram is judged on its own anyway: buffers are split at their stride
+    /// and quinn is handed one datagram per `RecvMeta`.
+    fn max_receive_segments(&self) -> usize {
+        1
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
+}
+
+/// Builds a quinn endpoint on `socket` through a [`FaultySocket`] (tokio runtime).
+pub fn endpoint(
+    socket: std::net::UdpSocket,
+    server: Option<quinn::ServerConfig>,
+    config: FaultConfig,
+) -> io::Result<(Endpoint, FaultHandle)> {
+    let runtime = Arc::new(quinn::TokioRuntime);
+    let inner = runtime.wrap_udp_socket(socket)?;
+    let (socket, handle) = FaultySocket::new(inner, config)?;
+    let endpoint = Endpoint::new_with_abstract_socket(
+        EndpointConfig::default(),
+        server,
+        Arc::new(socket),
+        runtime,
+    )?;
+    Ok((endpoint, handle))
+}
