@@ -114,12 +114,17 @@ impl Cluster {
 
     /// The configuration node (optionally with more roles). Waits for its tokens.
     pub fn start_config(&mut self, roles: &[&str], env: Vec<(String, String)>) {
+        self.start_config_with(roles, &[], env)
+    }
+
+    pub fn start_config_with(&mut self, roles: &[&str], extra: &[&str], env: Vec<(String, String)>) {
         let port = free_port();
         self.config_addr = format!("127.0.0.1:{port}");
         let mut args = vec!["node".to_string(), "--data-dir".into(), self.path("config").display().to_string(), "--listen".into(), self.config_addr.clone(), "--name".into(), "config".into()];
         for r in roles {
             args.extend(["--role".to_string(), r.to_string()]);
         }
+        args.extend(extra.iter().map(|a| a.to_string()));
         self.add("config", args, env);
         let token = self.admin_token();
         wait_until("admin token", Duration::from_secs(30), || token.exists().then_some(()));
@@ -150,6 +155,10 @@ impl Cluster {
             let nodes = self.try_ctl(&["nodes"]).ok()?;
             nodes.as_array()?.iter().any(|x| x["name"] == n.as_str() && x["alive"] == true).then_some(())
         });
+    }
+
+    pub fn nodes(&self) -> Vec<Value> {
+        self.try_ctl(&["nodes"]).ok().and_then(|v| v.as_array().cloned()).unwrap_or_default()
     }
 
     pub fn start_agent(&mut self, machine: &str, disks: &[(&str, &Path)]) {

@@ -240,7 +240,8 @@ pub fn client_endpoint_with_faults(config: FaultConfig) -> Result<(Endpoint, Fau
 
 fn faults_from_env() -> Result<Option<FaultConfig>, EndpointError> {
     FaultConfig::from_env().map_err(|e| {
-        EndpointError::Quic(format!("{}={:?} is invalid: {e}", faults::ENV_VAR, std::env::var_os(faults::ENV_VAR)))
+        let value = std::env::var_os(faults::ENV_VAR).unwrap_or_default();
+        EndpointError::Quic(format!("{}={value:?} is invalid: {e}", faults::ENV_VAR))
     })
 }
 

@@ -15,10 +15,13 @@
 //!                                                    set_rates / stats, from the test
 //! ```
 //!
-//! **One decision per packet.** The socket reports `max_transmit_segments() == 1` and
-//! `max_receive_segments() == 1`, so quinn never hands it a GSO batch. The inner socket may
-//! still have GRO enabled and receive a coalesced buffer from a peer that sends with GSO; such
-//! buffers are split at their stride and each datagram is judged on its own.
+//! **One decision per packet.** The socket reports `max_transmit_segments() == 1`, so quinn
+//! never hands it a GSO batch. On receive, the inner socket may have GRO enabled and read a
+//! coalesced buffer from a peer that sends with GSO: such buffers are split at their stride,
+//! each datagram is judged on its own and quinn gets one datagram per `RecvMeta`.
+//! `max_receive_segments()` still reports the inner socket's GRO size, because quinn sizes its
+//! receive buffers by it; reporting 1 makes the kernel truncate coalesced reads, losing most
+//! packets from a GSO sender.
 //!
 //! **Replay.** Each direction has its own RNG seeded from [`FaultConfig::seed`], and every
 //! judged packet consumes the same amount of randomness whatever the rates, so the n-th
@@ -297,8 +300,9 @@ struct DisplayDuration(Duration);
 impl fmt::Display for DisplayDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let us = self.0.as_micros();
-        if us % 1000 == 0 {
-            write!(f, "{}ms", us / 1000)
+        let (ms, sub_ms_us) = (us / 1000, us % 1000);
+        if sub_ms_us == 0 {
+            write!(f, "{ms}ms")
         } else {
             write!(f, "{us}us")
         }
@@ -1089,7 +1093,7 @@ impl AsyncUdpSocket for FaultySocket {
     /// the rest. Each datagram is judged on its own anyway: buffers are split at their stride
     /// and quinn is handed one datagram per `RecvMeta`.
     fn max_receive_segments(&self) -> usize {
-        1
+        self.inner.max_receive_segments()
     }
 
     fn may_fragment(&self) -> bool {
@@ -1113,4 +1117,118 @@ pub fn endpoint(
         runtime,
     )?;
     Ok((endpoint, handle))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(addr: SocketAddr, len: usize, stride: usize) -> RecvMeta {
+        RecvMeta {
+            addr,
+            len,
+            stride,
+            ecn: None,
+            dst_ip: None,
+        }
+    }
+
+    fn socket(rates: FaultRates) -> (FaultySocket, FaultHandle) {
+        let std_socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let inner = quinn::TokioRuntime.wrap_udp_socket(std_socket).unwrap();
+        FaultySocket::new(inner, FaultConfig::new(1, rates)).unwrap()
+    }
+
+    /// Fills slot `k` like a GRO read: `segments` datagrams of `stride` bytes (the last may be
+    /// shorter), datagram `i` made of the byte `first + i`.
+    fn fill(buf: &mut [u8], first: u8, len: usize, stride: usize) {
+        for (i, chunk) in buf[..len].chunks_mut(stride).enumerate() {
+            chunk.fill(first + i as u8);
+        }
+    }
+
+    #[tokio::test]
+    async fn received_buffers_are_split_judged_and_compacted() {
+        let (a, b) = ("10.0.0.1:1".parse().unwrap(), "10.0.0.2:2".parse().unwrap());
+        let (socket, handle) = socket(FaultRates::default());
+        // Everything from `a` is cut: no randomness involved, so the outcome is exact.
+        handle.partition(a, Direction::Incoming);
+        let mut storage = [[0u8; 64]; 4];
+        fill(&mut storage[0], 1, 10, 10);
+        fill(&mut storage[1], 11, 25, 10); // GRO: 10 + 10 + 5 bytes
+        fill(&mut storage[2], 21, 7, 7);
+        let mut bufs: Vec<IoSliceMut> = storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+        let mut metas = [
+            meta(a, 10, 10),
+            meta(b, 25, 10),
+            meta(b, 7, 7),
+            meta(b, 0, 0),
+        ];
+
+        let filled = socket.judge_received(&mut bufs, &mut metas, 0, 3);
+
+        // Slot 0 was `a`'s (cut); the first datagram of the GRO buffer moved into it, the
+        // single datagram of slot 2 into slot 1; the rest of the GRO buffer waits in the queue.
+        assert_eq!(filled, 2);
+        assert_eq!((metas[0].addr, metas[0].len, metas[0].stride), (b, 10, 10));
+        assert_eq!(&bufs[0][..10], &[11; 10]);
+        assert_eq!((metas[1].addr, metas[1].len, metas[1].stride), (b, 7, 7));
+        assert_eq!(&bufs[1][..7], &[21; 7]);
+        let waker = noop_waker();
+        let (taken, left) = socket
+            .shared
+            .take_received(&waker, &mut bufs[..], &mut metas[..]);
+        assert_eq!((taken, left), (2, 0));
+        assert_eq!((metas[0].len, &bufs[0][..10]), (10, &[12u8; 10][..]));
+        assert_eq!((metas[1].len, &bufs[1][..5]), (5, &[13u8; 5][..]));
+        let stats = handle.stats().incoming;
+        assert_eq!((stats.seen, stats.partitioned, stats.dropped), (5, 1, 0));
+    }
+
+    #[tokio::test]
+    async fn duplicates_are_queued_behind_the_original() {
+        let b: SocketAddr = "10.0.0.2:2".parse().unwrap();
+        let (socket, handle) = socket(FaultRates {
+            duplicate: 1.0,
+            ..FaultRates::default()
+        });
+        let mut storage = [[0u8; 64]; 2];
+        fill(&mut storage[0], 1, 20, 10); // GRO: two datagrams
+        fill(&mut storage[1], 3, 4, 4);
+        let mut bufs: Vec<IoSliceMut> = storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+        let mut metas = [meta(b, 20, 10), meta(b, 4, 4)];
+
+        let filled = socket.judge_received(&mut bufs, &mut metas, 0, 2);
+
+        assert_eq!(filled, 2);
+        assert_eq!(
+            (&bufs[0][..10], &bufs[1][..4]),
+            (&[1u8; 10][..], &[3u8; 4][..])
+        );
+        // Queued: the copy of datagram 1, datagram 2 twice, the copy of slot 1's datagram.
+        let mut queued = Vec::new();
+        let waker = noop_waker();
+        loop {
+            let (taken, _) = socket
+                .shared
+                .take_received(&waker, &mut bufs[..1], &mut metas[..1]);
+            if taken == 0 {
+                break;
+            }
+            queued.push(bufs[0][..metas[0].len].to_vec());
+        }
+        assert_eq!(
+            queued,
+            vec![vec![1; 10], vec![2; 10], vec![2; 10], vec![3; 4]]
+        );
+        assert_eq!(handle.stats().incoming.duplicated, 3);
+    }
+
+    fn noop_waker() -> Waker {
+        struct Noop;
+        impl std::task::Wake for Noop {
+            fn wake(self: Arc<Self>) {}
+        }
+        Waker::from(Arc::new(Noop))
+    }
 }

@@ -125,6 +125,9 @@ struct Agent {
     scans: AtomicU64,
     stream_restarts: AtomicU64,
     last_move: Mutex<Option<crate::proto::MoveStats>>,
+    /// When the agent noticed a move whose first stream has not opened yet (kept across
+    /// stream restarts, so a failed first attempt still counts in the pause).
+    move_noticed: Mutex<Option<Instant>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -280,6 +283,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), String> {
         scans: AtomicU64::new(0),
         stream_restarts: AtomicU64::new(0),
         last_move: Mutex::new(None),
+        move_noticed: Mutex::new(None),
         disks: disks.clone(),
         opts: opts.clone(),
     });
@@ -593,13 +597,12 @@ struct PendingMove {
 }
 
 async fn stream_loop(a: Arc<Agent>) -> Result<(), String> {
-    let mut moved_at: Option<Instant> = None;
     loop {
-        let result = stream_once(&a, moved_at.take()).await;
+        let result = stream_once(&a).await;
         a.connected.store(false, Ordering::Relaxed);
         match result {
             Err(StreamEnd::Moved) => {
-                moved_at = Some(Instant::now());
+                lock(&a.move_noticed).get_or_insert_with(Instant::now);
                 continue;
             }
             Err(StreamEnd::Failed(e)) => {
@@ -611,7 +614,7 @@ async fn stream_loop(a: Arc<Agent>) -> Result<(), String> {
     }
 }
 
-async fn stream_once(a: &Arc<Agent>, moved_at: Option<Instant>) -> Result<(), StreamEnd> {
+async fn stream_once(a: &Arc<Agent>) -> Result<(), StreamEnd> {
     let mut control = a.control.subscribe();
     let ctl = loop {
         let c = control.borrow_and_update().clone();
@@ -635,6 +638,7 @@ async fn stream_once(a: &Arc<Agent>, moved_at: Option<Instant>) -> Result<(), St
         Response::Refused { reason } => return Err(format!("process server {ps_name} refused the stream: {reason}").into()),
         other => return Err(format!("unexpected reply: {other:?}").into()),
     };
+    let moved_at = lock(&a.move_noticed).take();
     let (mut after, pending_move) = {
         let mut core = lock(&a.core);
         let old_cached = core.cached_seq;

@@ -32,13 +32,15 @@ pub struct ProcessState {
     /// Upper bound of all machines' cache bytes; ingest stops reading when it is reached.
     pub cache_limit_bytes: u64,
     pub machines: DashMap<String, Arc<PsMachine>>,
+    /// Serialises creating a machine's entry: its cache directory may be opened only once.
+    create: Mutex<()>,
     /// Signalled whenever any cache shrinks, so blocked ingests re-check the limit.
     pub space: Notify,
 }
 
 impl ProcessState {
     pub fn new(data_dir: &Path, cache_limit_bytes: u64) -> Self {
-        Self { dir: data_dir.join("cache"), cache_limit_bytes, machines: DashMap::new(), space: Notify::new() }
+        Self { dir: data_dir.join("cache"), cache_limit_bytes, machines: DashMap::new(), create: Mutex::new(()), space: Notify::new() }
     }
 
     /// Unapplied bytes in all caches plus bytes being sealed on their way in: what the limit
@@ -55,6 +57,7 @@ impl ProcessState {
     pub fn reports(&self) -> Vec<NodeMachineReport> {
         self.machines
             .iter()
+            .filter(|m| !m.draining.load(Ordering::Relaxed) || m.cache_bytes.load(Ordering::Relaxed) > 0)
             .map(|m| NodeMachineReport {
                 machine: m.name.clone(),
                 role: haven_cluster::ROLE_PROCESS.into(),
@@ -71,18 +74,28 @@ impl ProcessState {
     }
 
     /// Opens (or reuses) the machine's cache. An epoch change means a new protection: the
-    /// old cache belongs to a stream that no longer exists and is cleared.
+    /// old cache belongs to a stream that no longer exists and is cleared. Entries are never
+    /// removed from the map: the cache's directory lock belongs to its one `PsMachine`.
     pub fn machine(&self, a: &Assignment) -> Result<Arc<PsMachine>, String> {
-        if let Some(m) = self.machines.get(&a.machine) {
-            if m.assignment.borrow().epoch == a.epoch {
-                m.draining.store(false, Ordering::SeqCst);
-                if *m.assignment.borrow() != *a {
-                    m.assignment.send_replace(a.clone());
-                }
-                return Ok(m.clone());
+        let _create = self.create.lock().map_err(|_| "process state lock poisoned".to_string())?;
+        if let Some(m) = self.machines.get(&a.machine).map(|m| m.clone()) {
+            if m.assignment.borrow().epoch != a.epoch {
+                tracing::info!(machine = %a.machine, epoch = a.epoch.0, "new protection epoch: clearing the old cache");
+                m.reset_cache()?;
+                let epoch_file = self.dir.join(&a.machine).join("epoch");
+                crate::fsutil::write_atomic(&epoch_file, a.epoch.0.to_string().as_bytes()).map_err(|e| e.to_string())?;
             }
+            {
+                // Under the cache lock, so a drain that is finishing either clears the cache
+                // before we take the machine back, or sees it taken back and clears nothing.
+                let _cache = m.cache.lock().map_err(|_| "cache lock poisoned".to_string())?;
+                m.draining.store(false, Ordering::SeqCst);
+            }
+            if *m.assignment.borrow() != *a {
+                m.assignment.send_replace(a.clone());
+            }
+            return Ok(m);
         }
-        self.machines.remove(&a.machine);
         let dir = self.dir.join(&a.machine);
         let epoch_file = dir.join("epoch");
         let (mut cache, report) = MachineCache::open(&dir.join("log"), self.cache_options())
@@ -117,18 +130,6 @@ impl ProcessState {
         });
         self.machines.insert(a.machine.clone(), m.clone());
         Ok(m)
-    }
-
-    /// Drops a machine that is no longer assigned here, deleting its cache.
-    pub fn remove(&self, machine: &str) {
-        if let Some((_, m)) = self.machines.remove(machine) {
-            if let Ok(mut c) = m.cache.lock() {
-                if let Err(e) = c.clear() {
-                    tracing::warn!(machine, "clearing cache: {e}");
-                }
-            }
-            self.space.notify_waiters();
-        }
     }
 }
 
@@ -170,6 +171,32 @@ impl PsMachine {
         })
         .await
         .map_err(|e| format!("cache task failed: {e}"))?
+    }
+
+    /// Empties the cache and forgets its cursors: nothing cached here any more, and the
+    /// applied position must be learnt again from the master target before a stream may
+    /// open (so an agent never skips data it believes we hold).
+    pub fn reset_cache(&self) -> Result<(), String> {
+        self.reset_cache_if(|| true).map(|_| ())
+    }
+
+    /// [`reset_cache`](Self::reset_cache) if the machine is still draining; false if it was
+    /// taken back meanwhile.
+    pub fn reset_cache_if_draining(&self) -> Result<bool, String> {
+        self.reset_cache_if(|| self.draining.load(Ordering::SeqCst))
+    }
+
+    fn reset_cache_if(&self, still: impl FnOnce() -> bool) -> Result<bool, String> {
+        let mut c = self.cache.lock().map_err(|_| "cache lock poisoned".to_string())?;
+        if !still() {
+            return Ok(false);
+        }
+        c.clear().map_err(|e| e.to_string())?;
+        self.durable.send_replace(0);
+        self.applied_known.send_replace(false);
+        self.cache_bytes.store(0, Ordering::Relaxed);
+        self.pending_bytes.store(0, Ordering::Relaxed);
+        Ok(true)
     }
 
     pub fn record_applied(&self, seq: u64) {

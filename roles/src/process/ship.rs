@@ -30,7 +30,13 @@ const DRAIN_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub async fn ship(ctx: Arc<NodeContext>, ps: Arc<ProcessState>, m: Arc<PsMachine>) -> Result<(), String> {
     if !m.draining.load(Ordering::SeqCst) {
-        return ship_once(&ctx, &ps, &m).await;
+        // Returns Ok only once a drain that started meanwhile has shipped everything.
+        ship_once(&ctx, &ps, &m).await?;
+        if m.reset_cache_if_draining()? {
+            tracing::info!(machine = %m.name, "drained; dropped the machine's cache");
+            ps.space.notify_waiters();
+        }
+        return Ok(());
     }
     // Draining after a move: best effort. Whatever does not get through, the agent still
     // retains and sends to the new process server; a newer generation fences us anyway.
@@ -40,13 +46,9 @@ pub async fn ship(ctx: Arc<NodeContext>, ps: Arc<ProcessState>, m: Arc<PsMachine
         Ok(Err(e)) => format!("drain ended: {e}"),
         Err(_) => format!("drain timed out after {DRAIN_MAX:?}"),
     };
-    tracing::info!(machine = %m.name, "{outcome}; dropping the machine's cache");
-    if ps.machines.remove_if(&m.name, |_, x| Arc::ptr_eq(x, &m) && x.draining.load(Ordering::SeqCst)).is_some() {
-        if let Ok(mut c) = m.cache.lock() {
-            if let Err(e) = c.clear() {
-                tracing::warn!(machine = %m.name, "clearing cache: {e}");
-            }
-        }
+    // The machine may have come back while we drained: then its cache is live again.
+    if m.reset_cache_if_draining()? {
+        tracing::info!(machine = %m.name, "{outcome}; dropped the machine's cache");
         ps.space.notify_waiters();
     }
     Ok(())
