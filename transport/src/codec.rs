@@ -22,6 +22,14 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
     Ok(rmp_serde::to_vec_named(value)?)
 }
 
+/// Like [`encode`], into a buffer of the given capacity: sized right, a large message is
+/// encoded without the doubling reallocations (and without holding up to twice its size).
+pub fn encode_with_capacity<T: Serialize + ?Sized>(value: &T, capacity: usize) -> Result<Vec<u8>, CodecError> {
+    let mut buf = Vec::with_capacity(capacity);
+    rmp_serde::encode::write_named(&mut buf, value)?;
+    Ok(buf)
+}
+
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     Ok(rmp_serde::from_slice(bytes)?)
 }

@@ -58,13 +58,14 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Flow-control windows large enough for a WAN (see LIMITS.md: the default 1.25 MB stream
-/// window caps a stream at one window per round trip).
+/// Flow-control windows sized for a WAN (see LIMITS.md: the default 1.25 MB stream window
+/// caps a stream at one window per round trip): 16 MiB carries 160 MB/s at 100 ms RTT. They
+/// also bound memory: a sender buffers up to a window of unacknowledged data.
 fn transport_config() -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
-    t.stream_receive_window(VarInt::from_u32(32 << 20));
-    t.receive_window(VarInt::from_u32(64 << 20));
-    t.send_window(64 << 20);
+    t.stream_receive_window(VarInt::from_u32(16 << 20));
+    t.receive_window(VarInt::from_u32(32 << 20));
+    t.send_window(16 << 20);
     t.max_idle_timeout(Some(VarInt::from_u32(10_000).into()));
     t.keep_alive_interval(Some(Duration::from_secs(2)));
     t.max_concurrent_bidi_streams(VarInt::from_u32(1024));

@@ -21,7 +21,7 @@ pub type HashUpdate = (u16, u32, u64);
 pub struct RetainedBatch {
     pub first_seq: u64,
     pub last_seq: u64,
-    /// Encoded `BatchBody`.
+    /// The encoded `AgentFrame::Batch` carrying this batch, ready to send as is.
     pub body: Vec<u8>,
     /// Payload bytes of the writes in it.
     pub raw_bytes: u64,
@@ -137,7 +137,7 @@ impl AgentCore {
                 break;
             }
             let b = self.retained.pop_front().expect("front exists");
-            self.retained_bytes -= b.body.len() as u64;
+            self.retained_bytes -= b.body.capacity() as u64;
             self.raw_bytes_applied += b.raw_bytes;
             if let Some(init) = self.initial.as_mut() {
                 init.applied_bytes += b.raw_bytes;
@@ -198,7 +198,8 @@ impl AgentCore {
         let last = first + records - 1;
         self.next_seq = last + 1;
         let body = body_for(first);
-        self.retained_bytes += body.len() as u64;
+        // Capacity, not length: what the buffer really holds in memory.
+        self.retained_bytes += body.capacity() as u64;
         self.raw_bytes_captured += raw_bytes;
         if let Some(init) = self.initial.as_mut() {
             init.captured_bytes += raw_bytes;

@@ -559,12 +559,19 @@ async fn emit(a: &Agent, extents: Vec<scan::Extent>, generation: u64) -> Result<
     let n = extents.len() as u64;
     let mut encoded: Result<(), String> = Ok(());
     lock(&a.core).emit(n, raw, updates, unix_ms(), |first| {
-        let records = extents
+        let records: Vec<WriteRecord> = extents
             .into_iter()
             .enumerate()
             .map(|(i, e)| WriteRecord { seq: first + i as u64, disk: e.disk, offset: e.offset, data: serde_bytes::ByteBuf::from(e.data) })
             .collect();
-        codec::encode(&BatchBody { records }).unwrap_or_else(|e| {
+        // Encoded once, as the frame that goes on the wire; resends reuse it. Buffers are
+        // sized up front: msgpack adds a few dozen bytes per record.
+        let overhead = 64 + records.len() * 64;
+        let frame = codec::encode_with_capacity(&BatchBody { records }, raw as usize + overhead).and_then(|body| {
+            let last = first + n - 1;
+            codec::encode_with_capacity(&AgentFrameRef::Batch { first_seq: first, last_seq: last, body: &body }, body.len() + 64)
+        });
+        frame.unwrap_or_else(|e| {
             encoded = Err(e.to_string());
             vec![]
         })
@@ -713,8 +720,7 @@ async fn stream_once(a: &Arc<Agent>) -> Result<(), StreamEnd> {
                 continue;
             }
             for b in batches {
-                let bytes = codec::encode(&AgentFrameRef::Batch { first_seq: b.first_seq, last_seq: b.last_seq, body: &b.body }).map_err(|e| e.to_string())?;
-                frame::write_frame(&mut send, &bytes).await.map_err(|e| e.to_string())?;
+                frame::write_frame(&mut send, &b.body).await.map_err(|e| e.to_string())?;
                 lock(&a.core).raw_bytes_sent += b.raw_bytes;
                 after = b.last_seq;
             }

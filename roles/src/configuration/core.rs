@@ -50,6 +50,13 @@ pub struct ConfigCore {
     events: std::collections::VecDeque<scaleout::Event>,
     recent_moves: std::collections::VecDeque<Instant>,
     last_rebalanced: HashMap<String, Instant>,
+    /// Recent moves (when, from, to): the rebalancer does not reverse them.
+    recent_pairs: std::collections::VecDeque<(Instant, String, String)>,
+    /// Process servers that failed: the rebalancer sends them nothing until they have been
+    /// up (see `alive_since`) for a cooldown.
+    last_failed: HashMap<String, Instant>,
+    /// Since when each node has been reporting without a gap longer than the failure timeout.
+    alive_since: HashMap<String, Instant>,
     /// Bumped on every assignment change; nodes long-poll on it.
     version: u64,
 }
@@ -78,6 +85,9 @@ impl ConfigCore {
             events: Default::default(),
             recent_moves: Default::default(),
             last_rebalanced: HashMap::new(),
+            recent_pairs: Default::default(),
+            last_failed: HashMap::new(),
+            alive_since: HashMap::new(),
             version: rand::random::<u32>() as u64,
             barriers: HashMap::new(),
             // Barrier ids must not repeat across restarts of the configuration node: an agent
@@ -223,6 +233,9 @@ impl ConfigCore {
         if let Some(r) = rates {
             self.node_rates.insert(name.clone(), r);
         }
+        if !self.alive(now, name) {
+            self.alive_since.insert(name.clone(), now);
+        }
         self.node_reports.insert(name.clone(), Observed { at: now, report });
         let assignments = self
             .machines
@@ -332,7 +345,13 @@ impl ConfigCore {
                 .filter(|n| n.has_role(role))
                 .map(|n| Candidate {
                     node: n,
-                    machines: self.machines.values().filter(|m| m.protected && (m.process_server.as_deref() == Some(&n.name) || m.master_target.as_deref() == Some(&n.name))).count() as u32,
+                    // Load per role, as the rebalancer counts it.
+                    machines: self
+                        .machines
+                        .values()
+                        .filter(|m| m.protected)
+                        .filter(|m| if role == ROLE_PROCESS { m.process_server.as_deref() == Some(&n.name) } else { m.master_target.as_deref() == Some(&n.name) })
+                        .count() as u32,
                     alive: self.alive(now, &n.name),
                 })
                 .collect();

@@ -1538,3 +1538,4 @@ fn barrier_ids_are_not_reused_after_a_restart() {
     let new_id = after.request_sync(SEC, "web");
     assert_ne!(new_id, old_id);
 }
+#[path = "scaleout_tests.rs"] mod scaleout_tests;

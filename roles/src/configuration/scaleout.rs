@@ -10,7 +10,11 @@
 //!   least headroom to the one with the most, and only while their headroom differs by at
 //!   least `skew_threshold` (2 by default), so a move can never make the reverse move
 //!   worthwhile (it narrows the gap by exactly 2);
-//! - a machine moved by the rebalancer is left alone for `cooldown`;
+//! - a machine that moved for any reason (operator, failover, drain, rebalance) is left alone
+//!   by the rebalancer for `cooldown`;
+//! - the rebalancer never reverses a move (Y→X right after X→Y) within `cooldown`, and sends
+//!   nothing to a process server that failed until it has been up for `cooldown` (a flapping
+//!   server would otherwise pull machines back each time it reappears);
 //! - at most `max_moves_per_minute` rebalancing moves; failover and drain are not limited
 //!   (they restore service rather than optimise it).
 use std::time::{Duration, Instant};
@@ -110,6 +114,10 @@ impl ConfigCore {
         };
         let persist = Persist::Machine(m.clone());
         self.version += 1;
+        self.last_rebalanced.insert(machine.to_string(), now);
+        if let Some(from) = &view.from {
+            self.recent_pairs.push_back((now, from.clone(), to.to_string()));
+        }
         self.record_event(now, view.clone());
         Ok((persist, view))
     }
@@ -153,7 +161,11 @@ impl ConfigCore {
             .collect();
         let mut persist = vec![];
         for node in dead {
-            for machine in self.machines_on(&node) {
+            let machines = self.machines_on(&node);
+            if !machines.is_empty() {
+                self.last_failed.insert(node.clone(), now);
+            }
+            for machine in machines {
                 let Some(to) = self.pick_process_server(now, Some(&node)) else {
                     continue; // nowhere to go; the machine shows as degraded
                 };
@@ -186,6 +198,16 @@ impl ConfigCore {
         while self.recent_moves.front().is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60)) {
             self.recent_moves.pop_front();
         }
+        let cooldown = self.policy.cooldown;
+        while self.recent_pairs.front().is_some_and(|(t, ..)| now.duration_since(*t) >= cooldown) {
+            self.recent_pairs.pop_front();
+        }
+        // A process server that failed is quarantined until it has been up for a cooldown.
+        let stable = |core: &ConfigCore, n: &str| core.alive_since.get(n).is_some_and(|t| now.duration_since(*t) >= cooldown);
+        let recovered: Vec<String> = self.last_failed.keys().filter(|n| stable(self, n)).cloned().collect();
+        for n in recovered {
+            self.last_failed.remove(&n);
+        }
         let mut out = vec![];
         loop {
             if self.recent_moves.len() >= self.policy.max_moves_per_minute as usize {
@@ -195,6 +217,7 @@ impl ConfigCore {
                 .nodes
                 .values()
                 .filter(|n| n.has_role(ROLE_PROCESS) && !n.drained && self.alive(now, &n.name))
+                .filter(|n| !self.last_failed.contains_key(&n.name))
                 .map(|n| (n.name.clone(), n.capacity as i64 - self.machines_on(&n.name).len() as i64))
                 .collect();
             if loads.len() < 2 {
@@ -206,7 +229,9 @@ impl ConfigCore {
             if empty_headroom - full_headroom < self.policy.skew_threshold as i64 {
                 break;
             }
-            let cooldown = self.policy.cooldown;
+            if self.recent_pairs.iter().any(|(_, from, to)| *from == empty && *to == full) {
+                break; // that would undo a recent move
+            }
             let candidate = self
                 .machines_on(&full)
                 .into_iter()
