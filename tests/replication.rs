@@ -198,3 +198,25 @@ fn a_full_cache_slows_the_agent_and_loses_nothing() {
     assert_identical(&disk, &c.replica("mt1", "web01", "root"));
     c.assert_no_unexpected_errors(&[]);
 }
+
+/// Unprotect, change the disk, protect again: a new epoch, a full resync, an exact replica.
+#[test]
+fn reprotect_starts_a_new_epoch_and_converges() {
+    let mut s = Setup::new(3);
+    s.c.wait_sync("web01", SYNC);
+    s.verify();
+    phase("unprotect, write, protect again");
+    s.c.ctl(&["unprotect", "web01"]);
+    s.write_some(20);
+    // Zeros where there was data: the new epoch's replica must not keep stale bytes.
+    let f = std::fs::OpenOptions::new().write(true).open(&s.disks[0].1).unwrap();
+    f.write_all_at(&vec![0u8; 1 << 20], 0).unwrap();
+    f.sync_all().unwrap();
+    s.c.ctl(&["protect", "web01"]);
+    s.c.wait_sync("web01", SYNC);
+    s.verify();
+    let m = s.c.machine("web01").unwrap();
+    assert_eq!(m["epoch"], 2);
+    assert_eq!(m["state"], "replicating");
+    s.c.assert_no_unexpected_errors(&[]);
+}

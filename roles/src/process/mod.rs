@@ -82,6 +82,8 @@ impl ProcessState {
             if m.assignment.borrow().epoch != a.epoch {
                 tracing::info!(machine = %a.machine, epoch = a.epoch.0, "new protection epoch: clearing the old cache");
                 m.reset_cache()?;
+                // Seqs start over in a new epoch: the old applied position means nothing.
+                m.applied.send_replace(0);
                 let epoch_file = self.dir.join(&a.machine).join("epoch");
                 crate::fsutil::write_atomic(&epoch_file, a.epoch.0.to_string().as_bytes()).map_err(|e| e.to_string())?;
             }

@@ -75,10 +75,13 @@ async fn ship_once(ctx: &Arc<NodeContext>, ps: &Arc<ProcessState>, m: &Arc<PsMac
     trim(&ps, &m, applied).await?;
 
     let mut acks = {
-        let (ps, m) = (ps.clone(), m.clone());
+        let (ps, m, epoch) = (ps.clone(), m.clone(), a.epoch);
         tokio::spawn(async move {
             loop {
                 let Applied { applied_seq } = frame::expect_msg(&mut recv, MAX_CONTROL_FRAME).await.map_err(|e| e.to_string())?;
+                if m.assignment.borrow().epoch != epoch {
+                    return Err("protection epoch changed".to_string());
+                }
                 m.record_applied(applied_seq);
                 trim(&ps, &m, applied_seq).await?;
             }
