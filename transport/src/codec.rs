@@ -16,6 +16,8 @@ pub enum CodecError {
     Encode(#[from] rmp_serde::encode::Error),
     #[error("malformed message: {0}")]
     Decode(#[from] rmp_serde::decode::Error),
+    #[error("message too large for its length field")]
+    TooLarge,
 }
 
 pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
@@ -28,6 +30,12 @@ pub fn encode_with_capacity<T: Serialize + ?Sized>(value: &T, capacity: usize) -
     let mut buf = Vec::with_capacity(capacity);
     rmp_serde::encode::write_named(&mut buf, value)?;
     Ok(buf)
+}
+
+/// Appends the encoding of `value` to `buf`.
+pub fn encode_into<T: Serialize + ?Sized>(buf: &mut Vec<u8>, value: &T) -> Result<(), CodecError> {
+    rmp_serde::encode::write_named(buf, value)?;
+    Ok(())
 }
 
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {

@@ -512,7 +512,7 @@ async fn scan_pass(a: &Arc<Agent>, tables: Vec<Vec<u64>>, generation: u64) -> Re
     a.pass_scanned.store(0, Ordering::Relaxed);
     let mut base = 0u64;
     for (i, mut table) in tables.into_iter().enumerate() {
-        let (tx, mut rx) = mpsc::channel::<scan::Extent>(4);
+        let (tx, mut rx) = mpsc::channel::<scan::Extent>(2);
         let path = a.opts.disks[i].1.clone();
         let a2 = a.clone();
         let scanner = tokio::task::spawn_blocking(move || {
@@ -543,6 +543,27 @@ async fn scan_pass(a: &Arc<Agent>, tables: Vec<Vec<u64>>, generation: u64) -> Re
     Ok(true)
 }
 
+/// Encodes `AgentFrame::Batch { first_seq, last_seq, body: encode(batch) }` into one buffer
+/// sized up front, without first encoding the body on its own: a batch exists once in memory,
+/// not twice. The frame header is the codec's own encoding of the frame with an empty body,
+/// whose trailing `bin8` length is widened to `bin32` and filled in afterwards (pinned by the
+/// `batch_frame_decodes_like_the_codec_encoding` test).
+fn batch_frame(first_seq: u64, last_seq: u64, batch: &BatchBody, raw_bytes: usize) -> Result<Vec<u8>, codec::CodecError> {
+    let mut head = codec::encode(&AgentFrameRef::Batch { first_seq, last_seq, body: &[] })?;
+    debug_assert!(head.ends_with(&[0xc4, 0x00]), "an empty bin8 ends the frame");
+    head.truncate(head.len() - 2);
+    // msgpack adds a few dozen bytes per record to the raw data.
+    let mut buf = Vec::with_capacity(head.len() + 5 + raw_bytes + 64 + batch.records.len() * 64);
+    buf.extend_from_slice(&head);
+    buf.push(0xc6); // bin32
+    let len_at = buf.len();
+    buf.extend_from_slice(&[0; 4]);
+    codec::encode_into(&mut buf, batch)?;
+    let body_len = u32::try_from(buf.len() - len_at - 4).map_err(|_| codec::CodecError::TooLarge)?;
+    buf[len_at..len_at + 4].copy_from_slice(&body_len.to_be_bytes());
+    Ok(buf)
+}
+
 /// Numbers and retains one batch, waiting for room in the retention buffer.
 async fn emit(a: &Agent, extents: Vec<scan::Extent>, generation: u64) -> Result<(), String> {
     let raw: u64 = extents.iter().map(|e| e.data.len() as u64).sum();
@@ -564,13 +585,8 @@ async fn emit(a: &Agent, extents: Vec<scan::Extent>, generation: u64) -> Result<
             .enumerate()
             .map(|(i, e)| WriteRecord { seq: first + i as u64, disk: e.disk, offset: e.offset, data: serde_bytes::ByteBuf::from(e.data) })
             .collect();
-        // Encoded once, as the frame that goes on the wire; resends reuse it. Buffers are
-        // sized up front: msgpack adds a few dozen bytes per record.
-        let overhead = 64 + records.len() * 64;
-        let frame = codec::encode_with_capacity(&BatchBody { records }, raw as usize + overhead).and_then(|body| {
-            let last = first + n - 1;
-            codec::encode_with_capacity(&AgentFrameRef::Batch { first_seq: first, last_seq: last, body: &body }, body.len() + 64)
-        });
+        // Encoded once, as the frame that goes on the wire; resends reuse it.
+        let frame = batch_frame(first, first + n - 1, &BatchBody { records }, raw as usize);
         frame.unwrap_or_else(|e| {
             encoded = Err(e.to_string());
             vec![]
@@ -730,4 +746,27 @@ async fn stream_once(a: &Arc<Agent>) -> Result<(), StreamEnd> {
     acks.abort();
     conn.close(0u32.into(), b"stream restart");
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::AgentFrame;
+
+    #[test]
+    fn batch_frame_decodes_like_the_codec_encoding() {
+        for (first, n, size) in [(1u64, 1u64, 0usize), (70_000, 3, 100), (u64::MAX - 10, 2, 70_000)] {
+            let records = (0..n)
+                .map(|i| WriteRecord { seq: first + i, disk: i as u16, offset: i * 4096, data: serde_bytes::ByteBuf::from(vec![i as u8; size]) })
+                .collect();
+            let batch = BatchBody { records };
+            let frame = batch_frame(first, first + n - 1, &batch, size * n as usize).unwrap();
+            let body = codec::encode(&batch).unwrap();
+            let AgentFrame::Batch { first_seq, last_seq, body: got } = codec::decode(&frame).unwrap();
+            assert_eq!((first_seq, last_seq), (first, first + n - 1));
+            assert_eq!(got.into_vec(), body);
+            // Sized up front: no doubling reallocation left half the buffer empty.
+            assert!(frame.capacity() - frame.len() <= 64 + 64 * n as usize, "{} of {}", frame.len(), frame.capacity());
+        }
+    }
 }
