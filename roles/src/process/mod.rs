@@ -84,6 +84,9 @@ impl ProcessState {
                 m.reset_cache()?;
                 // Seqs start over in a new epoch: the old applied position means nothing.
                 m.applied.send_replace(0);
+                // Counters describe the current protection, as the agent's do.
+                m.raw_bytes.store(0, Ordering::Relaxed);
+                m.wire_bytes.store(0, Ordering::Relaxed);
                 let epoch_file = self.dir.join(&a.machine).join("epoch");
                 crate::fsutil::write_atomic(&epoch_file, a.epoch.0.to_string().as_bytes()).map_err(|e| e.to_string())?;
             }
