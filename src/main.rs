@@ -55,6 +55,10 @@ enum Command {
         /// Configuration role: rebalance only on `haven ctl rebalance`.
         #[arg(long)]
         no_auto_rebalance: bool,
+        /// Configuration role: a machine that moved is not rebalanced again (nor a rebalancing
+        /// move reversed) within this time.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        rebalance_cooldown: Duration,
     },
     /// Run the agent on a protected machine.
     Agent {
@@ -199,6 +203,7 @@ fn main() -> ExitCode {
             rebalance_threshold,
             max_moves_per_minute,
             no_auto_rebalance,
+            rebalance_cooldown,
         } => {
             init_logging("info,quinn=warn");
             let roles = if roles.is_empty() || roles.iter().any(|r| r == "all") {
@@ -222,6 +227,7 @@ fn main() -> ExitCode {
                     auto: !no_auto_rebalance,
                     skew_threshold: rebalance_threshold.max(2),
                     max_moves_per_minute,
+                    cooldown: rebalance_cooldown,
                     ..Default::default()
                 },
             };

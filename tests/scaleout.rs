@@ -201,7 +201,8 @@ fn sigkill_of_a_process_server_fails_over_and_the_old_one_is_fenced() {
 
 #[test]
 fn a_joining_process_server_gets_machines_and_a_drained_one_empties() {
-    let mut f = Fleet::new(&["ps1"], &[]);
+    // A short cooldown, so undrain refills within the test's patience.
+    let mut f = Fleet::new(&["ps1"], &["--rebalance-cooldown", "3s"]);
     assert_eq!(f.machines_on("ps1"), 4);
     f.start_writes(Duration::from_millis(20));
     phase("ps2 joins: the rebalancer moves machines onto it");

@@ -115,7 +115,9 @@ impl ConfigCore {
         let persist = Persist::Machine(m.clone());
         self.version += 1;
         self.last_rebalanced.insert(machine.to_string(), now);
-        if let Some(from) = &view.from {
+        // Only balancing decisions are not to be reversed; forced moves (failover, drain) and
+        // the operator's are not balancing decisions.
+        if let (Some(from), "rebalance") = (&view.from, kind) {
             self.recent_pairs.push_back((now, from.clone(), to.to_string()));
         }
         self.record_event(now, view.clone());

@@ -1297,14 +1297,14 @@ fn an_operator_move_is_not_undone_by_the_next_tick() {
     assert_eq!(c.all_poll_tick(Duration::ZERO), vec![]);
     let (reply, _) = moved(c.move_to(SEC, "app", "ps-b"));
     assert_eq!(reply, mv("app", "ps-a", "ps-b", 2));
-    // ps-a 0, ps-b 2: skewed by the threshold. The operator asked for it a second ago.
-    assert_eq!(
-        c.all_poll_tick(2 * SEC),
-        vec![],
-        "events: {:?}",
-        c.events(2 * SEC)
-    );
-    assert_eq!(c.record("app").process_server.as_deref(), Some("ps-b"));
+    // ps-a 0, ps-b 2: skewed by the threshold. The rebalancer may even the load, but not by
+    // moving the machine the operator placed a second ago: app stays, db goes.
+    let persist = c.all_poll_tick(2 * SEC);
+    assert!(persist.len() <= 1, "events: {:?}", c.events(2 * SEC));
+    for t in 3..120 {
+        c.all_poll_tick(secs(t));
+        assert_eq!(c.record("app").process_server.as_deref(), Some("ps-b"), "at {t}s");
+    }
 }
 
 // ---- events --------------------------------------------------------------------------------

@@ -1,0 +1,1667 @@
+//! Scale-out benchmark of the real system: one configuration node (`--no-auto-rebalance`, so
+//! only the bench moves machines), three process servers, one master target and four agents,
+//! each agent on its own generated 64 MiB disk of mixed content, all driven through
+//! `haven ctl --json` subprocesses while a writer thread keeps changing every disk.
+//!
+//! 1. **Live moves**: `HAVEN_BENCH_MOVES` moves round-robin over machines and process servers
+//!    with `ctl move M --to PS`; the pause and bytes resent that the agent reports, and the
+//!    wall time of the `ctl move` call, broken down with the nodes' and agents' logs.
+//! 2. **Failover**: `HAVEN_BENCH_FAILOVERS` rounds: every machine moved onto one process
+//!    server, SIGKILL of that server, time until `ctl machines` shows every machine elsewhere
+//!    and until every machine's `applied_seq` moved on; then the server is restarted.
+//! 3. Writes stop, every machine is synced, and every replica is compared with its source with
+//!    `cmp`: a mismatch aborts the run with a non-zero exit.
+//!
+//! It builds nothing: build the binary first.
+//!
+//! ```text
+//! export CARGO_TARGET_DIR=/work/target-bench     # or leave it unset
+//! cargo build --release
+//! HAVEN_BIN=$CARGO_TARGET_DIR/release/haven cargo bench --bench scaleout
+//! ```
+//!
+//! Environment:
+//! - `HAVEN_BIN`               the haven binary (default `<manifest dir>/target/release/haven`)
+//! - `HAVEN_BENCH_MOVES`       live moves, default 60
+//! - `HAVEN_BENCH_FAILOVERS`   SIGKILL rounds, default 3
+//! - `HAVEN_BENCH_DISK`        size of each of the four disks, default `64MiB`
+//! - `HAVEN_BENCH_WRITE_KBPS`  total rate of the writer thread in KB/s, default 4000
+//! - `HAVEN_BENCH_SEED`        generator seed, default 42
+//! - `HAVEN_BENCH_KEEP=1`      keep the temporary directory (logs, images) afterwards
+use std::{
+    collections::HashMap,
+    fs::{File, OpenOptions},
+    os::unix::fs::FileExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitCode, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use serde_json::Value;
+
+const BLOCK: u64 = 4096;
+const MIB: f64 = 1024.0 * 1024.0;
+const MB: f64 = 1e6;
+const MACHINES: [&str; 4] = ["m0", "m1", "m2", "m3"];
+const PROCESS_SERVERS: [&str; 3] = ["ps1", "ps2", "ps3"];
+const MASTER_TARGET: &str = "mt1";
+const CONFIG: &str = "config";
+
+// Targets from the issue.
+const TARGET_PAUSE_P99_MS: f64 = 1000.0;
+const TARGET_RESUME_SECS: f64 = 10.0;
+/// The configuration node's default `--failure-timeout`.
+const FAILURE_TIMEOUT_SECS: f64 = 5.0;
+
+type Res<T> = Result<T, String>;
+
+fn main() -> ExitCode {
+    // `cargo bench` passes `--bench`; nothing else is understood.
+    if std::env::args().skip(1).any(|a| a == "--help" || a == "-h") {
+        println!("scale-out benchmark; see the header of benches/scaleout.rs for the environment variables");
+        return ExitCode::SUCCESS;
+    }
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("\nscaleout bench FAILED: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Configuration
+
+struct Config {
+    bin: PathBuf,
+    disk_size: u64,
+    moves: usize,
+    failovers: usize,
+    write_bps: u64,
+    seed: u64,
+    keep: bool,
+}
+
+fn parse_size(s: &str) -> Res<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().map_err(|_| format!("bad size {s:?}"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {s:?} (use KiB, MiB, GiB)"
+            ))
+        }
+    };
+    Ok(n * mult)
+}
+
+fn env_num(name: &str, default: u64) -> Res<u64> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .map_err(|_| format!("{name}={v:?} is not a number")),
+        Err(_) => Ok(default),
+    }
+}
+
+impl Config {
+    fn from_env() -> Res<Self> {
+        let bin = match std::env::var_os("HAVEN_BIN") {
+            Some(p) => PathBuf::from(p),
+            None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/haven"),
+        };
+        if !bin.is_file() {
+            return Err(format!(
+                "haven binary not found at {}.\n  This benchmark builds nothing: run `cargo build --release` first, \
+                 and set HAVEN_BIN=<target dir>/release/haven if you use CARGO_TARGET_DIR.",
+                bin.display()
+            ));
+        }
+        let disk_size = match std::env::var("HAVEN_BENCH_DISK") {
+            Ok(v) => parse_size(&v)?,
+            Err(_) => 64 << 20,
+        };
+        if disk_size < 8 << 20 {
+            return Err("HAVEN_BENCH_DISK must be at least 8MiB".into());
+        }
+        Ok(Self {
+            bin,
+            disk_size: disk_size / BLOCK * BLOCK,
+            moves: env_num("HAVEN_BENCH_MOVES", 60)? as usize,
+            failovers: env_num("HAVEN_BENCH_FAILOVERS", 3)? as usize,
+            write_bps: env_num("HAVEN_BENCH_WRITE_KBPS", 4000)?.max(1) * 1000,
+            seed: env_num("HAVEN_BENCH_SEED", 42)?,
+            keep: std::env::var("HAVEN_BENCH_KEEP").is_ok_and(|v| v == "1"),
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Deterministic data (the generator of benches/pipeline.rs)
+
+/// xorshift64*: small, fast, stable across dependency versions.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        ((self.next_u64() >> 32) * n) >> 32
+    }
+    fn below64(&mut self, n: u64) -> u64 {
+        ((self.next_u64() as u128 * n as u128) >> 64) as u64
+    }
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+#[derive(Default, Clone, Copy)]
+struct DiskStats {
+    /// Bytes in 4 KiB blocks that are not all zero: what an initial scan must send.
+    nonzero_bytes: u64,
+    text: u64,
+    structured: u64,
+    random: u64,
+    zero: u64,
+}
+
+/// Vocabulary skewed towards common words, plus generated identifiers, paths and numbers.
+fn vocabulary(rng: &mut Rng) -> Vec<Vec<u8>> {
+    const COMMON: &[&str] = &[
+        "the",
+        "of",
+        "and",
+        "to",
+        "in",
+        "is",
+        "that",
+        "for",
+        "it",
+        "as",
+        "with",
+        "was",
+        "on",
+        "be",
+        "by",
+        "this",
+        "are",
+        "from",
+        "or",
+        "an",
+        "error",
+        "value",
+        "return",
+        "int",
+        "if",
+        "else",
+        "void",
+        "static",
+        "const",
+        "struct",
+        "self",
+        "None",
+        "true",
+        "false",
+        "INFO",
+        "WARN",
+        "kernel:",
+        "GET",
+        "/index.html",
+        "HTTP/1.1",
+        "200",
+        "user",
+        "session",
+        "/usr/lib/x86_64-linux-gnu",
+    ];
+    let mut v: Vec<Vec<u8>> = COMMON.iter().map(|w| w.as_bytes().to_vec()).collect();
+    while v.len() < 600 {
+        let len = 3 + rng.below(10) as usize;
+        let w: Vec<u8> = (0..len)
+            .map(|i| match rng.below(10) {
+                0 if i > 0 => b'_',
+                1 if i > 0 => b'0' + rng.below(10) as u8,
+                _ => b'a' + rng.below(26) as u8,
+            })
+            .collect();
+        v.push(w);
+    }
+    v
+}
+
+/// Writes a disk image of realistic mixed content in extents of 64 KiB–1 MiB:
+/// ~30 % text, ~30 % structured binary records, ~20 % incompressible random data,
+/// ~20 % zero regions (left as holes).
+fn generate_disk(path: &Path, size: u64, seed: u64) -> Res<DiskStats> {
+    let mut rng = Rng::new(seed);
+    let vocab = vocabulary(&mut rng);
+    let f = File::create(path).map_err(|e| format!("create {}: {e}", path.display()))?;
+    f.set_len(size).map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut stats = DiskStats::default();
+    let mut off = 0u64;
+    let mut counter = 0u64;
+    while off < size {
+        let ext = ((64u64 << 10) << rng.below(5)).min(size - off) as usize; // 64 KiB..1 MiB
+        let chunk = &mut buf[..ext];
+        match rng.below(10) {
+            0..=2 => {
+                let mut i = 0;
+                while i < ext {
+                    let r = rng.below(1000) as usize;
+                    let idx = if r < 600 { r % 46 } else { r % vocab.len() };
+                    let w = &vocab[idx];
+                    let take = w.len().min(ext - i);
+                    chunk[i..i + take].copy_from_slice(&w[..take]);
+                    i += take;
+                    if i < ext {
+                        chunk[i] = match rng.below(16) {
+                            0 => b'\n',
+                            1 => b',',
+                            _ => b' ',
+                        };
+                        i += 1;
+                    }
+                }
+                stats.text += ext as u64;
+            }
+            3..=5 => {
+                for rec in chunk.chunks_mut(56) {
+                    counter += 1;
+                    let small = rng.next_u64();
+                    let mut r = [0u8; 56];
+                    r[0..4].copy_from_slice(b"REC1");
+                    r[4..12].copy_from_slice(&counter.to_le_bytes());
+                    r[12..16].copy_from_slice(&((small & 0xffff) as u32).to_le_bytes());
+                    r[16..20].copy_from_slice(&(((small >> 16) & 0xff) as u32).to_le_bytes());
+                    r[20..28].copy_from_slice(&(1_700_000_000u64 + counter / 7).to_le_bytes());
+                    r[28] = (small >> 24) as u8 & 3;
+                    r[48..56].copy_from_slice(b"\xde\xad\xbe\xef\0\0\0\x01");
+                    let n = rec.len();
+                    rec.copy_from_slice(&r[..n]);
+                }
+                stats.structured += ext as u64;
+            }
+            6..=7 => {
+                rng.fill(chunk);
+                stats.random += ext as u64;
+            }
+            _ => {
+                stats.zero += ext as u64;
+                off += ext as u64;
+                continue; // a hole: reads as zeros
+            }
+        }
+        for b in chunk.chunks(BLOCK as usize) {
+            if b.iter().any(|&x| x != 0) {
+                stats.nonzero_bytes += b.len() as u64;
+            }
+        }
+        f.write_all_at(chunk, off)
+            .map_err(|e| format!("write {}: {e}", path.display()))?;
+        off += ext as u64;
+    }
+    f.sync_all().map_err(|e| e.to_string())?;
+    Ok(stats)
+}
+
+// ---------------------------------------------------------------------------------------
+// The writer thread
+
+/// Random 4–64 KiB writes at random offsets, one per disk per round, paced to `bps` in total;
+/// stops on its flag (set on drop too, so an error path never leaves it running) and after
+/// at most `MAX_SECS` whatever happens.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    written: Arc<Vec<AtomicU64>>,
+    handle: Option<JoinHandle<Res<u64>>>,
+}
+
+impl Writer {
+    const MAX_SECS: u64 = 900;
+
+    fn start(disks: &[PathBuf], size: u64, bps: u64, seed: u64) -> Res<Self> {
+        let files = disks
+            .iter()
+            .map(|d| {
+                OpenOptions::new()
+                    .write(true)
+                    .open(d)
+                    .map_err(|e| format!("open {}: {e}", d.display()))
+            })
+            .collect::<Res<Vec<File>>>()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let written: Arc<Vec<AtomicU64>> =
+            Arc::new(disks.iter().map(|_| AtomicU64::new(0)).collect());
+        let (s, w) = (stop.clone(), written.clone());
+        let handle = std::thread::spawn(move || -> Res<u64> {
+            let mut rng = Rng::new(seed);
+            let mut buf = vec![0u8; 64 << 10];
+            let t0 = Instant::now();
+            let mut total = 0u64;
+            // Bounded: never more than MAX_SECS, whatever the flag says.
+            while !s.load(Ordering::Relaxed) && t0.elapsed().as_secs() < Self::MAX_SECS {
+                for (f, n) in files.iter().zip(w.iter()) {
+                    let len = (4096 + rng.below((64 << 10) - 4096 + 1)) as usize;
+                    let off = rng.below64(size - len as u64);
+                    rng.fill(&mut buf[..len]);
+                    f.write_all_at(&buf[..len], off)
+                        .map_err(|e| format!("writer: {e}"))?;
+                    n.fetch_add(len as u64, Ordering::Relaxed);
+                    total += len as u64;
+                }
+                // Pace: sleep until the total matches the rate.
+                let due = Duration::from_secs_f64(total as f64 / bps as f64);
+                let el = t0.elapsed();
+                if due > el {
+                    std::thread::sleep((due - el).min(Duration::from_millis(200)));
+                }
+            }
+            Ok(total)
+        });
+        Ok(Self {
+            stop,
+            written,
+            handle: Some(handle),
+        })
+    }
+
+    fn written(&self) -> Vec<u64> {
+        self.written
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    fn stop(&mut self) -> Res<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.handle.take() {
+            Some(h) => h
+                .join()
+                .map_err(|_| "the writer thread panicked".to_string())?,
+            None => Ok(0),
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Processes
+
+struct Proc {
+    name: String,
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+/// Every process this bench started, restartable with the same arguments; SIGTERM, then
+/// SIGKILL after 5 s, on drop (also on error and on panic).
+struct Procs {
+    bin: PathBuf,
+    list: Vec<Proc>,
+}
+
+impl Procs {
+    fn get(&mut self, name: &str) -> Res<&mut Proc> {
+        self.list
+            .iter_mut()
+            .find(|p| p.name == name)
+            .ok_or_else(|| format!("no process {name}"))
+    }
+
+    fn start(&mut self, name: &str, args: Vec<String>, log: PathBuf) -> Res<()> {
+        self.list.push(Proc {
+            name: name.into(),
+            args,
+            log,
+            child: None,
+        });
+        self.restart(name)
+    }
+
+    /// (Re)starts a process with its arguments; its log is appended to.
+    fn restart(&mut self, name: &str) -> Res<()> {
+        let bin = self.bin.clone();
+        let p = self.get(name)?;
+        if p.child.is_some() {
+            return Err(format!("{name} is already running"));
+        }
+        let out = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p.log)
+            .map_err(|e| format!("open {}: {e}", p.log.display()))?;
+        let err = out.try_clone().map_err(|e| e.to_string())?;
+        let child = Command::new(&bin)
+            .args(&p.args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("start {}: {e}", bin.display()))?;
+        p.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL, and reap.
+    fn kill(&mut self, name: &str) -> Res<()> {
+        let p = self.get(name)?;
+        let mut c = p
+            .child
+            .take()
+            .ok_or_else(|| format!("{name} is not running"))?;
+        c.kill().map_err(|e| format!("kill {name}: {e}"))?;
+        c.wait().map_err(|e| format!("wait {name}: {e}"))?;
+        Ok(())
+    }
+
+    fn log(&self, name: &str) -> PathBuf {
+        self.list
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.log.clone())
+            .unwrap_or_default()
+    }
+
+    fn check_alive(&mut self) -> Res<()> {
+        for p in &mut self.list {
+            if let Some(c) = &mut p.child {
+                if let Ok(Some(status)) = c.try_wait() {
+                    return Err(format!(
+                        "the {} process exited ({status}); last lines of {}:\n{}",
+                        p.name,
+                        p.log.display(),
+                        tail(&p.log, 20)
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for p in &mut self.list {
+            if let Some(c) = &mut p.child {
+                if let Ok(None) = c.try_wait() {
+                    let _ = Command::new("kill")
+                        .arg("-TERM")
+                        .arg(c.id().to_string())
+                        .stderr(Stdio::null())
+                        .status();
+                }
+            }
+        }
+        for p in &mut self.list {
+            if let Some(c) = &mut p.child {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while Instant::now() < deadline {
+                    if let Ok(Some(_)) = c.try_wait() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
+    let v: Vec<&str> = s.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+fn free_udp_port() -> Res<u16> {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    Ok(s.local_addr().map_err(|e| e.to_string())?.port())
+}
+
+/// Runs a command to completion; Err with its output on failure.
+fn run_cmd(prog: &str, args: &[&str]) -> Res<String> {
+    let out = Command::new(prog)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("run {prog}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "`{prog} {}` failed ({}): {}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `cmp` of replica against source: the benchmark of a wrong result is worthless.
+fn verify_same(source: &Path, replica: &Path, what: &str) -> Res<()> {
+    let out = Command::new("cmp")
+        .arg(source)
+        .arg(replica)
+        .output()
+        .map_err(|e| format!("run cmp: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "REPLICA MISMATCH after {what}: `cmp {} {}` says: {}{}",
+            source.display(),
+            replica.display(),
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+struct Ctl {
+    bin: PathBuf,
+    addr: String,
+    token: PathBuf,
+}
+
+impl Ctl {
+    fn call(&self, args: &[&str]) -> Res<Value> {
+        let out = Command::new(&self.bin)
+            .arg("ctl")
+            .arg("--cluster")
+            .arg(&self.addr)
+            .arg("--token-file")
+            .arg(&self.token)
+            .arg("--json")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("run haven ctl: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "`haven ctl {}` failed ({}): {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| {
+            format!(
+                "`haven ctl {}` printed non-JSON ({e}): {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    fn array(&self, what: &str) -> Res<Vec<Value>> {
+        self.call(&[what])?
+            .as_array()
+            .cloned()
+            .ok_or_else(|| format!("`ctl --json {what}` is not an array"))
+    }
+
+    /// Machine name -> machine object.
+    fn machines(&self) -> Res<HashMap<String, Value>> {
+        Ok(self
+            .array("machines")?
+            .into_iter()
+            .filter_map(|m| Some((m["name"].as_str()?.to_string(), m)))
+            .collect())
+    }
+
+    fn node_alive(&self, name: &str) -> Res<bool> {
+        Ok(self
+            .array("nodes")?
+            .iter()
+            .any(|n| n["name"] == name && n["alive"] == true))
+    }
+}
+
+fn u64_field(m: &Value, f: &str) -> u64 {
+    m[f].as_u64().unwrap_or(0)
+}
+
+fn str_field<'a>(m: &'a Value, f: &str) -> &'a str {
+    m[f].as_str().unwrap_or("?")
+}
+
+fn wait_until(
+    procs: &mut Procs,
+    what: &str,
+    timeout: Duration,
+    mut ok: impl FnMut() -> Res<bool>,
+) -> Res<Duration> {
+    let t0 = Instant::now();
+    let mut last_err = String::new();
+    loop {
+        procs.check_alive()?;
+        match ok() {
+            Ok(true) => return Ok(t0.elapsed()),
+            Ok(false) => {}
+            Err(e) => last_err = e,
+        }
+        if t0.elapsed() > timeout {
+            return Err(format!(
+                "timed out after {}s waiting for {what}{}",
+                timeout.as_secs(),
+                if last_err.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (last error: {last_err})")
+                }
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn path_str(p: &Path) -> Res<&str> {
+    p.to_str()
+        .ok_or_else(|| format!("non-UTF-8 path {}", p.display()))
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+// ---------------------------------------------------------------------------------------
+// Logs: the default `tracing_subscriber::fmt` lines start with an RFC 3339 UTC timestamp
+// (`2026-11-26T16:43:52.123456Z`), which lets the bench place the configuration node's
+// decision and the agent's switch on the same clock as its own `ctl` calls.
+
+/// Days since 1970-01-01 of a civil date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146097 + doe - 719468
+}
+
+/// Unix seconds of a log line's leading timestamp.
+fn log_time(line: &str) -> Option<f64> {
+    let ts = line.split_whitespace().next()?;
+    let ts = ts.strip_suffix('Z')?;
+    let (date, time) = ts.split_once('T')?;
+    let mut d = date.split('-').map(|x| x.parse::<i64>());
+    let (y, mo, da) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let mut t = time.split(':');
+    let h: f64 = t.next()?.parse().ok()?;
+    let mi: f64 = t.next()?.parse().ok()?;
+    let s: f64 = t.next()?.parse().ok()?;
+    Some(days_from_civil(y, mo, da) as f64 * 86400.0 + h * 3600.0 + mi * 60.0 + s)
+}
+
+/// Strips ANSI colour codes (in case the subscriber decided to use them).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars().peekable();
+    while let Some(c) = it.next() {
+        if c == '\u{1b}' {
+            for d in it.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `key=value` of a tracing line (value up to the next space).
+fn log_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let pat = format!("{key}=");
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(pat.as_str()))
+}
+
+/// (machine, generation) -> unix time of the configuration node's decision (its event log
+/// line: `kind=move machine=m0 ... generation=7 operator request`).
+fn decisions(config_log: &Path) -> HashMap<(String, u64), f64> {
+    let s = std::fs::read_to_string(config_log).unwrap_or_default();
+    let mut m = HashMap::new();
+    for line in s.lines().map(strip_ansi) {
+        let (Some(t), Some(mach), Some(g)) = (
+            log_time(&line),
+            log_field(&line, "machine"),
+            log_field(&line, "generation").and_then(|g| g.parse::<u64>().ok()),
+        ) else {
+            continue;
+        };
+        if log_field(&line, "kind").is_some() {
+            m.insert((mach.to_string(), g), t);
+        }
+    }
+    m
+}
+
+/// generation -> unix time at which the agent logged "moved to process server" (the end
+/// of the pause it reports).
+fn switches(agent_log: &Path) -> HashMap<u64, f64> {
+    let s = std::fs::read_to_string(agent_log).unwrap_or_default();
+    let mut m = HashMap::new();
+    for line in s.lines().map(strip_ansi) {
+        if !line.contains("moved to process server") {
+            continue;
+        }
+        if let (Some(t), Some(g)) = (
+            log_time(&line),
+            log_field(&line, "generation").and_then(|g| g.parse::<u64>().ok()),
+        ) {
+            m.insert(g, t);
+        }
+    }
+    m
+}
+
+// ---------------------------------------------------------------------------------------
+// Statistics and output
+
+#[derive(Clone, Copy)]
+struct Stat {
+    median: f64,
+    min: f64,
+    max: f64,
+    n: usize,
+}
+
+fn stat(v: &[f64]) -> Stat {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let n = s.len();
+    let median = if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    };
+    Stat {
+        median,
+        min: *s.first().unwrap_or(&f64::NAN),
+        max: *s.last().unwrap_or(&f64::NAN),
+        n,
+    }
+}
+
+fn fmt_stat(s: Stat, prec: usize) -> String {
+    if s.n <= 1 {
+        format!("{:.p$}", s.median, p = prec)
+    } else {
+        format!("{:.p$} [{:.p$}–{:.p$}]", s.median, s.min, s.max, p = prec)
+    }
+}
+
+/// Nearest-rank percentile (p in 0..=1) of unsorted values.
+fn percentile(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((p * s.len() as f64).ceil() as usize).clamp(1, s.len());
+    s[rank - 1]
+}
+
+fn pcts(v: &[f64], prec: usize) -> String {
+    format!(
+        "p50 {:.p$} / p90 {:.p$} / p99 {:.p$} / max {:.p$}",
+        percentile(v, 0.5),
+        percentile(v, 0.9),
+        percentile(v, 0.99),
+        percentile(v, 1.0),
+        p = prec
+    )
+}
+
+fn machine_desc() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "?".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    format!("{cores} vCPU {cpu}")
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn opt_u64(v: &Value) -> String {
+    v.as_u64()
+        .map(|x| x.to_string())
+        .unwrap_or_else(|| "null".into())
+}
+
+// ---------------------------------------------------------------------------------------
+// The run
+
+struct MoveRun {
+    machine: String,
+    generation: u64,
+    pause_ms: f64,
+    bytes_resent: u64,
+    /// Wall time of the `ctl move` subprocess.
+    wall_ms: f64,
+    /// Unix times around the `ctl move` call.
+    started: f64,
+    ended: f64,
+}
+
+struct FailoverRun {
+    victim: String,
+    /// Kill → `ctl machines` shows every machine on another process server.
+    reassigned: f64,
+    /// Kill → every `applied_seq` above its value at the kill.
+    resumed: f64,
+    /// Kill → every `applied_seq` above the `captured_seq` reported ≥ 1 s after the kill.
+    resumed_strict: f64,
+    /// Kill → the configuration node's failover event (from its log).
+    detected: Option<f64>,
+    /// The failover events' pause_ms and bytes_resent (null when the agent reported nothing).
+    events: Vec<(String, Value, Value)>,
+    restart_alive: f64,
+}
+
+fn run() -> Res<()> {
+    let cfg = Config::from_env()?;
+    let tmp = tempfile::Builder::new()
+        .prefix("haven-scaleout-")
+        .tempdir_in(std::env::temp_dir())
+        .map_err(|e| {
+            format!(
+                "create a temp dir in {}: {e}",
+                std::env::temp_dir().display()
+            )
+        })?;
+    let dir = tmp.path().to_path_buf();
+    let result = bench(&cfg, &dir);
+    if cfg.keep {
+        let kept = tmp.keep();
+        eprintln!("kept {}", kept.display());
+    } else if result.is_err() {
+        eprintln!("(set HAVEN_BENCH_KEEP=1 to keep the logs and images in the temp dir)");
+    }
+    result
+}
+
+fn bench(cfg: &Config, dir: &Path) -> Res<()> {
+    let bench_t0 = Instant::now();
+    let date = run_cmd("date", &["-u", "+%Y-%m-%d %H:%M UTC"])
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    println!("haven scale-out benchmark — {date}");
+    let start_load = loadavg();
+    println!(
+        "machine: {}; load average at start: {start_load}",
+        machine_desc()
+    );
+    let built = std::fs::metadata(&cfg.bin)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .map(|d| format!("built {:.0} min ago", d.as_secs_f64() / 60.0))
+        .unwrap_or_default();
+    println!(
+        "binary: {} ({built}); temp dir: {}",
+        cfg.bin.display(),
+        dir.display()
+    );
+
+    // ---- disks
+    let mut disks = vec![];
+    let t = Instant::now();
+    let mut nonzero = 0;
+    for (i, m) in MACHINES.iter().enumerate() {
+        let d = dir.join(format!("{m}.img"));
+        let s = generate_disk(&d, cfg.disk_size, cfg.seed + i as u64)?;
+        nonzero += s.nonzero_bytes;
+        println!(
+            "  {m}: {:.0} MiB disk: {:.0} MiB text, {:.0} MiB structured, {:.0} MiB random, {:.0} MiB zero holes; {:.1} MiB non-zero",
+            cfg.disk_size as f64 / MIB,
+            s.text as f64 / MIB,
+            s.structured as f64 / MIB,
+            s.random as f64 / MIB,
+            s.zero as f64 / MIB,
+            s.nonzero_bytes as f64 / MIB
+        );
+        disks.push(d);
+    }
+    println!("generated 4 disks in {:.1}s", t.elapsed().as_secs_f64());
+
+    // ---- the cluster
+    let mut procs = Procs {
+        bin: cfg.bin.clone(),
+        list: vec![],
+    };
+    let config_dir = dir.join(CONFIG);
+    let port = free_udp_port()?;
+    let addr = format!("127.0.0.1:{port}");
+    let s = |x: &str| x.to_string();
+    procs.start(
+        CONFIG,
+        vec![
+            s("node"),
+            s("--role"),
+            s("configuration"),
+            s("--no-auto-rebalance"),
+            s("--data-dir"),
+            path_str(&config_dir)?.into(),
+            s("--listen"),
+            addr.clone(),
+            s("--name"),
+            s(CONFIG),
+        ],
+        dir.join("config.log"),
+    )?;
+    let admin_token = config_dir.join("admin-token");
+    let join_token = config_dir.join("join-token");
+    wait_until(
+        &mut procs,
+        "the configuration node to write its tokens",
+        Duration::from_secs(30),
+        || Ok(admin_token.exists() && join_token.exists()),
+    )?;
+    let ctl = Ctl {
+        bin: cfg.bin.clone(),
+        addr: addr.clone(),
+        token: admin_token.clone(),
+    };
+    wait_until(
+        &mut procs,
+        "the configuration node to answer",
+        Duration::from_secs(30),
+        || Ok(ctl.call(&["status"]).is_ok()),
+    )?;
+    let servers: Vec<(&str, &str)> = PROCESS_SERVERS
+        .iter()
+        .map(|p| (*p, "process"))
+        .chain([(MASTER_TARGET, "master-target")])
+        .collect();
+    for (name, role) in &servers {
+        let p = free_udp_port()?;
+        procs.start(
+            name,
+            vec![
+                s("node"),
+                s("--role"),
+                s(role),
+                s("--join"),
+                addr.clone(),
+                s("--token-file"),
+                path_str(&join_token)?.into(),
+                s("--data-dir"),
+                path_str(&dir.join(name))?.into(),
+                s("--listen"),
+                format!("127.0.0.1:{p}"),
+                s("--name"),
+                s(name),
+            ],
+            dir.join(format!("{name}.log")),
+        )?;
+    }
+    for (name, _) in &servers {
+        wait_until(
+            &mut procs,
+            &format!("node {name} alive"),
+            Duration::from_secs(30),
+            || ctl.node_alive(name),
+        )?;
+    }
+    for (m, d) in MACHINES.iter().zip(&disks) {
+        procs.start(
+            &format!("agent-{m}"),
+            vec![
+                s("agent"),
+                s("--join"),
+                addr.clone(),
+                s("--token-file"),
+                path_str(&join_token)?.into(),
+                s("--data-dir"),
+                path_str(&dir.join(format!("agent-{m}")))?.into(),
+                s("--disk"),
+                format!("root={}", d.display()),
+                s("--name"),
+                s(m),
+                s("--scan-interval"),
+                s("1s"),
+            ],
+            dir.join(format!("agent-{m}.log")),
+        )?;
+    }
+    wait_until(
+        &mut procs,
+        "all four agents to enroll",
+        Duration::from_secs(30),
+        || Ok(ctl.machines()?.len() == MACHINES.len()),
+    )?;
+    let mut ctl_secs = vec![];
+    for _ in 0..5 {
+        let t = Instant::now();
+        ctl.call(&["status"])?;
+        ctl_secs.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let ctl_ms = stat(&ctl_secs);
+    println!(
+        "\ncluster: configuration node on {addr} (--no-auto-rebalance), {}, {MASTER_TARGET}, 4 agents (--scan-interval 1s); one `ctl status` call takes {} ms",
+        PROCESS_SERVERS.join(", "),
+        fmt_stat(ctl_ms, 0)
+    );
+
+    // ---- protect and initial sync
+    let t = Instant::now();
+    for m in MACHINES {
+        let r = ctl.call(&["protect", m])?;
+        println!("  {}", str_field(&r, "message"));
+    }
+    for m in MACHINES {
+        let ws = ctl.call(&["wait-sync", m, "--timeout", "300s"])?;
+        if ws["synced"] != true {
+            return Err(format!("wait-sync {m} after protect: {ws}"));
+        }
+    }
+    let initial_secs = t.elapsed().as_secs_f64();
+    let replica = |m: &str| {
+        dir.join(MASTER_TARGET)
+            .join("replicas")
+            .join(m)
+            .join("root.img")
+    };
+    for (m, d) in MACHINES.iter().zip(&disks) {
+        verify_same(d, &replica(m), &format!("the initial sync of {m}"))?;
+    }
+    println!(
+        "initial sync of 4 machines ({:.0} MiB non-zero in all): {:.1}s to protect + wait-sync all; replicas verified with cmp",
+        nonzero as f64 / MIB,
+        initial_secs
+    );
+    let ms = ctl.machines()?;
+    let mut placement: HashMap<String, String> = MACHINES
+        .iter()
+        .map(|m| {
+            (
+                m.to_string(),
+                ms.get(*m)
+                    .map(|v| str_field(v, "process_server").to_string())
+                    .unwrap_or_default(),
+            )
+        })
+        .collect();
+    let sent_before: Vec<u64> = MACHINES
+        .iter()
+        .map(|m| {
+            ms.get(*m)
+                .map(|v| u64_field(v, "raw_bytes_sent"))
+                .unwrap_or(0)
+        })
+        .collect();
+
+    // ---- writes
+    let mut writer = Writer::start(&disks, cfg.disk_size, cfg.write_bps, cfg.seed ^ 0x5717)?;
+    println!(
+        "\nwriter: random 4–64 KiB chunks to all 4 disks, {:.1} MB/s in total",
+        cfg.write_bps as f64 / MB
+    );
+    std::thread::sleep(Duration::from_secs(2));
+
+    // ---- (1) live moves
+    println!("\nlive moves ({}):", cfg.moves);
+    let mut moves: Vec<MoveRun> = vec![];
+    let moves_t0 = Instant::now();
+    for i in 0..cfg.moves {
+        procs.check_alive()?;
+        let m = MACHINES[i % MACHINES.len()];
+        let cur = placement[m].clone();
+        let ci = PROCESS_SERVERS
+            .iter()
+            .position(|p| *p == cur)
+            .ok_or_else(|| format!("{m} is on {cur:?}, not one of the process servers"))?;
+        // Round-robin: +1 in even rounds over the machines, +2 in odd ones.
+        let to = PROCESS_SERVERS[(ci + 1 + (i / MACHINES.len()) % 2) % PROCESS_SERVERS.len()];
+        let started = unix_now();
+        let t = Instant::now();
+        let ev = ctl.call(&["move", m, "--to", to])?;
+        let wall_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let ended = unix_now();
+        let pause_ms = ev["pause_ms"]
+            .as_u64()
+            .ok_or_else(|| format!("move {i}: no pause_ms in {ev}"))? as f64;
+        let bytes_resent = ev["bytes_resent"]
+            .as_u64()
+            .ok_or_else(|| format!("move {i}: no bytes_resent in {ev}"))?;
+        println!(
+            "  move {:>2}: {m} {cur} -> {to} (gen {}): pause {:>4} ms, {:>8} bytes resent, `ctl move` {:>5.0} ms",
+            i + 1,
+            ev["generation"],
+            pause_ms,
+            bytes_resent,
+            wall_ms
+        );
+        placement.insert(m.to_string(), to.to_string());
+        moves.push(MoveRun {
+            machine: m.to_string(),
+            generation: u64_field(&ev, "generation"),
+            pause_ms,
+            bytes_resent,
+            wall_ms,
+            started,
+            ended,
+        });
+    }
+    let moves_secs = moves_t0.elapsed().as_secs_f64();
+    let ms = ctl.machines()?;
+    for m in MACHINES {
+        let now = ms
+            .get(m)
+            .map(|v| str_field(v, "process_server"))
+            .unwrap_or("?");
+        if now != placement[m] {
+            return Err(format!(
+                "{m} is on {now} according to `ctl machines`, the bench moved it to {}",
+                placement[m]
+            ));
+        }
+    }
+
+    // ---- (2) failover
+    let mut failovers: Vec<FailoverRun> = vec![];
+    for r in 0..cfg.failovers {
+        let victim = PROCESS_SERVERS[r % PROCESS_SERVERS.len()];
+        println!(
+            "\nfailover round {}: every machine onto {victim}, then SIGKILL it",
+            r + 1
+        );
+        for m in MACHINES {
+            if placement[m] != victim {
+                let ev = ctl.call(&["move", m, "--to", victim])?;
+                println!(
+                    "  move {m} {} -> {victim}: pause {} ms, {} bytes resent",
+                    placement[m], ev["pause_ms"], ev["bytes_resent"]
+                );
+                placement.insert(m.to_string(), victim.to_string());
+            }
+        }
+        std::thread::sleep(Duration::from_secs(2)); // let writes flow through the victim
+        let events_before = ctl.array("events")?.len();
+        let before = ctl.machines()?;
+        let applied0: Vec<u64> = MACHINES
+            .iter()
+            .map(|m| {
+                before
+                    .get(*m)
+                    .map(|v| u64_field(v, "applied_seq"))
+                    .unwrap_or(0)
+            })
+            .collect();
+        let kill_unix = unix_now();
+        let killed = Instant::now();
+        procs.kill(victim)?;
+        let mut reassigned = None;
+        let mut resumed = None;
+        let mut resumed_strict = None;
+        let mut strict_floor: Option<Vec<u64>> = None;
+        while reassigned.is_none() || resumed.is_none() || resumed_strict.is_none() {
+            procs.check_alive()?;
+            if killed.elapsed() > Duration::from_secs(90) {
+                return Err(format!(
+                    "round {}: replication did not resume within 90 s of killing {victim}; machines: {:?}",
+                    r + 1,
+                    ctl.machines()
+                ));
+            }
+            let call_started = killed.elapsed().as_secs_f64();
+            let ms = match ctl.machines() {
+                Ok(ms) => ms,
+                Err(_) => continue,
+            };
+            let at = killed.elapsed().as_secs_f64();
+            let applied: Vec<u64> = MACHINES
+                .iter()
+                .map(|m| ms.get(*m).map(|v| u64_field(v, "applied_seq")).unwrap_or(0))
+                .collect();
+            if reassigned.is_none()
+                && MACHINES.iter().all(|m| {
+                    ms.get(*m)
+                        .is_some_and(|v| str_field(v, "process_server") != victim)
+                })
+            {
+                reassigned = Some(at);
+            }
+            if resumed.is_none() && applied.iter().zip(&applied0).all(|(a, b)| a > b) {
+                resumed = Some(at);
+            }
+            if strict_floor.is_none() && call_started >= 1.0 {
+                // Everything the victim could have received was captured before the kill,
+                // so it is covered by the captured_seq the agents report a second later.
+                strict_floor = Some(
+                    MACHINES
+                        .iter()
+                        .map(|m| {
+                            ms.get(*m)
+                                .map(|v| u64_field(v, "captured_seq"))
+                                .unwrap_or(0)
+                        })
+                        .collect(),
+                );
+            } else if let Some(f) = &strict_floor {
+                if resumed_strict.is_none() && applied.iter().zip(f).all(|(a, b)| a > b) {
+                    resumed_strict = Some(at);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let (reassigned, resumed, resumed_strict) = (
+            reassigned.expect("set"),
+            resumed.expect("set"),
+            resumed_strict.expect("set"),
+        );
+        let ms = ctl.machines()?;
+        for m in MACHINES {
+            placement.insert(
+                m.to_string(),
+                ms.get(m)
+                    .map(|v| str_field(v, "process_server").to_string())
+                    .unwrap_or_default(),
+            );
+        }
+        // The failover events of this round, once their agents reported (or 15 s passed).
+        let mut events = vec![];
+        let _ = wait_until(
+            &mut procs,
+            "the failover events' figures",
+            Duration::from_secs(15),
+            || {
+                let all = ctl.array("events")?;
+                events = all
+                    .into_iter()
+                    .skip(events_before)
+                    .filter(|e| e["kind"] == "failover")
+                    .collect();
+                Ok(events.len() >= MACHINES.len()
+                    && events
+                        .iter()
+                        .all(|e| !e["pause_ms"].is_null() && !e["bytes_resent"].is_null()))
+            },
+        );
+        let detected = decisions(&procs.log(CONFIG))
+            .into_iter()
+            .filter(|((m, g), _)| {
+                events
+                    .iter()
+                    .any(|e| e["machine"] == m.as_str() && u64_field(e, "generation") == *g)
+            })
+            .map(|(_, t)| t - kill_unix)
+            .min_by(|a, b| a.total_cmp(b));
+        let events: Vec<(String, Value, Value)> = events
+            .iter()
+            .map(|e| {
+                (
+                    format!(
+                        "{} {} -> {}",
+                        str_field(e, "machine"),
+                        str_field(e, "from"),
+                        str_field(e, "to")
+                    ),
+                    e["pause_ms"].clone(),
+                    e["bytes_resent"].clone(),
+                )
+            })
+            .collect();
+        println!(
+            "  killed {victim}: failover event logged after {}, every machine elsewhere after {reassigned:.2}s, applied_seq moved on after {resumed:.2}s (beyond the captured_seq of 1 s after the kill: {resumed_strict:.2}s)",
+            detected
+                .map(|d| format!("{d:.2}s"))
+                .unwrap_or_else(|| "?".into()),
+        );
+        for (what, p, b) in &events {
+            println!(
+                "    failover {what}: pause_ms {}, bytes_resent {}",
+                opt_u64(p),
+                opt_u64(b)
+            );
+        }
+        if events.len() < MACHINES.len() {
+            println!(
+                "    note: only {} failover events after 15 s (expected {})",
+                events.len(),
+                MACHINES.len()
+            );
+        }
+        procs.restart(victim)?;
+        let restart_alive = wait_until(
+            &mut procs,
+            &format!("{victim} alive again"),
+            Duration::from_secs(60),
+            || ctl.node_alive(victim),
+        )?
+        .as_secs_f64();
+        println!("  restarted {victim}: alive again after {restart_alive:.2}s");
+        failovers.push(FailoverRun {
+            victim: victim.to_string(),
+            reassigned,
+            resumed,
+            resumed_strict,
+            detected,
+            events,
+            restart_alive,
+        });
+    }
+
+    // ---- (3) converge and verify
+    let written_by_disk = writer.written();
+    let written = writer.stop()?;
+    println!(
+        "\nwrites stopped: {:.1} MB written in all",
+        written as f64 / MB
+    );
+    let t = Instant::now();
+    for m in MACHINES {
+        let ws = ctl.call(&["wait-sync", m, "--timeout", "300s"])?;
+        if ws["synced"] != true {
+            return Err(format!("final wait-sync {m}: {ws}"));
+        }
+    }
+    let final_sync = t.elapsed().as_secs_f64();
+    for (m, d) in MACHINES.iter().zip(&disks) {
+        verify_same(d, &replica(m), &format!("the moves and failovers of {m}"))?;
+    }
+    println!(
+        "final wait-sync of all 4 machines {final_sync:.2}s; every replica verified byte-identical with cmp"
+    );
+    let ms = ctl.machines()?;
+    let sent_after: Vec<u64> = MACHINES
+        .iter()
+        .map(|m| {
+            ms.get(*m)
+                .map(|v| u64_field(v, "raw_bytes_sent"))
+                .unwrap_or(0)
+        })
+        .collect();
+    let all_events = ctl.array("events")?;
+    let end_load = loadavg();
+
+    // ---- timeline of the moves from the logs: request → decision → agent notices →
+    // agent switched (pause) → ctl returns.
+    let dec = decisions(&procs.log(CONFIG));
+    let sw: HashMap<String, HashMap<u64, f64>> = MACHINES
+        .iter()
+        .map(|m| (m.to_string(), switches(&procs.log(&format!("agent-{m}")))))
+        .collect();
+    let (mut to_decision, mut delivery, mut after_switch) = (vec![], vec![], vec![]);
+    for mv in &moves {
+        let (Some(d), Some(s)) = (
+            dec.get(&(mv.machine.clone(), mv.generation)),
+            sw.get(&mv.machine).and_then(|x| x.get(&mv.generation)),
+        ) else {
+            continue;
+        };
+        let noticed = s - mv.pause_ms / 1000.0;
+        to_decision.push((d - mv.started) * 1000.0);
+        delivery.push((noticed - d) * 1000.0);
+        after_switch.push((mv.ended - s) * 1000.0);
+    }
+    drop(writer);
+    drop(procs); // stop haven before printing the table
+
+    // ---- the table
+    let pauses: Vec<f64> = moves.iter().map(|m| m.pause_ms).collect();
+    let walls: Vec<f64> = moves.iter().map(|m| m.wall_ms).collect();
+    let overhead: Vec<f64> = moves.iter().map(|m| m.wall_ms - m.pause_ms).collect();
+    let resent: Vec<f64> = moves.iter().map(|m| m.bytes_resent as f64).collect();
+    let resent_total: u64 = moves.iter().map(|m| m.bytes_resent).sum();
+    let with_resend = moves.iter().filter(|m| m.bytes_resent > 0).count();
+    let verdict = |ok: bool| if ok { "meets" } else { "MISSES" };
+    let p99 = percentile(&pauses, 0.99);
+    println!(
+        "\n=== results: 4 machines × {:.0} MiB, 3 process servers, writes {:.1} MB/s in total; {} moves in {:.0}s, {} failover rounds; total bench time {:.0}s ===",
+        cfg.disk_size as f64 / MIB,
+        cfg.write_bps as f64 / MB,
+        moves.len(),
+        moves_secs,
+        failovers.len(),
+        bench_t0.elapsed().as_secs_f64()
+    );
+    println!("{:<58} {:>52} {:>22}", "metric", "haven", "target");
+    let row = |m: &str, h: String, t: String| println!("{m:<58} {h:>52} {t:>22}");
+    if !moves.is_empty() {
+        row(
+            "move pause, ms (agent: noticed → new PS acked)",
+            pcts(&pauses, 0),
+            format!(
+                "p99 <{TARGET_PAUSE_P99_MS:.0}: {}",
+                verdict(p99 < TARGET_PAUSE_P99_MS)
+            ),
+        );
+        row(
+            "bytes resent per move",
+            format!(
+                "p50 {:.0} / max {:.0}; {with_resend} of {} moves resent",
+                percentile(&resent, 0.5),
+                percentile(&resent, 1.0),
+                moves.len()
+            ),
+            "".into(),
+        );
+        row(
+            "bytes resent, all moves",
+            format!("{resent_total} ({:.2} MB)", resent_total as f64 / MB),
+            "".into(),
+        );
+        row("`ctl move` wall time, ms", pcts(&walls, 0), "".into());
+        row(
+            "`ctl move` wall minus pause, ms",
+            pcts(&overhead, 0),
+            "".into(),
+        );
+        if !delivery.is_empty() {
+            row(
+                "  ctl start → config decision (log), ms",
+                fmt_stat(stat(&to_decision), 0),
+                "".into(),
+            );
+            row(
+                "  config decision → agent noticed (log − pause), ms",
+                fmt_stat(stat(&delivery), 0),
+                "".into(),
+            );
+            row(
+                "  agent switched → `ctl move` returned, ms",
+                fmt_stat(stat(&after_switch), 0),
+                "".into(),
+            );
+            if delivery.len() < moves.len() {
+                row(
+                    "  (moves placed on the log timeline)",
+                    format!("{} of {}", delivery.len(), moves.len()),
+                    "".into(),
+                );
+            }
+        }
+        row(
+            "one `ctl status` call (process start + connect), ms",
+            fmt_stat(ctl_ms, 0),
+            "".into(),
+        );
+    }
+    if !failovers.is_empty() {
+        let resumed = stat(&failovers.iter().map(|f| f.resumed).collect::<Vec<_>>());
+        row(
+            "failover: SIGKILL → failover event logged, s",
+            fmt_stat(
+                stat(
+                    &failovers
+                        .iter()
+                        .filter_map(|f| f.detected)
+                        .collect::<Vec<_>>(),
+                ),
+                2,
+            ),
+            format!("timeout {FAILURE_TIMEOUT_SECS:.0}s"),
+        );
+        row(
+            "failover: SIGKILL → all machines reassigned, s",
+            fmt_stat(
+                stat(&failovers.iter().map(|f| f.reassigned).collect::<Vec<_>>()),
+                2,
+            ),
+            "".into(),
+        );
+        row(
+            "failover: SIGKILL → replication resumed, s",
+            fmt_stat(resumed, 2),
+            format!(
+                "<{TARGET_RESUME_SECS:.0}: {}",
+                verdict(resumed.max < TARGET_RESUME_SECS)
+            ),
+        );
+        row(
+            "  … applied beyond captured_seq at kill+1s, s",
+            fmt_stat(
+                stat(
+                    &failovers
+                        .iter()
+                        .map(|f| f.resumed_strict)
+                        .collect::<Vec<_>>(),
+                ),
+                2,
+            ),
+            "".into(),
+        );
+        let fo_pause: Vec<f64> = failovers
+            .iter()
+            .flat_map(|f| f.events.iter().filter_map(|e| e.1.as_u64()))
+            .map(|x| x as f64)
+            .collect();
+        let fo_bytes: Vec<u64> = failovers
+            .iter()
+            .flat_map(|f| f.events.iter().filter_map(|e| e.2.as_u64()))
+            .collect();
+        let n_events: usize = failovers.iter().map(|f| f.events.len()).sum();
+        row(
+            "failover events: pause_ms (reported / events)",
+            if fo_pause.is_empty() {
+                format!("null in all {n_events}")
+            } else {
+                format!(
+                    "{} ({} / {n_events})",
+                    fmt_stat(stat(&fo_pause), 0),
+                    fo_pause.len()
+                )
+            },
+            "".into(),
+        );
+        row(
+            "failover events: bytes_resent (reported / events)",
+            if fo_bytes.is_empty() {
+                format!("null in all {n_events}")
+            } else {
+                format!(
+                    "{} in all, max {} ({} / {n_events})",
+                    fo_bytes.iter().sum::<u64>(),
+                    fo_bytes.iter().max().unwrap_or(&0),
+                    fo_bytes.len()
+                )
+            },
+            "".into(),
+        );
+        row(
+            "killed server alive again after restart, s",
+            fmt_stat(
+                stat(
+                    &failovers
+                        .iter()
+                        .map(|f| f.restart_alive)
+                        .collect::<Vec<_>>(),
+                ),
+                2,
+            ),
+            "".into(),
+        );
+        for f in &failovers {
+            println!(
+                "  round {}: {}: reassigned {:.2}s, resumed {:.2}s (strict {:.2}s)",
+                failovers
+                    .iter()
+                    .position(|x| std::ptr::eq(x, f))
+                    .unwrap_or(0)
+                    + 1,
+                f.victim,
+                f.reassigned,
+                f.resumed,
+                f.resumed_strict
+            );
+        }
+    }
+    let sent: u64 = sent_after
+        .iter()
+        .zip(&sent_before)
+        .map(|(a, b)| a.saturating_sub(*b))
+        .sum();
+    row(
+        "raw bytes sent after the initial sync / written, MB",
+        format!(
+            "{:.1} / {:.1} ({:.2}x)",
+            sent as f64 / MB,
+            written as f64 / MB,
+            sent as f64 / written.max(1) as f64
+        ),
+        "no resync".into(),
+    );
+    let _ = written_by_disk;
+    println!(
+        "events recorded by the configuration node: {} moves, {} failovers",
+        all_events.iter().filter(|e| e["kind"] == "move").count(),
+        all_events
+            .iter()
+            .filter(|e| e["kind"] == "failover")
+            .count()
+    );
+    println!("load average at start / end: {start_load} / {end_load}");
+    println!("scaleout bench OK (every replica verified byte-identical with cmp)");
+    Ok(())
+}
