@@ -623,6 +623,62 @@ impl Ctl {
         })
     }
 
+    /// Like `call`, and also the unix times at which the JSON answer was complete on stdout
+    /// and at which the process exited (`ctl` closes its QUIC connection gracefully first).
+    fn call_timed(&self, args: &[&str]) -> Res<(Value, f64, f64)> {
+        use std::io::Read;
+        let mut child = Command::new(&self.bin)
+            .arg("ctl")
+            .arg("--cluster")
+            .arg(&self.addr)
+            .arg("--token-file")
+            .arg(&self.token)
+            .arg("--json")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("run haven ctl: {e}"))?;
+        let mut out = child.stdout.take().ok_or("no stdout")?;
+        let mut buf = vec![];
+        let mut chunk = [0u8; 4096];
+        let mut printed = None;
+        loop {
+            let n = out
+                .read(&mut chunk)
+                .map_err(|e| format!("read ctl stdout: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if printed.is_none() && serde_json::from_slice::<Value>(&buf).is_ok() {
+                printed = Some(unix_now());
+            }
+        }
+        let status = child.wait().map_err(|e| format!("wait haven ctl: {e}"))?;
+        let exited = unix_now();
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        if !status.success() {
+            return Err(format!(
+                "`haven ctl {}` failed ({status}): {}",
+                args.join(" "),
+                err.trim()
+            ));
+        }
+        let v = serde_json::from_slice(&buf).map_err(|e| {
+            format!(
+                "`haven ctl {}` printed non-JSON ({e}): {}",
+                args.join(" "),
+                String::from_utf8_lossy(&buf)
+            )
+        })?;
+        Ok((v, printed.unwrap_or(exited), exited))
+    }
+
     fn array(&self, what: &str) -> Res<Vec<Value>> {
         self.call(&[what])?
             .as_array()
@@ -887,8 +943,9 @@ struct MoveRun {
     bytes_resent: u64,
     /// Wall time of the `ctl move` subprocess.
     wall_ms: f64,
-    /// Unix times around the `ctl move` call.
+    /// Unix times: `ctl move` started, printed its answer, exited.
     started: f64,
+    printed: f64,
     ended: f64,
 }
 
@@ -902,6 +959,14 @@ struct FailoverRun {
     resumed_strict: f64,
     /// Kill → the configuration node's failover event (from its log).
     detected: Option<f64>,
+    /// The victim's last report as the configuration node saw it, relative to the kill
+    /// (from `ctl nodes` `last_seen_ms_ago` ~1.5 s after the kill; ±0.1 s).
+    last_seen: Option<f64>,
+    /// Kill → the last agent logged its switch to the new process server (end of its pause).
+    agents_switched: Option<f64>,
+    /// Raw bytes sent (all agents, from their reports) / bytes written, between the
+    /// snapshot before the kill and the end of the round.
+    sent_written: (u64, u64),
     /// The failover events' pause_ms and bytes_resent (null when the agent reported nothing).
     events: Vec<(String, Value, Value)>,
     restart_alive: f64,
@@ -1165,9 +1230,8 @@ fn bench(cfg: &Config, dir: &Path) -> Res<()> {
         let to = PROCESS_SERVERS[(ci + 1 + (i / MACHINES.len()) % 2) % PROCESS_SERVERS.len()];
         let started = unix_now();
         let t = Instant::now();
-        let ev = ctl.call(&["move", m, "--to", to])?;
+        let (ev, printed, ended) = ctl.call_timed(&["move", m, "--to", to])?;
         let wall_ms = t.elapsed().as_secs_f64() * 1000.0;
-        let ended = unix_now();
         let pause_ms = ev["pause_ms"]
             .as_u64()
             .ok_or_else(|| format!("move {i}: no pause_ms in {ev}"))? as f64;
@@ -1190,11 +1254,19 @@ fn bench(cfg: &Config, dir: &Path) -> Res<()> {
             bytes_resent,
             wall_ms,
             started,
+            printed,
             ended,
         });
     }
     let moves_secs = moves_t0.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(1500)); // let the agents report what they sent
     let ms = ctl.machines()?;
+    let moves_sent: u64 = ms
+        .values()
+        .map(|v| u64_field(v, "raw_bytes_sent"))
+        .sum::<u64>()
+        .saturating_sub(sent_before.iter().sum());
+    let moves_written: u64 = writer.written().iter().sum();
     for m in MACHINES {
         let now = ms
             .get(m)
@@ -1229,6 +1301,11 @@ fn bench(cfg: &Config, dir: &Path) -> Res<()> {
         std::thread::sleep(Duration::from_secs(2)); // let writes flow through the victim
         let events_before = ctl.array("events")?.len();
         let before = ctl.machines()?;
+        let sent0: u64 = before
+            .values()
+            .map(|v| u64_field(v, "raw_bytes_sent"))
+            .sum();
+        let written0: u64 = writer.written().iter().sum();
         let applied0: Vec<u64> = MACHINES
             .iter()
             .map(|m| {
@@ -1245,6 +1322,7 @@ fn bench(cfg: &Config, dir: &Path) -> Res<()> {
         let mut resumed = None;
         let mut resumed_strict = None;
         let mut strict_floor: Option<Vec<u64>> = None;
+        let mut last_seen = None;
         while reassigned.is_none() || resumed.is_none() || resumed_strict.is_none() {
             procs.check_alive()?;
             if killed.elapsed() > Duration::from_secs(90) {
@@ -1255,6 +1333,19 @@ fn bench(cfg: &Config, dir: &Path) -> Res<()> {
                 ));
             }
             let call_started = killed.elapsed().as_secs_f64();
+            if last_seen.is_none() && call_started >= 1.5 && reassigned.is_none() {
+                // How recent the victim's last "report" is, by the configuration node.
+                if let Ok(nodes) = ctl.array("nodes") {
+                    if let Some(ago) = nodes
+                        .iter()
+                        .find(|n| n["name"] == victim)
+                        .and_then(|n| n["last_seen_ms_ago"].as_u64())
+                    {
+                        last_seen = Some(call_started - ago as f64 / 1000.0);
+                    }
+                }
+                continue;
+            }
             let ms = match ctl.machines() {
                 Ok(ms) => ms,
                 Err(_) => continue,
@@ -1337,6 +1428,22 @@ fn bench(cfg: &Config, dir: &Path) -> Res<()> {
             })
             .map(|(_, t)| t - kill_unix)
             .min_by(|a, b| a.total_cmp(b));
+        let agents_switched = {
+            let mut latest: Option<f64> = None;
+            for e in &events {
+                let m = str_field(e, "machine");
+                match switches(&procs.log(&format!("agent-{m}"))).get(&u64_field(e, "generation")) {
+                    Some(t) => latest = Some(latest.map_or(*t, |l: f64| l.max(*t))),
+                    None => {
+                        latest = None;
+                        break;
+                    }
+                }
+            }
+            latest
+                .filter(|_| events.len() >= MACHINES.len())
+                .map(|t| t - kill_unix)
+        };
         let events: Vec<(String, Value, Value)> = events
             .iter()
             .map(|e| {
@@ -1352,11 +1459,12 @@ fn bench(cfg: &Config, dir: &Path) -> Res<()> {
                 )
             })
             .collect();
+        let secs = |x: Option<f64>| x.map(|d| format!("{d:.2}s")).unwrap_or_else(|| "?".into());
         println!(
-            "  killed {victim}: failover event logged after {}, every machine elsewhere after {reassigned:.2}s, applied_seq moved on after {resumed:.2}s (beyond the captured_seq of 1 s after the kill: {resumed_strict:.2}s)",
-            detected
-                .map(|d| format!("{d:.2}s"))
-                .unwrap_or_else(|| "?".into()),
+            "  killed {victim}: its last report counted {} after the kill; failover event logged after {}; agents switched (log) after {}; `ctl machines`: every machine elsewhere after {reassigned:.2}s, applied_seq moved on after {resumed:.2}s (beyond the captured_seq of 1 s after the kill: {resumed_strict:.2}s)",
+            secs(last_seen),
+            secs(detected),
+            secs(agents_switched),
         );
         for (what, p, b) in &events {
             println!(
@@ -1372,6 +1480,16 @@ fn bench(cfg: &Config, dir: &Path) -> Res<()> {
                 MACHINES.len()
             );
         }
+        let ms = ctl.machines()?;
+        let sent1: u64 = ms.values().map(|v| u64_field(v, "raw_bytes_sent")).sum();
+        let written1: u64 = writer.written().iter().sum();
+        let sent_written = (sent1.saturating_sub(sent0), written1 - written0);
+        println!(
+            "    raw bytes sent / written since the snapshot before the kill: {:.1} / {:.1} MB ({:.2}x)",
+            sent_written.0 as f64 / MB,
+            sent_written.1 as f64 / MB,
+            sent_written.0 as f64 / sent_written.1.max(1) as f64
+        );
         procs.restart(victim)?;
         let restart_alive = wait_until(
             &mut procs,
@@ -1387,13 +1505,15 @@ fn bench(cfg: &Config, dir: &Path) -> Res<()> {
             resumed,
             resumed_strict,
             detected,
+            last_seen,
+            agents_switched,
+            sent_written,
             events,
             restart_alive,
         });
     }
 
     // ---- (3) converge and verify
-    let written_by_disk = writer.written();
     let written = writer.stop()?;
     println!(
         "\nwrites stopped: {:.1} MB written in all",
@@ -1432,7 +1552,8 @@ fn bench(cfg: &Config, dir: &Path) -> Res<()> {
         .iter()
         .map(|m| (m.to_string(), switches(&procs.log(&format!("agent-{m}")))))
         .collect();
-    let (mut to_decision, mut delivery, mut after_switch) = (vec![], vec![], vec![]);
+    let (mut to_decision, mut delivery, mut after_switch, mut teardown) =
+        (vec![], vec![], vec![], vec![]);
     for mv in &moves {
         let (Some(d), Some(s)) = (
             dec.get(&(mv.machine.clone(), mv.generation)),
@@ -1443,7 +1564,8 @@ fn bench(cfg: &Config, dir: &Path) -> Res<()> {
         let noticed = s - mv.pause_ms / 1000.0;
         to_decision.push((d - mv.started) * 1000.0);
         delivery.push((noticed - d) * 1000.0);
-        after_switch.push((mv.ended - s) * 1000.0);
+        after_switch.push((mv.printed - s) * 1000.0);
+        teardown.push((mv.ended - mv.printed) * 1000.0);
     }
     drop(writer);
     drop(procs); // stop haven before printing the table
@@ -1510,8 +1632,13 @@ fn bench(cfg: &Config, dir: &Path) -> Res<()> {
                 "".into(),
             );
             row(
-                "  agent switched → `ctl move` returned, ms",
+                "  agent switched → `ctl move` printed (report + poll), ms",
                 fmt_stat(stat(&after_switch), 0),
+                "".into(),
+            );
+            row(
+                "  `ctl move` printed → exited (QUIC close), ms",
+                fmt_stat(stat(&teardown), 0),
                 "".into(),
             );
             if delivery.len() < moves.len() {
@@ -1531,6 +1658,19 @@ fn bench(cfg: &Config, dir: &Path) -> Res<()> {
     if !failovers.is_empty() {
         let resumed = stat(&failovers.iter().map(|f| f.resumed).collect::<Vec<_>>());
         row(
+            "failover: victim's last report counted after the kill, s",
+            fmt_stat(
+                stat(
+                    &failovers
+                        .iter()
+                        .filter_map(|f| f.last_seen)
+                        .collect::<Vec<_>>(),
+                ),
+                2,
+            ),
+            "".into(),
+        );
+        row(
             "failover: SIGKILL → failover event logged, s",
             fmt_stat(
                 stat(
@@ -1547,6 +1687,19 @@ fn bench(cfg: &Config, dir: &Path) -> Res<()> {
             "failover: SIGKILL → all machines reassigned, s",
             fmt_stat(
                 stat(&failovers.iter().map(|f| f.reassigned).collect::<Vec<_>>()),
+                2,
+            ),
+            "".into(),
+        );
+        row(
+            "failover: SIGKILL → all agents switched (their logs), s",
+            fmt_stat(
+                stat(
+                    &failovers
+                        .iter()
+                        .filter_map(|f| f.agents_switched)
+                        .collect::<Vec<_>>(),
+                ),
                 2,
             ),
             "".into(),
@@ -1623,14 +1776,14 @@ fn bench(cfg: &Config, dir: &Path) -> Res<()> {
             "".into(),
         );
         for f in &failovers {
+            let secs = |x: Option<f64>| x.map(|d| format!("{d:.2}s")).unwrap_or_else(|| "?".into());
             println!(
-                "  round {}: {}: reassigned {:.2}s, resumed {:.2}s (strict {:.2}s)",
-                failovers
-                    .iter()
-                    .position(|x| std::ptr::eq(x, f))
-                    .unwrap_or(0)
-                    + 1,
+                "  round {}: {}: last report counted {}, event {}, agents switched {}, reassigned {:.2}s, resumed {:.2}s (strict {:.2}s)",
+                failovers.iter().position(|x| std::ptr::eq(x, f)).unwrap_or(0) + 1,
                 f.victim,
+                secs(f.last_seen),
+                secs(f.detected),
+                secs(f.agents_switched),
                 f.reassigned,
                 f.resumed,
                 f.resumed_strict
@@ -1643,6 +1796,28 @@ fn bench(cfg: &Config, dir: &Path) -> Res<()> {
         .map(|(a, b)| a.saturating_sub(*b))
         .sum();
     row(
+        "raw sent / written during the writes and moves, MB",
+        format!(
+            "{:.1} / {:.1} ({:.2}x)",
+            moves_sent as f64 / MB,
+            moves_written as f64 / MB,
+            moves_sent as f64 / moves_written.max(1) as f64
+        ),
+        "".into(),
+    );
+    for (i, f) in failovers.iter().enumerate() {
+        row(
+            &format!("raw sent / written, failover round {}, MB", i + 1),
+            format!(
+                "{:.1} / {:.1} ({:.2}x)",
+                f.sent_written.0 as f64 / MB,
+                f.sent_written.1 as f64 / MB,
+                f.sent_written.0 as f64 / f.sent_written.1.max(1) as f64
+            ),
+            "".into(),
+        );
+    }
+    row(
         "raw bytes sent after the initial sync / written, MB",
         format!(
             "{:.1} / {:.1} ({:.2}x)",
@@ -1652,7 +1827,7 @@ fn bench(cfg: &Config, dir: &Path) -> Res<()> {
         ),
         "no resync".into(),
     );
-    let _ = written_by_disk;
+
     println!(
         "events recorded by the configuration node: {} moves, {} failovers",
         all_events.iter().filter(|e| e["kind"] == "move").count(),

@@ -138,32 +138,8 @@ fn a_full_cache_slows_the_agent_and_loses_nothing() {
     const LIMIT: u64 = 8 << 20;
     let mut c = Cluster::new();
     c.start_config(&["configuration"], vec![]);
-    c.add(
-        "ps1",
-        vec![
-            "node".into(),
-            "--role".into(),
-            "process".into(),
-            "--data-dir".into(),
-            c.path("ps1").display().to_string(),
-            "--listen".into(),
-            format!("127.0.0.1:{}", free_port()),
-            "--name".into(),
-            "ps1".into(),
-            "--join".into(),
-            c.config_addr.clone(),
-            "--token-file".into(),
-            c.join_token().display().to_string(),
-            "--cache-size".into(),
-            "8MiB".into(),
-        ],
-        vec![],
-    );
+    c.start_node_with("ps1", &["process"], &["--cache-size", "8MiB"], vec![]);
     c.start_node("mt1", &["master-target"], vec![]);
-    wait_until("ps1 alive", Duration::from_secs(30), || {
-        let nodes = c.try_ctl(&["nodes"]).ok()?;
-        nodes.as_array()?.iter().any(|n| n["name"] == "ps1" && n["alive"] == true).then_some(())
-    });
     let disk = c.path("disk.img");
     make_disk(&disk, 64 << 20, 11);
     c.start_agent("web01", &[("root", disk.as_path())]);

@@ -132,6 +132,11 @@ impl Cluster {
     }
 
     pub fn start_node(&mut self, name: &str, roles: &[&str], env: Vec<(String, String)>) {
+        self.start_node_with(name, roles, &[], env)
+    }
+
+    /// A node joining the cluster, with extra command-line arguments. Waits until it reports.
+    pub fn start_node_with(&mut self, name: &str, roles: &[&str], extra: &[&str], env: Vec<(String, String)>) {
         let port = free_port();
         let mut args = vec![
             "node".to_string(),
@@ -149,6 +154,7 @@ impl Cluster {
         for r in roles {
             args.extend(["--role".to_string(), r.to_string()]);
         }
+        args.extend(extra.iter().map(|a| a.to_string()));
         self.add(name, args, env);
         let n = name.to_string();
         wait_until(&format!("node {name} alive"), Duration::from_secs(30), || {
