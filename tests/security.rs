@@ -110,3 +110,69 @@ fn corrupted_sealed_batch_is_refused_and_never_applied() {
     assert!(log.contains("failed authentication"), "refused for a failed tag: {}", log.lines().filter(|l| l.contains("refused")).collect::<Vec<_>>().join("\n"));
     c.assert_no_unexpected_errors(&["nothing from it was applied"]);
 }
+
+/// Garbage, oversized and unauthorised frames at the control and data boundaries: each is
+/// refused with a logged reason and its stream closed; replication is not disturbed.
+#[test]
+fn malformed_and_unauthorised_frames_are_refused_without_disturbing_anything() {
+    use haven_roles::proto::{Request, Response, ShipOpen, StreamOpen};
+    use haven_transport::frame;
+
+    let mut c = Cluster::new();
+    c.start_config(&[], vec![]);
+    let disk = c.path("disk.img");
+    make_disk(&disk, 16 << 20, 21);
+    c.start_agent("db01", &[("root", disk.as_path())]);
+    c.ctl(&["protect", "db01"]);
+    c.wait_sync("db01", Duration::from_secs(120));
+
+    let token = Token::parse(&std::fs::read_to_string(c.admin_token()).unwrap()).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let answers: Vec<String> = rt.block_on(async {
+        let ep = endpoint::client_endpoint().unwrap();
+        let cfg = endpoint::pinned_client_config(&token.ca_fingerprint).unwrap();
+        let conn = endpoint::connect(&ep, cfg, c.config_addr.parse().unwrap(), "fuzzer", endpoint::PROTOCOL_VERSION).await.unwrap();
+        let mut answers = vec![];
+        // Raw bytes on a stream: an absurd length prefix, then a frame of garbage.
+        for raw in [vec![0xff, 0xff, 0xff, 0xff, 1, 2, 3], vec![0, 0, 0, 4, 0xc1, 0xc1, 0xc1, 0xc1]] {
+            let (mut send, mut recv) = conn.open_bi().await.unwrap();
+            send.write_all(&raw).await.unwrap();
+            let _ = send.finish();
+            let r = frame::read_frame(&mut recv, frame::MAX_CONTROL_FRAME).await;
+            answers.push(format!("{r:?}"));
+        }
+        // Well-formed data-path requests without a certificate.
+        let disks = vec![haven_cluster::DiskInfo { name: "root".into(), size_bytes: 16 << 20 }];
+        let reqs = [
+            Request::OpenStream(StreamOpen { machine: "db01".into(), epoch: 1, generation: haven_cluster::Generation(1), disks: disks.clone() }),
+            Request::OpenShip(ShipOpen { machine: "db01".into(), epoch: 1, generation: haven_cluster::Generation(99), disks }),
+        ];
+        for req in reqs {
+            let (mut send, mut recv) = conn.open_bi().await.unwrap();
+            frame::send_msg(&mut send, &req).await.unwrap();
+            let resp: Result<Response, _> = frame::expect_msg(&mut recv, frame::MAX_CONTROL_FRAME).await;
+            answers.push(match resp {
+                Ok(Response::Refused { reason }) => reason,
+                other => panic!("expected a refusal, got {other:?}"),
+            });
+        }
+        conn.close(0u32.into(), b"done");
+        answers
+    });
+    eprintln!("{answers:#?}");
+    // No reply to garbage: the stream is dropped without an answer.
+    assert!(!answers[0].starts_with("Ok(Some"), "{}", answers[0]);
+    assert!(!answers[1].starts_with("Ok(Some"), "{}", answers[1]);
+    assert!(answers[2].contains("need a cluster certificate"), "{}", answers[2]);
+    assert!(answers[3].contains("need a cluster certificate"), "{}", answers[3]);
+    let log = c.log("config");
+    assert!(log.contains("exceeds the limit"), "oversized frame logged");
+    assert!(log.contains("malformed message"), "garbage frame logged");
+
+    phase("replication is undisturbed");
+    random_writes(&disk, &mut rand::SeedableRng::seed_from_u64(22), 20);
+    c.wait_sync("db01", Duration::from_secs(120));
+    assert_identical(&disk, &c.replica("config", "db01", "root"));
+    c.assert_running();
+    c.assert_no_unexpected_errors(&[]);
+}
