@@ -1444,13 +1444,28 @@ fn bench(cfg: &Config, dir: &Path) -> Res<()> {
                 .filter(|_| events.len() >= MACHINES.len())
                 .map(|t| t - kill_unix)
         };
+        let dec = decisions(&procs.log(CONFIG));
         let events: Vec<(String, Value, Value)> = events
             .iter()
             .map(|e| {
+                let (m, g) = (str_field(e, "machine"), u64_field(e, "generation"));
+                // The agent noticed the new assignment at (switch logged − pause).
+                let noticed = match (
+                    dec.get(&(m.to_string(), g)),
+                    switches(&procs.log(&format!("agent-{m}"))).get(&g),
+                    e["pause_ms"].as_u64(),
+                ) {
+                    (Some(d), Some(sw), Some(p)) => format!(
+                        " (event +{:.2}s after the kill; agent noticed it +{:.0} ms later, switched +{:.0} ms later)",
+                        d - kill_unix,
+                        (sw - p as f64 / 1000.0 - d) * 1000.0,
+                        (sw - d) * 1000.0
+                    ),
+                    _ => String::new(),
+                };
                 (
                     format!(
-                        "{} {} -> {}",
-                        str_field(e, "machine"),
+                        "{m} {} -> {}{noticed}",
                         str_field(e, "from"),
                         str_field(e, "to")
                     ),
@@ -1805,14 +1820,22 @@ fn bench(cfg: &Config, dir: &Path) -> Res<()> {
         ),
         "".into(),
     );
+    // What travels per byte written when nothing goes wrong (block rounding, coalescing):
+    // the yardstick for what a failover sends twice.
+    let moves_ratio = if moves_written > 0 {
+        moves_sent as f64 / moves_written as f64
+    } else {
+        1.0
+    };
     for (i, f) in failovers.iter().enumerate() {
         row(
             &format!("raw sent / written, failover round {}, MB", i + 1),
             format!(
-                "{:.1} / {:.1} ({:.2}x)",
+                "{:.1} / {:.1} ({:.2}x); ~{:.1} MB sent twice",
                 f.sent_written.0 as f64 / MB,
                 f.sent_written.1 as f64 / MB,
-                f.sent_written.0 as f64 / f.sent_written.1.max(1) as f64
+                f.sent_written.0 as f64 / f.sent_written.1.max(1) as f64,
+                (f.sent_written.0 as f64 - f.sent_written.1 as f64 * moves_ratio) / MB
             ),
             "".into(),
         );

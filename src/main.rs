@@ -228,7 +228,6 @@ fn main() -> ExitCode {
                     skew_threshold: rebalance_threshold.max(2),
                     max_moves_per_minute,
                     cooldown: rebalance_cooldown,
-                    ..Default::default()
                 },
             };
             finish(system().block_on(haven_roles::node::run(opts)))

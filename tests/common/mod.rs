@@ -168,6 +168,11 @@ impl Cluster {
     }
 
     pub fn start_agent(&mut self, machine: &str, disks: &[(&str, &Path)]) {
+        self.start_agent_with_env(machine, disks, vec![])
+    }
+
+    /// [`Cluster::start_agent`] with environment variables for the agent process.
+    pub fn start_agent_with_env(&mut self, machine: &str, disks: &[(&str, &Path)], env: Vec<(String, String)>) {
         let mut args = vec![
             "agent".to_string(),
             "--join".into(),
@@ -184,7 +189,7 @@ impl Cluster {
         for (n, p) in disks {
             args.extend(["--disk".to_string(), format!("{n}={}", p.display())]);
         }
-        self.add(&format!("agent-{machine}"), args, vec![]);
+        self.add(&format!("agent-{machine}"), args, env);
         let m = machine.to_string();
         wait_until(&format!("machine {machine} enrolled"), Duration::from_secs(30), || self.machine(&m));
     }
@@ -198,6 +203,13 @@ impl Cluster {
 
     pub fn restart(&mut self, name: &str) {
         self.spawn(name);
+    }
+
+    /// The `--listen` address of node `name` (`config` for the configuration node).
+    pub fn addr(&self, name: &str) -> String {
+        let args = &self.procs.get(name).unwrap_or_else(|| panic!("unknown process {name}")).args;
+        let at = args.iter().position(|a| a == "--listen").unwrap_or_else(|| panic!("{name} has no --listen (an agent?)"));
+        args[at + 1].clone()
     }
 
     pub fn pid(&self, name: &str) -> u32 {

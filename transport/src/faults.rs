@@ -39,17 +39,42 @@
 //! most [`RECV_QUEUE_PACKETS_MAX`] received packets (duplicates, released delays, split GRO
 //! buffers) wait for quinn; beyond that packets are dropped and counted as `overflowed`.
 //! A delay is at most [`DELAY_LIMIT`].
+//!
+//! **Partitions between processes.** With `control=PATH` in [`ENV_VAR`] (e.g.
+//! `HAVEN_NET_FAULTS=seed=1,control=/tmp/ps1.partitions`), every faulty socket of the process
+//! re-reads PATH every [`CONTROL_POLL_INTERVAL`] and makes its content the exact set of
+//! file-driven partitions: one `PEER_ADDR DIRECTION` per line, DIRECTION `out`, `in` or
+//! `both`, seen from this process:
+//!
+//! ```text
+//!   # cut the process server both ways
+//!   127.0.0.1:40123 both
+//!   127.0.0.1:40200 out
+//! ```
+//!
+//! Blank lines and `#` comments are ignored; a malformed line is logged once at warn and
+//! ignored (the other lines apply); a peer listed twice is cut in the union of its directions.
+//! A missing file means no file-driven partitions; a file that exists but cannot be read
+//! leaves the previous set in force (warned once). Each change of the set is logged at info.
+//! Write the file atomically (write another file, rename it over PATH): a half-written line
+//! such as `127.0.0.1:401` is a valid, wrong address. The file-driven set replaces the
+//! previous file-driven set and is independent of partitions set through
+//! [`FaultHandle::partition`] (which `heal`/`heal_all` leave it alone): a packet is cut if
+//! either covers it. The path is a per-process setting: sockets built programmatically in a
+//! process whose [`ENV_VAR`] names a control file follow it too. Commas separate the keys,
+//! so the path cannot contain one.
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     fmt,
     future::poll_fn,
     io::{self, IoSliceMut},
     net::{IpAddr, SocketAddr},
+    path::PathBuf,
     pin::Pin,
     str::FromStr,
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
-        Arc, Mutex, MutexGuard, PoisonError,
+        Arc, Mutex, MutexGuard, PoisonError, Weak,
     },
     task::{Context, Poll, Waker},
     time::Duration,
@@ -62,8 +87,11 @@ use quinn::{
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 /// Debug flag: when set (and not empty), every endpoint built by [`crate::endpoint`] injects
-/// these faults, e.g. `seed=42,drop=0.01,dup=0.01,delay=0.05,delay_max=30ms,corrupt=0.001`.
+/// these faults, e.g. `seed=42,drop=0.01,dup=0.01,delay=0.05,delay_max=30ms,corrupt=0.001`;
+/// `control=PATH` adds partitions read from a file at run time (see the module docs).
 pub const ENV_VAR: &str = "HAVEN_NET_FAULTS";
+/// How often a partition control file (`control=PATH`) is re-read.
+pub const CONTROL_POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// Packets held for delay at one time, per socket (both directions together).
 pub const DELAYED_PACKETS_MAX: usize = 1024;
 /// Received packets waiting for quinn to poll them, per socket.
@@ -168,7 +196,8 @@ impl FaultRates {
 pub struct FaultConfig {
     pub seed: u64,
     pub rates: FaultRates,
-    /// Where `rates` apply; partitions are set separately, through the [`FaultHandle`].
+    /// Where `rates` apply; partitions are set separately, through the [`FaultHandle`] or a
+    /// control file (`control=PATH`, see [`FaultConfig::parse_with_control`]).
     pub direction: Direction,
 }
 
@@ -189,24 +218,90 @@ impl FaultConfig {
 
     /// Reads [`ENV_VAR`]; `None` when it is unset or empty.
     pub fn from_env() -> Result<Option<Self>, FaultConfigError> {
-        match std::env::var(ENV_VAR) {
-            Ok(value) if value.trim().is_empty() => Ok(None),
-            Ok(value) => value.parse().map(Some),
-            Err(std::env::VarError::NotPresent) => Ok(None),
-            Err(std::env::VarError::NotUnicode(_)) => Err(FaultConfigError::NotUnicode),
+        env_value()?.map(|value| value.parse()).transpose()
+    }
+
+    /// The partition control file named by `control=PATH` in [`ENV_VAR`], if any.
+    pub fn control_file_from_env() -> Result<Option<PathBuf>, FaultConfigError> {
+        Ok(match env_value()? {
+            Some(value) => Self::parse_with_control(&value)?.1,
+            None => None,
+        })
+    }
+
+    /// Parses the [`ENV_VAR`] syntax (see [`FromStr`]), also returning the `control` path,
+    /// which is not part of the config: it is a per-process setting (see the module docs).
+    pub fn parse_with_control(s: &str) -> Result<(Self, Option<PathBuf>), FaultConfigError> {
+        let mut seed = None;
+        let mut rates = FaultRates::default();
+        let mut direction = None;
+        let mut control = None;
+        let mut seen: Vec<&str> = Vec::new();
+        for item in s.split(',').map(str::trim).filter(|item| !item.is_empty()) {
+            let (key, value) = item
+                .split_once('=')
+                .map(|(k, v)| (k.trim(), v.trim()))
+                .ok_or_else(|| FaultConfigError::NotKeyValue(item.to_string()))?;
+            let key = match key {
+                "duplicate" => "dup",
+                "direction" => "dir",
+                other => other,
+            };
+            if seen.contains(&key) {
+                return Err(FaultConfigError::DuplicateKey(key.to_string()));
+            }
+            match key {
+                "seed" => seed = Some(parse_seed(value)?),
+                "drop" => rates.drop = parse_probability(key, value)?,
+                "dup" => rates.duplicate = parse_probability(key, value)?,
+                "delay" => rates.delay = parse_probability(key, value)?,
+                "corrupt" => rates.corrupt = parse_probability(key, value)?,
+                "delay_max" => rates.delay_max = parse_duration(key, value)?,
+                "dir" => direction = Some(parse_direction(value)?),
+                "control" if value.is_empty() => {
+                    return Err(FaultConfigError::bad_value(
+                        key,
+                        value,
+                        "needs the path of a partition control file",
+                    ))
+                }
+                "control" => control = Some(PathBuf::from(value)),
+                other => return Err(FaultConfigError::UnknownKey(other.to_string())),
+            }
+            seen.push(key);
         }
+        if seen.is_empty() {
+            return Err(FaultConfigError::Empty);
+        }
+        rates.validate()?;
+        let config = Self {
+            seed: seed.unwrap_or_else(rand::random),
+            rates,
+            direction: direction.unwrap_or(Direction::Both),
+        };
+        Ok((config, control))
+    }
+}
+
+/// [`ENV_VAR`]'s value; `None` when it is unset or blank.
+fn env_value() -> Result<Option<String>, FaultConfigError> {
+    match std::env::var(ENV_VAR) {
+        Ok(value) if value.trim().is_empty() => Ok(None),
+        Ok(value) => Ok(Some(value)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => Err(FaultConfigError::NotUnicode),
     }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum FaultConfigError {
-    #[error("no settings (expected e.g. `seed=42,drop=0.01,dup=0.01,delay=0.05,delay_max=30ms,corrupt=0.001`)")]
+    #[error("no settings (expected e.g. `seed=42,drop=0.01,dup=0.01,delay=0.05,delay_max=30ms,corrupt=0.001` or `seed=1,control=/tmp/partitions`)")]
     Empty,
     #[error("{ENV_VAR} is not valid UTF-8")]
     NotUnicode,
     #[error("expected key=value, got {0:?}")]
     NotKeyValue(String),
-    #[error("unknown key {0:?} (known: seed, drop, dup, delay, delay_max, corrupt, dir)")]
+    #[error("unknown key {0:?} (known: seed, drop, dup, delay, delay_max, corrupt, dir, control)")]
     UnknownKey(String),
     #[error("key {0:?} given twice")]
     DuplicateKey(String),
@@ -234,46 +329,11 @@ impl FromStr for FaultConfig {
     /// `key=value` items separated by commas. Keys: `seed` (decimal or `0x` hex; a random
     /// one when absent — it is printed with the config, so the run can be replayed), `drop`,
     /// `dup`/`duplicate`, `delay`, `corrupt` (probabilities, `0.05` or `5%`), `delay_max`
-    /// (`500us`, `30ms`, `1.5s`; default 20ms), `dir` (`out`, `in` or `both`, default both).
+    /// (`500us`, `30ms`, `1.5s`; default 20ms), `dir` (`out`, `in` or `both`, default both),
+    /// `control` (a partition control file, see the module docs; accepted and validated here
+    /// but not kept: [`FaultConfig::parse_with_control`] returns it).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut seed = None;
-        let mut rates = FaultRates::default();
-        let mut direction = None;
-        let mut seen: Vec<&str> = Vec::new();
-        for item in s.split(',').map(str::trim).filter(|item| !item.is_empty()) {
-            let (key, value) = item
-                .split_once('=')
-                .map(|(k, v)| (k.trim(), v.trim()))
-                .ok_or_else(|| FaultConfigError::NotKeyValue(item.to_string()))?;
-            let key = match key {
-                "duplicate" => "dup",
-                "direction" => "dir",
-                other => other,
-            };
-            if seen.contains(&key) {
-                return Err(FaultConfigError::DuplicateKey(key.to_string()));
-            }
-            match key {
-                "seed" => seed = Some(parse_seed(value)?),
-                "drop" => rates.drop = parse_probability(key, value)?,
-                "dup" => rates.duplicate = parse_probability(key, value)?,
-                "delay" => rates.delay = parse_probability(key, value)?,
-                "corrupt" => rates.corrupt = parse_probability(key, value)?,
-                "delay_max" => rates.delay_max = parse_duration(key, value)?,
-                "dir" => direction = Some(parse_direction(value)?),
-                other => return Err(FaultConfigError::UnknownKey(other.to_string())),
-            }
-            seen.push(key);
-        }
-        if seen.is_empty() {
-            return Err(FaultConfigError::Empty);
-        }
-        rates.validate()?;
-        Ok(Self {
-            seed: seed.unwrap_or_else(rand::random),
-            rates,
-            direction: direction.unwrap_or(Direction::Both),
-        })
+        Self::parse_with_control(s).map(|(config, _control)| config)
     }
 }
 
@@ -388,6 +448,79 @@ fn parse_direction(value: &str) -> Result<Direction, FaultConfigError> {
             "expected out, in or both",
         )),
     }
+}
+
+/// Why a line of a partition control file was ignored.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ControlLineError {
+    #[error("expected `PEER_ADDR DIRECTION` (e.g. `127.0.0.1:40123 both`), got {0} field(s)")]
+    FieldCount(usize),
+    #[error("{0:?} is not a socket address (expected e.g. 127.0.0.1:40123 or [::1]:40123)")]
+    BadAddr(String),
+    #[error("{0:?} is not a direction (expected out, in or both)")]
+    BadDirection(String),
+}
+
+/// One line of a partition control file: `PEER_ADDR DIRECTION`, separated by whitespace, with
+/// DIRECTION `out`, `in` or `both` seen from this process. `Ok(None)` for a blank line or a
+/// comment (`#` to the end of the line).
+pub fn parse_control_line(line: &str) -> Result<Option<(SocketAddr, Direction)>, ControlLineError> {
+    let line = line
+        .split_once('#')
+        .map_or(line, |(before, _comment)| before);
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    match fields[..] {
+        [] => Ok(None),
+        [addr, direction] => {
+            let addr: SocketAddr = addr
+                .parse()
+                .map_err(|_| ControlLineError::BadAddr(addr.to_string()))?;
+            let direction = parse_direction(direction)
+                .map_err(|_| ControlLineError::BadDirection(direction.to_string()))?;
+            Ok(Some((canonical(addr), direction)))
+        }
+        _ => Err(ControlLineError::FieldCount(fields.len())),
+    }
+}
+
+/// A control file line that was ignored: (1-based line number, the line, why).
+pub type MalformedLine = (usize, String, ControlLineError);
+
+/// A whole control file: the partitions it sets (a peer listed twice gets the union of its
+/// directions) and its malformed lines.
+pub fn parse_control_file(text: &str) -> (HashMap<SocketAddr, Direction>, Vec<MalformedLine>) {
+    let mut partitions = HashMap::new();
+    let mut errors = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        match parse_control_line(line) {
+            Ok(None) => {}
+            Ok(Some((addr, direction))) => {
+                partitions
+                    .entry(addr)
+                    .and_modify(|d: &mut Direction| {
+                        if *d != direction {
+                            *d = Direction::Both;
+                        }
+                    })
+                    .or_insert(direction);
+            }
+            Err(e) => errors.push((i + 1, line.to_string(), e)),
+        }
+    }
+    (partitions, errors)
+}
+
+/// Partitions in the control-file syntax, sorted: `127.0.0.1:1 both, 127.0.0.1:2 out`.
+fn describe_partitions(partitions: &HashMap<SocketAddr, Direction>) -> String {
+    if partitions.is_empty() {
+        return "none".into();
+    }
+    let sorted: BTreeMap<_, _> = partitions.iter().collect();
+    sorted
+        .iter()
+        .map(|(addr, d)| format!("{addr} {}", d.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// What happens to one packet.
@@ -543,6 +676,24 @@ struct RecvQueue {
     waker: Option<Waker>,
 }
 
+/// Partitions in force, from both sources; a packet is cut if either covers it.
+#[derive(Debug, Default)]
+struct Partitions {
+    /// Set through the [`FaultHandle`].
+    manual: HashMap<SocketAddr, Direction>,
+    /// The control file's content, replaced as a whole on each change.
+    file: HashMap<SocketAddr, Direction>,
+}
+
+impl Partitions {
+    fn cuts(&self, peer: SocketAddr, direction: Direction) -> bool {
+        let covers = |set: &HashMap<SocketAddr, Direction>| {
+            set.get(&peer).is_some_and(|d| d.covers(direction))
+        };
+        covers(&self.manual) || covers(&self.file)
+    }
+}
+
 /// State shared by the socket, its handle and its delay tasks.
 #[derive(Debug)]
 struct Shared {
@@ -551,7 +702,9 @@ struct Shared {
     direction: Direction,
     outgoing: Mutex<FaultDecider>,
     incoming: Mutex<FaultDecider>,
-    partitions: Mutex<HashMap<SocketAddr, Direction>>,
+    partitions: Mutex<Partitions>,
+    /// Bumped when a control file is followed; a watcher with an older value stops.
+    control_generation: AtomicU64,
     outgoing_counters: AtomicCounters,
     incoming_counters: AtomicCounters,
     delayed_in_flight: AtomicUsize,
@@ -582,9 +735,7 @@ impl Shared {
         debug_assert!(direction != Direction::Both);
         let counters = self.counters(direction);
         AtomicCounters::bump(&counters.seen);
-        let cut = lock(&self.partitions)
-            .get(&canonical(peer))
-            .is_some_and(|d| d.covers(direction));
+        let cut = lock(&self.partitions).cuts(canonical(peer), direction);
         if cut {
             AtomicCounters::bump(&counters.partitioned);
             return Verdict::Drop;
@@ -727,27 +878,68 @@ impl fmt::Debug for FaultHandle {
 }
 
 impl FaultHandle {
-    /// Cuts packets to and/or from `peer`, replacing any earlier partition of that peer.
+    /// Cuts packets to and/or from `peer`, replacing any earlier partition of that peer set
+    /// through the handle. Independent of the control file's partitions.
     pub fn partition(&self, peer: SocketAddr, direction: Direction) {
         tracing::info!(%peer, ?direction, "fault injection: partition");
-        lock(&self.shared.partitions).insert(canonical(peer), direction);
+        lock(&self.shared.partitions)
+            .manual
+            .insert(canonical(peer), direction);
     }
 
+    /// Heals a partition set through the handle (not one from the control file).
     pub fn heal(&self, peer: SocketAddr) {
         tracing::info!(%peer, "fault injection: heal");
-        lock(&self.shared.partitions).remove(&canonical(peer));
+        lock(&self.shared.partitions)
+            .manual
+            .remove(&canonical(peer));
     }
 
+    /// Heals every partition set through the handle (not those from the control file).
     pub fn heal_all(&self) {
         tracing::info!("fault injection: heal all partitions");
-        lock(&self.shared.partitions).clear();
+        lock(&self.shared.partitions).manual.clear();
     }
 
+    /// The partitions set through the handle.
     pub fn partitions(&self) -> Vec<(SocketAddr, Direction)> {
         lock(&self.shared.partitions)
+            .manual
             .iter()
             .map(|(a, d)| (*a, *d))
             .collect()
+    }
+
+    /// The partitions the control file currently sets.
+    pub fn control_partitions(&self) -> Vec<(SocketAddr, Direction)> {
+        lock(&self.shared.partitions)
+            .file
+            .iter()
+            .map(|(a, d)| (*a, *d))
+            .collect()
+    }
+
+    /// Re-reads `path` every [`CONTROL_POLL_INTERVAL`] and applies its content as the exact
+    /// set of file-driven partitions (syntax in the module docs), until the socket is gone.
+    /// Replaces a control file followed before. Must be called within a tokio runtime.
+    pub fn follow_control_file(&self, path: PathBuf) -> io::Result<()> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
+        let generation = self
+            .shared
+            .control_generation
+            .fetch_add(1, Ordering::AcqRel)
+            + 1;
+        tracing::warn!(
+            path = %path.display(),
+            "fault injection: partitions from the control file, re-read every {}",
+            DisplayDuration(CONTROL_POLL_INTERVAL)
+        );
+        runtime.spawn(follow_control_file(
+            Arc::downgrade(&self.shared),
+            path,
+            generation,
+        ));
+        Ok(())
     }
 
     /// Changes the random fault rates from the next packet on; the RNG sequences continue.
@@ -812,6 +1004,7 @@ impl FaultySocket {
                 config.rates,
             )),
             partitions: Mutex::default(),
+            control_generation: AtomicU64::new(0),
             outgoing_counters: AtomicCounters::default(),
             incoming_counters: AtomicCounters::default(),
             delayed_in_flight: AtomicUsize::new(0),
@@ -1101,7 +1294,70 @@ impl AsyncUdpSocket for FaultySocket {
     }
 }
 
-/// Builds a quinn endpoint on `socket` through a [`FaultySocket`] (tokio runtime).
+/// The watcher behind [`FaultHandle::follow_control_file`]. Holds the socket's state weakly,
+/// so it ends with the socket (or when another control file is followed).
+async fn follow_control_file(shared: Weak<Shared>, path: PathBuf, generation: u64) {
+    let mut ticks = tokio::time::interval(CONTROL_POLL_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The content last applied; `None` before the first read.
+    let mut applied: Option<String> = None;
+    let mut warned_lines: HashSet<String> = HashSet::new();
+    let mut warned_read: Option<String> = None;
+    loop {
+        ticks.tick().await;
+        let text = match tokio::fs::read(&path).await {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+            Err(e) => {
+                let message = e.to_string();
+                if warned_read.as_deref() != Some(message.as_str()) {
+                    tracing::warn!(
+                        path = %path.display(),
+                        "fault injection: cannot read the partition control file, partitions unchanged: {message}"
+                    );
+                    warned_read = Some(message);
+                }
+                continue;
+            }
+        };
+        warned_read = None;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if shared.control_generation.load(Ordering::Acquire) != generation {
+            return;
+        }
+        if applied.as_deref() == Some(text.as_str()) {
+            continue;
+        }
+        let (partitions, errors) = parse_control_file(&text);
+        for (line_no, line, error) in errors {
+            if warned_lines.insert(line.clone()) {
+                tracing::warn!(
+                    path = %path.display(),
+                    "fault injection: ignoring line {line_no} of the partition control file ({line:?}): {error}"
+                );
+            }
+        }
+        let described = describe_partitions(&partitions);
+        let changed = {
+            let mut current = lock(&shared.partitions);
+            let changed = current.file != partitions;
+            current.file = partitions;
+            changed
+        };
+        if changed {
+            tracing::info!(
+                path = %path.display(),
+                "fault injection: control file partitions now: {described}"
+            );
+        }
+        applied = Some(text);
+    }
+}
+
+/// Builds a quinn endpoint on `socket` through a [`FaultySocket`] (tokio runtime). When
+/// [`ENV_VAR`] names a control file (`control=PATH`), the socket follows it.
 pub fn endpoint(
     socket: std::net::UdpSocket,
     server: Option<quinn::ServerConfig>,
@@ -1110,6 +1366,11 @@ pub fn endpoint(
     let runtime = Arc::new(quinn::TokioRuntime);
     let inner = runtime.wrap_udp_socket(socket)?;
     let (socket, handle) = FaultySocket::new(inner, config)?;
+    // An invalid variable is reported by whoever parses it for the config; here it only
+    // means there is no control file to follow.
+    if let Ok(Some(path)) = FaultConfig::control_file_from_env() {
+        handle.follow_control_file(path)?;
+    }
     let endpoint = Endpoint::new_with_abstract_socket(
         EndpointConfig::default(),
         server,
@@ -1222,6 +1483,189 @@ mod tests {
             vec![vec![1; 10], vec![2; 10], vec![2; 10], vec![3; 4]]
         );
         assert_eq!(handle.stats().incoming.duplicated, 3);
+    }
+
+    #[test]
+    fn control_lines_parse_or_say_what_is_wrong() {
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert_eq!(
+            parse_control_line("127.0.0.1:40123 both"),
+            Ok(Some((addr("127.0.0.1:40123"), Direction::Both)))
+        );
+        assert_eq!(
+            parse_control_line("  10.0.0.2:1\tout   # the master target"),
+            Ok(Some((addr("10.0.0.2:1"), Direction::Outgoing)))
+        );
+        assert_eq!(
+            parse_control_line("[::1]:7 in"),
+            Ok(Some((addr("[::1]:7"), Direction::Incoming)))
+        );
+        // IPv4-mapped IPv6 is the IPv4 peer, as for the handle's partitions.
+        assert_eq!(
+            parse_control_line("[::ffff:127.0.0.1]:9 both"),
+            Ok(Some((addr("127.0.0.1:9"), Direction::Both)))
+        );
+        for blank in ["", "   ", "# 127.0.0.1:1 both", "  # comment", "\t"] {
+            assert_eq!(parse_control_line(blank), Ok(None), "{blank:?}");
+        }
+        assert_eq!(
+            parse_control_line("127.0.0.1:1"),
+            Err(ControlLineError::FieldCount(1))
+        );
+        assert_eq!(
+            parse_control_line("127.0.0.1:1 both now"),
+            Err(ControlLineError::FieldCount(3))
+        );
+        assert_eq!(
+            parse_control_line("127.0.0.1 both"),
+            Err(ControlLineError::BadAddr("127.0.0.1".into()))
+        );
+        assert_eq!(
+            parse_control_line("localhost:1 both"),
+            Err(ControlLineError::BadAddr("localhost:1".into()))
+        );
+        assert_eq!(
+            parse_control_line("127.0.0.1:1 sideways"),
+            Err(ControlLineError::BadDirection("sideways".into()))
+        );
+        assert!(parse_control_line("127.0.0.1:1 sideways")
+            .unwrap_err()
+            .to_string()
+            .contains("expected out, in or both"));
+    }
+
+    #[test]
+    fn a_control_file_is_its_valid_lines_and_the_union_per_peer() {
+        let text = "# partitions\n\n127.0.0.1:1 out\nbogus\n127.0.0.1:2 in\n127.0.0.1:1 in\n127.0.0.1:3 both\n127.0.0.1:3 out\n";
+        let (set, errors) = parse_control_file(text);
+        let addr = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+        assert_eq!(
+            set,
+            HashMap::from([
+                (addr(1), Direction::Both),
+                (addr(2), Direction::Incoming),
+                (addr(3), Direction::Both),
+            ])
+        );
+        assert_eq!(
+            errors,
+            vec![(4, "bogus".to_string(), ControlLineError::FieldCount(1))]
+        );
+        assert_eq!(
+            describe_partitions(&set),
+            "127.0.0.1:1 both, 127.0.0.1:2 in, 127.0.0.1:3 both"
+        );
+        assert_eq!(parse_control_file(""), (HashMap::new(), vec![]));
+    }
+
+    #[test]
+    fn the_control_key_is_parsed_validated_and_kept_out_of_the_config() {
+        let (config, control) =
+            FaultConfig::parse_with_control("seed=7, control = /tmp/ps1 partitions ").unwrap();
+        assert_eq!(config, FaultConfig::none(7));
+        assert_eq!(control, Some(PathBuf::from("/tmp/ps1 partitions")));
+        assert_eq!(
+            "seed=7,control=/tmp/x".parse::<FaultConfig>(),
+            Ok(FaultConfig::none(7))
+        );
+        assert_eq!(FaultConfig::parse_with_control("seed=7").unwrap().1, None);
+        // Alone, it is a valid setting (no random faults, a random seed).
+        assert!(FaultConfig::parse_with_control("control=/tmp/x").is_ok());
+        assert!(matches!(
+            FaultConfig::parse_with_control("seed=1,control="),
+            Err(FaultConfigError::BadValue { key, .. }) if key == "control"
+        ));
+        assert_eq!(
+            FaultConfig::parse_with_control("control=/a,control=/b"),
+            Err(FaultConfigError::DuplicateKey("control".into()))
+        );
+        assert!(FaultConfigError::UnknownKey("x".into())
+            .to_string()
+            .contains("control"));
+    }
+
+    /// Polls `f` every 10 ms for up to 5 s.
+    async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+        for _ in 0..500 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    #[tokio::test]
+    async fn the_control_file_sets_exactly_its_partitions_beside_the_handles() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("partitions");
+        let (a, b, c): (SocketAddr, SocketAddr, SocketAddr) = (
+            "10.0.0.1:1".parse().unwrap(),
+            "10.0.0.2:2".parse().unwrap(),
+            "10.0.0.3:3".parse().unwrap(),
+        );
+        let (socket, handle) = socket(FaultRates::default());
+        handle.partition(c, Direction::Incoming);
+        handle.follow_control_file(path.clone()).unwrap();
+        let write = |text: &str| {
+            let tmp = dir.path().join("partitions.tmp");
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, &path).unwrap();
+        };
+        let sorted = |mut v: Vec<(SocketAddr, Direction)>| {
+            v.sort_by_key(|(addr, _)| *addr);
+            v
+        };
+
+        write("10.0.0.1:1 both\n10.0.0.2:2 out\nnot a line at all\n");
+        eventually("the file's partitions", || {
+            sorted(handle.control_partitions())
+                == vec![(a, Direction::Both), (b, Direction::Outgoing)]
+        })
+        .await;
+        let cut = |peer, direction| socket.shared.judge(direction, peer, 10) == Verdict::Drop;
+        assert!(cut(a, Direction::Outgoing) && cut(a, Direction::Incoming));
+        assert!(cut(b, Direction::Outgoing) && !cut(b, Direction::Incoming));
+        assert!(cut(c, Direction::Incoming) && !cut(c, Direction::Outgoing));
+
+        // Replaced, not added to; the handle's partition is untouched.
+        write("10.0.0.2:2 in\n");
+        eventually("the new file's partitions", || {
+            handle.control_partitions() == vec![(b, Direction::Incoming)]
+        })
+        .await;
+        assert!(!cut(a, Direction::Outgoing) && cut(b, Direction::Incoming));
+        assert_eq!(handle.partitions(), vec![(c, Direction::Incoming)]);
+
+        // heal_all is the handle's; a missing file is no partitions.
+        handle.heal_all();
+        assert_eq!(handle.control_partitions(), vec![(b, Direction::Incoming)]);
+        std::fs::remove_file(&path).unwrap();
+        eventually("no partitions without the file", || {
+            handle.control_partitions().is_empty()
+        })
+        .await;
+        assert!(!cut(b, Direction::Incoming) && !cut(c, Direction::Incoming));
+        let stats = handle.stats();
+        assert_eq!(
+            (stats.outgoing.partitioned, stats.incoming.partitioned),
+            (2, 3)
+        );
+    }
+
+    #[tokio::test]
+    async fn the_watcher_ends_with_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let (socket, handle) = socket(FaultRates::default());
+        handle
+            .follow_control_file(dir.path().join("partitions"))
+            .unwrap();
+        // Let it read (a missing file) a few times first.
+        tokio::time::sleep(CONTROL_POLL_INTERVAL * 3).await;
+        let weak = Arc::downgrade(&socket.shared);
+        drop((socket, handle));
+        // Only the watcher could keep the state alive, and it holds it weakly.
+        assert!(weak.upgrade().is_none());
     }
 
     fn noop_waker() -> Waker {
