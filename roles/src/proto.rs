@@ -72,6 +72,10 @@ pub struct AgentReport {
     /// long, answering early when a sync barrier is requested.
     #[serde(default)]
     pub wait_ms: u32,
+    /// Increases with every report an agent makes (and across its restarts): a held poll
+    /// answered late must not overwrite a newer report.
+    #[serde(default)]
+    pub report_seq: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -59,8 +59,8 @@
 //! Write the file atomically (write another file, rename it over PATH): a half-written line
 //! such as `127.0.0.1:401` is a valid, wrong address. The file-driven set replaces the
 //! previous file-driven set and is independent of partitions set through
-//! [`FaultHandle::partition`] (which `heal`/`heal_all` leave it alone): a packet is cut if
-//! either covers it. The path is a per-process setting: sockets built programmatically in a
+//! [`FaultHandle::partition`] (`heal`/`heal_all` do not touch it): a packet is cut if either
+//! covers it. The path is a per-process setting: sockets built programmatically in a
 //! process whose [`ENV_VAR`] names a control file follow it too. Commas separate the keys,
 //! so the path cannot contain one.
 use std::{

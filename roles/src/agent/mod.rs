@@ -128,6 +128,7 @@ struct Agent {
     /// When the agent noticed a move whose first stream has not opened yet (kept across
     /// stream restarts, so a failed first attempt still counts in the pause).
     move_noticed: Mutex<Option<Instant>>,
+    report_seq: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -183,6 +184,15 @@ impl Agent {
         Ok(())
     }
 
+    /// Strictly increasing, and based on the clock (µs) so a restarted agent's reports are
+    /// newer than its previous run's.
+    fn next_report_seq(&self) -> u64 {
+        let now_us = unix_ms() * 1000;
+        let next = |c: u64| c.max(now_us) + 1;
+        let prev = self.report_seq.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| Some(next(c))).unwrap_or_else(|c| c);
+        next(prev)
+    }
+
     fn report(&self, throughput_bps: u64, wait_ms: u32) -> AgentReport {
         let core = lock(&self.core);
         let initial = core.initial.clone().map(|mut i| {
@@ -214,6 +224,7 @@ impl Agent {
             },
             sync_done: *lock(&self.sync_done),
             wait_ms,
+            report_seq: self.next_report_seq(),
         }
     }
 }
@@ -284,6 +295,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), String> {
         stream_restarts: AtomicU64::new(0),
         last_move: Mutex::new(None),
         move_noticed: Mutex::new(None),
+        report_seq: AtomicU64::new(0),
         disks: disks.clone(),
         opts: opts.clone(),
     });

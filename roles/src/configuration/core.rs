@@ -189,7 +189,10 @@ impl ConfigCore {
                 b.barrier_seq = Some(seq);
             }
         }
-        self.agent_reports.insert(machine.clone(), Observed { at: now, report });
+        let newer = self.agent_reports.get(machine).is_none_or(|o| report.report_seq >= o.report.report_seq);
+        if newer {
+            self.agent_reports.insert(machine.clone(), Observed { at: now, report });
+        }
         let m = &self.machines[machine];
         let process_server = m
             .process_server

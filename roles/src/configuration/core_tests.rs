@@ -215,6 +215,7 @@ impl Cluster {
             stats,
             sync_done,
             wait_ms: 0,
+            report_seq: at.as_micros() as u64,
         };
         self.core
             .handle_agent_poll(self.t0 + at, &agent_id(machine), report)
@@ -587,6 +588,7 @@ fn an_agent_may_only_report_for_its_own_machine() {
         stats: stats(0, 9, 9),
         sync_done: None,
         wait_ms: 0,
+        report_seq: 0,
     };
     refused_with(
         c.core
@@ -1539,3 +1541,24 @@ fn barrier_ids_are_not_reused_after_a_restart() {
     assert_ne!(new_id, old_id);
 }
 #[path = "scaleout_tests.rs"] mod scaleout_tests;
+
+/// A long poll held by the server and answered late carries an older report than one the
+/// agent sent meanwhile: it must not overwrite it.
+#[test]
+fn a_late_report_does_not_overwrite_a_newer_one() {
+    let mut c = protected_web();
+    let newer = AgentReport {
+        machine: "web".into(),
+        hostname: "web-host".into(),
+        disks: web_disks(),
+        stats: stats(1, 50, 50),
+        sync_done: None,
+        wait_ms: 0,
+        report_seq: 20,
+    };
+    let older = AgentReport { stats: stats(1, 10, 0), report_seq: 10, ..newer.clone() };
+    c.core.handle_agent_poll(c.t0 + SEC, &agent_id("web"), newer);
+    c.core.handle_agent_poll(c.t0 + 2 * SEC, &agent_id("web"), older);
+    let v = c.machine(2 * SEC, "web");
+    assert_eq!((v.captured_seq, v.applied_seq), (50, 50));
+}
