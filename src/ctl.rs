@@ -1,6 +1,10 @@
 //! `haven ctl`: the operator's command line. Talks to the configuration node with the admin
 //! token (the server is verified against the token's CA fingerprint).
-use std::{net::SocketAddr, path::Path, time::{Duration, Instant}};
+use std::{
+    net::SocketAddr,
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use haven_roles::{
     client::{self, CallError},
@@ -24,13 +28,23 @@ impl Admin {
         let token = enroll::read_token(token_file, TokenKind::Admin)?;
         let addr: SocketAddr = enroll::resolve(cluster)?;
         let ep = endpoint::client_endpoint().map_err(|e| e.to_string())?;
-        let cfg = endpoint::pinned_client_config(&token.ca_fingerprint).map_err(|e| e.to_string())?;
-        let conn = client::connect(&ep, cfg, addr, "ctl").await.map_err(|e| format!("cannot reach the configuration node at {cluster}: {e}"))?;
-        Ok(Self { ep, conn, secret: token.secret })
+        let cfg =
+            endpoint::pinned_client_config(&token.ca_fingerprint).map_err(|e| e.to_string())?;
+        let conn = client::connect(&ep, cfg, addr, "ctl")
+            .await
+            .map_err(|e| format!("cannot reach the configuration node at {cluster}: {e}"))?;
+        Ok(Self {
+            ep,
+            conn,
+            secret: token.secret,
+        })
     }
 
     pub async fn call(&self, command: AdminCommand) -> Result<AdminReply, String> {
-        let req = Request::Admin { secret: self.secret.clone(), command };
+        let req = Request::Admin {
+            secret: self.secret.clone(),
+            command,
+        };
         match client::call(&self.conn, &req, Duration::from_secs(30)).await {
             Ok(Response::Admin(r)) => Ok(r),
             Ok(other) => Err(format!("unexpected reply: {other:?}")),
@@ -47,20 +61,45 @@ impl Admin {
     }
 
     pub async fn machine(&self, name: &str) -> Result<Option<MachineView>, String> {
-        Ok(self.status().await?.machines.into_iter().find(|m| m.name == name))
+        Ok(self
+            .status()
+            .await?
+            .machines
+            .into_iter()
+            .find(|m| m.name == name))
     }
 
     /// A sync barrier: the agent captures everything written so far, then we wait until the
     /// master target has applied it. `Ok(false)` on timeout.
-    pub async fn wait_sync(&self, machine: &str, timeout: Duration, mut progress: impl FnMut(Option<u64>, u64)) -> Result<bool, String> {
+    pub async fn wait_sync(
+        &self,
+        machine: &str,
+        timeout: Duration,
+        mut progress: impl FnMut(Option<u64>, u64),
+    ) -> Result<bool, String> {
         let deadline = Instant::now() + timeout;
-        let AdminReply::SyncRequested { id } = self.call(AdminCommand::RequestSync { machine: machine.into() }).await? else {
+        let AdminReply::SyncRequested { id } = self
+            .call(AdminCommand::RequestSync {
+                machine: machine.into(),
+            })
+            .await?
+        else {
             return Err("unexpected reply to a sync request".into());
         };
         loop {
-            match self.call(AdminCommand::SyncState { machine: machine.into(), id }).await? {
+            match self
+                .call(AdminCommand::SyncState {
+                    machine: machine.into(),
+                    id,
+                })
+                .await?
+            {
                 AdminReply::SyncState { done: true, .. } => return Ok(true),
-                AdminReply::SyncState { barrier_seq, applied_seq, .. } => progress(barrier_seq, applied_seq),
+                AdminReply::SyncState {
+                    barrier_seq,
+                    applied_seq,
+                    ..
+                } => progress(barrier_seq, applied_seq),
                 other => return Err(format!("unexpected reply: {other:?}")),
             }
             if Instant::now() >= deadline {
@@ -84,11 +123,18 @@ pub fn human_bytes(b: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{b} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 pub fn print_nodes(nodes: &[NodeView]) {
-    println!("{:<16} {:<36} {:<22} {:<6} {:>8} {:>8} {:>10} {:>10} {:>10}", "NODE", "ROLES", "ADDRESS", "ALIVE", "MACHINES", "CAPACITY", "IN/s", "OUT/s", "CACHE");
+    println!(
+        "{:<16} {:<36} {:<22} {:<6} {:>8} {:>8} {:>10} {:>10} {:>10}",
+        "NODE", "ROLES", "ADDRESS", "ALIVE", "MACHINES", "CAPACITY", "IN/s", "OUT/s", "CACHE"
+    );
     for n in nodes {
         let alive = match (n.alive, n.drained) {
             (true, true) => "drain",
@@ -113,7 +159,16 @@ pub fn print_nodes(nodes: &[NodeView]) {
 pub fn print_machines(machines: &[MachineView]) {
     println!(
         "{:<14} {:<20} {:<12} {:<12} {:>10} {:>10} {:>8} {:>10} {:>10} {:>10}",
-        "MACHINE", "STATE", "PROCESS", "TARGET", "CAPTURED", "APPLIED", "RPO(s)", "RAW SENT", "WIRE SENT", "RATE/s"
+        "MACHINE",
+        "STATE",
+        "PROCESS",
+        "TARGET",
+        "CAPTURED",
+        "APPLIED",
+        "RPO(s)",
+        "RAW SENT",
+        "WIRE SENT",
+        "RATE/s"
     );
     for m in machines {
         let state = match (&m.state[..], m.initial_sync_percent, &m.degraded_reason) {
@@ -140,7 +195,10 @@ pub fn print_machines(machines: &[MachineView]) {
 }
 
 pub fn print_events(events: &[haven_roles::view::EventView]) {
-    println!("{:>8} {:<10} {:<14} {:<10} {:<10} {:>4} {:>9} {:>10}  REASON", "AGO(s)", "KIND", "MACHINE", "FROM", "TO", "GEN", "PAUSE(ms)", "RESENT");
+    println!(
+        "{:>8} {:<10} {:<14} {:<10} {:<10} {:>4} {:>9} {:>10}  REASON",
+        "AGO(s)", "KIND", "MACHINE", "FROM", "TO", "GEN", "PAUSE(ms)", "RESENT"
+    );
     for e in events {
         println!(
             "{:>8.1} {:<10} {:<14} {:<10} {:<10} {:>4} {:>9} {:>10}  {}",
@@ -150,8 +208,12 @@ pub fn print_events(events: &[haven_roles::view::EventView]) {
             e.from.as_deref().unwrap_or("-"),
             e.to.as_deref().unwrap_or("-"),
             e.generation,
-            e.pause_ms.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-            e.bytes_resent.map(human_bytes).unwrap_or_else(|| "-".into()),
+            e.pause_ms
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "-".into()),
+            e.bytes_resent
+                .map(human_bytes)
+                .unwrap_or_else(|| "-".into()),
             e.reason
         );
     }

@@ -35,7 +35,10 @@ impl Drop for Procs {
     fn drop(&mut self) {
         for (_, c) in &mut self.0 {
             // SIGTERM first so the agent checkpoints; then make sure.
-            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
         }
         for (_, c) in &mut self.0 {
             let deadline = Instant::now() + Duration::from_secs(5);
@@ -74,7 +77,28 @@ pub fn generate_disk(path: &Path, size: u64, seed: u64) -> Result<(), String> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut f = std::fs::File::create(path).map_err(|e| e.to_string())?;
     f.set_len(size).map_err(|e| e.to_string())?;
-    const WORDS: &[&str] = &["the", "replica", "disk", "block", "kernel", "config", "error", "user", "data", "time", "process", "server", "recovery", "point", "write", "/usr/lib", "0x7f3a", "GET /index.html", "INFO", "WARN"];
+    const WORDS: &[&str] = &[
+        "the",
+        "replica",
+        "disk",
+        "block",
+        "kernel",
+        "config",
+        "error",
+        "user",
+        "data",
+        "time",
+        "process",
+        "server",
+        "recovery",
+        "point",
+        "write",
+        "/usr/lib",
+        "0x7f3a",
+        "GET /index.html",
+        "INFO",
+        "WARN",
+    ];
     let mut buf = vec![0u8; 1 << 20];
     let mut off = 0u64;
     while off < size {
@@ -130,7 +154,11 @@ impl WriteAt for std::fs::File {
 
 /// Random writes of mixed sizes (4 KiB to 256 KiB) for `duration`. Returns bytes written.
 pub fn random_writes(path: &Path, duration: Duration, rng: &mut StdRng) -> Result<u64, String> {
-    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(path).map_err(|e| e.to_string())?;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| e.to_string())?;
     let size = f.seek(SeekFrom::End(0)).map_err(|e| e.to_string())?;
     let start = Instant::now();
     let mut written = 0u64;
@@ -157,7 +185,11 @@ pub fn first_difference(a: &Path, b: &Path) -> Result<Option<u64>, String> {
         let na = read_full(&mut fa, &mut ba)?;
         let nb = read_full(&mut fb, &mut bb)?;
         if na != nb || ba[..na] != bb[..nb] {
-            let i = ba[..na.min(nb)].iter().zip(&bb[..na.min(nb)]).position(|(x, y)| x != y).unwrap_or(na.min(nb));
+            let i = ba[..na.min(nb)]
+                .iter()
+                .zip(&bb[..na.min(nb)])
+                .position(|(x, y)| x != y)
+                .unwrap_or(na.min(nb));
             return Ok(Some(off + i as u64));
         }
         if na == 0 {
@@ -187,7 +219,10 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
             d.clone()
         }
         None => {
-            let t = tempfile::Builder::new().prefix("haven-demo-").tempdir().map_err(|e| e.to_string())?;
+            let t = tempfile::Builder::new()
+                .prefix("haven-demo-")
+                .tempdir()
+                .map_err(|e| e.to_string())?;
             let p = t.path().to_path_buf();
             _tmp = t;
             p
@@ -197,14 +232,28 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
     println!("haven demo in {}", dir.display());
     let t = Instant::now();
     generate_disk(&disk, args.disk_size, args.seed)?;
-    println!("1. generated a {} disk with mixed content and zero regions ({:.1}s)", ctl::human_bytes(args.disk_size), t.elapsed().as_secs_f64());
+    println!(
+        "1. generated a {} disk with mixed content and zero regions ({:.1}s)",
+        ctl::human_bytes(args.disk_size),
+        t.elapsed().as_secs_f64()
+    );
 
     let port = free_udp_port()?;
     let addr = format!("127.0.0.1:{port}");
     let mut procs = Procs(vec![]);
     let node_log = dir.join("node.log");
-    let node_args = ["node", "--data-dir", node_dir.to_str().unwrap_or_default(), "--listen", &addr, "--name", "demo-node"];
-    procs.0.push(("node".into(), spawn(&exe, &node_args, &node_log)?));
+    let node_args = [
+        "node",
+        "--data-dir",
+        node_dir.to_str().unwrap_or_default(),
+        "--listen",
+        &addr,
+        "--name",
+        "demo-node",
+    ];
+    procs
+        .0
+        .push(("node".into(), spawn(&exe, &node_args, &node_log)?));
     let admin_token = node_dir.join("admin-token");
     let join_token = node_dir.join("join-token");
     let admin = connect_with_retry(&addr, &admin_token, &mut procs).await?;
@@ -212,12 +261,43 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
 
     let agent_log = dir.join("agent.log");
     let disk_arg = format!("root={}", disk.display());
-    let agent_args = ["agent", "--join", &addr, "--token-file", join_token.to_str().unwrap_or_default(), "--data-dir", agent_dir.to_str().unwrap_or_default(), "--disk", &disk_arg, "--name", "demo-vm", "--scan-interval", "2s"];
-    procs.0.push(("agent".into(), spawn(&exe, &agent_args, &agent_log)?));
-    wait_for(&admin, "agent enrollment", Duration::from_secs(30), &mut procs, |m| m.is_some()).await?;
-    println!("3. agent enrolled machine demo-vm; log: {}", agent_log.display());
+    let agent_args = [
+        "agent",
+        "--join",
+        &addr,
+        "--token-file",
+        join_token.to_str().unwrap_or_default(),
+        "--data-dir",
+        agent_dir.to_str().unwrap_or_default(),
+        "--disk",
+        &disk_arg,
+        "--name",
+        "demo-vm",
+        "--scan-interval",
+        "2s",
+    ];
+    procs
+        .0
+        .push(("agent".into(), spawn(&exe, &agent_args, &agent_log)?));
+    wait_for(
+        &admin,
+        "agent enrollment",
+        Duration::from_secs(30),
+        &mut procs,
+        |m| m.is_some(),
+    )
+    .await?;
+    println!(
+        "3. agent enrolled machine demo-vm; log: {}",
+        agent_log.display()
+    );
 
-    match admin.call(haven_roles::proto::AdminCommand::Protect { machine: "demo-vm".into() }).await {
+    match admin
+        .call(haven_roles::proto::AdminCommand::Protect {
+            machine: "demo-vm".into(),
+        })
+        .await
+    {
         Ok(r) => println!("4. protect: {}", done_message(&r)),
         Err(e) => return Err(format!("protect failed: {e}")),
     }
@@ -228,12 +308,21 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         let m = admin.machine("demo-vm").await?.ok_or("machine vanished")?;
         if last_print.elapsed() >= Duration::from_millis(500) {
             let pct = m.initial_sync_percent.unwrap_or(100.0);
-            println!("   initial sync {:5.1}%  applied seq {:>6}  {} sent", pct, m.applied_seq, ctl::human_bytes(m.raw_bytes_sent));
+            println!(
+                "   initial sync {:5.1}%  applied seq {:>6}  {} sent",
+                pct,
+                m.applied_seq,
+                ctl::human_bytes(m.raw_bytes_sent)
+            );
             last_print = Instant::now();
         }
         if m.state == "replicating" && m.applied_seq > 0 {
             let secs = t.elapsed().as_secs_f64();
-            println!("   initial sync done in {secs:.1}s: {} raw, {} on the wire after zstd", ctl::human_bytes(m.raw_bytes_sent), ctl::human_bytes(m.wire_bytes_sent));
+            println!(
+                "   initial sync done in {secs:.1}s: {} raw, {} on the wire after zstd",
+                ctl::human_bytes(m.raw_bytes_sent),
+                ctl::human_bytes(m.wire_bytes_sent)
+            );
             break;
         }
         if t.elapsed() > Duration::from_secs(600) {
@@ -243,18 +332,33 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
     }
 
     let (disk2, dur, seed) = (disk.clone(), args.write_for, args.seed);
-    let written = tokio::task::spawn_blocking(move || random_writes(&disk2, dur, &mut StdRng::seed_from_u64(seed + 1)))
-        .await
-        .map_err(|e| e.to_string())??;
-    println!("5. wrote {} of random changes (4 KiB-256 KiB writes) for {}s while replicating", ctl::human_bytes(written), args.write_for.as_secs());
+    let written = tokio::task::spawn_blocking(move || {
+        random_writes(&disk2, dur, &mut StdRng::seed_from_u64(seed + 1))
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    println!(
+        "5. wrote {} of random changes (4 KiB-256 KiB writes) for {}s while replicating",
+        ctl::human_bytes(written),
+        args.write_for.as_secs()
+    );
     let t = Instant::now();
-    if !admin.wait_sync("demo-vm", Duration::from_secs(300), |_, _| {}).await? {
+    if !admin
+        .wait_sync("demo-vm", Duration::from_secs(300), |_, _| {})
+        .await?
+    {
         return Err("wait-sync timed out".into());
     }
-    println!("6. wait-sync: everything written is applied at the master target ({:.2}s)", t.elapsed().as_secs_f64());
+    println!(
+        "6. wait-sync: everything written is applied at the master target ({:.2}s)",
+        t.elapsed().as_secs_f64()
+    );
     let replica = node_dir.join("replicas").join("demo-vm").join("root.img");
     match first_difference(&disk, &replica)? {
-        None => println!("7. verified: replica {} is byte-identical to the source", replica.display()),
+        None => println!(
+            "7. verified: replica {} is byte-identical to the source",
+            replica.display()
+        ),
         Some(off) => return Err(format!("replica differs from the source at byte {off}")),
     }
     println!();

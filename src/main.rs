@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use haven_roles::{agent::AgentOptions, node::NodeOptions, proto::AdminCommand, proto::AdminReply};
 
 #[derive(Parser)]
-#[command(name = "haven", version, about = "Disaster-recovery replication: live, point-in-time-recoverable copies of machines' disks")]
+#[command(
+    name = "haven",
+    version,
+    about = "Disaster-recovery replication: live, point-in-time-recoverable copies of machines' disks"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -105,8 +109,12 @@ enum CtlCommand {
     Nodes,
     Machines,
     /// Start replicating a discovered machine.
-    Protect { machine: String },
-    Unprotect { machine: String },
+    Protect {
+        machine: String,
+    },
+    Unprotect {
+        machine: String,
+    },
     /// Live-move a machine to another process server; reports the pause and bytes resent.
     Move {
         machine: String,
@@ -116,8 +124,12 @@ enum CtlCommand {
     /// One rebalancing pass now.
     Rebalance,
     /// Move every machine off a process server and place none on it.
-    Drain { node: String },
-    Undrain { node: String },
+    Drain {
+        node: String,
+    },
+    Undrain {
+        node: String,
+    },
     /// Moves, failovers and drains, with their figures.
     Events,
     /// Capture everything written so far and wait until it is applied (exit 3 on timeout).
@@ -141,7 +153,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "t" | "tb" | "tib" => 1 << 40,
         other => return Err(format!("unknown size unit {other:?} (use KiB, MiB, GiB)")),
     };
-    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
 fn parse_disk(s: &str) -> Result<(String, PathBuf), String> {
@@ -153,22 +166,35 @@ fn parse_disk(s: &str) -> Result<(String, PathBuf), String> {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "haven".into())
+    std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "haven".into())
 }
 
 fn init_logging(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     use std::io::IsTerminal;
     // Plain text when logging to a file, so logs grep cleanly (tests look for " ERROR ").
     let ansi = std::io::stderr().is_terminal();
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .init();
 }
 
 /// actix with a multi-threaded tokio runtime: actors on the main thread's LocalSet, data-path
 /// tasks (`tokio::spawn`) on two workers, sealing and disk I/O in the blocking pool.
 fn system() -> actix::SystemRunner {
     actix_rt::System::with_tokio_rt(|| {
-        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime")
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
     })
 }
 
@@ -207,7 +233,10 @@ fn main() -> ExitCode {
         } => {
             init_logging("info,quinn=warn");
             let roles = if roles.is_empty() || roles.iter().any(|r| r == "all") {
-                haven_cluster::ALL_ROLES.iter().map(|r| r.to_string()).collect()
+                haven_cluster::ALL_ROLES
+                    .iter()
+                    .map(|r| r.to_string())
+                    .collect()
             } else {
                 let mut r = roles;
                 r.dedup();
@@ -232,7 +261,16 @@ fn main() -> ExitCode {
             };
             finish(system().block_on(haven_roles::node::run(opts)))
         }
-        Command::Agent { join, token_file, data_dir, disks, name, capture: _, scan_interval, retention_size } => {
+        Command::Agent {
+            join,
+            token_file,
+            data_dir,
+            disks,
+            name,
+            capture: _,
+            scan_interval,
+            retention_size,
+        } => {
             init_logging("info,quinn=warn");
             let opts = AgentOptions {
                 data_dir,
@@ -244,7 +282,12 @@ fn main() -> ExitCode {
             };
             finish(system().block_on(haven_roles::agent::run(opts)))
         }
-        Command::Ctl { cluster, token_file, json, command } => {
+        Command::Ctl {
+            cluster,
+            token_file,
+            json,
+            command,
+        } => {
             init_logging("warn");
             system().block_on(run_ctl(cluster, token_file, json, command))
         }
@@ -265,7 +308,12 @@ fn finish(r: Result<(), String>) -> ExitCode {
     }
 }
 
-async fn run_ctl(cluster: String, token_file: PathBuf, json: bool, command: CtlCommand) -> ExitCode {
+async fn run_ctl(
+    cluster: String,
+    token_file: PathBuf,
+    json: bool,
+    command: CtlCommand,
+) -> ExitCode {
     let admin = match ctl::Admin::connect(&cluster, &token_file).await {
         Ok(a) => a,
         Err(e) => {
@@ -287,24 +335,38 @@ async fn ctl_command(admin: &ctl::Admin, json: bool, command: CtlCommand) -> Exi
             let r = admin
                 .wait_sync(&machine, timeout, |barrier, applied| {
                     if !json && tty {
-                        eprint!("\rwaiting: barrier {} applied {applied}   ", barrier.map(|b| b.to_string()).unwrap_or_else(|| "(scanning)".into()));
+                        eprint!(
+                            "\rwaiting: barrier {} applied {applied}   ",
+                            barrier
+                                .map(|b| b.to_string())
+                                .unwrap_or_else(|| "(scanning)".into())
+                        );
                     }
                 })
                 .await;
             return match r {
                 Ok(true) => {
                     if json {
-                        println!("{}", serde_json::json!({"machine": machine, "synced": true, "seconds": started.elapsed().as_secs_f64()}));
+                        println!(
+                            "{}",
+                            serde_json::json!({"machine": machine, "synced": true, "seconds": started.elapsed().as_secs_f64()})
+                        );
                     } else {
                         if tty {
                             eprintln!();
                         }
-                        println!("{machine}: in sync ({:.1}s)", started.elapsed().as_secs_f64());
+                        println!(
+                            "{machine}: in sync ({:.1}s)",
+                            started.elapsed().as_secs_f64()
+                        );
                     }
                     ExitCode::SUCCESS
                 }
                 Ok(false) => {
-                    eprintln!("\nerror: {machine} did not sync within {}", humantime::format_duration(timeout));
+                    eprintln!(
+                        "\nerror: {machine} did not sync within {}",
+                        humantime::format_duration(timeout)
+                    );
                     ExitCode::from(ctl::EXIT_TIMEOUT as u8)
                 }
                 Err(e) => {
@@ -342,12 +404,16 @@ async fn ctl_command(admin: &ctl::Admin, json: bool, command: CtlCommand) -> Exi
                 AdminReply::Nodes(n) => ctl::print_nodes(&n),
                 AdminReply::Machines(m) if json => print_json(&m),
                 AdminReply::Machines(m) => ctl::print_machines(&m),
-                AdminReply::Done { message } if json => println!("{}", serde_json::json!({"ok": true, "message": message})),
+                AdminReply::Done { message } if json => {
+                    println!("{}", serde_json::json!({"ok": true, "message": message}))
+                }
                 AdminReply::Done { message } => println!("{message}"),
                 AdminReply::Events(e) if json => print_json(&e),
                 AdminReply::Events(e) => ctl::print_events(&e),
                 AdminReply::Rebalanced { moves } if json => print_json(&moves),
-                AdminReply::Rebalanced { moves } if moves.is_empty() => println!("balanced: no moves needed"),
+                AdminReply::Rebalanced { moves } if moves.is_empty() => {
+                    println!("balanced: no moves needed")
+                }
                 AdminReply::Rebalanced { moves } => ctl::print_events(&moves),
                 other => println!("{other:?}"),
             }
@@ -358,9 +424,16 @@ async fn ctl_command(admin: &ctl::Admin, json: bool, command: CtlCommand) -> Exi
 
 /// `ctl move`: request the move, then wait until the agent reports what it cost.
 async fn ctl_move(admin: &ctl::Admin, json: bool, machine: String, to: String) -> ExitCode {
-    let reply = admin.call(AdminCommand::Move { machine: machine.clone(), to: to.clone() }).await;
+    let reply = admin
+        .call(AdminCommand::Move {
+            machine: machine.clone(),
+            to: to.clone(),
+        })
+        .await;
     let (from, generation) = match reply {
-        Ok(AdminReply::Moved { from, generation, .. }) => (from, generation),
+        Ok(AdminReply::Moved {
+            from, generation, ..
+        }) => (from, generation),
         Ok(other) => {
             eprintln!("error: unexpected reply {other:?}");
             return ExitCode::FAILURE;
@@ -376,7 +449,11 @@ async fn ctl_move(admin: &ctl::Admin, json: bool, machine: String, to: String) -
             Ok(AdminReply::Events(e)) => e,
             Ok(_) | Err(_) => vec![],
         };
-        if let Some(e) = events.iter().rev().find(|e| e.machine == machine && e.generation == generation && e.pause_ms.is_some()) {
+        if let Some(e) = events
+            .iter()
+            .rev()
+            .find(|e| e.machine == machine && e.generation == generation && e.pause_ms.is_some())
+        {
             if json {
                 println!("{}", serde_json::to_string_pretty(e).unwrap_or_default());
             } else {

@@ -19,11 +19,17 @@ fn a_block_device_replicates_like_a_file() {
     let mut c = Cluster::new();
     let backing = c.path("backing.img");
     make_disk(&backing, 32 << 20, 5);
-    let out = Command::new("losetup").args(["-f", "--show"]).arg(&backing).output();
+    let out = Command::new("losetup")
+        .args(["-f", "--show"])
+        .arg(&backing)
+        .output();
     let dev = match out {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
         Ok(o) => {
-            eprintln!("SKIPPED: losetup is not permitted here: {}", String::from_utf8_lossy(&o.stderr).trim());
+            eprintln!(
+                "SKIPPED: losetup is not permitted here: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
             return;
         }
         Err(e) => {
@@ -36,14 +42,21 @@ fn a_block_device_replicates_like_a_file() {
     c.start_config(&[], vec![]);
     c.start_agent("blk01", &[("root", dev_path.as_path())]);
     let m = c.machine("blk01").unwrap();
-    assert_eq!(m["disks"][0]["size_bytes"], 32u64 << 20, "the block device's size is discovered");
+    assert_eq!(
+        m["disks"][0]["size_bytes"],
+        32u64 << 20,
+        "the block device's size is discovered"
+    );
     c.ctl(&["protect", "blk01"]);
     c.wait_sync("blk01", Duration::from_secs(120));
     assert_identical(&dev_path, &c.replica("config", "blk01", "root"));
 
     phase("writes through the block device");
     random_writes(&dev_path, &mut StdRng::seed_from_u64(6), 30);
-    let f = std::fs::OpenOptions::new().write(true).open(&dev_path).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&dev_path)
+        .unwrap();
     f.write_all_at(b"written through /dev/loop", 12345).unwrap();
     f.sync_all().unwrap();
     c.wait_sync("blk01", Duration::from_secs(120));

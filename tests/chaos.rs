@@ -43,10 +43,19 @@ fn monitor(cursors: &[PathBuf], stop: &AtomicBool) -> usize {
     let mut seen = 0;
     while !stop.load(Ordering::Relaxed) {
         for path in cursors {
-            let Ok(bytes) = std::fs::read(path) else { continue };
-            let c: ReplicaCursor = haven_transport::codec::decode(&bytes).expect("replica cursor decodes");
+            let Ok(bytes) = std::fs::read(path) else {
+                continue;
+            };
+            let c: ReplicaCursor =
+                haven_transport::codec::decode(&bytes).expect("replica cursor decodes");
             if let Some((e, a)) = last.get(path) {
-                assert!(c.epoch > *e || (c.epoch == *e && c.applied_seq >= *a), "invariant: applied_seq in {} went from {a} (epoch {e}) to {} (epoch {})", path.display(), c.applied_seq, c.epoch);
+                assert!(
+                    c.epoch > *e || (c.epoch == *e && c.applied_seq >= *a),
+                    "invariant: applied_seq in {} went from {a} (epoch {e}) to {} (epoch {})",
+                    path.display(),
+                    c.applied_seq,
+                    c.epoch
+                );
             }
             last.insert(path, (c.epoch, c.applied_seq));
             seen += 1;
@@ -60,7 +69,15 @@ fn monitor(cursors: &[PathBuf], stop: &AtomicBool) -> usize {
 fn packet_loss_duplication_reordering_and_corruption_on_every_link() {
     let seed = seed();
     eprintln!("chaos seed {seed} (replay: HAVEN_CHAOS_SEED={seed})");
-    let faults = |n: u64| vec![("HAVEN_NET_FAULTS".to_string(), format!("seed={},drop=0.02,dup=0.02,delay=0.05,delay_max=20ms,corrupt=0.005", seed.wrapping_add(n)))];
+    let faults = |n: u64| {
+        vec![(
+            "HAVEN_NET_FAULTS".to_string(),
+            format!(
+                "seed={},drop=0.02,dup=0.02,delay=0.05,delay_max=20ms,corrupt=0.005",
+                seed.wrapping_add(n)
+            ),
+        )]
+    };
     let mut c = Cluster::new();
     c.start_config_with(&["configuration"], &[], faults(1));
     c.start_node("ps1", &["process"], faults(2));
@@ -87,7 +104,10 @@ fn packet_loss_duplication_reordering_and_corruption_on_every_link() {
     });
     assert_identical(&disk, &c.replica("mt1", "web01", "root"));
     for name in ["config", "ps1", "mt1"] {
-        assert!(c.log(name).contains("HAVEN_NET_FAULTS"), "{name} ran with injected faults");
+        assert!(
+            c.log(name).contains("HAVEN_NET_FAULTS"),
+            "{name} ran with injected faults"
+        );
     }
     c.assert_no_unexpected_errors(&[]);
 }
@@ -103,9 +123,20 @@ fn packet_loss_duplication_reordering_and_corruption_on_every_link() {
 fn long_run_repeated_kills_under_packet_faults() {
     use rand::Rng;
     let seed = seed();
-    let cycles: usize = std::env::var("HAVEN_CHAOS_CYCLES").ok().and_then(|s| s.parse().ok()).unwrap_or(200);
+    let cycles: usize = std::env::var("HAVEN_CHAOS_CYCLES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200);
     eprintln!("chaos long run: seed {seed}, {cycles} cycles (replay: HAVEN_CHAOS_SEED={seed} HAVEN_CHAOS_CYCLES={cycles})");
-    let faults = |n: u64| vec![("HAVEN_NET_FAULTS".to_string(), format!("seed={},drop=0.01,dup=0.01,delay=0.03,delay_max=20ms,corrupt=0.002", seed.wrapping_add(n)))];
+    let faults = |n: u64| {
+        vec![(
+            "HAVEN_NET_FAULTS".to_string(),
+            format!(
+                "seed={},drop=0.01,dup=0.01,delay=0.03,delay_max=20ms,corrupt=0.002",
+                seed.wrapping_add(n)
+            ),
+        )]
+    };
     let mut c = Cluster::new();
     c.start_config_with(&["configuration"], &[], faults(1));
     c.start_node("ps1", &["process"], faults(2));
@@ -114,7 +145,10 @@ fn long_run_repeated_kills_under_packet_faults() {
     for (i, d) in disks.iter().enumerate() {
         make_disk(d, 32 << 20, seed + i as u64);
     }
-    c.start_agent("web01", &[("root", disks[0].as_path()), ("data", disks[1].as_path())]);
+    c.start_agent(
+        "web01",
+        &[("root", disks[0].as_path()), ("data", disks[1].as_path())],
+    );
     c.ctl(&["protect", "web01"]);
     c.wait_sync("web01", Duration::from_secs(300));
 
@@ -139,11 +173,20 @@ fn long_run_repeated_kills_under_packet_faults() {
             std::thread::sleep(Duration::from_millis(rng.gen_range(0..1500)));
             c.lock().unwrap().restart(victim);
             if cycle % 20 == 19 {
-                eprintln!("cycle {}/{cycles}: {:?}, {:.0}s", cycle + 1, kills, started.elapsed().as_secs_f64());
+                eprintln!(
+                    "cycle {}/{cycles}: {:?}, {:.0}s",
+                    cycle + 1,
+                    kills,
+                    started.elapsed().as_secs_f64()
+                );
             }
         }
         let c = c.lock().unwrap();
-        wait_until("configuration node answering", Duration::from_secs(60), || c.try_ctl(&["status"]).ok());
+        wait_until(
+            "configuration node answering",
+            Duration::from_secs(60),
+            || c.try_ctl(&["status"]).ok(),
+        );
         c.wait_sync("web01", Duration::from_secs(600));
         stop.store(true, Ordering::Relaxed);
         let seen = checker.join().expect("invariant checker");
@@ -151,7 +194,10 @@ fn long_run_repeated_kills_under_packet_faults() {
             assert_identical(d, &c.replica("mt1", "web01", ["root", "data"][i]));
         }
         let m = c.machine("web01").unwrap();
-        let refused: usize = ["config", "ps1", "mt1"].iter().map(|n| c.log(n).matches("refused").count()).sum();
+        let refused: usize = ["config", "ps1", "mt1"]
+            .iter()
+            .map(|n| c.log(n).matches("refused").count())
+            .sum();
         eprintln!(
             "chaos summary: seed {seed}, {cycles} kill cycles {kills:?} under packet faults, {:.0}s, {written} bytes written, \
              {seen} invariant observations, applied_seq {}, refusals logged {refused}, replicas identical, writes lost: 0",

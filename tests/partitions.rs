@@ -31,7 +31,9 @@ const SYNC: Duration = Duration::from_secs(60);
 const APPLIED: Duration = Duration::from_secs(5);
 
 fn u64_of(v: &serde_json::Value, field: &str) -> u64 {
-    v[field].as_u64().unwrap_or_else(|| panic!("field {field} missing in {v}"))
+    v[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("field {field} missing in {v}"))
 }
 
 struct Net {
@@ -46,7 +48,10 @@ fn control_file(c: &Cluster, process: &str) -> PathBuf {
 
 /// Only partitions, from `process`'s control file; no random faults.
 fn faults(c: &Cluster, process: &str, seed: u64) -> Vec<(String, String)> {
-    vec![("HAVEN_NET_FAULTS".to_string(), format!("seed={seed},control={}", control_file(c, process).display()))]
+    vec![(
+        "HAVEN_NET_FAULTS".to_string(),
+        format!("seed={seed},control={}", control_file(c, process).display()),
+    )]
 }
 
 /// The partitions a process last logged applying from its control file, as `ADDR both, ..`
@@ -79,9 +84,16 @@ impl Net {
         c.wait_sync("web01", SYNC);
         assert_identical(&disk, &c.replica("mt1", "web01", "root"));
         for name in ["config", "ps1", "mt1", "agent-web01"] {
-            assert!(c.log(name).contains("partitions from the control file"), "{name} follows its control file");
+            assert!(
+                c.log(name).contains("partitions from the control file"),
+                "{name} follows its control file"
+            );
         }
-        Net { c, disk, rng: StdRng::seed_from_u64(seed + 100) }
+        Net {
+            c,
+            disk,
+            rng: StdRng::seed_from_u64(seed + 100),
+        }
     }
 
     /// Makes `peers` (listen addresses) the exact set cut both ways at `process`'s socket,
@@ -98,11 +110,17 @@ impl Net {
         } else {
             let mut sorted = peers.to_vec();
             sorted.sort();
-            sorted.iter().map(|p| format!("{p} both")).collect::<Vec<_>>().join(", ")
+            sorted
+                .iter()
+                .map(|p| format!("{p} both"))
+                .collect::<Vec<_>>()
+                .join(", ")
         };
-        wait_until(&format!("{process} applies partitions [{expected}]"), APPLIED, || {
-            (applied_partitions(&self.c.log(process))? == expected).then_some(())
-        });
+        wait_until(
+            &format!("{process} applies partitions [{expected}]"),
+            APPLIED,
+            || (applied_partitions(&self.c.log(process))? == expected).then_some(()),
+        );
     }
 
     fn heal(&self, process: &str) {
@@ -128,13 +146,26 @@ impl Net {
         self.c.wait_sync("web01", SYNC);
         assert_identical(&self.disk, &self.c.replica("mt1", "web01", "root"));
         // The status is built from reports that may lag by a long poll (1 s): poll for it.
-        let m = wait_until("status: replicating, everything captured applied", Duration::from_secs(10), || {
-            let m = self.c.machine("web01")?;
-            (m["state"] == "replicating" && u64_of(&m, "applied_seq") == u64_of(&m, "captured_seq")).then_some(m)
-        });
+        let m = wait_until(
+            "status: replicating, everything captured applied",
+            Duration::from_secs(10),
+            || {
+                let m = self.c.machine("web01")?;
+                (m["state"] == "replicating"
+                    && u64_of(&m, "applied_seq") == u64_of(&m, "captured_seq"))
+                .then_some(m)
+            },
+        );
         assert_eq!(m["epoch"], 1, "same protection epoch: {m}");
-        let full_syncs = self.c.log("agent-web01").matches("starting a full sync").count();
-        assert_eq!(full_syncs, 1, "only the initial full sync, none after the partition");
+        let full_syncs = self
+            .c
+            .log("agent-web01")
+            .matches("starting a full sync")
+            .count();
+        assert_eq!(
+            full_syncs, 1,
+            "only the initial full sync, none after the partition"
+        );
         let sent = u64_of(&m, "raw_bytes_sent").saturating_sub(sent_before);
         eprintln!("raw bytes sent since the cut: {sent} (disk {DISK}, resends included); stream restarts {}", m["stream_restarts"]);
         self.c.assert_running();
@@ -154,14 +185,20 @@ fn agent_cut_from_its_process_server_longer_than_the_idle_timeout() {
     // The agent captures the writes but cannot hand them to the process server.
     let m = wait_until("writes captured but not cached during the cut", CUT, || {
         let m = n.c.machine("web01")?;
-        (u64_of(&m, "captured_seq") > u64_of(&before, "captured_seq") && u64_of(&m, "cached_seq") == u64_of(&before, "cached_seq")).then_some(m)
+        (u64_of(&m, "captured_seq") > u64_of(&before, "captured_seq")
+            && u64_of(&m, "cached_seq") == u64_of(&before, "cached_seq"))
+        .then_some(m)
     });
     eprintln!("during the cut: {m}");
     Net::hold(since, AFTER_IDLE);
     n.write_some(20);
     Net::hold(since, CUT);
     let m = n.machine();
-    assert_eq!(u64_of(&m, "cached_seq"), u64_of(&before, "cached_seq"), "nothing reached ps1 through the cut: {m}");
+    assert_eq!(
+        u64_of(&m, "cached_seq"),
+        u64_of(&before, "cached_seq"),
+        "nothing reached ps1 through the cut: {m}"
+    );
 
     phase("heal; replication converges");
     n.heal("agent-web01");
@@ -182,14 +219,20 @@ fn process_server_cut_from_its_master_target_longer_than_the_idle_timeout() {
     // The process server caches the writes but cannot apply them at the master target.
     let m = wait_until("writes cached but not applied during the cut", CUT, || {
         let m = n.c.machine("web01")?;
-        (u64_of(&m, "cached_seq") > u64_of(&before, "cached_seq") && u64_of(&m, "applied_seq") == u64_of(&before, "applied_seq")).then_some(m)
+        (u64_of(&m, "cached_seq") > u64_of(&before, "cached_seq")
+            && u64_of(&m, "applied_seq") == u64_of(&before, "applied_seq"))
+        .then_some(m)
     });
     eprintln!("during the cut: {m}");
     Net::hold(since, AFTER_IDLE);
     n.write_some(20);
     Net::hold(since, CUT);
     let m = n.machine();
-    assert_eq!(u64_of(&m, "applied_seq"), u64_of(&before, "applied_seq"), "nothing reached mt1 through the cut: {m}");
+    assert_eq!(
+        u64_of(&m, "applied_seq"),
+        u64_of(&before, "applied_seq"),
+        "nothing reached mt1 through the cut: {m}"
+    );
 
     phase("heal; replication converges");
     n.heal("ps1");
@@ -210,36 +253,59 @@ fn process_server_cut_from_the_configuration_node_keeps_replicating() {
     // Past the failure timeout the configuration node stops seeing ps1.
     wait_until("the configuration node sees ps1 silent", CUT, || {
         let nodes = n.c.try_ctl(&["nodes"]).ok()?;
-        nodes.as_array()?.iter().any(|x| x["name"] == "ps1" && x["alive"] == false).then_some(())
+        nodes
+            .as_array()?
+            .iter()
+            .any(|x| x["name"] == "ps1" && x["alive"] == false)
+            .then_some(())
     });
-    eprintln!("ps1 silent for the configuration node after {:?}; machine: {}", since.elapsed(), n.machine());
+    eprintln!(
+        "ps1 silent for the configuration node after {:?}; machine: {}",
+        since.elapsed(),
+        n.machine()
+    );
 
     // The data path (agent -> ps1 -> mt1) does not go through the configuration node: a
     // marker written now reaches the replica before the cut heals.
     let marker: Vec<u8> = (0..4096).map(|_| n.rng.gen()).collect();
     let offset = 4096 * 1000;
-    let f = std::fs::OpenOptions::new().write(true).open(&n.disk).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&n.disk)
+        .unwrap();
     f.write_all_at(&marker, offset).unwrap();
     f.sync_data().unwrap();
     let replica = n.c.replica("mt1", "web01", "root");
-    wait_until("marker applied at the replica during the cut", CUT.saturating_sub(since.elapsed()), || {
-        let f = std::fs::File::open(&replica).ok()?;
-        let mut got = vec![0u8; 4096];
-        f.read_exact_at(&mut got, offset).ok()?;
-        (got == marker).then_some(())
-    });
+    wait_until(
+        "marker applied at the replica during the cut",
+        CUT.saturating_sub(since.elapsed()),
+        || {
+            let f = std::fs::File::open(&replica).ok()?;
+            let mut got = vec![0u8; 4096];
+            f.read_exact_at(&mut got, offset).ok()?;
+            (got == marker).then_some(())
+        },
+    );
     eprintln!("marker applied {:?} into the cut", since.elapsed());
     n.write_some(10);
     Net::hold(since, AFTER_IDLE);
     n.write_some(10);
     Net::hold(since, CUT);
-    assert_eq!(applied_partitions(&n.c.log("ps1")), Some(format!("{config} both")), "the cut held until now");
+    assert_eq!(
+        applied_partitions(&n.c.log("ps1")),
+        Some(format!("{config} both")),
+        "the cut held until now"
+    );
 
     phase("heal; ps1 reports again and replication converges");
     n.heal("ps1");
     wait_until("ps1 alive again", SYNC, || {
         let nodes = n.c.try_ctl(&["nodes"]).ok()?;
-        nodes.as_array()?.iter().any(|x| x["name"] == "ps1" && x["alive"] == true).then_some(())
+        nodes
+            .as_array()?
+            .iter()
+            .any(|x| x["name"] == "ps1" && x["alive"] == true)
+            .then_some(())
     });
     n.converge(u64_of(&before, "raw_bytes_sent"));
     n.c.assert_no_unexpected_errors(&[]);

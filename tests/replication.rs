@@ -12,7 +12,9 @@ const DISK1: u64 = 24 << 20;
 const SYNC: Duration = Duration::from_secs(120);
 
 fn u64_of(v: &serde_json::Value, field: &str) -> u64 {
-    v[field].as_u64().unwrap_or_else(|| panic!("field {field} missing in {v}"))
+    v[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("field {field} missing in {v}"))
 }
 
 struct Setup {
@@ -32,11 +34,16 @@ impl Setup {
         make_disk(&disks[0].1, DISK0, seed);
         make_disk(&disks[1].1, DISK1, seed + 1);
         phase("enroll and protect an agent with two disks");
-        let spec: Vec<(&str, &std::path::Path)> = disks.iter().map(|(n, p)| (*n, p.as_path())).collect();
+        let spec: Vec<(&str, &std::path::Path)> =
+            disks.iter().map(|(n, p)| (*n, p.as_path())).collect();
         c.start_agent("web01", &spec);
         assert_eq!(c.machine("web01").unwrap()["state"], "discovered");
         c.ctl(&["protect", "web01"]);
-        Setup { c, disks, rng: StdRng::seed_from_u64(seed + 100) }
+        Setup {
+            c,
+            disks,
+            rng: StdRng::seed_from_u64(seed + 100),
+        }
     }
 
     fn verify(&self) {
@@ -66,8 +73,14 @@ fn initial_sync_then_random_writes_converge() {
     });
     assert_eq!(m["rpo_seconds"].as_f64(), Some(0.0));
     let raw = u64_of(&m, "raw_bytes_sent");
-    assert!(raw > 0 && raw <= DISK0 + DISK1, "initial sync sends at most the disks' size, sent {raw}");
-    assert!(u64_of(&m, "wire_bytes_sent") < raw, "zstd makes the wire smaller than raw: {m}");
+    assert!(
+        raw > 0 && raw <= DISK0 + DISK1,
+        "initial sync sends at most the disks' size, sent {raw}"
+    );
+    assert!(
+        u64_of(&m, "wire_bytes_sent") < raw,
+        "zstd makes the wire smaller than raw: {m}"
+    );
     assert_eq!(u64_of(&m, "applied_seq"), u64_of(&m, "captured_seq"));
 
     phase("random writes of mixed sizes while replicating, three rounds");
@@ -105,30 +118,53 @@ fn sigkill_of_each_process_loses_nothing_and_does_not_resync() {
             // A marker written now must reach the replica while the configuration node is down.
             let marker: Vec<u8> = (0..4096).map(|_| s.rng.gen()).collect();
             let offset = 4096 * 1000;
-            std::fs::OpenOptions::new().write(true).open(&s.disks[0].1).unwrap().write_all_at(&marker, offset).unwrap();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&s.disks[0].1)
+                .unwrap()
+                .write_all_at(&marker, offset)
+                .unwrap();
             let replica = s.c.replica("mt1", "web01", "root");
-            wait_until("marker applied while the configuration node is down", Duration::from_secs(30), || {
-                let f = std::fs::File::open(&replica).ok()?;
-                let mut got = vec![0u8; 4096];
-                f.read_exact_at(&mut got, offset).ok()?;
-                (got == marker).then_some(())
-            });
+            wait_until(
+                "marker applied while the configuration node is down",
+                Duration::from_secs(30),
+                || {
+                    let f = std::fs::File::open(&replica).ok()?;
+                    let mut got = vec![0u8; 4096];
+                    f.read_exact_at(&mut got, offset).ok()?;
+                    (got == marker).then_some(())
+                },
+            );
         } else {
             std::thread::sleep(Duration::from_millis(500));
         }
         s.c.restart(victim);
         s.write_some(10);
         phase(&format!("{victim} restarted: wait for sync"));
-        wait_until("configuration node answering", Duration::from_secs(30), || s.c.try_ctl(&["status"]).ok());
+        wait_until(
+            "configuration node answering",
+            Duration::from_secs(30),
+            || s.c.try_ctl(&["status"]).ok(),
+        );
         s.c.wait_sync("web01", SYNC);
         s.verify();
         let after = s.c.machine("web01").unwrap();
         let applied_after = u64_of(&after, "applied_seq");
-        assert!(applied_after > applied_before, "applied_seq moved forward: {applied_before} -> {applied_after}");
+        assert!(
+            applied_after > applied_before,
+            "applied_seq moved forward: {applied_before} -> {applied_after}"
+        );
         // A restarted agent's counter starts from zero; the others keep counting.
-        let sent = if victim == "agent-web01" { u64_of(&after, "raw_bytes_sent") } else { u64_of(&after, "raw_bytes_sent") - sent_before };
+        let sent = if victim == "agent-web01" {
+            u64_of(&after, "raw_bytes_sent")
+        } else {
+            u64_of(&after, "raw_bytes_sent") - sent_before
+        };
         eprintln!("{victim}: {sent} raw bytes sent since the kill (disks total {total})");
-        assert!(sent < total / 3, "{victim} restart caused a full resync: {sent} bytes sent of {total}");
+        assert!(
+            sent < total / 3,
+            "{victim} restart caused a full resync: {sent} bytes sent of {total}"
+        );
         s.c.assert_running();
     }
     s.c.assert_no_unexpected_errors(&[]);
@@ -161,16 +197,31 @@ fn a_full_cache_slows_the_agent_and_loses_nothing() {
     }
     f.sync_all().unwrap();
     // Capture runs until the cache is full and the agent holds the rest.
-    let m = wait_until("back-pressure reaches the agent", Duration::from_secs(60), || {
-        let m = c.machine("web01")?;
-        (u64_of(&m, "retained_bytes") > 0 && u64_of(&m, "captured_seq") > u64_of(&m, "cached_seq")).then_some(m)
-    });
+    let m = wait_until(
+        "back-pressure reaches the agent",
+        Duration::from_secs(60),
+        || {
+            let m = c.machine("web01")?;
+            (u64_of(&m, "retained_bytes") > 0
+                && u64_of(&m, "captured_seq") > u64_of(&m, "cached_seq"))
+            .then_some(m)
+        },
+    );
     std::thread::sleep(Duration::from_secs(2)); // give an unbounded cache the chance to overrun
     let m2 = c.machine("web01").unwrap();
     let cache = u64_of(&m2, "cache_bytes");
-    eprintln!("cache {cache} bytes, agent retains {} bytes", u64_of(&m2, "retained_bytes"));
-    assert!(cache <= LIMIT + (6 << 20), "the cache stays near its 8 MiB limit, holds {cache}");
-    assert!(u64_of(&m2, "cached_seq") < u64_of(&m2, "captured_seq"), "the agent holds what the cache cannot: {m}");
+    eprintln!(
+        "cache {cache} bytes, agent retains {} bytes",
+        u64_of(&m2, "retained_bytes")
+    );
+    assert!(
+        cache <= LIMIT + (6 << 20),
+        "the cache stays near its 8 MiB limit, holds {cache}"
+    );
+    assert!(
+        u64_of(&m2, "cached_seq") < u64_of(&m2, "captured_seq"),
+        "the agent holds what the cache cannot: {m}"
+    );
 
     phase("master target back: everything converges");
     c.restart("mt1");
@@ -189,7 +240,10 @@ fn reprotect_starts_a_new_epoch_and_converges() {
     s.c.ctl(&["unprotect", "web01"]);
     s.write_some(20);
     // Zeros where there was data: the new epoch's replica must not keep stale bytes.
-    let f = std::fs::OpenOptions::new().write(true).open(&s.disks[0].1).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&s.disks[0].1)
+        .unwrap();
     f.write_all_at(&vec![0u8; 1 << 20], 0).unwrap();
     f.sync_all().unwrap();
     s.c.ctl(&["protect", "web01"]);

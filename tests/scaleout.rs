@@ -48,7 +48,13 @@ impl Fleet {
             c.wait_sync(m, SYNC);
         }
         let written = Arc::new(MACHINES.iter().map(|_| AtomicU64::new(0)).collect());
-        Fleet { c, disks, stop: Arc::new(AtomicBool::new(false)), writer: None, written }
+        Fleet {
+            c,
+            disks,
+            stop: Arc::new(AtomicBool::new(false)),
+            writer: None,
+            written,
+        }
     }
 
     /// Continuous writes of 4-64 KiB to every disk, one round every `every`, until
@@ -57,7 +63,10 @@ impl Fleet {
         let (disks, stop, counters) = (self.disks.clone(), self.stop.clone(), self.written.clone());
         self.writer = Some(std::thread::spawn(move || {
             let mut rng = StdRng::seed_from_u64(77);
-            let files: Vec<_> = disks.iter().map(|d| std::fs::OpenOptions::new().write(true).open(d).unwrap()).collect();
+            let files: Vec<_> = disks
+                .iter()
+                .map(|d| std::fs::OpenOptions::new().write(true).open(d).unwrap())
+                .collect();
             let mut written = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 for (f, n) in files.iter().zip(counters.iter()) {
@@ -75,11 +84,21 @@ impl Fleet {
     }
 
     fn written(&self) -> Vec<u64> {
-        self.written.iter().map(|n| n.load(Ordering::Relaxed)).collect()
+        self.written
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .collect()
     }
 
     fn sent(&self) -> Vec<u64> {
-        MACHINES.iter().map(|m| self.c.machine(m).unwrap()["raw_bytes_sent"].as_u64().unwrap()).collect()
+        MACHINES
+            .iter()
+            .map(|m| {
+                self.c.machine(m).unwrap()["raw_bytes_sent"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect()
     }
 
     fn stop_writes(&mut self) -> u64 {
@@ -95,7 +114,10 @@ impl Fleet {
     }
 
     fn ps_of(&self, machine: &str) -> String {
-        self.c.machine(machine).unwrap()["process_server"].as_str().unwrap().to_string()
+        self.c.machine(machine).unwrap()["process_server"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     fn machines_on(&self, ps: &str) -> usize {
@@ -118,7 +140,10 @@ fn twenty_live_moves_under_writes_lose_nothing() {
     for i in 0..20 {
         let m = MACHINES[i % MACHINES.len()];
         let from = f.ps_of(m);
-        let to = ["ps1", "ps2", "ps3"].into_iter().find(|p| *p != from && (i % 2 == 0 || *p != "ps3")).unwrap();
+        let to = ["ps1", "ps2", "ps3"]
+            .into_iter()
+            .find(|p| *p != from && (i % 2 == 0 || *p != "ps3"))
+            .unwrap();
         let out = f.c.ctl(&["move", m, "--to", to]);
         let pause = out["pause_ms"].as_u64().expect("pause reported");
         let bytes = out["bytes_resent"].as_u64().expect("bytes resent reported");
@@ -133,15 +158,33 @@ fn twenty_live_moves_under_writes_lose_nothing() {
     phase("stop writes; every replica converges");
     f.converge();
     pauses.sort_unstable();
-    eprintln!("move pause p50 {} ms, p99 {} ms; {resent} bytes resent in total; {written} bytes written", percentile(&pauses, 0.5), percentile(&pauses, 0.99));
-    assert!(percentile(&pauses, 0.99) < 1000, "move pause p99 under 1 s: {pauses:?}");
+    eprintln!(
+        "move pause p50 {} ms, p99 {} ms; {resent} bytes resent in total; {written} bytes written",
+        percentile(&pauses, 0.5),
+        percentile(&pauses, 0.99)
+    );
+    assert!(
+        percentile(&pauses, 0.99) < 1000,
+        "move pause p99 under 1 s: {pauses:?}"
+    );
     for (i, m) in MACHINES.iter().enumerate() {
         let sent = f.c.machine(m).unwrap()["raw_bytes_sent"].as_u64().unwrap() - sent_before[i];
         // No full resync: what travelled is what was written (at block granularity) plus resends.
-        assert!(sent < DISK, "{m}: {sent} bytes sent after the initial sync, a disk is {DISK}");
+        assert!(
+            sent < DISK,
+            "{m}: {sent} bytes sent after the initial sync, a disk is {DISK}"
+        );
     }
     let events = f.c.ctl(&["events"]);
-    assert_eq!(events.as_array().unwrap().iter().filter(|e| e["kind"] == "move").count(), 20);
+    assert_eq!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"] == "move")
+            .count(),
+        20
+    );
     f.c.assert_no_unexpected_errors(&[]);
 }
 
@@ -160,24 +203,51 @@ fn sigkill_of_a_process_server_fails_over_and_the_old_one_is_fenced() {
     phase("SIGKILL ps1 under load");
     let killed = Instant::now();
     f.c.kill("ps1");
-    wait_until("all machines failed over to ps2", Duration::from_secs(30), || {
-        MACHINES.iter().all(|m| f.ps_of(m) == "ps2").then_some(())
-    });
+    wait_until(
+        "all machines failed over to ps2",
+        Duration::from_secs(30),
+        || MACHINES.iter().all(|m| f.ps_of(m) == "ps2").then_some(()),
+    );
     // Replication resumed: each machine's applied seq moves on the new process server.
-    let before: Vec<u64> = MACHINES.iter().map(|m| f.c.machine(m).unwrap()["applied_seq"].as_u64().unwrap()).collect();
-    wait_until("replication resumed on ps2", Duration::from_secs(30), || {
-        MACHINES.iter().zip(&before).all(|(m, b)| f.c.machine(m).unwrap()["applied_seq"].as_u64().unwrap() > *b).then_some(())
-    });
+    let before: Vec<u64> = MACHINES
+        .iter()
+        .map(|m| f.c.machine(m).unwrap()["applied_seq"].as_u64().unwrap())
+        .collect();
+    wait_until(
+        "replication resumed on ps2",
+        Duration::from_secs(30),
+        || {
+            MACHINES
+                .iter()
+                .zip(&before)
+                .all(|(m, b)| f.c.machine(m).unwrap()["applied_seq"].as_u64().unwrap() > *b)
+                .then_some(())
+        },
+    );
     let resume_secs = killed.elapsed().as_secs_f64();
     eprintln!("replication resumed {resume_secs:.1}s after the SIGKILL (failure timeout 5s)");
-    assert!(resume_secs < 10.0, "replication resumed within 10 s of the crash: {resume_secs:.1}s");
+    assert!(
+        resume_secs < 10.0,
+        "replication resumed within 10 s of the crash: {resume_secs:.1}s"
+    );
     let events = f.c.ctl(&["events"]);
-    assert_eq!(events.as_array().unwrap().iter().filter(|e| e["kind"] == "failover").count(), MACHINES.len());
+    assert_eq!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"] == "failover")
+            .count(),
+        MACHINES.len()
+    );
 
     phase("the failed process server returns: it is fenced and drops its stale cache");
     f.c.restart("ps1");
     wait_until("ps1 alive again", Duration::from_secs(30), || {
-        f.c.nodes().iter().any(|n| n["name"] == "ps1" && n["alive"] == true).then_some(())
+        f.c.nodes()
+            .iter()
+            .any(|n| n["name"] == "ps1" && n["alive"] == true)
+            .then_some(())
     });
     let written = f.stop_writes();
     f.converge();
@@ -188,12 +258,21 @@ fn sigkill_of_a_process_server_fails_over_and_the_old_one_is_fenced() {
         // What travelled is what was written (rounded to 4 KiB blocks: +30 % at most for
         // 4-64 KiB writes) plus what was in flight; a full resync would add the ~12 MB of
         // non-zero data each disk holds.
-        let (s, w) = (sent[i] - sent_before[i], written_after[i] - written_before[i]);
+        let (s, w) = (
+            sent[i] - sent_before[i],
+            written_after[i] - written_before[i],
+        );
         eprintln!("{m}: {s} bytes sent, {w} bytes written since the writes started");
-        assert!(s < w * 13 / 10 + (4 << 20), "{m}: no full resync ({s} bytes sent for {w} written)");
+        assert!(
+            s < w * 13 / 10 + (4 << 20),
+            "{m}: no full resync ({s} bytes sent for {w} written)"
+        );
     }
     wait_until("ps1 dropped every machine", Duration::from_secs(45), || {
-        f.c.nodes().iter().any(|n| n["name"] == "ps1" && n["cache_bytes"] == 0).then_some(())
+        f.c.nodes()
+            .iter()
+            .any(|n| n["name"] == "ps1" && n["cache_bytes"] == 0)
+            .then_some(())
     });
     f.c.assert_no_unexpected_errors(&[]);
 }
@@ -206,18 +285,29 @@ fn a_joining_process_server_gets_machines_and_a_drained_one_empties() {
     f.start_writes(Duration::from_millis(20));
     phase("ps2 joins: the rebalancer moves machines onto it");
     f.c.start_node("ps2", &["process"], vec![]);
-    wait_until("rebalanced 2/2", Duration::from_secs(30), || (f.machines_on("ps2") == 2 && f.machines_on("ps1") == 2).then_some(()));
+    wait_until("rebalanced 2/2", Duration::from_secs(30), || {
+        (f.machines_on("ps2") == 2 && f.machines_on("ps1") == 2).then_some(())
+    });
     phase("drain ps1: it ends with no machines");
     f.c.ctl(&["drain", "ps1"]);
-    wait_until("ps1 empty", Duration::from_secs(30), || (f.machines_on("ps1") == 0).then_some(()));
+    wait_until("ps1 empty", Duration::from_secs(30), || {
+        (f.machines_on("ps1") == 0).then_some(())
+    });
     let nodes = f.c.nodes();
     let ps1 = nodes.iter().find(|n| n["name"] == "ps1").unwrap();
-    assert_eq!((ps1["machines"].as_u64(), ps1["drained"].as_bool()), (Some(0), Some(true)));
+    assert_eq!(
+        (ps1["machines"].as_u64(), ps1["drained"].as_bool()),
+        (Some(0), Some(true))
+    );
     // A drained node stays empty: the rebalancer does not refill it.
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(f.machines_on("ps1"), 0);
     f.c.ctl(&["undrain", "ps1"]);
-    wait_until("ps1 refilled after undrain", Duration::from_secs(30), || (f.machines_on("ps1") == 2).then_some(()));
+    wait_until(
+        "ps1 refilled after undrain",
+        Duration::from_secs(30),
+        || (f.machines_on("ps1") == 2).then_some(()),
+    );
     f.stop_writes();
     f.converge();
     f.c.assert_no_unexpected_errors(&[]);

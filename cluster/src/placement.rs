@@ -29,7 +29,13 @@ mod tests {
     use super::*;
 
     fn node(name: &str, capacity: u32) -> NodeRecord {
-        NodeRecord { name: name.into(), roles: vec!["process".into()], addr: String::new(), capacity, drained: false }
+        NodeRecord {
+            name: name.into(),
+            roles: vec!["process".into()],
+            addr: String::new(),
+            capacity,
+            drained: false,
+        }
     }
 
     #[test]
@@ -37,12 +43,35 @@ mod tests {
         let (a, b, mut c) = (node("a", 10), node("b", 10), node("c", 100));
         c.drained = true;
         let cands = [
-            Candidate { node: &a, machines: 3, alive: true },
-            Candidate { node: &b, machines: 1, alive: true },
-            Candidate { node: &c, machines: 0, alive: true },
+            Candidate {
+                node: &a,
+                machines: 3,
+                alive: true,
+            },
+            Candidate {
+                node: &b,
+                machines: 1,
+                alive: true,
+            },
+            Candidate {
+                node: &c,
+                machines: 0,
+                alive: true,
+            },
         ];
         assert_eq!(pick(&cands).unwrap().name, "b");
-        let cands = [Candidate { node: &a, machines: 3, alive: true }, Candidate { node: &b, machines: 1, alive: false }];
+        let cands = [
+            Candidate {
+                node: &a,
+                machines: 3,
+                alive: true,
+            },
+            Candidate {
+                node: &b,
+                machines: 1,
+                alive: false,
+            },
+        ];
         assert_eq!(pick(&cands).unwrap().name, "a");
         assert!(pick(&[]).is_none());
     }
@@ -50,7 +79,18 @@ mod tests {
     #[test]
     fn ties_break_by_name() {
         let (a, b) = (node("a", 5), node("b", 5));
-        let cands = [Candidate { node: &b, machines: 0, alive: true }, Candidate { node: &a, machines: 0, alive: true }];
+        let cands = [
+            Candidate {
+                node: &b,
+                machines: 0,
+                alive: true,
+            },
+            Candidate {
+                node: &a,
+                machines: 0,
+                alive: true,
+            },
+        ];
         assert_eq!(pick(&cands).unwrap().name, "a");
     }
 }

@@ -4,11 +4,15 @@ use serde::{Deserialize, Serialize};
 
 /// Fencing number of an assignment: bumped on every change of a machine's placement. A
 /// message stamped with an older generation is refused.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Generation(pub u64);
 
 /// A replication stream's epoch: bumped on (re)protect, which starts a full resync.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Epoch(pub u32);
 
 pub const ROLE_CONFIGURATION: &str = "configuration";

@@ -27,7 +27,14 @@ pub enum StoreError {
 macro_rules! db_err {
     ($($t:ty),*) => {$(impl From<$t> for StoreError { fn from(e: $t) -> Self { StoreError::Db(e.to_string()) } })*};
 }
-db_err!(redb::Error, redb::DatabaseError, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+db_err!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
 
 pub struct Store {
     db: Database,
@@ -58,7 +65,12 @@ impl Store {
         Ok(store)
     }
 
-    fn put<T: Serialize>(&self, table: TableDefinition<&str, &[u8]>, key: &str, value: &T) -> Result<(), StoreError> {
+    fn put<T: Serialize>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+        value: &T,
+    ) -> Result<(), StoreError> {
         let bytes = codec::encode(value).map_err(|e| StoreError::Db(e.to_string()))?;
         let tx = self.db.begin_write()?;
         tx.open_table(table)?.insert(key, bytes.as_slice())?;
@@ -66,7 +78,10 @@ impl Store {
         Ok(())
     }
 
-    fn all<T: DeserializeOwned>(&self, table: TableDefinition<&str, &[u8]>) -> Result<Vec<T>, StoreError> {
+    fn all<T: DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+    ) -> Result<Vec<T>, StoreError> {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(table)?;
         let mut out = Vec::new();
@@ -83,10 +98,15 @@ impl Store {
     pub fn meta(&self) -> Result<Option<ClusterMeta>, StoreError> {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(META)?;
-        let Some(v) = t.get("cluster")? else { return Ok(None) };
+        let Some(v) = t.get("cluster")? else {
+            return Ok(None);
+        };
         codec::decode(v.value())
             .map(Some)
-            .map_err(|e| StoreError::Corrupt { key: "cluster".into(), reason: e.to_string() })
+            .map_err(|e| StoreError::Corrupt {
+                key: "cluster".into(),
+                reason: e.to_string(),
+            })
     }
 
     pub fn put_meta(&self, meta: &ClusterMeta) -> Result<(), StoreError> {
@@ -122,7 +142,10 @@ mod tests {
         let m = MachineRecord {
             name: "web01".into(),
             hostname: "web01.example".into(),
-            disks: vec![DiskInfo { name: "root".into(), size_bytes: 1 << 30 }],
+            disks: vec![DiskInfo {
+                name: "root".into(),
+                size_bytes: 1 << 30,
+            }],
             protected: true,
             epoch: Epoch(2),
             generation: Generation(7),
@@ -133,7 +156,14 @@ mod tests {
         {
             let s = Store::open(&path).unwrap();
             s.put_machine(&m).unwrap();
-            s.put_node(&NodeRecord { name: "ps1".into(), roles: vec!["process".into()], addr: "127.0.0.1:1".into(), capacity: 10, drained: false }).unwrap();
+            s.put_node(&NodeRecord {
+                name: "ps1".into(),
+                roles: vec!["process".into()],
+                addr: "127.0.0.1:1".into(),
+                capacity: 10,
+                drained: false,
+            })
+            .unwrap();
         }
         let s = Store::open(&path).unwrap();
         assert_eq!(s.machines().unwrap(), vec![m]);

@@ -40,7 +40,11 @@ pub async fn connect(
 }
 
 /// Sends `req` and returns the response; a `Refused` response becomes `CallError::Refused`.
-pub async fn call(conn: &Connection, req: &Request, timeout: Duration) -> Result<Response, CallError> {
+pub async fn call(
+    conn: &Connection,
+    req: &Request,
+    timeout: Duration,
+) -> Result<Response, CallError> {
     let fut = async {
         let (mut send, mut recv) = conn.open_bi().await?;
         frame::send_msg(&mut send, req).await?;

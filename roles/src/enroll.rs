@@ -41,14 +41,24 @@ impl Identity {
 
     pub fn load(data_dir: &Path) -> Result<Option<Self>, String> {
         let dir = Self::dir(data_dir);
-        let read = |name: &str| read_optional(&dir.join(name)).map_err(|e| format!("read {}: {e}", dir.join(name).display()));
-        let (Some(cert), Some(key), Some(ca), Some(cluster), Some(addr)) =
-            (read("cert.der")?, read("key.der")?, read("ca.der")?, read("cluster")?, read("config-addr")?)
-        else {
+        let read = |name: &str| {
+            read_optional(&dir.join(name))
+                .map_err(|e| format!("read {}: {e}", dir.join(name).display()))
+        };
+        let (Some(cert), Some(key), Some(ca), Some(cluster), Some(addr)) = (
+            read("cert.der")?,
+            read("key.der")?,
+            read("ca.der")?,
+            read("cluster")?,
+            read("config-addr")?,
+        ) else {
             return Ok(None);
         };
         Ok(Some(Self {
-            creds: Credentials { chain: vec![cert, ca.clone()], key_pkcs8: key },
+            creds: Credentials {
+                chain: vec![cert, ca.clone()],
+                key_pkcs8: key,
+            },
             ca,
             cluster_id: String::from_utf8_lossy(&cluster).trim().to_string(),
             config_addr: String::from_utf8_lossy(&addr).trim().to_string(),
@@ -57,7 +67,10 @@ impl Identity {
 
     pub fn save(&self, data_dir: &Path) -> Result<(), String> {
         let dir = Self::dir(data_dir);
-        let w = |name: &str, bytes: &[u8]| write_atomic(&dir.join(name), bytes).map_err(|e| format!("write {}: {e}", dir.join(name).display()));
+        let w = |name: &str, bytes: &[u8]| {
+            write_atomic(&dir.join(name), bytes)
+                .map_err(|e| format!("write {}: {e}", dir.join(name).display()))
+        };
         w("key.der", &self.creds.key_pkcs8)?;
         crate::configuration::restrict(&dir.join("key.der"));
         w("cert.der", &self.creds.chain[0])?;
@@ -84,10 +97,16 @@ pub fn resolve(addr: &str) -> Result<SocketAddr, String> {
 }
 
 pub fn read_token(path: &Path, want: TokenKind) -> Result<Token, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read token file {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read token file {}: {e}", path.display()))?;
     let token = Token::parse(&text).map_err(|e| format!("token file {}: {e}", path.display()))?;
     if token.kind != want {
-        return Err(format!("token file {} holds a {:?} token; this needs a {:?} token", path.display(), token.kind, want));
+        return Err(format!(
+            "token file {} holds a {:?} token; this needs a {:?} token",
+            path.display(),
+            token.kind,
+            want
+        ));
     }
     Ok(token)
 }
@@ -97,8 +116,13 @@ pub async fn join(addr: &str, token: &Token, kind: JoinKind) -> Result<Identity,
     let sock = resolve(addr)?;
     let ep = endpoint::client_endpoint().map_err(|e| e.to_string())?;
     let cfg = endpoint::pinned_client_config(&token.ca_fingerprint).map_err(|e| e.to_string())?;
-    let conn = client::connect(&ep, cfg, sock, "joiner").await.map_err(|e| format!("cannot reach the configuration node at {addr}: {e}"))?;
-    let req = Request::Join(JoinRequest { secret: token.secret.clone(), kind });
+    let conn = client::connect(&ep, cfg, sock, "joiner")
+        .await
+        .map_err(|e| format!("cannot reach the configuration node at {addr}: {e}"))?;
+    let req = Request::Join(JoinRequest {
+        secret: token.secret.clone(),
+        kind,
+    });
     let resp = client::call(&conn, &req, Duration::from_secs(30)).await;
     conn.close(0u32.into(), b"done");
     ep.wait_idle().await;
@@ -109,7 +133,10 @@ pub async fn join(addr: &str, token: &Token, kind: JoinKind) -> Result<Identity,
                 return Err("join reply carried no certificate".into());
             }
             Ok(Identity {
-                creds: Credentials { chain, key_pkcs8: r.key_pkcs8.into_vec() },
+                creds: Credentials {
+                    chain,
+                    key_pkcs8: r.key_pkcs8.into_vec(),
+                },
                 ca: r.ca.into_vec(),
                 cluster_id: r.cluster_id,
                 config_addr: addr.to_string(),

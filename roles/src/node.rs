@@ -76,7 +76,11 @@ pub struct NodeContext {
 
 impl NodeContext {
     pub fn assignment(&self, machine: &str) -> Option<Assignment> {
-        self.assignments.borrow().iter().find(|a| a.machine == machine).cloned()
+        self.assignments
+            .borrow()
+            .iter()
+            .find(|a| a.machine == machine)
+            .cloned()
     }
 }
 
@@ -92,20 +96,47 @@ fn advertise_addr(opts: &NodeOptions, bound: SocketAddr) -> String {
 
 /// Loads, bootstraps or joins, so the node has credentials. Returns them and, on a
 /// configuration node, the CA.
-async fn ensure_identity(opts: &NodeOptions, addr: &str) -> Result<(Identity, Option<Arc<haven_transport::identity::CertificateAuthority>>), String> {
+async fn ensure_identity(
+    opts: &NodeOptions,
+    addr: &str,
+) -> Result<
+    (
+        Identity,
+        Option<Arc<haven_transport::identity::CertificateAuthority>>,
+    ),
+    String,
+> {
     let is_config = opts.roles.iter().any(|r| r == ROLE_CONFIGURATION);
-    let me = PeerIdentity::Node { name: opts.name.clone(), roles: opts.roles.clone() };
+    let me = PeerIdentity::Node {
+        name: opts.name.clone(),
+        roles: opts.roles.clone(),
+    };
     if is_config {
         if opts.join.is_some() {
             return Err("a configuration node bootstraps its own cluster; drop --join".into());
         }
-        let record = NodeRecord { name: opts.name.clone(), roles: opts.roles.clone(), addr: addr.to_string(), capacity: opts.capacity, drained: false };
+        let record = NodeRecord {
+            name: opts.name.clone(),
+            roles: opts.roles.clone(),
+            addr: addr.to_string(),
+            capacity: opts.capacity,
+            drained: false,
+        };
         let (ca, meta) = configuration::bootstrap(&opts.data_dir, &record)?;
         let fp = ca.fingerprint();
-        for (kind, secret, file) in [(TokenKind::Join, &meta.join_secret, "join-token"), (TokenKind::Admin, &meta.admin_secret, "admin-token")] {
-            let token = Token { kind, cluster_id: meta.cluster_id.clone(), ca_fingerprint: fp.clone(), secret: secret.clone() };
+        for (kind, secret, file) in [
+            (TokenKind::Join, &meta.join_secret, "join-token"),
+            (TokenKind::Admin, &meta.admin_secret, "admin-token"),
+        ] {
+            let token = Token {
+                kind,
+                cluster_id: meta.cluster_id.clone(),
+                ca_fingerprint: fp.clone(),
+                secret: secret.clone(),
+            };
             let path = opts.data_dir.join(file);
-            write_atomic(&path, format!("{}\n", token.encode()).as_bytes()).map_err(|e| format!("write {}: {e}", path.display()))?;
+            write_atomic(&path, format!("{}\n", token.encode()).as_bytes())
+                .map_err(|e| format!("write {}: {e}", path.display()))?;
             configuration::restrict(&path);
         }
         tracing::info!(
@@ -116,7 +147,12 @@ async fn ensure_identity(opts: &NodeOptions, addr: &str) -> Result<(Identity, Op
         );
         // A configuration node's certificate is re-issued on every start (roles may change).
         let creds = ca.issue(&me).map_err(|e| e.to_string())?;
-        let identity = Identity { creds, ca: ca.cert_der.clone(), cluster_id: meta.cluster_id, config_addr: addr.to_string() };
+        let identity = Identity {
+            creds,
+            ca: ca.cert_der.clone(),
+            cluster_id: meta.cluster_id,
+            config_addr: addr.to_string(),
+        };
         identity.save(&opts.data_dir)?;
         return Ok((identity, Some(ca)));
     }
@@ -127,7 +163,12 @@ async fn ensure_identity(opts: &NodeOptions, addr: &str) -> Result<(Identity, Op
         return Err("this node has no configuration role and no identity yet: pass --join ADDR --token-file FILE".into());
     };
     let token = enroll::read_token(token_file, TokenKind::Join)?;
-    let kind = JoinKind::Node { name: opts.name.clone(), roles: opts.roles.clone(), addr: addr.to_string(), capacity: opts.capacity };
+    let kind = JoinKind::Node {
+        name: opts.name.clone(),
+        roles: opts.roles.clone(),
+        addr: addr.to_string(),
+        capacity: opts.capacity,
+    };
     let identity = enroll::join(join_addr, &token, kind).await?;
     identity.save(&opts.data_dir)?;
     tracing::info!(cluster = %identity.cluster_id, "joined the cluster at {join_addr}");
@@ -137,14 +178,17 @@ async fn ensure_identity(opts: &NodeOptions, addr: &str) -> Result<(Identity, Op
 /// Runs a node until SIGINT/SIGTERM. Must be called inside an actix `System` whose tokio
 /// runtime is multi-threaded (see `haven_actors` docs).
 pub async fn run(opts: NodeOptions) -> Result<(), String> {
-    std::fs::create_dir_all(&opts.data_dir).map_err(|e| format!("create {}: {e}", opts.data_dir.display()))?;
+    std::fs::create_dir_all(&opts.data_dir)
+        .map_err(|e| format!("create {}: {e}", opts.data_dir.display()))?;
     // Bind first: the advertised address must be known before joining.
-    let probe = std::net::UdpSocket::bind(opts.listen).map_err(|e| format!("cannot bind {}: {e}", opts.listen))?;
+    let probe = std::net::UdpSocket::bind(opts.listen)
+        .map_err(|e| format!("cannot bind {}: {e}", opts.listen))?;
     let bound = probe.local_addr().map_err(|e| e.to_string())?;
     drop(probe);
     let addr = advertise_addr(&opts, bound);
     let (identity, ca) = ensure_identity(&opts, &addr).await?;
-    let server_cfg = endpoint::server_config(&identity.creds, &identity.ca).map_err(|e| e.to_string())?;
+    let server_cfg =
+        endpoint::server_config(&identity.creds, &identity.ca).map_err(|e| e.to_string())?;
     let ep = endpoint::server_endpoint(bound, server_cfg).map_err(|e| e.to_string())?;
     let client_cfg = identity.client_config()?;
     let has = |r: &str| opts.roles.iter().any(|x| x == r);
@@ -157,7 +201,8 @@ pub async fn run(opts: NodeOptions) -> Result<(), String> {
         endpoint: ep.clone(),
         client_cfg,
         config: has(ROLE_CONFIGURATION).then(ConfigSlot::default),
-        process: has(ROLE_PROCESS).then(|| Arc::new(ProcessState::new(&opts.data_dir, opts.cache_limit_bytes))),
+        process: has(ROLE_PROCESS)
+            .then(|| Arc::new(ProcessState::new(&opts.data_dir, opts.cache_limit_bytes))),
         master: has(ROLE_MASTER_TARGET).then(|| Arc::new(MasterState::new(&opts.data_dir))),
         assignments,
         config_events: Arc::new(tokio::sync::Notify::new()),
@@ -170,17 +215,25 @@ pub async fn run(opts: NodeOptions) -> Result<(), String> {
         let dir = opts.data_dir.clone();
         let events = ctx.config_events.clone();
         let (failure_timeout, policy) = (opts.failure_timeout, opts.rebalance.clone());
-        children.push(ChildSpec::new(ROLE_CONFIGURATION, move |mut guard| match ConfigActor::load(&dir, ca.clone(), failure_timeout, policy.clone()) {
-            Ok(parts) => {
-                let addr = actix::Actor::start(parts.into_actor(guard, events.clone()));
-                slot.set(Some(addr.clone()));
-                ChildHandle::actor(addr)
-            }
-            Err(e) => {
-                guard.fail(e);
-                ChildHandle::none()
-            }
-        }));
+        children.push(ChildSpec::new(
+            ROLE_CONFIGURATION,
+            move |mut guard| match ConfigActor::load(
+                &dir,
+                ca.clone(),
+                failure_timeout,
+                policy.clone(),
+            ) {
+                Ok(parts) => {
+                    let addr = actix::Actor::start(parts.into_actor(guard, events.clone()));
+                    slot.set(Some(addr.clone()));
+                    ChildHandle::actor(addr)
+                }
+                Err(e) => {
+                    guard.fail(e);
+                    ChildHandle::none()
+                }
+            },
+        ));
     }
     let c = ctx.clone();
     children.push(ChildSpec::task("acceptor", move |_| accept_loop(c.clone())));
@@ -190,11 +243,16 @@ pub async fn run(opts: NodeOptions) -> Result<(), String> {
     if let Some(ps) = ctx.process.clone() {
         let sup_cfg = SupervisorConfig::new("process");
         let c = ctx.clone();
-        let manager = ChildSpec::task("manager", move |tc| process_manager(c.clone(), ps.clone(), tc.supervisor));
+        let manager = ChildSpec::task("manager", move |tc| {
+            process_manager(c.clone(), ps.clone(), tc.supervisor)
+        });
         children.push(Supervisor::child_spec(sup_cfg, vec![manager]));
     }
     for spec in children {
-        root.send(AddChild(spec)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+        root.send(AddChild(spec))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
     }
     wait_for_signal().await;
     tracing::info!("shutting down");
@@ -264,7 +322,10 @@ async fn serve_connection(ctx: Arc<NodeContext>, conn: Connection, who: Option<P
     while let Ok((send, recv)) = conn.accept_bi().await {
         let (ctx, who) = (ctx.clone(), who.clone());
         tokio::spawn(async move {
-            let peer = who.as_ref().map(|w| w.common_name()).unwrap_or_else(|| "anonymous".into());
+            let peer = who
+                .as_ref()
+                .map(|w| w.common_name())
+                .unwrap_or_else(|| "anonymous".into());
             if let Err(e) = serve_stream(ctx, who, send, recv).await {
                 tracing::warn!(%peer, "stream ended: {e}");
             }
@@ -272,14 +333,29 @@ async fn serve_connection(ctx: Arc<NodeContext>, conn: Connection, who: Option<P
     }
 }
 
-async fn serve_stream(ctx: Arc<NodeContext>, who: Option<PeerIdentity>, mut send: SendStream, mut recv: RecvStream) -> Result<(), String> {
-    let req: Request = frame::expect_msg(&mut recv, MAX_CONTROL_FRAME).await.map_err(|e| format!("bad request: {e}"))?;
+async fn serve_stream(
+    ctx: Arc<NodeContext>,
+    who: Option<PeerIdentity>,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) -> Result<(), String> {
+    let req: Request = frame::expect_msg(&mut recv, MAX_CONTROL_FRAME)
+        .await
+        .map_err(|e| format!("bad request: {e}"))?;
     let resp = match req {
-        Request::OpenStream(open) => return process::ingest::ingest(ctx, who, open, send, recv).await,
-        Request::OpenShip(open) => return master_target::apply_stream(ctx, who, open, send, recv).await,
+        Request::OpenStream(open) => {
+            return process::ingest::ingest(ctx, who, open, send, recv).await
+        }
+        Request::OpenShip(open) => {
+            return master_target::apply_stream(ctx, who, open, send, recv).await
+        }
         request => match ctx.config.as_ref().map(|s| s.get()) {
-            None => Response::Refused { reason: format!("node {} has no configuration role", ctx.name) },
-            Some(None) => Response::Refused { reason: "the configuration service is restarting; retry".into() },
+            None => Response::Refused {
+                reason: format!("node {} has no configuration role", ctx.name),
+            },
+            Some(None) => Response::Refused {
+                reason: "the configuration service is restarting; retry".into(),
+            },
             Some(Some(addr)) => ask_or_hold(&ctx, &addr, who, request).await,
         },
     };
@@ -293,7 +369,12 @@ async fn serve_stream(ctx: Arc<NodeContext>, who: Option<PeerIdentity>, mut send
 
 /// Answers a request; an agent's long poll with nothing to say is held until a
 /// configuration event or its `wait_ms`, then answered afresh.
-async fn ask_or_hold(ctx: &NodeContext, addr: &Addr<ConfigActor>, who: Option<PeerIdentity>, request: Request) -> Response {
+async fn ask_or_hold(
+    ctx: &NodeContext,
+    addr: &Addr<ConfigActor>,
+    who: Option<PeerIdentity>,
+    request: Request,
+) -> Response {
     const HOLD_MAX: Duration = Duration::from_secs(5);
     let wait = match &request {
         Request::AgentPoll(r) => Duration::from_millis(r.wait_ms as u64).min(HOLD_MAX),
@@ -323,7 +404,9 @@ async fn ask_or_hold(ctx: &NodeContext, addr: &Addr<ConfigActor>, who: Option<Pe
 async fn ask(addr: &Addr<ConfigActor>, who: Option<PeerIdentity>, request: Request) -> Response {
     match addr.send(HandleRequest { who, request }).await {
         Ok(r) => r,
-        Err(e) => Response::Refused { reason: format!("configuration service unavailable: {e}") },
+        Err(e) => Response::Refused {
+            reason: format!("configuration service unavailable: {e}"),
+        },
     }
 }
 
@@ -351,22 +434,32 @@ async fn poll_loop(ctx: Arc<NodeContext>) -> Result<(), String> {
         }
         let result = async {
             if conn.is_none() {
-                conn = Some(client::connect(&ctx.endpoint, ctx.client_cfg.clone(), addr, &ctx.name).await.map_err(|e| e.to_string())?);
+                conn = Some(
+                    client::connect(&ctx.endpoint, ctx.client_cfg.clone(), addr, &ctx.name)
+                        .await
+                        .map_err(|e| e.to_string())?,
+                );
             }
             let c = conn.as_ref().expect("set above");
             let timeout = Duration::from_secs(5) + Duration::from_millis(LONG_POLL_MS as u64);
-            client::call(c, &Request::NodePoll(report), timeout).await.map_err(|e| e.to_string())
+            client::call(c, &Request::NodePoll(report), timeout)
+                .await
+                .map_err(|e| e.to_string())
         }
         .await;
         match result {
-            Ok(Response::NodePoll(NodePollReply { assignments, version: v })) => {
+            Ok(Response::NodePoll(NodePollReply {
+                assignments,
+                version: v,
+            })) => {
                 version = v;
                 if !reachable {
                     tracing::info!("configuration node reachable again");
                     reachable = true;
                 }
                 if *ctx.assignments.borrow() != assignments {
-                    let bytes = haven_transport::codec::encode(&assignments).map_err(|e| e.to_string())?;
+                    let bytes =
+                        haven_transport::codec::encode(&assignments).map_err(|e| e.to_string())?;
                     let path = assignments_path(&ctx.data_dir);
                     if let Err(e) = write_atomic(&path, &bytes) {
                         tracing::error!("cannot persist assignments to {}: {e}", path.display());
@@ -392,16 +485,27 @@ async fn poll_loop(ctx: Arc<NodeContext>) -> Result<(), String> {
 }
 
 /// Keeps one `ship/<machine>` child per machine assigned to this process server.
-async fn process_manager(ctx: Arc<NodeContext>, ps: Arc<ProcessState>, sup: Option<Addr<Supervisor>>) -> Result<(), String> {
+async fn process_manager(
+    ctx: Arc<NodeContext>,
+    ps: Arc<ProcessState>,
+    sup: Option<Addr<Supervisor>>,
+) -> Result<(), String> {
     let sup = sup.ok_or("the process manager must run under a supervisor")?;
     let mut rx = ctx.assignments.subscribe();
     let mut running: std::collections::HashMap<String, haven_cluster::Epoch> = Default::default();
     loop {
-        let mine: Vec<Assignment> = rx.borrow_and_update().iter().filter(|a| a.process_server == ctx.name).cloned().collect();
+        let mine: Vec<Assignment> = rx
+            .borrow_and_update()
+            .iter()
+            .filter(|a| a.process_server == ctx.name)
+            .cloned()
+            .collect();
         for a in &mine {
             let ps2 = ps.clone();
             let a2 = a.clone();
-            let m = tokio::task::spawn_blocking(move || ps2.machine(&a2)).await.map_err(|e| e.to_string())??;
+            let m = tokio::task::spawn_blocking(move || ps2.machine(&a2))
+                .await
+                .map_err(|e| e.to_string())??;
             if running.get(&a.machine) == Some(&a.epoch) {
                 continue;
             }
@@ -411,14 +515,22 @@ async fn process_manager(ctx: Arc<NodeContext>, ps: Arc<ProcessState>, sup: Opti
             running.remove(&a.machine);
             let (c, p) = (ctx.clone(), ps.clone());
             let spec = ChildSpec::task(name, move |tc| {
-                m.ship_restarts.store(tc.restarts, std::sync::atomic::Ordering::Relaxed);
+                m.ship_restarts
+                    .store(tc.restarts, std::sync::atomic::Ordering::Relaxed);
                 process::ship::ship(c.clone(), p.clone(), m.clone())
             });
-            sup.send(AddChild(spec)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+            sup.send(AddChild(spec))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
             running.insert(a.machine.clone(), a.epoch);
         }
         // A machine moved away drains: its ship child ships what is cached, then drops it.
-        let gone: Vec<String> = running.keys().filter(|k| !mine.iter().any(|a| &a.machine == *k)).cloned().collect();
+        let gone: Vec<String> = running
+            .keys()
+            .filter(|k| !mine.iter().any(|a| &a.machine == *k))
+            .cloned()
+            .collect();
         for machine in gone {
             running.remove(&machine);
             match ps.machines.get(&machine).map(|m| m.clone()) {
@@ -432,6 +544,8 @@ async fn process_manager(ctx: Arc<NodeContext>, ps: Arc<ProcessState>, sup: Opti
                 }
             }
         }
-        rx.changed().await.map_err(|_| "assignments closed".to_string())?;
+        rx.changed()
+            .await
+            .map_err(|_| "assignments closed".to_string())?;
     }
 }

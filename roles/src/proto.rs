@@ -19,7 +19,10 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Request {
     Join(JoinRequest),
-    Admin { secret: String, command: AdminCommand },
+    Admin {
+        secret: String,
+        command: AdminCommand,
+    },
     AgentPoll(AgentReport),
     NodePoll(NodeReport),
     OpenStream(StreamOpen),
@@ -32,10 +35,17 @@ pub enum Response {
     Admin(AdminReply),
     AgentPoll(AgentPollReply),
     NodePoll(NodePollReply),
-    StreamAccepted { cached_seq: u64, applied_seq: u64 },
-    ShipAccepted { applied_seq: u64 },
+    StreamAccepted {
+        cached_seq: u64,
+        applied_seq: u64,
+    },
+    ShipAccepted {
+        applied_seq: u64,
+    },
     /// The request was refused; nothing was changed. `reason` is for the operator.
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -46,8 +56,17 @@ pub struct JoinRequest {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum JoinKind {
-    Node { name: String, roles: Vec<String>, addr: String, capacity: u32 },
-    Agent { machine: String, hostname: String, disks: Vec<DiskInfo> },
+    Node {
+        name: String,
+        roles: Vec<String>,
+        addr: String,
+        capacity: u32,
+    },
+    Agent {
+        machine: String,
+        hostname: String,
+        disks: Vec<DiskInfo>,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -183,7 +202,11 @@ pub struct StreamOpen {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum AgentFrame {
     /// `body` is an encoded [`BatchBody`]; the process server seals it without looking inside.
-    Batch { first_seq: u64, last_seq: u64, body: serde_bytes::ByteBuf },
+    Batch {
+        first_seq: u64,
+        last_seq: u64,
+        body: serde_bytes::ByteBuf,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -202,7 +225,11 @@ pub struct ShipOpen {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum ShipFrame {
-    Sealed { first_seq: u64, last_seq: u64, sealed: haven_transport::seal::Sealed },
+    Sealed {
+        first_seq: u64,
+        last_seq: u64,
+        sealed: haven_transport::seal::Sealed,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -229,18 +256,34 @@ pub enum AdminCommand {
     Status,
     Nodes,
     Machines,
-    Protect { machine: String },
-    Unprotect { machine: String },
+    Protect {
+        machine: String,
+    },
+    Unprotect {
+        machine: String,
+    },
     /// Ask the agent for a barrier; answered with `SyncRequested{id}`.
-    RequestSync { machine: String },
+    RequestSync {
+        machine: String,
+    },
     /// Poll a barrier: answered with `SyncState`.
-    SyncState { machine: String, id: u64 },
+    SyncState {
+        machine: String,
+        id: u64,
+    },
     /// Live move to another process server: answered with `Moved`.
-    Move { machine: String, to: String },
+    Move {
+        machine: String,
+        to: String,
+    },
     /// One rebalancing pass now: answered with `Rebalanced`.
     Rebalance,
-    Drain { node: String },
-    Undrain { node: String },
+    Drain {
+        node: String,
+    },
+    Undrain {
+        node: String,
+    },
     Events,
 }
 
@@ -249,10 +292,25 @@ pub enum AdminReply {
     Status(crate::view::ClusterStatus),
     Nodes(Vec<crate::view::NodeView>),
     Machines(Vec<crate::view::MachineView>),
-    Done { message: String },
-    SyncRequested { id: u64 },
-    SyncState { barrier_seq: Option<u64>, applied_seq: u64, done: bool },
-    Moved { machine: String, from: String, to: String, generation: u64 },
-    Rebalanced { moves: Vec<crate::view::EventView> },
+    Done {
+        message: String,
+    },
+    SyncRequested {
+        id: u64,
+    },
+    SyncState {
+        barrier_seq: Option<u64>,
+        applied_seq: u64,
+        done: bool,
+    },
+    Moved {
+        machine: String,
+        from: String,
+        to: String,
+        generation: u64,
+    },
+    Rebalanced {
+        moves: Vec<crate::view::EventView>,
+    },
     Events(Vec<crate::view::EventView>),
 }

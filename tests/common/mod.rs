@@ -19,7 +19,11 @@ use serde_json::Value;
 pub const BIN: &str = env!("CARGO_BIN_EXE_haven");
 
 pub fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn phase(msg: &str) {
@@ -33,7 +37,10 @@ pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -75,9 +82,17 @@ impl Drop for Cluster {
 
 impl Cluster {
     pub fn new() -> Self {
-        let tmp = tempfile::Builder::new().prefix("haven-test-").tempdir().unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix("haven-test-")
+            .tempdir()
+            .unwrap();
         let dir = tmp.path().to_path_buf();
-        Self { dir, _tmp: tmp, config_addr: String::new(), procs: BTreeMap::new() }
+        Self {
+            dir,
+            _tmp: tmp,
+            config_addr: String::new(),
+            procs: BTreeMap::new(),
+        }
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -94,7 +109,11 @@ impl Cluster {
 
     fn spawn(&mut self, name: &str) {
         let p = self.procs.get_mut(name).expect("known process");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join(format!("{name}.log"))).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{name}.log")))
+            .unwrap();
         let child = Command::new(BIN)
             .args(&p.args)
             .envs(p.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -108,7 +127,14 @@ impl Cluster {
     }
 
     pub fn add(&mut self, name: &str, args: Vec<String>, env: Vec<(String, String)>) {
-        self.procs.insert(name.to_string(), Proc { args, env, child: None });
+        self.procs.insert(
+            name.to_string(),
+            Proc {
+                args,
+                env,
+                child: None,
+            },
+        );
         self.spawn(name);
     }
 
@@ -117,18 +143,37 @@ impl Cluster {
         self.start_config_with(roles, &[], env)
     }
 
-    pub fn start_config_with(&mut self, roles: &[&str], extra: &[&str], env: Vec<(String, String)>) {
+    pub fn start_config_with(
+        &mut self,
+        roles: &[&str],
+        extra: &[&str],
+        env: Vec<(String, String)>,
+    ) {
         let port = free_port();
         self.config_addr = format!("127.0.0.1:{port}");
-        let mut args = vec!["node".to_string(), "--data-dir".into(), self.path("config").display().to_string(), "--listen".into(), self.config_addr.clone(), "--name".into(), "config".into()];
+        let mut args = vec![
+            "node".to_string(),
+            "--data-dir".into(),
+            self.path("config").display().to_string(),
+            "--listen".into(),
+            self.config_addr.clone(),
+            "--name".into(),
+            "config".into(),
+        ];
         for r in roles {
             args.extend(["--role".to_string(), r.to_string()]);
         }
         args.extend(extra.iter().map(|a| a.to_string()));
         self.add("config", args, env);
         let token = self.admin_token();
-        wait_until("admin token", Duration::from_secs(30), || token.exists().then_some(()));
-        wait_until("configuration node answering", Duration::from_secs(30), || self.try_ctl(&["status"]).ok());
+        wait_until("admin token", Duration::from_secs(30), || {
+            token.exists().then_some(())
+        });
+        wait_until(
+            "configuration node answering",
+            Duration::from_secs(30),
+            || self.try_ctl(&["status"]).ok(),
+        );
     }
 
     pub fn start_node(&mut self, name: &str, roles: &[&str], env: Vec<(String, String)>) {
@@ -136,7 +181,13 @@ impl Cluster {
     }
 
     /// A node joining the cluster, with extra command-line arguments. Waits until it reports.
-    pub fn start_node_with(&mut self, name: &str, roles: &[&str], extra: &[&str], env: Vec<(String, String)>) {
+    pub fn start_node_with(
+        &mut self,
+        name: &str,
+        roles: &[&str],
+        extra: &[&str],
+        env: Vec<(String, String)>,
+    ) {
         let port = free_port();
         let mut args = vec![
             "node".to_string(),
@@ -157,14 +208,25 @@ impl Cluster {
         args.extend(extra.iter().map(|a| a.to_string()));
         self.add(name, args, env);
         let n = name.to_string();
-        wait_until(&format!("node {name} alive"), Duration::from_secs(30), || {
-            let nodes = self.try_ctl(&["nodes"]).ok()?;
-            nodes.as_array()?.iter().any(|x| x["name"] == n.as_str() && x["alive"] == true).then_some(())
-        });
+        wait_until(
+            &format!("node {name} alive"),
+            Duration::from_secs(30),
+            || {
+                let nodes = self.try_ctl(&["nodes"]).ok()?;
+                nodes
+                    .as_array()?
+                    .iter()
+                    .any(|x| x["name"] == n.as_str() && x["alive"] == true)
+                    .then_some(())
+            },
+        );
     }
 
     pub fn nodes(&self) -> Vec<Value> {
-        self.try_ctl(&["nodes"]).ok().and_then(|v| v.as_array().cloned()).unwrap_or_default()
+        self.try_ctl(&["nodes"])
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
     }
 
     pub fn start_agent(&mut self, machine: &str, disks: &[(&str, &Path)]) {
@@ -172,7 +234,12 @@ impl Cluster {
     }
 
     /// [`Cluster::start_agent`] with environment variables for the agent process.
-    pub fn start_agent_with_env(&mut self, machine: &str, disks: &[(&str, &Path)], env: Vec<(String, String)>) {
+    pub fn start_agent_with_env(
+        &mut self,
+        machine: &str,
+        disks: &[(&str, &Path)],
+        env: Vec<(String, String)>,
+    ) {
         let mut args = vec![
             "agent".to_string(),
             "--join".into(),
@@ -191,7 +258,11 @@ impl Cluster {
         }
         self.add(&format!("agent-{machine}"), args, env);
         let m = machine.to_string();
-        wait_until(&format!("machine {machine} enrolled"), Duration::from_secs(30), || self.machine(&m));
+        wait_until(
+            &format!("machine {machine} enrolled"),
+            Duration::from_secs(30),
+            || self.machine(&m),
+        );
     }
 
     pub fn kill(&mut self, name: &str) {
@@ -207,8 +278,15 @@ impl Cluster {
 
     /// The `--listen` address of node `name` (`config` for the configuration node).
     pub fn addr(&self, name: &str) -> String {
-        let args = &self.procs.get(name).unwrap_or_else(|| panic!("unknown process {name}")).args;
-        let at = args.iter().position(|a| a == "--listen").unwrap_or_else(|| panic!("{name} has no --listen (an agent?)"));
+        let args = &self
+            .procs
+            .get(name)
+            .unwrap_or_else(|| panic!("unknown process {name}"))
+            .args;
+        let at = args
+            .iter()
+            .position(|a| a == "--listen")
+            .unwrap_or_else(|| panic!("{name} has no --listen (an agent?)"));
         args[at + 1].clone()
     }
 
@@ -241,11 +319,13 @@ impl Cluster {
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).into_owned());
         }
-        serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+        serde_json::from_slice(&out.stdout)
+            .map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
     }
 
     pub fn ctl(&self, args: &[&str]) -> Value {
-        self.try_ctl(args).unwrap_or_else(|e| panic!("haven ctl {args:?} failed: {e}"))
+        self.try_ctl(args)
+            .unwrap_or_else(|e| panic!("haven ctl {args:?} failed: {e}"))
     }
 
     pub fn machine(&self, name: &str) -> Option<Value> {
@@ -256,7 +336,11 @@ impl Cluster {
     pub fn wait_sync(&self, machine: &str, timeout: Duration) {
         let t = format!("{}s", timeout.as_secs());
         let out = self.ctl_output(&["wait-sync", machine, "--timeout", &t]);
-        assert!(out.status.success(), "wait-sync {machine} failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "wait-sync {machine} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     pub fn replica(&self, mt: &str, machine: &str, disk: &str) -> PathBuf {
@@ -290,8 +374,14 @@ pub fn make_disk(path: &Path, size: u64, seed: u64) {
         let n = ((size - off) as usize).min(buf.len());
         let chunk = &mut buf[..n];
         match rng.gen_range(0..4) {
-            0 => chunk.iter_mut().enumerate().for_each(|(i, b)| *b = b"lorem ipsum dolor sit amet\n"[i % 27]),
-            1 => chunk.iter_mut().enumerate().for_each(|(i, b)| *b = if i % 16 < 4 { rng.gen() } else { (i % 7) as u8 }),
+            0 => chunk
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, b)| *b = b"lorem ipsum dolor sit amet\n"[i % 27]),
+            1 => chunk
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, b)| *b = if i % 16 < 4 { rng.gen() } else { (i % 7) as u8 }),
             2 => rng.fill(chunk),
             _ => {
                 off += n as u64;
@@ -328,8 +418,25 @@ pub fn random_writes(path: &Path, rng: &mut StdRng, count: usize) -> u64 {
 
 pub fn assert_identical(a: &Path, b: &Path) {
     let out = Command::new("cmp").arg(a).arg(b).output().expect("run cmp");
-    assert!(out.status.success(), "cmp {} {}: {}{}", a.display(), b.display(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    if let Ok(q) = Command::new("qemu-img").args(["compare", "-q", "-f", "raw", "-F", "raw"]).arg(a).arg(b).status() {
-        assert!(q.success(), "qemu-img compare {} {} reports a difference", a.display(), b.display());
+    assert!(
+        out.status.success(),
+        "cmp {} {}: {}{}",
+        a.display(),
+        b.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if let Ok(q) = Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "raw", "-F", "raw"])
+        .arg(a)
+        .arg(b)
+        .status()
+    {
+        assert!(
+            q.success(),
+            "qemu-img compare {} {} reports a difference",
+            a.display(),
+            b.display()
+        );
     }
 }

@@ -26,7 +26,10 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
 
 /// Like [`encode`], into a buffer of the given capacity: sized right, a large message is
 /// encoded without the doubling reallocations (and without holding up to twice its size).
-pub fn encode_with_capacity<T: Serialize + ?Sized>(value: &T, capacity: usize) -> Result<Vec<u8>, CodecError> {
+pub fn encode_with_capacity<T: Serialize + ?Sized>(
+    value: &T,
+    capacity: usize,
+) -> Result<Vec<u8>, CodecError> {
     let mut buf = Vec::with_capacity(capacity);
     rmp_serde::encode::write_named(&mut buf, value)?;
     Ok(buf)
@@ -74,7 +77,11 @@ mod tests {
 
     #[test]
     fn struct_golden_bytes() {
-        let v = Probe { seq: 1, name: "m".into(), data: vec![0xab] };
+        let v = Probe {
+            seq: 1,
+            name: "m".into(),
+            data: vec![0xab],
+        };
         let bytes = encode(&v).unwrap();
         // fixmap(3) "seq" 1 "name" "m" "data" bin8(1) ab
         let golden: &[u8] = &[
@@ -87,7 +94,10 @@ mod tests {
 
     #[test]
     fn enum_golden_bytes() {
-        assert_eq!(encode(&Kind::Unit).unwrap(), vec![0xa4, b'U', b'n', b'i', b't']);
+        assert_eq!(
+            encode(&Kind::Unit).unwrap(),
+            vec![0xa4, b'U', b'n', b'i', b't']
+        );
         assert_eq!(
             encode(&Kind::Tuple(7)).unwrap(),
             vec![0x81, 0xa5, b'T', b'u', b'p', b'l', b'e', 0x07]
@@ -103,10 +113,21 @@ mod tests {
 
     #[test]
     fn appended_field_is_compatible_both_ways() {
-        let old = Probe { seq: 9, name: "x".into(), data: vec![1, 2] };
+        let old = Probe {
+            seq: 9,
+            name: "x".into(),
+            data: vec![1, 2],
+        };
         let new: ProbeV2 = decode(&encode(&old).unwrap()).unwrap();
         assert_eq!(new.added_later, 0);
-        let back: Probe = decode(&encode(&ProbeV2 { added_later: 5, ..new }).unwrap()).unwrap();
+        let back: Probe = decode(
+            &encode(&ProbeV2 {
+                added_later: 5,
+                ..new
+            })
+            .unwrap(),
+        )
+        .unwrap();
         assert_eq!(back, old);
     }
 

@@ -41,7 +41,10 @@ pub enum EndpointError {
     #[error("QUIC configuration: {0}")]
     Quic(String),
     #[error("cannot bind {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("connect to {addr}: {reason}")]
     Connect { addr: SocketAddr, reason: String },
     #[error("protocol version mismatch: we speak {ours}, peer speaks {theirs}")]
@@ -82,7 +85,10 @@ fn roots(ca_der: &[u8]) -> Result<Arc<RootCertStore>, EndpointError> {
 /// Server side: presents `creds`, verifies client certificates against the CA when present.
 /// Clients without a certificate (joiners, the admin CLI) are admitted to the handshake; what
 /// they may do is decided per request by the secret they present.
-pub fn server_config(creds: &Credentials, ca_der: &[u8]) -> Result<quinn::ServerConfig, EndpointError> {
+pub fn server_config(
+    creds: &Credentials,
+    ca_der: &[u8],
+) -> Result<quinn::ServerConfig, EndpointError> {
     let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca_der)?, provider())
         .allow_unauthenticated()
         .build()
@@ -92,15 +98,17 @@ pub fn server_config(creds: &Credentials, ca_der: &[u8]) -> Result<quinn::Server
         .with_client_cert_verifier(verifier)
         .with_single_cert(creds.rustls_chain(), creds.rustls_key())?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    let crypto =
-        QuicServerConfig::try_from(tls).map_err(|e| EndpointError::Quic(e.to_string()))?;
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| EndpointError::Quic(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(transport_config());
     Ok(cfg)
 }
 
 /// Client side for a cluster member: verifies the server against the CA and presents `creds`.
-pub fn client_config(creds: &Credentials, ca_der: &[u8]) -> Result<quinn::ClientConfig, EndpointError> {
+pub fn client_config(
+    creds: &Credentials,
+    ca_der: &[u8],
+) -> Result<quinn::ClientConfig, EndpointError> {
     let tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots(ca_der)?)
@@ -111,7 +119,10 @@ pub fn client_config(creds: &Credentials, ca_der: &[u8]) -> Result<quinn::Client
 /// Client side for a joiner or the admin CLI: no client certificate; the server must chain to
 /// the CA whose SHA-256 fingerprint is `ca_fingerprint`.
 pub fn pinned_client_config(ca_fingerprint: &str) -> Result<quinn::ClientConfig, EndpointError> {
-    let verifier = Arc::new(PinnedCa { fingerprint: ca_fingerprint.to_string(), provider: provider() });
+    let verifier = Arc::new(PinnedCa {
+        fingerprint: ca_fingerprint.to_string(),
+        provider: provider(),
+    });
     let tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
@@ -122,8 +133,7 @@ pub fn pinned_client_config(ca_fingerprint: &str) -> Result<quinn::ClientConfig,
 
 fn finish_client(mut tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, EndpointError> {
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    let crypto =
-        QuicClientConfig::try_from(tls).map_err(|e| EndpointError::Quic(e.to_string()))?;
+    let crypto = QuicClientConfig::try_from(tls).map_err(|e| EndpointError::Quic(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(transport_config());
     Ok(cfg)
@@ -155,9 +165,12 @@ impl ServerCertVerifier for PinnedCa {
                 )
             })?;
         let roots = roots(ca).map_err(|e| rustls::Error::General(e.to_string()))?;
-        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, self.provider.clone())
-            .build()
-            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            roots,
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
         inner.verify_server_cert(end_entity, &[], server_name, ocsp, now)
     }
 
@@ -167,7 +180,12 @@ impl ServerCertVerifier for PinnedCa {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -176,11 +194,18 @@ impl ServerCertVerifier for PinnedCa {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -192,7 +217,10 @@ fn udp_socket(addr: SocketAddr) -> Result<std::net::UdpSocket, EndpointError> {
 
 /// A server endpoint (also usable as a client) bound to `addr`. With `HAVEN_NET_FAULTS` set,
 /// its packets go through a fault-injecting socket ([`faults`]).
-pub fn server_endpoint(addr: SocketAddr, server: quinn::ServerConfig) -> Result<Endpoint, EndpointError> {
+pub fn server_endpoint(
+    addr: SocketAddr,
+    server: quinn::ServerConfig,
+) -> Result<Endpoint, EndpointError> {
     if let Some(config) = faults_from_env()? {
         let (endpoint, _handle) = server_endpoint_with_faults(addr, server, config)?;
         warn_faults(&endpoint, &config);
@@ -218,8 +246,13 @@ pub fn client_endpoint() -> Result<Endpoint, EndpointError> {
     }
     let addr: SocketAddr = "0.0.0.0:0".parse().expect("literal address");
     let socket = udp_socket(addr)?;
-    Endpoint::new(quinn::EndpointConfig::default(), None, socket, Arc::new(quinn::TokioRuntime))
-        .map_err(|source| EndpointError::Bind { addr, source })
+    Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|source| EndpointError::Bind { addr, source })
 }
 
 /// [`server_endpoint`] with injected network faults, controlled through the handle.
@@ -229,11 +262,14 @@ pub fn server_endpoint_with_faults(
     config: FaultConfig,
 ) -> Result<(Endpoint, FaultHandle), EndpointError> {
     let socket = udp_socket(addr)?;
-    faults::endpoint(socket, Some(server), config).map_err(|source| EndpointError::Bind { addr, source })
+    faults::endpoint(socket, Some(server), config)
+        .map_err(|source| EndpointError::Bind { addr, source })
 }
 
 /// [`client_endpoint`] with injected network faults, controlled through the handle.
-pub fn client_endpoint_with_faults(config: FaultConfig) -> Result<(Endpoint, FaultHandle), EndpointError> {
+pub fn client_endpoint_with_faults(
+    config: FaultConfig,
+) -> Result<(Endpoint, FaultHandle), EndpointError> {
     let addr: SocketAddr = "0.0.0.0:0".parse().expect("literal address");
     let socket = udp_socket(addr)?;
     faults::endpoint(socket, None, config).map_err(|source| EndpointError::Bind { addr, source })
@@ -247,7 +283,10 @@ fn faults_from_env() -> Result<Option<FaultConfig>, EndpointError> {
 }
 
 fn warn_faults(endpoint: &Endpoint, config: &FaultConfig) {
-    let local = endpoint.local_addr().map(|a| a.to_string()).unwrap_or_else(|e| e.to_string());
+    let local = endpoint
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|e| e.to_string());
     tracing::warn!(
         %local,
         "{}={config}: injecting network faults on this endpoint (debug flag; replay with the same seed)",
@@ -279,24 +318,42 @@ pub async fn connect(
 ) -> Result<Connection, EndpointError> {
     let connecting = endpoint
         .connect_with(config, addr, SERVER_NAME)
-        .map_err(|e| EndpointError::Connect { addr, reason: e.to_string() })?;
-    let conn = connecting.await.map_err(|e| EndpointError::Connect { addr, reason: e.to_string() })?;
+        .map_err(|e| EndpointError::Connect {
+            addr,
+            reason: e.to_string(),
+        })?;
+    let conn = connecting.await.map_err(|e| EndpointError::Connect {
+        addr,
+        reason: e.to_string(),
+    })?;
     let (mut send, mut recv) = conn.open_bi().await?;
-    let hello = Hello { protocol: "haven".into(), version, peer: peer.into() };
+    let hello = Hello {
+        protocol: "haven".into(),
+        version,
+        peer: peer.into(),
+    };
     frame::send_msg(&mut send, &hello).await?;
     let _ = send.finish();
     match frame::expect_msg::<HelloReply>(&mut recv, MAX_CONTROL_FRAME).await? {
         HelloReply::Ok { .. } => Ok(conn),
-        HelloReply::Refused { reason, version: theirs } if theirs != version => {
+        HelloReply::Refused {
+            reason,
+            version: theirs,
+        } if theirs != version => {
             tracing::error!(%addr, ours = version, theirs, "peer refused: {reason}");
-            Err(EndpointError::VersionMismatch { ours: version, theirs })
+            Err(EndpointError::VersionMismatch {
+                ours: version,
+                theirs,
+            })
         }
         HelloReply::Refused { reason, .. } => Err(EndpointError::Refused(reason)),
     }
 }
 
 /// Server half of the hello. Returns the peer's certificate identity, if it presented one.
-pub async fn accept_hello(conn: &Connection) -> Result<(Hello, Option<PeerIdentity>), EndpointError> {
+pub async fn accept_hello(
+    conn: &Connection,
+) -> Result<(Hello, Option<PeerIdentity>), EndpointError> {
     let (mut send, mut recv) = conn.accept_bi().await?;
     let hello: Hello = frame::expect_msg(&mut recv, MAX_CONTROL_FRAME).await?;
     if hello.protocol != "haven" || hello.version != PROTOCOL_VERSION {
@@ -304,21 +361,36 @@ pub async fn accept_hello(conn: &Connection) -> Result<(Hello, Option<PeerIdenti
             "protocol version mismatch: this node speaks {} v{PROTOCOL_VERSION}, peer {:?} sent {} v{}",
             "haven", hello.peer, hello.protocol, hello.version
         );
-        let reply = HelloReply::Refused { reason: reason.clone(), version: PROTOCOL_VERSION };
+        let reply = HelloReply::Refused {
+            reason: reason.clone(),
+            version: PROTOCOL_VERSION,
+        };
         frame::send_msg(&mut send, &reply).await?;
         let _ = send.finish();
         // Give the reply a moment to leave before the connection is closed.
         let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
         conn.close(VarInt::from_u32(1), b"protocol version mismatch");
-        return Err(EndpointError::VersionMismatch { ours: PROTOCOL_VERSION, theirs: hello.version });
+        return Err(EndpointError::VersionMismatch {
+            ours: PROTOCOL_VERSION,
+            theirs: hello.version,
+        });
     }
-    frame::send_msg(&mut send, &HelloReply::Ok { version: PROTOCOL_VERSION }).await?;
+    frame::send_msg(
+        &mut send,
+        &HelloReply::Ok {
+            version: PROTOCOL_VERSION,
+        },
+    )
+    .await?;
     let _ = send.finish();
     Ok((hello, peer_identity(conn)))
 }
 
 /// The identity in the peer's (already CA-verified) certificate, if it sent one.
 pub fn peer_identity(conn: &Connection) -> Option<PeerIdentity> {
-    let certs = conn.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
     PeerIdentity::from_cert(certs.first()?).ok()
 }

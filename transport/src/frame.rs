@@ -30,8 +30,10 @@ pub enum FrameError {
 }
 
 pub async fn write_frame(send: &mut SendStream, payload: &[u8]) -> Result<(), FrameError> {
-    let len = u32::try_from(payload.len())
-        .map_err(|_| FrameError::TooLarge { len: payload.len(), max: u32::MAX as usize })?;
+    let len = u32::try_from(payload.len()).map_err(|_| FrameError::TooLarge {
+        len: payload.len(),
+        max: u32::MAX as usize,
+    })?;
     send.write_all(&len.to_be_bytes()).await?;
     send.write_all(payload).await?;
     Ok(())

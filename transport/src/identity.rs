@@ -44,12 +44,20 @@ impl PeerIdentity {
         match (parts.next(), parts.next(), parts.next()) {
             (Some("node"), Some(name), Some(roles)) if !name.is_empty() => Ok(PeerIdentity::Node {
                 name: name.to_string(),
-                roles: roles.split(',').filter(|r| !r.is_empty()).map(String::from).collect(),
+                roles: roles
+                    .split(',')
+                    .filter(|r| !r.is_empty())
+                    .map(String::from)
+                    .collect(),
             }),
             (Some("agent"), Some(machine), None) if !machine.is_empty() => {
-                Ok(PeerIdentity::Agent { machine: machine.to_string() })
+                Ok(PeerIdentity::Agent {
+                    machine: machine.to_string(),
+                })
             }
-            _ => Err(IdentityError::BadCert(format!("unrecognised identity {cn:?}"))),
+            _ => Err(IdentityError::BadCert(format!(
+                "unrecognised identity {cn:?}"
+            ))),
         }
     }
 
@@ -81,13 +89,18 @@ pub struct Credentials {
 
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Credentials").field("chain_len", &self.chain.len()).finish_non_exhaustive()
+        f.debug_struct("Credentials")
+            .field("chain_len", &self.chain.len())
+            .finish_non_exhaustive()
     }
 }
 
 impl Credentials {
     pub fn rustls_chain(&self) -> Vec<CertificateDer<'static>> {
-        self.chain.iter().map(|c| CertificateDer::from(c.clone())).collect()
+        self.chain
+            .iter()
+            .map(|c| CertificateDer::from(c.clone()))
+            .collect()
     }
     pub fn rustls_key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_pkcs8.clone()))
@@ -109,11 +122,18 @@ impl CertificateAuthority {
         dn.push(DnType::CommonName, format!("haven cluster CA {cluster_id}"));
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         params.not_before = rcgen::date_time_ymd(2024, 1, 1);
         params.not_after = rcgen::date_time_ymd(2124, 1, 1);
         let cert = params.self_signed(&key)?;
-        Ok(Self { cert_der: cert.der().to_vec(), key, cert })
+        Ok(Self {
+            cert_der: cert.der().to_vec(),
+            key,
+            cert,
+        })
     }
 
     /// Reloads a CA saved with [`CertificateAuthority::key_pkcs8`] and `cert_der`.
@@ -123,7 +143,11 @@ impl CertificateAuthority {
         // Re-signing yields an issuer object with the same subject and key; certificates it
         // signs verify against the original `cert_der`, which is what peers trust.
         let cert = params.self_signed(&key)?;
-        Ok(Self { cert_der: cert_der.to_vec(), key, cert })
+        Ok(Self {
+            cert_der: cert_der.to_vec(),
+            key,
+            cert,
+        })
     }
 
     pub fn key_pkcs8(&self) -> Vec<u8> {
@@ -196,26 +220,39 @@ impl Token {
             TokenKind::Join => "join",
             TokenKind::Admin => "admin",
         };
-        format!("haven-{kind}.{}.{}.{}", self.cluster_id, self.ca_fingerprint, self.secret)
+        format!(
+            "haven-{kind}.{}.{}.{}",
+            self.cluster_id, self.ca_fingerprint, self.secret
+        )
     }
 
     pub fn parse(text: &str) -> Result<Self, IdentityError> {
         let text = text.trim();
         let parts: Vec<&str> = text.split('.').collect();
         let [kind, cluster_id, fp, secret] = parts[..] else {
-            return Err(IdentityError::BadToken("expected 4 dot-separated parts".into()));
+            return Err(IdentityError::BadToken(
+                "expected 4 dot-separated parts".into(),
+            ));
         };
         let kind = match kind {
             "haven-join" => TokenKind::Join,
             "haven-admin" => TokenKind::Admin,
-            other => return Err(IdentityError::BadToken(format!("unknown token kind {other:?}"))),
+            other => {
+                return Err(IdentityError::BadToken(format!(
+                    "unknown token kind {other:?}"
+                )))
+            }
         };
         let hexy = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
         if !hexy(fp, 64) {
-            return Err(IdentityError::BadToken("CA fingerprint must be 64 hex digits".into()));
+            return Err(IdentityError::BadToken(
+                "CA fingerprint must be 64 hex digits".into(),
+            ));
         }
         if !hexy(secret, 48) || cluster_id.is_empty() {
-            return Err(IdentityError::BadToken("secret must be 48 hex digits".into()));
+            return Err(IdentityError::BadToken(
+                "secret must be 48 hex digits".into(),
+            ));
         }
         Ok(Self {
             kind,
@@ -239,11 +276,19 @@ mod tests {
     #[test]
     fn identity_round_trips_through_certificate() {
         let ca = CertificateAuthority::generate("c1").unwrap();
-        let id = PeerIdentity::Node { name: "ps1".into(), roles: vec!["process".into()] };
+        let id = PeerIdentity::Node {
+            name: "ps1".into(),
+            roles: vec!["process".into()],
+        };
         let creds = ca.issue(&id).unwrap();
         assert_eq!(PeerIdentity::from_cert(&creds.chain[0]).unwrap(), id);
-        let agent = PeerIdentity::Agent { machine: "web01".into() };
-        assert_eq!(PeerIdentity::from_cert(&ca.issue(&agent).unwrap().chain[0]).unwrap(), agent);
+        let agent = PeerIdentity::Agent {
+            machine: "web01".into(),
+        };
+        assert_eq!(
+            PeerIdentity::from_cert(&ca.issue(&agent).unwrap().chain[0]).unwrap(),
+            agent
+        );
     }
 
     #[test]
@@ -251,10 +296,15 @@ mod tests {
         let ca = CertificateAuthority::generate("c1").unwrap();
         let again = CertificateAuthority::load(&ca.cert_der, &ca.key_pkcs8()).unwrap();
         assert_eq!(again.fingerprint(), ca.fingerprint());
-        let creds = again.issue(&PeerIdentity::Agent { machine: "m".into() }).unwrap();
+        let creds = again
+            .issue(&PeerIdentity::Agent {
+                machine: "m".into(),
+            })
+            .unwrap();
         let (_, leaf) = x509_parser::parse_x509_certificate(&creds.chain[0]).unwrap();
         let (_, root) = x509_parser::parse_x509_certificate(&ca.cert_der).unwrap();
-        leaf.verify_signature(Some(root.public_key())).expect("signed by the original CA");
+        leaf.verify_signature(Some(root.public_key()))
+            .expect("signed by the original CA");
     }
 
     #[test]
@@ -263,7 +313,12 @@ mod tests {
         assert_eq!(Token::parse(&t.encode()).unwrap(), t);
         assert!(t.secret_matches(&t.secret.clone()));
         assert!(!t.secret_matches("00"));
-        for bad in ["", "haven-join.a.b", "haven-root.a.00.00", "haven-join.c.zz.00"] {
+        for bad in [
+            "",
+            "haven-join.a.b",
+            "haven-root.a.00.00",
+            "haven-join.c.zz.00",
+        ] {
             assert!(Token::parse(bad).is_err(), "{bad}");
         }
     }

@@ -639,7 +639,9 @@ mod tests {
         // Both open to the same plaintext, on this thread and on a fresh one.
         assert_eq!(open(&k, &c, &a).unwrap(), data);
         let (k2, b2) = (k.clone(), b.clone());
-        let opened = std::thread::spawn(move || open(&k2, &ctx(), &b2).unwrap()).join().unwrap();
+        let opened = std::thread::spawn(move || open(&k2, &ctx(), &b2).unwrap())
+            .join()
+            .unwrap();
         assert_eq!(opened, data);
     }
 

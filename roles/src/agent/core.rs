@@ -45,7 +45,11 @@ impl InitialSync {
             return 0.0;
         }
         let scanned = self.scanned_bytes as f64 / self.total_bytes as f64;
-        let applied = if self.captured_bytes == 0 { 1.0 } else { self.applied_bytes as f64 / self.captured_bytes as f64 };
+        let applied = if self.captured_bytes == 0 {
+            1.0
+        } else {
+            self.applied_bytes as f64 / self.captured_bytes as f64
+        };
         (scanned * applied * 100.0).min(99.9)
     }
 }
@@ -72,7 +76,13 @@ pub struct AgentCore {
 }
 
 impl AgentCore {
-    pub fn new(epoch: u32, applied_seq: u64, applied_tables: Vec<Vec<u64>>, retention_limit_bytes: u64, initial: Option<InitialSync>) -> Self {
+    pub fn new(
+        epoch: u32,
+        applied_seq: u64,
+        applied_tables: Vec<Vec<u64>>,
+        retention_limit_bytes: u64,
+        initial: Option<InitialSync>,
+    ) -> Self {
         Self {
             epoch,
             next_seq: 0,
@@ -143,7 +153,11 @@ impl AgentCore {
                 init.applied_bytes += b.raw_bytes;
             }
             for &(disk, block, hash) in &b.updates {
-                if let Some(slot) = self.applied_tables.get_mut(disk as usize).and_then(|t| t.get_mut(block as usize)) {
+                if let Some(slot) = self
+                    .applied_tables
+                    .get_mut(disk as usize)
+                    .and_then(|t| t.get_mut(block as usize))
+                {
                     *slot = hash;
                 }
             }
@@ -155,7 +169,10 @@ impl AgentCore {
             self.applied_dirty = true;
         }
         if let Some(init) = &self.initial {
-            if init.pass_last_seq.is_some_and(|last| self.applied_seq >= last) {
+            if init
+                .pass_last_seq
+                .is_some_and(|last| self.applied_seq >= last)
+            {
                 self.initial = None;
             }
         }
@@ -168,13 +185,21 @@ impl AgentCore {
             return None;
         }
         self.journal_seq = self.applied_seq;
-        Some((self.epoch, self.applied_seq, std::mem::take(&mut self.journal_pending)))
+        Some((
+            self.epoch,
+            self.applied_seq,
+            std::mem::take(&mut self.journal_pending),
+        ))
     }
 
     /// Folds replayed journal updates into the applied tables (at start-up).
     pub fn replay(&mut self, applied_seq: u64, updates: &[HashUpdate]) {
         for &(disk, block, hash) in updates {
-            if let Some(slot) = self.applied_tables.get_mut(disk as usize).and_then(|t| t.get_mut(block as usize)) {
+            if let Some(slot) = self
+                .applied_tables
+                .get_mut(disk as usize)
+                .and_then(|t| t.get_mut(block as usize))
+            {
                 *slot = hash;
             }
         }
@@ -204,13 +229,25 @@ impl AgentCore {
         if let Some(init) = self.initial.as_mut() {
             init.captured_bytes += raw_bytes;
         }
-        self.retained.push_back(Arc::new(RetainedBatch { first_seq: first, last_seq: last, body, raw_bytes, captured_ms: now_ms, updates }));
+        self.retained.push_back(Arc::new(RetainedBatch {
+            first_seq: first,
+            last_seq: last,
+            body,
+            raw_bytes,
+            captured_ms: now_ms,
+            updates,
+        }));
         (first, last)
     }
 
     /// Retained batches with `last_seq > after`, in order.
     pub fn batches_after(&self, after: u64, max: usize) -> Vec<Arc<RetainedBatch>> {
-        self.retained.iter().filter(|b| b.last_seq > after).take(max).cloned().collect()
+        self.retained
+            .iter()
+            .filter(|b| b.last_seq > after)
+            .take(max)
+            .cloned()
+            .collect()
     }
 
     /// The capture state implied by what is applied plus what is retained: used to rebuild
@@ -219,7 +256,10 @@ impl AgentCore {
         let mut t = self.applied_tables.clone();
         for b in &self.retained {
             for &(disk, block, hash) in &b.updates {
-                if let Some(slot) = t.get_mut(disk as usize).and_then(|t| t.get_mut(block as usize)) {
+                if let Some(slot) = t
+                    .get_mut(disk as usize)
+                    .and_then(|t| t.get_mut(block as usize))
+                {
                     *slot = hash;
                 }
             }
@@ -295,7 +335,11 @@ mod tests {
         // A restarted process server cached through 2, applied through 1.
         let after = c.handle_stream_open(2, 1);
         assert_eq!(after, 2);
-        let resend: Vec<u64> = c.batches_after(after, 10).iter().map(|b| b.first_seq).collect();
+        let resend: Vec<u64> = c
+            .batches_after(after, 10)
+            .iter()
+            .map(|b| b.first_seq)
+            .collect();
         assert_eq!(resend, vec![3, 4]);
         // Numbering continues; the floor is not re-applied to a live agent.
         assert_eq!(emit(&mut c, 1, vec![]), (5, 5));
@@ -315,7 +359,10 @@ mod tests {
 
     #[test]
     fn initial_sync_completes_when_the_first_pass_is_applied() {
-        let init = InitialSync { total_bytes: 1000, ..Default::default() };
+        let init = InitialSync {
+            total_bytes: 1000,
+            ..Default::default()
+        };
         let mut c = AgentCore::new(1, 0, vec![], 1 << 20, Some(init));
         c.handle_stream_open(0, 0);
         emit(&mut c, 2, vec![]);

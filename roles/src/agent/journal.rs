@@ -45,7 +45,11 @@ pub struct Replay {
 impl Journal {
     /// Opens the journal, replays it, and cuts any torn tail so appends continue cleanly.
     pub fn open(path: &Path, epoch: u32, after_seq: u64) -> std::io::Result<(Self, Replay)> {
-        let mut file = OpenOptions::new().read(true).append(true).create(true).open(path)?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(path)?;
         let mut buf = vec![];
         file.read_to_end(&mut buf)?;
         let mut replay = Replay::default();
@@ -63,12 +67,27 @@ impl Journal {
             file.set_len(pos as u64)?;
             file.sync_all()?;
         }
-        Ok((Self { path: path.to_path_buf(), file, bytes: pos as u64 }, replay))
+        Ok((
+            Self {
+                path: path.to_path_buf(),
+                file,
+                bytes: pos as u64,
+            },
+            replay,
+        ))
     }
 
     /// Appends one record (not yet durable: call [`Journal::sync`]).
-    pub fn append(&mut self, epoch: u32, applied_seq: u64, updates: &[HashUpdate]) -> std::io::Result<()> {
-        for chunk in updates.chunks(MAX_COUNT as usize).chain(updates.is_empty().then_some(&[][..])) {
+    pub fn append(
+        &mut self,
+        epoch: u32,
+        applied_seq: u64,
+        updates: &[HashUpdate],
+    ) -> std::io::Result<()> {
+        for chunk in updates
+            .chunks(MAX_COUNT as usize)
+            .chain(updates.is_empty().then_some(&[][..]))
+        {
             let mut rec = Vec::with_capacity(HEADER + chunk.len() * ENTRY + 4);
             rec.extend_from_slice(&MAGIC.to_le_bytes());
             rec.extend_from_slice(&epoch.to_le_bytes());

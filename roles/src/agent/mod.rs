@@ -38,7 +38,10 @@ use crate::{
     client,
     enroll::{self, resolve, Identity},
     fsutil::{read_optional, unix_ms, write_atomic},
-    proto::{Ack, AgentPollReply, AgentReport, AgentStats, BatchBody, JoinKind, Request, Response, StreamOpen, WriteRecord},
+    proto::{
+        Ack, AgentPollReply, AgentReport, AgentStats, BatchBody, JoinKind, Request, Response,
+        StreamOpen, WriteRecord,
+    },
 };
 
 /// Raw bytes per batch.
@@ -141,17 +144,34 @@ impl Agent {
     }
 
     fn fresh_core(&self, epoch: u32) -> AgentCore {
-        let tables = self.disks.iter().map(|d| scan::zero_table(d.size_bytes)).collect();
+        let tables = self
+            .disks
+            .iter()
+            .map(|d| scan::zero_table(d.size_bytes))
+            .collect();
         let total = self.disks.iter().map(|d| d.size_bytes).sum();
-        AgentCore::new(epoch, 0, tables, self.opts.retention_bytes, Some(InitialSync { total_bytes: total, ..Default::default() }))
+        AgentCore::new(
+            epoch,
+            0,
+            tables,
+            self.opts.retention_bytes,
+            Some(InitialSync {
+                total_bytes: total,
+                ..Default::default()
+            }),
+        )
     }
 
     /// Appends what was applied since the last call to the journal and fsyncs it.
     fn journal_applied(&self) -> Result<(), String> {
-        let Some((epoch, seq, updates)) = lock(&self.core).take_journal() else { return Ok(()) };
+        let Some((epoch, seq, updates)) = lock(&self.core).take_journal() else {
+            return Ok(());
+        };
         let mut j = lock(&self.journal);
         let Some(j) = j.as_mut() else { return Ok(()) };
-        j.append(epoch, seq, &updates).and_then(|_| j.sync()).map_err(|e| format!("journal {}: {e}", j.path().display()))
+        j.append(epoch, seq, &updates)
+            .and_then(|_| j.sync())
+            .map_err(|e| format!("journal {}: {e}", j.path().display()))
     }
 
     /// Writes a full snapshot of the applied tables, then empties the journal.
@@ -171,7 +191,11 @@ impl Agent {
                     .disks
                     .iter()
                     .zip(&core.applied_tables)
-                    .map(|(d, t)| TableDisk { name: d.name.clone(), size_bytes: d.size_bytes, hashes_le: t.iter().flat_map(|h| h.to_le_bytes()).collect() })
+                    .map(|(d, t)| TableDisk {
+                        name: d.name.clone(),
+                        size_bytes: d.size_bytes,
+                        hashes_le: t.iter().flat_map(|h| h.to_le_bytes()).collect(),
+                    })
                     .collect(),
             }
         };
@@ -179,7 +203,8 @@ impl Agent {
         let path = self.dir().join("tables");
         write_atomic(&path, &bytes).map_err(|e| format!("snapshot {}: {e}", path.display()))?;
         if let Some(j) = lock(&self.journal).as_mut() {
-            j.truncate().map_err(|e| format!("journal {}: {e}", j.path().display()))?;
+            j.truncate()
+                .map_err(|e| format!("journal {}: {e}", j.path().display()))?;
         }
         Ok(())
     }
@@ -189,7 +214,10 @@ impl Agent {
     fn next_report_seq(&self) -> u64 {
         let now_us = unix_ms() * 1000;
         let next = |c: u64| c.max(now_us) + 1;
-        let prev = self.report_seq.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| Some(next(c))).unwrap_or_else(|c| c);
+        let prev = self
+            .report_seq
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| Some(next(c)))
+            .unwrap_or_else(|c| c);
         next(prev)
     }
 
@@ -231,9 +259,15 @@ impl Agent {
 
 fn load_tables(opts: &AgentOptions, disks: &[DiskInfo], epoch: u32) -> Option<TablesFile> {
     let bytes = read_optional(&opts.data_dir.join("agent").join("tables")).ok()??;
-    let file: TablesFile = codec::decode(&bytes).map_err(|e| tracing::warn!("ignoring unreadable hash tables: {e}")).ok()?;
+    let file: TablesFile = codec::decode(&bytes)
+        .map_err(|e| tracing::warn!("ignoring unreadable hash tables: {e}"))
+        .ok()?;
     let same_disks = file.disks.len() == disks.len()
-        && file.disks.iter().zip(disks).all(|(t, d)| t.name == d.name && t.size_bytes == d.size_bytes && t.hashes_le.len() as u64 == d.size_bytes.div_ceil(core::BLOCK_BYTES) * 8);
+        && file.disks.iter().zip(disks).all(|(t, d)| {
+            t.name == d.name
+                && t.size_bytes == d.size_bytes
+                && t.hashes_le.len() as u64 == d.size_bytes.div_ceil(core::BLOCK_BYTES) * 8
+        });
     if file.version != 1 || file.epoch != epoch || !same_disks {
         tracing::info!("hash tables are for another epoch or disk layout; starting a full sync");
         return None;
@@ -245,20 +279,34 @@ fn load_tables(opts: &AgentOptions, disks: &[DiskInfo], epoch: u32) -> Option<Ta
 pub async fn run(opts: AgentOptions) -> Result<(), String> {
     let mut disks = vec![];
     for (name, path) in &opts.disks {
-        let size_bytes = scan::disk_size(path).map_err(|e| format!("disk {name}={}: {e}", path.display()))?;
-        disks.push(DiskInfo { name: name.clone(), size_bytes });
+        let size_bytes =
+            scan::disk_size(path).map_err(|e| format!("disk {name}={}: {e}", path.display()))?;
+        disks.push(DiskInfo {
+            name: name.clone(),
+            size_bytes,
+        });
     }
     if disks.is_empty() {
         return Err("an agent needs at least one --disk NAME=PATH".into());
     }
-    std::fs::create_dir_all(opts.data_dir.join("agent")).map_err(|e| format!("create {}: {e}", opts.data_dir.display()))?;
-    let hostname = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "unknown".into());
+    std::fs::create_dir_all(opts.data_dir.join("agent"))
+        .map_err(|e| format!("create {}: {e}", opts.data_dir.display()))?;
+    let hostname = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
     let identity = match Identity::load(&opts.data_dir)? {
         Some(id) => id,
         None => {
-            let (addr, token_file) = opts.join.as_ref().ok_or("no identity in the data dir yet: pass --join ADDR --token-file FILE")?;
+            let (addr, token_file) = opts
+                .join
+                .as_ref()
+                .ok_or("no identity in the data dir yet: pass --join ADDR --token-file FILE")?;
             let token = enroll::read_token(token_file, TokenKind::Join)?;
-            let kind = JoinKind::Agent { machine: opts.machine.clone(), hostname: hostname.clone(), disks: disks.clone() };
+            let kind = JoinKind::Agent {
+                machine: opts.machine.clone(),
+                hostname: hostname.clone(),
+                disks: disks.clone(),
+            };
             let id = enroll::join(addr, &token, kind).await?;
             id.save(&opts.data_dir)?;
             tracing::info!(machine = %opts.machine, cluster = %id.cluster_id, "enrolled; protect it with `haven ctl protect {}`", opts.machine);
@@ -301,25 +349,55 @@ pub async fn run(opts: AgentOptions) -> Result<(), String> {
     });
     let core = match load_tables(&opts, &disks, control.epoch) {
         Some(f) => {
-            tracing::info!(epoch = f.epoch, applied_seq = f.applied_seq, "resuming from the checkpointed hash tables (no full resync)");
-            let tables = f.disks.iter().map(|d| d.hashes_le.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()).collect();
-            let initial = (!f.initial_done).then(|| InitialSync { total_bytes: disks.iter().map(|d| d.size_bytes).sum(), ..Default::default() });
-            AgentCore::new(f.epoch, f.applied_seq, tables, opts.retention_bytes, initial)
+            tracing::info!(
+                epoch = f.epoch,
+                applied_seq = f.applied_seq,
+                "resuming from the checkpointed hash tables (no full resync)"
+            );
+            let tables = f
+                .disks
+                .iter()
+                .map(|d| {
+                    d.hashes_le
+                        .chunks_exact(8)
+                        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                        .collect()
+                })
+                .collect();
+            let initial = (!f.initial_done).then(|| InitialSync {
+                total_bytes: disks.iter().map(|d| d.size_bytes).sum(),
+                ..Default::default()
+            });
+            AgentCore::new(
+                f.epoch,
+                f.applied_seq,
+                tables,
+                opts.retention_bytes,
+                initial,
+            )
         }
         None => agent.fresh_core(control.epoch),
     };
-    let (journal, replay) = journal::Journal::open(&agent.dir().join("journal"), core.epoch, core.applied_seq)
-        .map_err(|e| format!("open journal: {e}"))?;
+    let (journal, replay) =
+        journal::Journal::open(&agent.dir().join("journal"), core.epoch, core.applied_seq)
+            .map_err(|e| format!("open journal: {e}"))?;
     let mut core = core;
     if replay.records > 0 {
-        tracing::info!(records = replay.records, applied_seq = replay.applied_seq, "replayed the applied-hash journal");
+        tracing::info!(
+            records = replay.records,
+            applied_seq = replay.applied_seq,
+            "replayed the applied-hash journal"
+        );
         core.replay(replay.applied_seq, &replay.updates);
         core.applied_dirty = true;
     }
     *lock(&agent.core) = core;
     *lock(&agent.journal) = Some(journal);
 
-    let root = Supervisor::start_root(SupervisorConfig { max_restarts: 100, ..SupervisorConfig::new(format!("agent/{}", opts.machine)) });
+    let root = Supervisor::start_root(SupervisorConfig {
+        max_restarts: 100,
+        ..SupervisorConfig::new(format!("agent/{}", opts.machine))
+    });
     let a = agent.clone();
     let control_child = ChildSpec::task("control", move |_| control_loop(a.clone()));
     let a = agent.clone();
@@ -332,7 +410,10 @@ pub async fn run(opts: AgentOptions) -> Result<(), String> {
         stream_loop(a.clone())
     });
     for spec in [control_child, journal_child, capture_child, stream_child] {
-        root.send(AddChild(spec)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+        root.send(AddChild(spec))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
     }
     wait_for_signal().await;
     agent.journal_applied()?;
@@ -366,13 +447,17 @@ async fn journal_loop(a: Arc<Agent>) -> Result<(), String> {
         let a2 = a.clone();
         let big = tokio::task::spawn_blocking(move || {
             a2.journal_applied()?;
-            Ok::<_, String>(lock(&a2.journal).as_ref().map(|j| j.bytes()).unwrap_or(0) > JOURNAL_BYTES_MAX)
+            Ok::<_, String>(
+                lock(&a2.journal).as_ref().map(|j| j.bytes()).unwrap_or(0) > JOURNAL_BYTES_MAX,
+            )
         })
         .await
         .map_err(|e| e.to_string())??;
         if epoch_changed || big || last_snapshot.elapsed() >= SNAPSHOT_EVERY {
             let a2 = a.clone();
-            tokio::task::spawn_blocking(move || a2.snapshot()).await.map_err(|e| e.to_string())??;
+            tokio::task::spawn_blocking(move || a2.snapshot())
+                .await
+                .map_err(|e| e.to_string())??;
             last_snapshot = Instant::now();
         }
     }
@@ -401,10 +486,25 @@ async fn control_loop(a: Arc<Agent>) -> Result<(), String> {
         }
         let poll = async {
             if conn.is_none() {
-                conn = Some(client::connect(&a.endpoint, a.client_cfg.clone(), addr, &format!("agent {}", a.opts.machine)).await.map_err(|e| e.to_string())?);
+                conn = Some(
+                    client::connect(
+                        &a.endpoint,
+                        a.client_cfg.clone(),
+                        addr,
+                        &format!("agent {}", a.opts.machine),
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?,
+                );
             }
             let timeout = Duration::from_secs(5) + Duration::from_millis(LONG_POLL_MS as u64);
-            client::call(conn.as_ref().expect("set"), &Request::AgentPoll(report), timeout).await.map_err(|e| e.to_string())
+            client::call(
+                conn.as_ref().expect("set"),
+                &Request::AgentPoll(report),
+                timeout,
+            )
+            .await
+            .map_err(|e| e.to_string())
         };
         let result = tokio::select! {
             r = poll => Some(r),
@@ -441,9 +541,17 @@ async fn control_loop(a: Arc<Agent>) -> Result<(), String> {
 }
 
 fn handle_poll_reply(a: &Agent, reply: AgentPollReply) -> Result<(), String> {
-    let new = Control { protected: reply.protected, epoch: reply.epoch, generation: reply.generation.0, process_server: reply.process_server };
+    let new = Control {
+        protected: reply.protected,
+        epoch: reply.epoch,
+        generation: reply.generation.0,
+        process_server: reply.process_server,
+    };
     if new.protected && new.epoch != lock(&a.core).epoch {
-        tracing::info!(epoch = new.epoch, "new protection epoch: starting a full sync");
+        tracing::info!(
+            epoch = new.epoch,
+            "new protection epoch: starting a full sync"
+        );
         *lock(&a.core) = a.fresh_core(new.epoch);
         lock(&a.core).applied_dirty = true;
         *lock(&a.sync_done) = None;
@@ -528,7 +636,13 @@ async fn scan_pass(a: &Arc<Agent>, tables: Vec<Vec<u64>>, generation: u64) -> Re
         let path = a.opts.disks[i].1.clone();
         let a2 = a.clone();
         let scanner = tokio::task::spawn_blocking(move || {
-            let r = scan::scan_disk(&path, i as u16, &mut table, |off| a2.pass_scanned.store(base + off, Ordering::Relaxed), |e| tx.blocking_send(e).is_ok());
+            let r = scan::scan_disk(
+                &path,
+                i as u16,
+                &mut table,
+                |off| a2.pass_scanned.store(base + off, Ordering::Relaxed),
+                |e| tx.blocking_send(e).is_ok(),
+            );
             r.map_err(|e| format!("scan {}: {e}", path.display()))
         });
         let mut batch: Vec<scan::Extent> = vec![];
@@ -549,7 +663,9 @@ async fn scan_pass(a: &Arc<Agent>, tables: Vec<Vec<u64>>, generation: u64) -> Re
         if !batch.is_empty() {
             emit(a, batch, generation).await?;
         }
-        scanner.await.map_err(|e| format!("scanner failed: {e}"))??;
+        scanner
+            .await
+            .map_err(|e| format!("scanner failed: {e}"))??;
         base += a.disks[i].size_bytes;
     }
     Ok(true)
@@ -560,9 +676,21 @@ async fn scan_pass(a: &Arc<Agent>, tables: Vec<Vec<u64>>, generation: u64) -> Re
 /// not twice. The frame header is the codec's own encoding of the frame with an empty body,
 /// whose trailing `bin8` length is widened to `bin32` and filled in afterwards (pinned by the
 /// `batch_frame_decodes_like_the_codec_encoding` test).
-fn batch_frame(first_seq: u64, last_seq: u64, batch: &BatchBody, raw_bytes: usize) -> Result<Vec<u8>, codec::CodecError> {
-    let mut head = codec::encode(&AgentFrameRef::Batch { first_seq, last_seq, body: &[] })?;
-    debug_assert!(head.ends_with(&[0xc4, 0x00]), "an empty bin8 ends the frame");
+fn batch_frame(
+    first_seq: u64,
+    last_seq: u64,
+    batch: &BatchBody,
+    raw_bytes: usize,
+) -> Result<Vec<u8>, codec::CodecError> {
+    let mut head = codec::encode(&AgentFrameRef::Batch {
+        first_seq,
+        last_seq,
+        body: &[],
+    })?;
+    debug_assert!(
+        head.ends_with(&[0xc4, 0x00]),
+        "an empty bin8 ends the frame"
+    );
     head.truncate(head.len() - 2);
     // msgpack adds a few dozen bytes per record to the raw data.
     let mut buf = Vec::with_capacity(head.len() + 5 + raw_bytes + 64 + batch.records.len() * 64);
@@ -571,7 +699,8 @@ fn batch_frame(first_seq: u64, last_seq: u64, batch: &BatchBody, raw_bytes: usiz
     let len_at = buf.len();
     buf.extend_from_slice(&[0; 4]);
     codec::encode_into(&mut buf, batch)?;
-    let body_len = u32::try_from(buf.len() - len_at - 4).map_err(|_| codec::CodecError::TooLarge)?;
+    let body_len =
+        u32::try_from(buf.len() - len_at - 4).map_err(|_| codec::CodecError::TooLarge)?;
     buf[len_at..len_at + 4].copy_from_slice(&body_len.to_be_bytes());
     Ok(buf)
 }
@@ -588,14 +717,22 @@ async fn emit(a: &Agent, extents: Vec<scan::Extent>, generation: u64) -> Result<
         }
         let _ = tokio::time::timeout(Duration::from_millis(500), a.room.notified()).await;
     }
-    let updates = extents.iter().flat_map(|e| e.updates.iter().copied()).collect();
+    let updates = extents
+        .iter()
+        .flat_map(|e| e.updates.iter().copied())
+        .collect();
     let n = extents.len() as u64;
     let mut encoded: Result<(), String> = Ok(());
     lock(&a.core).emit(n, raw, updates, unix_ms(), |first| {
         let records: Vec<WriteRecord> = extents
             .into_iter()
             .enumerate()
-            .map(|(i, e)| WriteRecord { seq: first + i as u64, disk: e.disk, offset: e.offset, data: serde_bytes::ByteBuf::from(e.data) })
+            .map(|(i, e)| WriteRecord {
+                seq: first + i as u64,
+                disk: e.disk,
+                offset: e.offset,
+                data: serde_bytes::ByteBuf::from(e.data),
+            })
             .collect();
         // Encoded once, as the frame that goes on the wire; resends reuse it.
         let frame = batch_frame(first, first + n - 1, &BatchBody { records }, raw as usize);
@@ -657,20 +794,43 @@ async fn stream_once(a: &Arc<Agent>) -> Result<(), StreamEnd> {
             break c;
         }
         *lock(&a.degraded) = None;
-        control.changed().await.map_err(|_| "control closed".to_string())?;
+        control
+            .changed()
+            .await
+            .map_err(|_| "control closed".to_string())?;
     };
     let (ps_name, ps_addr) = ctl.process_server.clone().expect("checked");
     let addr = resolve(&ps_addr)?;
-    let conn = client::connect(&a.endpoint, a.client_cfg.clone(), addr, &format!("agent {}", a.opts.machine))
-        .await
-        .map_err(|e| format!("process server {ps_name} at {ps_addr} unreachable: {e}"))?;
+    let conn = client::connect(
+        &a.endpoint,
+        a.client_cfg.clone(),
+        addr,
+        &format!("agent {}", a.opts.machine),
+    )
+    .await
+    .map_err(|e| format!("process server {ps_name} at {ps_addr} unreachable: {e}"))?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     let epoch = lock(&a.core).epoch;
-    let open = StreamOpen { machine: a.opts.machine.clone(), epoch, generation: haven_cluster::Generation(ctl.generation), disks: a.disks.clone() };
-    frame::send_msg(&mut send, &Request::OpenStream(open)).await.map_err(|e| e.to_string())?;
-    let (cached, applied) = match frame::expect_msg::<Response>(&mut recv, MAX_CONTROL_FRAME).await.map_err(|e| e.to_string())? {
-        Response::StreamAccepted { cached_seq, applied_seq } => (cached_seq, applied_seq),
-        Response::Refused { reason } => return Err(format!("process server {ps_name} refused the stream: {reason}").into()),
+    let open = StreamOpen {
+        machine: a.opts.machine.clone(),
+        epoch,
+        generation: haven_cluster::Generation(ctl.generation),
+        disks: a.disks.clone(),
+    };
+    frame::send_msg(&mut send, &Request::OpenStream(open))
+        .await
+        .map_err(|e| e.to_string())?;
+    let (cached, applied) = match frame::expect_msg::<Response>(&mut recv, MAX_CONTROL_FRAME)
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        Response::StreamAccepted {
+            cached_seq,
+            applied_seq,
+        } => (cached_seq, applied_seq),
+        Response::Refused { reason } => {
+            return Err(format!("process server {ps_name} refused the stream: {reason}").into())
+        }
         other => return Err(format!("unexpected reply: {other:?}").into()),
     };
     let moved_at = lock(&a.move_noticed).take();
@@ -683,7 +843,11 @@ async fn stream_once(a: &Arc<Agent>) -> Result<(), StreamEnd> {
         let pending = moved_at.map(|noticed| PendingMove {
             noticed,
             generation: ctl.generation,
-            bytes_resent: resend.iter().filter(|b| b.last_seq <= old_cached).map(|b| b.raw_bytes).sum(),
+            bytes_resent: resend
+                .iter()
+                .filter(|b| b.last_seq <= old_cached)
+                .map(|b| b.raw_bytes)
+                .sum(),
             until_cached: resend.first().map(|b| b.last_seq).unwrap_or(0),
         });
         (after, pending)
@@ -700,15 +864,26 @@ async fn stream_once(a: &Arc<Agent>) -> Result<(), StreamEnd> {
             // The move is over once *this* process server has cached what had to travel again.
             let finish_move = |pending: &mut Option<PendingMove>, cached_here: u64| {
                 if let Some(p) = pending.take_if(|p| cached_here >= p.until_cached) {
-                    let stats = crate::proto::MoveStats { generation: p.generation, pause_ms: p.noticed.elapsed().as_millis() as u64, bytes_resent: p.bytes_resent };
-                    tracing::info!(generation = stats.generation, pause_ms = stats.pause_ms, bytes_resent = stats.bytes_resent, "moved to process server {ps_name}");
+                    let stats = crate::proto::MoveStats {
+                        generation: p.generation,
+                        pause_ms: p.noticed.elapsed().as_millis() as u64,
+                        bytes_resent: p.bytes_resent,
+                    };
+                    tracing::info!(
+                        generation = stats.generation,
+                        pause_ms = stats.pause_ms,
+                        bytes_resent = stats.bytes_resent,
+                        "moved to process server {ps_name}"
+                    );
                     *lock(&a.last_move) = Some(stats);
                     a.report_now.notify_one();
                 }
             };
             finish_move(&mut pending_move, cached);
             loop {
-                let ack: Ack = frame::expect_msg(&mut recv, MAX_CONTROL_FRAME).await.map_err(|e| format!("ack stream: {e}"))?;
+                let ack: Ack = frame::expect_msg(&mut recv, MAX_CONTROL_FRAME)
+                    .await
+                    .map_err(|e| format!("ack stream: {e}"))?;
                 let before = {
                     let mut core = lock(&a.core);
                     let before = core.applied_seq;
@@ -718,7 +893,8 @@ async fn stream_once(a: &Arc<Agent>) -> Result<(), StreamEnd> {
                 a.room.notify_one();
                 finish_move(&mut pending_move, ack.cached_seq);
                 // A pending sync barrier just got applied: tell the configuration node now.
-                if lock(&a.sync_done).is_some_and(|(_, seq)| before < seq && seq <= ack.applied_seq) {
+                if lock(&a.sync_done).is_some_and(|(_, seq)| before < seq && seq <= ack.applied_seq)
+                {
                     a.report_now.notify_one();
                 }
             }
@@ -767,18 +943,36 @@ mod tests {
 
     #[test]
     fn batch_frame_decodes_like_the_codec_encoding() {
-        for (first, n, size) in [(1u64, 1u64, 0usize), (70_000, 3, 100), (u64::MAX - 10, 2, 70_000)] {
+        for (first, n, size) in [
+            (1u64, 1u64, 0usize),
+            (70_000, 3, 100),
+            (u64::MAX - 10, 2, 70_000),
+        ] {
             let records = (0..n)
-                .map(|i| WriteRecord { seq: first + i, disk: i as u16, offset: i * 4096, data: serde_bytes::ByteBuf::from(vec![i as u8; size]) })
+                .map(|i| WriteRecord {
+                    seq: first + i,
+                    disk: i as u16,
+                    offset: i * 4096,
+                    data: serde_bytes::ByteBuf::from(vec![i as u8; size]),
+                })
                 .collect();
             let batch = BatchBody { records };
             let frame = batch_frame(first, first + n - 1, &batch, size * n as usize).unwrap();
             let body = codec::encode(&batch).unwrap();
-            let AgentFrame::Batch { first_seq, last_seq, body: got } = codec::decode(&frame).unwrap();
+            let AgentFrame::Batch {
+                first_seq,
+                last_seq,
+                body: got,
+            } = codec::decode(&frame).unwrap();
             assert_eq!((first_seq, last_seq), (first, first + n - 1));
             assert_eq!(got.into_vec(), body);
             // Sized up front: no doubling reallocation left half the buffer empty.
-            assert!(frame.capacity() - frame.len() <= 64 + 64 * n as usize, "{} of {}", frame.len(), frame.capacity());
+            assert!(
+                frame.capacity() - frame.len() <= 64 + 64 * n as usize,
+                "{} of {}",
+                frame.len(),
+                frame.capacity()
+            );
         }
     }
 }

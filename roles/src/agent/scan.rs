@@ -85,14 +85,21 @@ pub fn scan_disk(
                 continue;
             }
             table[idx] = h;
-            let extend = pending.as_ref().is_some_and(|e| e.offset + e.data.len() as u64 == block_off && e.data.len() < EXTENT_BYTES_MAX);
+            let extend = pending.as_ref().is_some_and(|e| {
+                e.offset + e.data.len() as u64 == block_off && e.data.len() < EXTENT_BYTES_MAX
+            });
             if !extend {
                 if let Some(e) = pending.take() {
                     if !emit(e) {
                         return Ok(false);
                     }
                 }
-                pending = Some(Extent { disk, offset: block_off, data: Vec::with_capacity(64 << 10), updates: vec![] });
+                pending = Some(Extent {
+                    disk,
+                    offset: block_off,
+                    data: Vec::with_capacity(64 << 10),
+                    updates: vec![],
+                });
             }
             let e = pending.as_mut().expect("set above");
             e.data.extend_from_slice(block);
@@ -124,20 +131,52 @@ mod tests {
         std::fs::write(&path, &data).unwrap();
         let mut table = zero_table(size);
         let mut got = vec![];
-        assert!(scan_disk(&path, 0, &mut table, |_| {}, |e| {
-            got.push((e.offset, e.data.len()));
-            true
-        })
+        assert!(scan_disk(
+            &path,
+            0,
+            &mut table,
+            |_| {},
+            |e| {
+                got.push((e.offset, e.data.len()));
+                true
+            }
+        )
         .unwrap());
-        assert_eq!(got, vec![(BLOCK_BYTES, 2 * BLOCK_BYTES as usize), (10 * BLOCK_BYTES, 100)]);
+        assert_eq!(
+            got,
+            vec![
+                (BLOCK_BYTES, 2 * BLOCK_BYTES as usize),
+                (10 * BLOCK_BYTES, 100)
+            ]
+        );
         // A second scan finds nothing; a one-byte change finds one block.
         let mut n = 0;
-        scan_disk(&path, 0, &mut table, |_| {}, |_| { n += 1; true }).unwrap();
+        scan_disk(
+            &path,
+            0,
+            &mut table,
+            |_| {},
+            |_| {
+                n += 1;
+                true
+            },
+        )
+        .unwrap();
         assert_eq!(n, 0);
         data[5 * BLOCK_BYTES as usize] = 9;
         std::fs::write(&path, &data).unwrap();
         let mut got = vec![];
-        scan_disk(&path, 0, &mut table, |_| {}, |e| { got.push((e.offset, e.updates.len())); true }).unwrap();
+        scan_disk(
+            &path,
+            0,
+            &mut table,
+            |_| {},
+            |e| {
+                got.push((e.offset, e.updates.len()));
+                true
+            },
+        )
+        .unwrap();
         assert_eq!(got, vec![(5 * BLOCK_BYTES, 1)]);
     }
 

@@ -67,7 +67,12 @@ pub mod scaleout;
 pub type Outcome = (Response, Vec<Persist>);
 
 fn refused(reason: impl Into<String>) -> Outcome {
-    (Response::Refused { reason: reason.into() }, vec![])
+    (
+        Response::Refused {
+            reason: reason.into(),
+        },
+        vec![],
+    )
 }
 
 impl ConfigCore {
@@ -117,12 +122,20 @@ impl ConfigCore {
 
     /// Validates a join and records the joiner. On success the caller issues a certificate
     /// for the returned identity.
-    pub fn handle_join(&mut self, req: &JoinRequest) -> Result<(PeerIdentity, Vec<Persist>), String> {
+    pub fn handle_join(
+        &mut self,
+        req: &JoinRequest,
+    ) -> Result<(PeerIdentity, Vec<Persist>), String> {
         if !secret_eq(&self.meta.join_secret, &req.secret) {
             return Err("invalid join token".into());
         }
         match &req.kind {
-            JoinKind::Node { name, roles, addr, capacity } => {
+            JoinKind::Node {
+                name,
+                roles,
+                addr,
+                capacity,
+            } => {
                 valid_name(name)?;
                 if roles.is_empty() {
                     return Err("a node needs at least one role".into());
@@ -135,31 +148,54 @@ impl ConfigCore {
                     drained: self.nodes.get(name).map(|n| n.drained).unwrap_or(false),
                 };
                 self.nodes.insert(name.clone(), node.clone());
-                Ok((PeerIdentity::Node { name: name.clone(), roles: roles.clone() }, vec![Persist::Node(node)]))
+                Ok((
+                    PeerIdentity::Node {
+                        name: name.clone(),
+                        roles: roles.clone(),
+                    },
+                    vec![Persist::Node(node)],
+                ))
             }
-            JoinKind::Agent { machine, hostname, disks } => {
+            JoinKind::Agent {
+                machine,
+                hostname,
+                disks,
+            } => {
                 valid_name(machine)?;
                 for d in disks {
                     valid_name(&d.name)?;
                 }
                 let persist = self.enroll(machine, hostname, disks);
-                Ok((PeerIdentity::Agent { machine: machine.clone() }, persist))
+                Ok((
+                    PeerIdentity::Agent {
+                        machine: machine.clone(),
+                    },
+                    persist,
+                ))
             }
         }
     }
 
-    fn enroll(&mut self, machine: &str, hostname: &str, disks: &[haven_cluster::DiskInfo]) -> Vec<Persist> {
-        let rec = self.machines.entry(machine.to_string()).or_insert_with(|| MachineRecord {
-            name: machine.to_string(),
-            hostname: hostname.to_string(),
-            disks: disks.to_vec(),
-            protected: false,
-            epoch: Epoch(0),
-            generation: Generation(0),
-            process_server: None,
-            master_target: None,
-            data_key: vec![],
-        });
+    fn enroll(
+        &mut self,
+        machine: &str,
+        hostname: &str,
+        disks: &[haven_cluster::DiskInfo],
+    ) -> Vec<Persist> {
+        let rec = self
+            .machines
+            .entry(machine.to_string())
+            .or_insert_with(|| MachineRecord {
+                name: machine.to_string(),
+                hostname: hostname.to_string(),
+                disks: disks.to_vec(),
+                protected: false,
+                epoch: Epoch(0),
+                generation: Generation(0),
+                process_server: None,
+                master_target: None,
+                data_key: vec![],
+            });
         if rec.hostname != hostname || rec.disks != disks {
             rec.hostname = hostname.to_string();
             rec.disks = disks.to_vec();
@@ -169,12 +205,20 @@ impl ConfigCore {
         vec![Persist::Machine(rec.clone())]
     }
 
-    pub fn handle_agent_poll(&mut self, now: Instant, who: &PeerIdentity, report: AgentReport) -> Outcome {
+    pub fn handle_agent_poll(
+        &mut self,
+        now: Instant,
+        who: &PeerIdentity,
+        report: AgentReport,
+    ) -> Outcome {
         let PeerIdentity::Agent { machine } = who else {
             return refused("only an agent may poll as an agent");
         };
         if *machine != report.machine {
-            return refused(format!("agent {machine} may not report for {}", report.machine));
+            return refused(format!(
+                "agent {machine} may not report for {}",
+                report.machine
+            ));
         }
         let mut persist = vec![];
         if !self.machines.contains_key(machine) {
@@ -189,9 +233,13 @@ impl ConfigCore {
                 b.barrier_seq = Some(seq);
             }
         }
-        let newer = self.agent_reports.get(machine).is_none_or(|o| report.report_seq >= o.report.report_seq);
+        let newer = self
+            .agent_reports
+            .get(machine)
+            .is_none_or(|o| report.report_seq >= o.report.report_seq);
         if newer {
-            self.agent_reports.insert(machine.clone(), Observed { at: now, report });
+            self.agent_reports
+                .insert(machine.clone(), Observed { at: now, report });
         }
         let m = &self.machines[machine];
         let process_server = m
@@ -199,7 +247,11 @@ impl ConfigCore {
             .as_ref()
             .and_then(|ps| self.nodes.get(ps))
             .map(|n| (n.name.clone(), n.addr.clone()));
-        let sync_request = self.barriers.get(machine).filter(|b| b.barrier_seq.is_none()).map(|b| b.id);
+        let sync_request = self
+            .barriers
+            .get(machine)
+            .filter(|b| b.barrier_seq.is_none())
+            .map(|b| b.id);
         let reply = AgentPollReply {
             protected: m.protected,
             epoch: m.epoch.0,
@@ -210,7 +262,12 @@ impl ConfigCore {
         (Response::AgentPoll(reply), persist)
     }
 
-    pub fn handle_node_poll(&mut self, now: Instant, who: &PeerIdentity, report: NodeReport) -> Outcome {
+    pub fn handle_node_poll(
+        &mut self,
+        now: Instant,
+        who: &PeerIdentity,
+        report: NodeReport,
+    ) -> Outcome {
         let PeerIdentity::Node { name, .. } = who else {
             return refused("only a node may poll as a node");
         };
@@ -224,11 +281,21 @@ impl ConfigCore {
             .machines
             .iter()
             .filter(|r| r.role == ROLE_PROCESS)
-            .fold((0u64, 0u64), |(a, b), r| (a + r.raw_bytes, b + r.wire_bytes));
+            .fold((0u64, 0u64), |(a, b), r| {
+                (a + r.raw_bytes, b + r.wire_bytes)
+            });
         let rates = match self.node_rates.get(name) {
-            Some(&(at, raw0, wire0, ..)) if now.duration_since(at) >= Duration::from_millis(900) => {
+            Some(&(at, raw0, wire0, ..))
+                if now.duration_since(at) >= Duration::from_millis(900) =>
+            {
                 let secs = now.duration_since(at).as_secs_f64();
-                Some((now, raw, wire, (raw.saturating_sub(raw0) as f64 / secs) as u64, (wire.saturating_sub(wire0) as f64 / secs) as u64))
+                Some((
+                    now,
+                    raw,
+                    wire,
+                    (raw.saturating_sub(raw0) as f64 / secs) as u64,
+                    (wire.saturating_sub(wire0) as f64 / secs) as u64,
+                ))
             }
             Some(_) => None,
             None => Some((now, raw, wire, 0, 0)),
@@ -239,12 +306,16 @@ impl ConfigCore {
         if !self.alive(now, name) {
             self.alive_since.insert(name.clone(), now);
         }
-        self.node_reports.insert(name.clone(), Observed { at: now, report });
+        self.node_reports
+            .insert(name.clone(), Observed { at: now, report });
         let assignments = self
             .machines
             .values()
             .filter(|m| m.protected)
-            .filter(|m| m.process_server.as_deref() == Some(name) || m.master_target.as_deref() == Some(name))
+            .filter(|m| {
+                m.process_server.as_deref() == Some(name)
+                    || m.master_target.as_deref() == Some(name)
+            })
             .filter_map(|m| {
                 let mt = self.nodes.get(m.master_target.as_deref()?)?;
                 Some(Assignment {
@@ -259,10 +330,22 @@ impl ConfigCore {
                 })
             })
             .collect();
-        (Response::NodePoll(NodePollReply { assignments, version: self.version }), vec![])
+        (
+            Response::NodePoll(NodePollReply {
+                assignments,
+                version: self.version,
+            }),
+            vec![],
+        )
     }
 
-    pub fn handle_admin(&mut self, now: Instant, secret: &str, cmd: AdminCommand, new_key: impl FnOnce() -> Vec<u8>) -> Outcome {
+    pub fn handle_admin(
+        &mut self,
+        now: Instant,
+        secret: &str,
+        cmd: AdminCommand,
+        new_key: impl FnOnce() -> Vec<u8>,
+    ) -> Outcome {
         if !secret_eq(&self.meta.admin_secret, secret) {
             return refused("invalid admin token");
         }
@@ -279,26 +362,42 @@ impl ConfigCore {
             AdminCommand::RequestSync { machine } => {
                 match self.machines.get(&machine) {
                     None => return refused(format!("no machine named {machine:?}")),
-                    Some(m) if !m.protected => return refused(format!("{machine} is not protected")),
+                    Some(m) if !m.protected => {
+                        return refused(format!("{machine} is not protected"))
+                    }
                     Some(_) => {}
                 }
                 let id = self.next_barrier;
                 self.next_barrier += 1;
-                self.barriers.insert(machine, Barrier { id, barrier_seq: None });
+                self.barriers.insert(
+                    machine,
+                    Barrier {
+                        id,
+                        barrier_seq: None,
+                    },
+                );
                 AdminReply::SyncRequested { id }
             }
             AdminCommand::Move { machine, to } => match self.handle_move(now, &machine, &to) {
                 Ok((p, e)) => {
-                    let reply = AdminReply::Moved { machine, from: e.from.unwrap_or_default(), to, generation: e.generation };
+                    let reply = AdminReply::Moved {
+                        machine,
+                        from: e.from.unwrap_or_default(),
+                        to,
+                        generation: e.generation,
+                    };
                     return (Response::Admin(reply), vec![p]);
                 }
                 Err(reason) => return refused(reason),
             },
             AdminCommand::Rebalance => {
-                let (persist, moves): (Vec<_>, Vec<_>) = self.rebalance_pass(now).into_iter().unzip();
+                let (persist, moves): (Vec<_>, Vec<_>) =
+                    self.rebalance_pass(now).into_iter().unzip();
                 return (Response::Admin(AdminReply::Rebalanced { moves }), persist);
             }
-            AdminCommand::Drain { node } | AdminCommand::Undrain { node } if !self.nodes.contains_key(&node) => {
+            AdminCommand::Drain { node } | AdminCommand::Undrain { node }
+                if !self.nodes.contains_key(&node) =>
+            {
                 return refused(format!("no node named {node:?}"));
             }
             AdminCommand::Drain { node } => {
@@ -314,7 +413,12 @@ impl ConfigCore {
                 let n = self.nodes.get_mut(&node).expect("checked");
                 n.drained = false;
                 let persist = vec![Persist::Node(n.clone())];
-                return (Response::Admin(AdminReply::Done { message: format!("{node} accepts machines again") }), persist);
+                return (
+                    Response::Admin(AdminReply::Done {
+                        message: format!("{node} accepts machines again"),
+                    }),
+                    persist,
+                );
             }
             AdminCommand::Events => AdminReply::Events(self.event_views(now)),
             AdminCommand::SyncState { machine, id } => {
@@ -322,24 +426,46 @@ impl ConfigCore {
                     return refused(format!("{machine} is not protected"));
                 }
                 let applied_seq = self.applied_seq(&machine);
-                let barrier_seq = self.barriers.get(&machine).filter(|b| b.id == id).and_then(|b| b.barrier_seq);
+                let barrier_seq = self
+                    .barriers
+                    .get(&machine)
+                    .filter(|b| b.id == id)
+                    .and_then(|b| b.barrier_seq);
                 let done = barrier_seq.is_some_and(|b| applied_seq >= b);
-                AdminReply::SyncState { barrier_seq, applied_seq, done }
+                AdminReply::SyncState {
+                    barrier_seq,
+                    applied_seq,
+                    done,
+                }
             }
         };
         (Response::Admin(reply), vec![])
     }
 
     fn alive(&self, now: Instant, node: &str) -> bool {
-        self.node_reports.get(node).is_some_and(|o| now.duration_since(o.at) < self.failure_timeout)
+        self.node_reports
+            .get(node)
+            .is_some_and(|o| now.duration_since(o.at) < self.failure_timeout)
     }
 
-    fn protect(&mut self, now: Instant, machine: &str, new_key: impl FnOnce() -> Vec<u8>) -> Outcome {
+    fn protect(
+        &mut self,
+        now: Instant,
+        machine: &str,
+        new_key: impl FnOnce() -> Vec<u8>,
+    ) -> Outcome {
         let Some(m) = self.machines.get(machine) else {
-            return refused(format!("no machine named {machine:?}; enroll it with `haven agent` first"));
+            return refused(format!(
+                "no machine named {machine:?}; enroll it with `haven agent` first"
+            ));
         };
         if m.protected {
-            return (Response::Admin(AdminReply::Done { message: format!("{machine} is already protected") }), vec![]);
+            return (
+                Response::Admin(AdminReply::Done {
+                    message: format!("{machine} is already protected"),
+                }),
+                vec![],
+            );
         }
         let pick = |role: &str| {
             let cands: Vec<Candidate> = self
@@ -353,7 +479,13 @@ impl ConfigCore {
                         .machines
                         .values()
                         .filter(|m| m.protected)
-                        .filter(|m| if role == ROLE_PROCESS { m.process_server.as_deref() == Some(&n.name) } else { m.master_target.as_deref() == Some(&n.name) })
+                        .filter(|m| {
+                            if role == ROLE_PROCESS {
+                                m.process_server.as_deref() == Some(&n.name)
+                            } else {
+                                m.master_target.as_deref() == Some(&n.name)
+                            }
+                        })
                         .count() as u32,
                     alive: self.alive(now, &n.name),
                 })
@@ -374,8 +506,14 @@ impl ConfigCore {
         m.master_target = Some(mt.clone());
         m.data_key = new_key();
         self.version += 1;
-        let message = format!("{machine} protected: process server {ps}, master target {mt}, epoch {}", m.epoch.0);
-        (Response::Admin(AdminReply::Done { message }), vec![Persist::Machine(m.clone())])
+        let message = format!(
+            "{machine} protected: process server {ps}, master target {mt}, epoch {}",
+            m.epoch.0
+        );
+        (
+            Response::Admin(AdminReply::Done { message }),
+            vec![Persist::Machine(m.clone())],
+        )
     }
 
     fn unprotect(&mut self, machine: &str) -> Outcome {
@@ -383,20 +521,33 @@ impl ConfigCore {
             return refused(format!("no machine named {machine:?}"));
         };
         if !m.protected {
-            return (Response::Admin(AdminReply::Done { message: format!("{machine} is not protected") }), vec![]);
+            return (
+                Response::Admin(AdminReply::Done {
+                    message: format!("{machine} is not protected"),
+                }),
+                vec![],
+            );
         }
         m.protected = false;
         m.generation = Generation(m.generation.0 + 1);
         self.version += 1;
         self.barriers.remove(machine);
-        let message = format!("{machine} unprotected; its replica stays on {}", m.master_target.as_deref().unwrap_or("?"));
-        (Response::Admin(AdminReply::Done { message }), vec![Persist::Machine(m.clone())])
+        let message = format!(
+            "{machine} unprotected; its replica stays on {}",
+            m.master_target.as_deref().unwrap_or("?")
+        );
+        (
+            Response::Admin(AdminReply::Done { message }),
+            vec![Persist::Machine(m.clone())],
+        )
     }
 
     /// What the machine's current master target (or its agent) says is applied in the
     /// current epoch. Reports of other nodes or epochs are stale and ignored.
     fn applied_seq(&self, machine: &str) -> u64 {
-        let Some(m) = self.machines.get(machine) else { return 0 };
+        let Some(m) = self.machines.get(machine) else {
+            return 0;
+        };
         let from_agent = self
             .agent_reports
             .get(machine)
@@ -407,7 +558,11 @@ impl ConfigCore {
             .master_target
             .as_ref()
             .and_then(|mt| self.node_reports.get(mt))
-            .and_then(|o| o.report.machines.iter().find(|r| r.machine == machine && r.role == ROLE_MASTER_TARGET && r.epoch == m.epoch.0))
+            .and_then(|o| {
+                o.report.machines.iter().find(|r| {
+                    r.machine == machine && r.role == ROLE_MASTER_TARGET && r.epoch == m.epoch.0
+                })
+            })
             .map(|r| r.applied_seq)
             .unwrap_or(0);
         from_agent.max(from_mt)
@@ -421,11 +576,18 @@ impl ConfigCore {
                 roles: n.roles.clone(),
                 addr: n.addr.clone(),
                 alive: self.alive(now, &n.name),
-                last_seen_ms_ago: self.node_reports.get(&n.name).map(|o| now.duration_since(o.at).as_millis() as u64),
+                last_seen_ms_ago: self
+                    .node_reports
+                    .get(&n.name)
+                    .map(|o| now.duration_since(o.at).as_millis() as u64),
                 machines: self
                     .machines
                     .values()
-                    .filter(|m| m.protected && (m.process_server.as_deref() == Some(&n.name) || m.master_target.as_deref() == Some(&n.name)))
+                    .filter(|m| {
+                        m.protected
+                            && (m.process_server.as_deref() == Some(&n.name)
+                                || m.master_target.as_deref() == Some(&n.name))
+                    })
                     .count() as u32,
                 capacity: n.capacity,
                 drained: n.drained,
@@ -434,14 +596,24 @@ impl ConfigCore {
                 cache_bytes: self
                     .node_reports
                     .get(&n.name)
-                    .map(|o| o.report.machines.iter().filter(|r| r.role == ROLE_PROCESS).map(|r| r.cache_bytes).sum())
+                    .map(|o| {
+                        o.report
+                            .machines
+                            .iter()
+                            .filter(|r| r.role == ROLE_PROCESS)
+                            .map(|r| r.cache_bytes)
+                            .sum()
+                    })
                     .unwrap_or(0),
             })
             .collect()
     }
 
     fn machine_views(&self, now: Instant) -> Vec<MachineView> {
-        self.machines.values().map(|m| self.machine_view(now, m)).collect()
+        self.machines
+            .values()
+            .map(|m| self.machine_view(now, m))
+            .collect()
     }
 
     fn machine_view(&self, now: Instant, m: &MachineRecord) -> MachineView {
@@ -450,7 +622,12 @@ impl ConfigCore {
         // One node may serve a machine in two roles (all-in-one): pick the report by role.
         let node_report = |node: Option<&String>, role: &str| {
             let node = node?;
-            self.node_reports.get(node).and_then(|o| o.report.machines.iter().find(|r| r.machine == m.name && r.role == role))
+            self.node_reports.get(node).and_then(|o| {
+                o.report
+                    .machines
+                    .iter()
+                    .find(|r| r.machine == m.name && r.role == role)
+            })
         };
         let ps = node_report(m.process_server.as_ref(), ROLE_PROCESS);
         let mt = node_report(m.master_target.as_ref(), ROLE_MASTER_TARGET);
@@ -490,14 +667,21 @@ impl ConfigCore {
             name: m.name.clone(),
             hostname: m.hostname.clone(),
             state: state.to_string(),
-            initial_sync_percent: if m.protected { stats.initial_sync_percent } else { None },
+            initial_sync_percent: if m.protected {
+                stats.initial_sync_percent
+            } else {
+                None
+            },
             degraded_reason: degraded,
             process_server: m.process_server.clone(),
             master_target: m.master_target.clone(),
             generation: m.generation.0,
             epoch: m.epoch.0,
             captured_seq: stats.captured_seq,
-            cached_seq: ps.map(|r| r.cached_seq).unwrap_or(stats.cached_seq).max(stats.cached_seq),
+            cached_seq: ps
+                .map(|r| r.cached_seq)
+                .unwrap_or(stats.cached_seq)
+                .max(stats.cached_seq),
             applied_seq,
             rpo_seconds,
             raw_bytes_sent: stats.raw_bytes_sent,
@@ -521,12 +705,18 @@ fn secret_eq(expected: &str, presented: &str) -> bool {
 fn valid_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
         && !name.starts_with('.');
     if ok {
         Ok(())
     } else {
-        Err(format!("invalid name {name:?}: use 1-64 letters, digits, '-', '_' or '.'"))
+        Err(format!(
+            "invalid name {name:?}: use 1-64 letters, digits, '-', '_' or '.'"
+        ))
     }
 }
-#[cfg(test)] #[path = "core_tests.rs"] mod tests;
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;

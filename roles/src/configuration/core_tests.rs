@@ -1132,7 +1132,13 @@ fn unprotect_clears_the_barrier() {
     assert_eq!(reply.sync_request, None);
     // Polling a barrier of an unprotected machine is refused (wait-sync fails fast).
     refused_with(
-        c.admin(2 * SEC, AdminCommand::SyncState { machine: "web".into(), id }),
+        c.admin(
+            2 * SEC,
+            AdminCommand::SyncState {
+                machine: "web".into(),
+                id,
+            },
+        ),
         "web is not protected",
     );
 }
@@ -1540,7 +1546,8 @@ fn barrier_ids_are_not_reused_after_a_restart() {
     let new_id = after.request_sync(SEC, "web");
     assert_ne!(new_id, old_id);
 }
-#[path = "scaleout_tests.rs"] mod scaleout_tests;
+#[path = "scaleout_tests.rs"]
+mod scaleout_tests;
 
 /// A long poll held by the server and answered late carries an older report than one the
 /// agent sent meanwhile: it must not overwrite it.
@@ -1556,9 +1563,15 @@ fn a_late_report_does_not_overwrite_a_newer_one() {
         wait_ms: 0,
         report_seq: 20,
     };
-    let older = AgentReport { stats: stats(1, 10, 0), report_seq: 10, ..newer.clone() };
-    c.core.handle_agent_poll(c.t0 + SEC, &agent_id("web"), newer);
-    c.core.handle_agent_poll(c.t0 + 2 * SEC, &agent_id("web"), older);
+    let older = AgentReport {
+        stats: stats(1, 10, 0),
+        report_seq: 10,
+        ..newer.clone()
+    };
+    c.core
+        .handle_agent_poll(c.t0 + SEC, &agent_id("web"), newer);
+    c.core
+        .handle_agent_poll(c.t0 + 2 * SEC, &agent_id("web"), older);
     let v = c.machine(2 * SEC, "web");
     assert_eq!((v.captured_seq, v.applied_seq), (50, 50));
 }

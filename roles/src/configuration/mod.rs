@@ -7,6 +7,7 @@ pub mod core;
 
 use std::{path::Path, sync::Arc, time::Instant};
 
+use crate::slot::Slot;
 use actix::prelude::*;
 use haven_actors::{ChildGuard, Shutdown};
 use haven_cluster::{store::Store, ClusterMeta};
@@ -14,7 +15,6 @@ use haven_transport::{
     identity::{CertificateAuthority, PeerIdentity},
     seal::DataKey,
 };
-use crate::slot::Slot;
 
 use self::core::{ConfigCore, Persist};
 use crate::proto::{AdminCommand, JoinReply, Request, Response};
@@ -39,19 +39,36 @@ pub struct ConfigParts {
 
 impl ConfigParts {
     pub fn into_actor(self, guard: ChildGuard, events: Arc<tokio::sync::Notify>) -> ConfigActor {
-        ConfigActor { core: self.core, store: self.store, ca: self.ca, guard, events }
+        ConfigActor {
+            core: self.core,
+            store: self.store,
+            ca: self.ca,
+            guard,
+            events,
+        }
     }
 }
 
 impl ConfigActor {
     /// Loads state from `<data>/config/`. The store must already have been bootstrapped.
-    pub fn load(data_dir: &Path, ca: Arc<CertificateAuthority>, failure_timeout: std::time::Duration, policy: core::scaleout::RebalancePolicy) -> Result<ConfigParts, String> {
-        let store = Store::open(&data_dir.join("config").join("state.redb")).map_err(|e| e.to_string())?;
-        let meta = store.meta().map_err(|e| e.to_string())?.ok_or("cluster state has no identity; was the data dir bootstrapped?")?;
+    pub fn load(
+        data_dir: &Path,
+        ca: Arc<CertificateAuthority>,
+        failure_timeout: std::time::Duration,
+        policy: core::scaleout::RebalancePolicy,
+    ) -> Result<ConfigParts, String> {
+        let store =
+            Store::open(&data_dir.join("config").join("state.redb")).map_err(|e| e.to_string())?;
+        let meta = store
+            .meta()
+            .map_err(|e| e.to_string())?
+            .ok_or("cluster state has no identity; was the data dir bootstrapped?")?;
         let nodes = store.nodes().map_err(|e| e.to_string())?;
         let machines = store.machines().map_err(|e| e.to_string())?;
         tracing::info!(nodes = nodes.len(), machines = machines.len(), cluster = %meta.cluster_id, "configuration state loaded");
-        let core = ConfigCore::new(meta, nodes, machines).with_failure_timeout(failure_timeout).with_policy(policy);
+        let core = ConfigCore::new(meta, nodes, machines)
+            .with_failure_timeout(failure_timeout)
+            .with_policy(policy);
         Ok(ConfigParts { core, store, ca })
     }
 
@@ -123,7 +140,11 @@ impl Handler<HandleRequest> for ConfigActor {
                         tracing::info!(identity = %identity.common_name(), "joined");
                         let reply = JoinReply {
                             cluster_id: self.core.meta().cluster_id.clone(),
-                            chain: creds.chain.into_iter().map(serde_bytes::ByteBuf::from).collect(),
+                            chain: creds
+                                .chain
+                                .into_iter()
+                                .map(serde_bytes::ByteBuf::from)
+                                .collect(),
                             key_pkcs8: serde_bytes::ByteBuf::from(creds.key_pkcs8),
                             ca: serde_bytes::ByteBuf::from(self.ca.cert_der.clone()),
                         };
@@ -133,8 +154,17 @@ impl Handler<HandleRequest> for ConfigActor {
                 },
             },
             (Request::Admin { secret, command }, _) => {
-                let wakes_agents = !matches!(command, AdminCommand::Status | AdminCommand::Nodes | AdminCommand::Machines | AdminCommand::Events | AdminCommand::SyncState { .. });
-                let (r, p) = self.core.handle_admin(now, &secret, command, || DataKey::generate().as_bytes().to_vec());
+                let wakes_agents = !matches!(
+                    command,
+                    AdminCommand::Status
+                        | AdminCommand::Nodes
+                        | AdminCommand::Machines
+                        | AdminCommand::Events
+                        | AdminCommand::SyncState { .. }
+                );
+                let (r, p) = self.core.handle_admin(now, &secret, command, || {
+                    DataKey::generate().as_bytes().to_vec()
+                });
                 if let Response::Refused { reason } = &r {
                     tracing::warn!(%reason, "admin request refused");
                 } else if wakes_agents {
@@ -142,14 +172,18 @@ impl Handler<HandleRequest> for ConfigActor {
                 }
                 (r, p)
             }
-            (Request::AgentPoll(report), Some(who)) => self.core.handle_agent_poll(now, who, report),
+            (Request::AgentPoll(report), Some(who)) => {
+                self.core.handle_agent_poll(now, who, report)
+            }
             (Request::NodePoll(report), Some(who)) => self.core.handle_node_poll(now, who, report),
-            (Request::AgentPoll(_) | Request::NodePoll(_), None) => {
-                (refused("polling requires a cluster certificate".into()), vec![])
-            }
-            (Request::OpenStream(_) | Request::OpenShip(_), _) => {
-                (refused("data streams go to process servers and master targets".into()), vec![])
-            }
+            (Request::AgentPoll(_) | Request::NodePoll(_), None) => (
+                refused("polling requires a cluster certificate".into()),
+                vec![],
+            ),
+            (Request::OpenStream(_) | Request::OpenShip(_), _) => (
+                refused("data streams go to process servers and master targets".into()),
+                vec![],
+            ),
         };
         if let Err(e) = self.persist(persist) {
             // Answer nothing we could not make durable.
@@ -162,19 +196,29 @@ impl Handler<HandleRequest> for ConfigActor {
 
 /// Creates a cluster in `data_dir`: CA, identity and secrets. Idempotent: an existing cluster
 /// is loaded, not replaced.
-pub fn bootstrap(data_dir: &Path, this_node: &haven_cluster::NodeRecord) -> Result<(Arc<CertificateAuthority>, ClusterMeta), String> {
+pub fn bootstrap(
+    data_dir: &Path,
+    this_node: &haven_cluster::NodeRecord,
+) -> Result<(Arc<CertificateAuthority>, ClusterMeta), String> {
     let dir = data_dir.join("config");
     std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     let (ca_path, key_path) = (dir.join("ca.der"), dir.join("ca-key.der"));
     let store = Store::open(&dir.join("state.redb")).map_err(|e| e.to_string())?;
     let mut this_node = this_node.clone();
-    if let Some(old) = store.nodes().map_err(|e| e.to_string())?.into_iter().find(|n| n.name == this_node.name) {
+    if let Some(old) = store
+        .nodes()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .find(|n| n.name == this_node.name)
+    {
         this_node.drained = old.drained;
     }
     store.put_node(&this_node).map_err(|e| e.to_string())?;
     if let Some(meta) = store.meta().map_err(|e| e.to_string())? {
-        let cert = std::fs::read(&ca_path).map_err(|e| format!("read {}: {e}", ca_path.display()))?;
-        let key = std::fs::read(&key_path).map_err(|e| format!("read {}: {e}", key_path.display()))?;
+        let cert =
+            std::fs::read(&ca_path).map_err(|e| format!("read {}: {e}", ca_path.display()))?;
+        let key =
+            std::fs::read(&key_path).map_err(|e| format!("read {}: {e}", key_path.display()))?;
         let ca = CertificateAuthority::load(&cert, &key).map_err(|e| e.to_string())?;
         return Ok((Arc::new(ca), meta));
     }

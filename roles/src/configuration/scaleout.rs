@@ -34,7 +34,12 @@ pub struct RebalancePolicy {
 
 impl Default for RebalancePolicy {
     fn default() -> Self {
-        Self { auto: true, skew_threshold: 2, max_moves_per_minute: 10, cooldown: Duration::from_secs(60) }
+        Self {
+            auto: true,
+            skew_threshold: 2,
+            max_moves_per_minute: 10,
+            cooldown: Duration::from_secs(60),
+        }
     }
 }
 
@@ -59,13 +64,21 @@ impl ConfigCore {
     pub(super) fn event_views(&self, now: Instant) -> Vec<EventView> {
         self.events
             .iter()
-            .map(|e| EventView { age_ms: now.duration_since(e.at).as_millis() as u64, ..e.view.clone() })
+            .map(|e| EventView {
+                age_ms: now.duration_since(e.at).as_millis() as u64,
+                ..e.view.clone()
+            })
             .collect()
     }
 
     /// The agent reported what its move to `generation` cost: attach it to the event.
     pub(super) fn record_move_figures(&mut self, machine: &str, stats: &crate::proto::MoveStats) {
-        if let Some(e) = self.events.iter_mut().rev().find(|e| e.view.machine == machine && e.view.generation == stats.generation) {
+        if let Some(e) = self
+            .events
+            .iter_mut()
+            .rev()
+            .find(|e| e.view.machine == machine && e.view.generation == stats.generation)
+        {
             if e.view.pause_ms.is_none() {
                 e.view.pause_ms = Some(stats.pause_ms);
                 e.view.bytes_resent = Some(stats.bytes_resent);
@@ -75,7 +88,11 @@ impl ConfigCore {
 
     /// Machines placed on `node` as process server.
     pub(super) fn machines_on(&self, node: &str) -> Vec<String> {
-        self.machines.values().filter(|m| m.protected && m.process_server.as_deref() == Some(node)).map(|m| m.name.clone()).collect()
+        self.machines
+            .values()
+            .filter(|m| m.protected && m.process_server.as_deref() == Some(node))
+            .map(|m| m.name.clone())
+            .collect()
     }
 
     /// The process server a machine should go to, other than `exclude`.
@@ -84,14 +101,28 @@ impl ConfigCore {
             .nodes
             .values()
             .filter(|n| n.has_role(ROLE_PROCESS) && Some(n.name.as_str()) != exclude)
-            .map(|n| placement::Candidate { node: n, machines: self.machines_on(&n.name).len() as u32, alive: self.alive(now, &n.name) })
+            .map(|n| placement::Candidate {
+                node: n,
+                machines: self.machines_on(&n.name).len() as u32,
+                alive: self.alive(now, &n.name),
+            })
             .collect();
         placement::pick(&cands).map(|n| n.name.clone())
     }
 
     /// Reassigns `machine` to process server `to` with the next generation.
-    pub(super) fn reassign(&mut self, now: Instant, machine: &str, to: &str, kind: &str, reason: String) -> Result<(Persist, EventView), String> {
-        let m = self.machines.get_mut(machine).ok_or_else(|| format!("no machine named {machine:?}"))?;
+    pub(super) fn reassign(
+        &mut self,
+        now: Instant,
+        machine: &str,
+        to: &str,
+        kind: &str,
+        reason: String,
+    ) -> Result<(Persist, EventView), String> {
+        let m = self
+            .machines
+            .get_mut(machine)
+            .ok_or_else(|| format!("no machine named {machine:?}"))?;
         if !m.protected {
             return Err(format!("{machine} is not protected"));
         }
@@ -118,15 +149,24 @@ impl ConfigCore {
         // Only balancing decisions are not to be reversed; forced moves (failover, drain) and
         // the operator's are not balancing decisions.
         if let (Some(from), "rebalance") = (&view.from, kind) {
-            self.recent_pairs.push_back((now, from.clone(), to.to_string()));
+            self.recent_pairs
+                .push_back((now, from.clone(), to.to_string()));
         }
         self.record_event(now, view.clone());
         Ok((persist, view))
     }
 
     /// `ctl move M --to NODE`.
-    pub(super) fn handle_move(&mut self, now: Instant, machine: &str, to: &str) -> Result<(Persist, EventView), String> {
-        let node = self.nodes.get(to).ok_or_else(|| format!("no node named {to:?}"))?;
+    pub(super) fn handle_move(
+        &mut self,
+        now: Instant,
+        machine: &str,
+        to: &str,
+    ) -> Result<(Persist, EventView), String> {
+        let node = self
+            .nodes
+            .get(to)
+            .ok_or_else(|| format!("no node named {to:?}"))?;
         if !node.has_role(ROLE_PROCESS) {
             return Err(format!("{to} is not a process server"));
         }
@@ -172,7 +212,13 @@ impl ConfigCore {
                     continue; // nowhere to go; the machine shows as degraded
                 };
                 let secs = self.failure_timeout.as_secs_f64();
-                if let Ok((p, _)) = self.reassign(now, &machine, &to, "failover", format!("process server {node} silent for more than {secs:.0}s")) {
+                if let Ok((p, _)) = self.reassign(
+                    now,
+                    &machine,
+                    &to,
+                    "failover",
+                    format!("process server {node} silent for more than {secs:.0}s"),
+                ) {
                     persist.push(p);
                 }
             }
@@ -181,12 +227,21 @@ impl ConfigCore {
     }
 
     fn drain_pass(&mut self, now: Instant) -> Vec<Persist> {
-        let drained: Vec<String> = self.nodes.values().filter(|n| n.drained && n.has_role(ROLE_PROCESS)).map(|n| n.name.clone()).collect();
+        let drained: Vec<String> = self
+            .nodes
+            .values()
+            .filter(|n| n.drained && n.has_role(ROLE_PROCESS))
+            .map(|n| n.name.clone())
+            .collect();
         let mut persist = vec![];
         for node in drained {
             for machine in self.machines_on(&node) {
-                let Some(to) = self.pick_process_server(now, Some(&node)) else { continue };
-                if let Ok((p, _)) = self.reassign(now, &machine, &to, "drain", format!("{node} is drained")) {
+                let Some(to) = self.pick_process_server(now, Some(&node)) else {
+                    continue;
+                };
+                if let Ok((p, _)) =
+                    self.reassign(now, &machine, &to, "drain", format!("{node} is drained"))
+                {
                     persist.push(p);
                 }
             }
@@ -197,16 +252,33 @@ impl ConfigCore {
     /// Moves machines from the fullest to the emptiest live process server while their
     /// headroom differs by at least the threshold, within the move budget.
     pub(super) fn rebalance_pass(&mut self, now: Instant) -> Vec<(Persist, EventView)> {
-        while self.recent_moves.front().is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60)) {
+        while self
+            .recent_moves
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60))
+        {
             self.recent_moves.pop_front();
         }
         let cooldown = self.policy.cooldown;
-        while self.recent_pairs.front().is_some_and(|(t, ..)| now.duration_since(*t) >= cooldown) {
+        while self
+            .recent_pairs
+            .front()
+            .is_some_and(|(t, ..)| now.duration_since(*t) >= cooldown)
+        {
             self.recent_pairs.pop_front();
         }
         // A process server that failed is quarantined until it has been up for a cooldown.
-        let stable = |core: &ConfigCore, n: &str| core.alive_since.get(n).is_some_and(|t| now.duration_since(*t) >= cooldown);
-        let recovered: Vec<String> = self.last_failed.keys().filter(|n| stable(self, n)).cloned().collect();
+        let stable = |core: &ConfigCore, n: &str| {
+            core.alive_since
+                .get(n)
+                .is_some_and(|t| now.duration_since(*t) >= cooldown)
+        };
+        let recovered: Vec<String> = self
+            .last_failed
+            .keys()
+            .filter(|n| stable(self, n))
+            .cloned()
+            .collect();
         for n in recovered {
             self.last_failed.remove(&n);
         }
@@ -220,7 +292,12 @@ impl ConfigCore {
                 .values()
                 .filter(|n| n.has_role(ROLE_PROCESS) && !n.drained && self.alive(now, &n.name))
                 .filter(|n| !self.last_failed.contains_key(&n.name))
-                .map(|n| (n.name.clone(), n.capacity as i64 - self.machines_on(&n.name).len() as i64))
+                .map(|n| {
+                    (
+                        n.name.clone(),
+                        n.capacity as i64 - self.machines_on(&n.name).len() as i64,
+                    )
+                })
                 .collect();
             if loads.len() < 2 {
                 break;
@@ -231,15 +308,22 @@ impl ConfigCore {
             if empty_headroom - full_headroom < self.policy.skew_threshold as i64 {
                 break;
             }
-            if self.recent_pairs.iter().any(|(_, from, to)| *from == empty && *to == full) {
+            if self
+                .recent_pairs
+                .iter()
+                .any(|(_, from, to)| *from == empty && *to == full)
+            {
                 break; // that would undo a recent move
             }
-            let candidate = self
-                .machines_on(&full)
-                .into_iter()
-                .find(|m| self.last_rebalanced.get(m).is_none_or(|t| now.duration_since(*t) >= cooldown));
+            let candidate = self.machines_on(&full).into_iter().find(|m| {
+                self.last_rebalanced
+                    .get(m)
+                    .is_none_or(|t| now.duration_since(*t) >= cooldown)
+            });
             let Some(machine) = candidate else { break };
-            let reason = format!("rebalance: {full} has {full_headroom} headroom, {empty} has {empty_headroom}");
+            let reason = format!(
+                "rebalance: {full} has {full_headroom} headroom, {empty} has {empty_headroom}"
+            );
             match self.reassign(now, &machine, &empty, "rebalance", reason) {
                 Ok(x) => {
                     self.recent_moves.push_back(now);

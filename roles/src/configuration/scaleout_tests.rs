@@ -1182,7 +1182,10 @@ fn oscillating_load_never_moves_a_machine_twice_within_the_cooldown() {
         .collect();
     assert!(got.len() <= 10, "{got:?}");
     for w in got.windows(2) {
-        assert!(w[1].0 - w[0].0 >= 60, "two moves within a cooldown: {got:?}");
+        assert!(
+            w[1].0 - w[0].0 >= 60,
+            "two moves within a cooldown: {got:?}"
+        );
     }
 }
 
@@ -1303,7 +1306,11 @@ fn an_operator_move_is_not_undone_by_the_next_tick() {
     assert!(persist.len() <= 1, "events: {:?}", c.events(2 * SEC));
     for t in 3..120 {
         c.all_poll_tick(secs(t));
-        assert_eq!(c.record("app").process_server.as_deref(), Some("ps-b"), "at {t}s");
+        assert_eq!(
+            c.record("app").process_server.as_deref(),
+            Some("ps-b"),
+            "at {t}s"
+        );
     }
 }
 

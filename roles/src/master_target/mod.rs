@@ -51,7 +51,10 @@ pub struct MtMachine {
 
 impl MasterState {
     pub fn new(data_dir: &Path) -> Self {
-        Self { dir: data_dir.join("replicas"), machines: DashMap::new() }
+        Self {
+            dir: data_dir.join("replicas"),
+            machines: DashMap::new(),
+        }
     }
 
     pub fn reports(&self) -> Vec<NodeMachineReport> {
@@ -81,14 +84,27 @@ pub async fn apply_stream(
     let (m, key) = match admitted {
         Ok(x) => x,
         Err(reason) => {
-            let _ = frame::send_msg(&mut send, &Response::Refused { reason: reason.clone() }).await;
+            let _ = frame::send_msg(
+                &mut send,
+                &Response::Refused {
+                    reason: reason.clone(),
+                },
+            )
+            .await;
             let _ = send.finish();
             return Err(reason);
         }
     };
     let generation = open.generation.0;
     let applied = m.applied.load(Ordering::SeqCst);
-    frame::send_msg(&mut send, &Response::ShipAccepted { applied_seq: applied }).await.map_err(|e| e.to_string())?;
+    frame::send_msg(
+        &mut send,
+        &Response::ShipAccepted {
+            applied_seq: applied,
+        },
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     tracing::info!(machine = %open.machine, applied, "ship stream accepted");
 
     let (tx, rx) = mpsc::channel(OPEN_QUEUE);
@@ -105,8 +121,15 @@ pub async fn apply_stream(
     result
 }
 
-async fn admit(ctx: &NodeContext, who: Option<&PeerIdentity>, open: &ShipOpen) -> Result<(Arc<MtMachine>, DataKey), String> {
-    let mt = ctx.master.as_ref().ok_or("this node is not a master target")?;
+async fn admit(
+    ctx: &NodeContext,
+    who: Option<&PeerIdentity>,
+    open: &ShipOpen,
+) -> Result<(Arc<MtMachine>, DataKey), String> {
+    let mt = ctx
+        .master
+        .as_ref()
+        .ok_or("this node is not a master target")?;
     match who {
         Some(id) if id.has_role(haven_cluster::ROLE_PROCESS) => {}
         Some(other) => return Err(format!("{} is not a process server", other.common_name())),
@@ -115,17 +138,33 @@ async fn admit(ctx: &NodeContext, who: Option<&PeerIdentity>, open: &ShipOpen) -
     let a = ctx
         .assignment(&open.machine)
         .filter(|a| a.master_target == ctx.name)
-        .ok_or_else(|| format!("machine {} is not assigned to master target {}", open.machine, ctx.name))?;
+        .ok_or_else(|| {
+            format!(
+                "machine {} is not assigned to master target {}",
+                open.machine, ctx.name
+            )
+        })?;
     if a.epoch.0 != open.epoch {
-        return Err(format!("epoch mismatch: stream has {}, cluster has {}", open.epoch, a.epoch.0));
+        return Err(format!(
+            "epoch mismatch: stream has {}, cluster has {}",
+            open.epoch, a.epoch.0
+        ));
     }
     let key = DataKey::from_slice(&a.data_key).map_err(|e| e.to_string())?;
     let m = mt.machines.entry(open.machine.clone()).or_default().clone();
-    let (dir, machine, epoch, disks) = (mt.dir.clone(), open.machine.clone(), a.epoch.0, a.disks.clone());
+    let (dir, machine, epoch, disks) = (
+        mt.dir.clone(),
+        open.machine.clone(),
+        a.epoch.0,
+        a.disks.clone(),
+    );
     let generation = open.generation.0;
     let m2 = m.clone();
     tokio::task::spawn_blocking(move || {
-        let mut slot = m2.replica.lock().map_err(|_| "replica lock poisoned".to_string())?;
+        let mut slot = m2
+            .replica
+            .lock()
+            .map_err(|_| "replica lock poisoned".to_string())?;
         let fresh = slot.as_ref().is_none_or(|r| r.epoch() != epoch);
         if fresh {
             *slot = None;
@@ -135,7 +174,10 @@ async fn admit(ctx: &NodeContext, who: Option<&PeerIdentity>, open: &ShipOpen) -
             *slot = Some(r);
         }
         // A process server of an older generation than one that delivered is fenced.
-        slot.as_ref().expect("opened above").check_generation(generation).map_err(|e| e.to_string())
+        slot.as_ref()
+            .expect("opened above")
+            .check_generation(generation)
+            .map_err(|e| e.to_string())
     })
     .await
     .map_err(|e| e.to_string())??;
@@ -169,15 +211,32 @@ async fn read_and_open(
         };
         let (key, machine, epoch) = (key.clone(), open.machine.clone(), open.epoch);
         let job = tokio::task::spawn_blocking(move || {
-            let ShipFrame::Sealed { first_seq, last_seq, sealed } =
-                codec::decode(&bytes).map_err(|e| format!("refused: malformed frame: {e}"))?;
+            let ShipFrame::Sealed {
+                first_seq,
+                last_seq,
+                sealed,
+            } = codec::decode(&bytes).map_err(|e| format!("refused: malformed frame: {e}"))?;
             if sealed.ciphertext.len() > MAX_SEALED_LEN || first_seq > last_seq {
-                return Err(format!("refused: batch {first_seq}..={last_seq} is malformed or oversized"));
+                return Err(format!(
+                    "refused: batch {first_seq}..={last_seq} is malformed or oversized"
+                ));
             }
-            let sctx = SealContext { machine: &machine, epoch, first_seq, last_seq };
-            let plain = seal::open(&key, &sctx, &sealed).map_err(|e| format!("refused: {first_seq}..={last_seq}: {e}"))?;
-            let body: BatchBody = codec::decode(&plain).map_err(|e| format!("refused: {first_seq}..={last_seq}: undecodable body: {e}"))?;
-            Ok(Opened { first_seq, last_seq, body, raw_len: plain.len() as u64 })
+            let sctx = SealContext {
+                machine: &machine,
+                epoch,
+                first_seq,
+                last_seq,
+            };
+            let plain = seal::open(&key, &sctx, &sealed)
+                .map_err(|e| format!("refused: {first_seq}..={last_seq}: {e}"))?;
+            let body: BatchBody = codec::decode(&plain)
+                .map_err(|e| format!("refused: {first_seq}..={last_seq}: undecodable body: {e}"))?;
+            Ok(Opened {
+                first_seq,
+                last_seq,
+                body,
+                raw_len: plain.len() as u64,
+            })
         });
         if tx.send(job).await.is_err() {
             return Ok(());
@@ -200,7 +259,10 @@ async fn apply_in_order(
         }
         let m2 = m.clone();
         let applied = tokio::task::spawn_blocking(move || {
-            let mut slot = m2.replica.lock().map_err(|_| "replica lock poisoned".to_string())?;
+            let mut slot = m2
+                .replica
+                .lock()
+                .map_err(|_| "replica lock poisoned".to_string())?;
             let r = slot.as_mut().ok_or("replica closed")?;
             let mut failed = None;
             for o in &batch {
@@ -209,7 +271,9 @@ async fn apply_in_order(
                         m2.bytes_applied.fetch_add(o.raw_len, Ordering::Relaxed);
                     }
                     Ok(replica::Applied::Duplicate) => {}
-                    Err(e @ replica::ApplyError::Invalid(_)) => failed = Some(format!("refused: {e}")),
+                    Err(e @ replica::ApplyError::Invalid(_)) => {
+                        failed = Some(format!("refused: {e}"))
+                    }
                     Err(e) => failed = Some(e.to_string()),
                 }
                 if failed.is_some() {
@@ -224,7 +288,14 @@ async fn apply_in_order(
         .await
         .map_err(|e| e.to_string())??;
         m.applied.fetch_max(applied, Ordering::SeqCst);
-        frame::send_msg(send, &Applied { applied_seq: applied }).await.map_err(|e| e.to_string())?;
+        frame::send_msg(
+            send,
+            &Applied {
+                applied_seq: applied,
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
     }
     Ok(())
 }

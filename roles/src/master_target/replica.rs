@@ -69,7 +69,12 @@ impl Replica {
     /// Opens (creating as needed) the replica of a machine for `epoch`. A newer epoch is a new
     /// protection: images are emptied (the full resync skips zero blocks, so stale data would
     /// otherwise survive) and the cursor starts at 0.
-    pub fn open(replicas_dir: &Path, machine: &str, epoch: u32, disks: &[DiskInfo]) -> Result<Self, ApplyError> {
+    pub fn open(
+        replicas_dir: &Path,
+        machine: &str,
+        epoch: u32,
+        disks: &[DiskInfo],
+    ) -> Result<Self, ApplyError> {
         let dir = replicas_dir.join(machine);
         std::fs::create_dir_all(&dir).map_err(|e| io("create", &dir, e))?;
         let state_path = dir.join("state");
@@ -77,28 +82,50 @@ impl Replica {
             .map_err(|e| io("read", &state_path, e))?
             .map(|b| haven_transport::codec::decode(&b))
             .transpose()
-            .map_err(|e| ApplyError::Io(format!("replica state {} is unreadable: {e}", state_path.display())))?;
+            .map_err(|e| {
+                ApplyError::Io(format!(
+                    "replica state {} is unreadable: {e}",
+                    state_path.display()
+                ))
+            })?;
         let reset = match &stored {
-            Some(s) if s.epoch > epoch => return Err(ApplyError::StaleEpoch { got: epoch, have: s.epoch }),
+            Some(s) if s.epoch > epoch => {
+                return Err(ApplyError::StaleEpoch {
+                    got: epoch,
+                    have: s.epoch,
+                })
+            }
             Some(s) => s.epoch < epoch,
             None => true,
         };
         let mut files = Vec::with_capacity(disks.len());
         for d in disks {
             let path = Self::image_path(replicas_dir, machine, &d.name);
-            let f = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(|e| io("open", &path, e))?;
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(|e| io("open", &path, e))?;
             if reset {
                 f.set_len(0).map_err(|e| io("truncate", &path, e))?;
             }
             let len = f.metadata().map_err(|e| io("stat", &path, e))?.len();
             if len != d.size_bytes {
-                f.set_len(d.size_bytes).map_err(|e| io("resize", &path, e))?;
+                f.set_len(d.size_bytes)
+                    .map_err(|e| io("resize", &path, e))?;
             }
             files.push((d.clone(), f));
         }
         let state = match stored {
             Some(s) if !reset => s,
-            _ => ReplicaState { version: 1, epoch, applied_seq: 0, generation: 0 },
+            _ => ReplicaState {
+                version: 1,
+                epoch,
+                applied_seq: 0,
+                generation: 0,
+            },
         };
         let mut r = Self {
             dir,
@@ -131,37 +158,62 @@ impl Replica {
     /// Refuses a stream of an older generation than one that has delivered.
     pub fn check_generation(&self, generation: u64) -> Result<(), ApplyError> {
         if generation < self.pending_generation {
-            return Err(ApplyError::StaleGeneration { got: generation, have: self.pending_generation });
+            return Err(ApplyError::StaleGeneration {
+                got: generation,
+                have: self.pending_generation,
+            });
         }
         Ok(())
     }
 
     /// Applies one batch in seq order. Every record is validated before anything is written,
     /// so an invalid batch leaves the disks untouched.
-    pub fn apply(&mut self, generation: u64, first_seq: u64, last_seq: u64, body: &BatchBody) -> Result<Applied, ApplyError> {
+    pub fn apply(
+        &mut self,
+        generation: u64,
+        first_seq: u64,
+        last_seq: u64,
+        body: &BatchBody,
+    ) -> Result<Applied, ApplyError> {
         self.check_generation(generation)?;
         if last_seq <= self.pending_seq {
             return Ok(Applied::Duplicate);
         }
         if first_seq != self.pending_seq + 1 {
-            return Err(ApplyError::Gap { applied: self.pending_seq, first: first_seq });
+            return Err(ApplyError::Gap {
+                applied: self.pending_seq,
+                first: first_seq,
+            });
         }
         for r in &body.records {
-            let (d, _) = self
-                .disks
-                .get(r.disk as usize)
-                .ok_or_else(|| ApplyError::Invalid(format!("record names disk #{} of {}", r.disk, self.disks.len())))?;
+            let (d, _) = self.disks.get(r.disk as usize).ok_or_else(|| {
+                ApplyError::Invalid(format!(
+                    "record names disk #{} of {}",
+                    r.disk,
+                    self.disks.len()
+                ))
+            })?;
             let end = r.offset.checked_add(r.data.len() as u64);
             if end.is_none_or(|end| end > d.size_bytes) {
-                return Err(ApplyError::Invalid(format!("write at {}+{} is beyond disk {} ({} bytes)", r.offset, r.data.len(), d.name, d.size_bytes)));
+                return Err(ApplyError::Invalid(format!(
+                    "write at {}+{} is beyond disk {} ({} bytes)",
+                    r.offset,
+                    r.data.len(),
+                    d.name,
+                    d.size_bytes
+                )));
             }
             if r.seq < first_seq || r.seq > last_seq {
-                return Err(ApplyError::Invalid(format!("record seq {} outside batch {first_seq}..={last_seq}", r.seq)));
+                return Err(ApplyError::Invalid(format!(
+                    "record seq {} outside batch {first_seq}..={last_seq}",
+                    r.seq
+                )));
             }
         }
         for r in &body.records {
             let (d, f) = &self.disks[r.disk as usize];
-            f.write_all_at(&r.data, r.offset).map_err(|e| ApplyError::Io(format!("write {}: {e}", d.name)))?;
+            f.write_all_at(&r.data, r.offset)
+                .map_err(|e| ApplyError::Io(format!("write {}: {e}", d.name)))?;
             self.dirty[r.disk as usize] = true;
         }
         self.pending_seq = last_seq;
@@ -174,14 +226,21 @@ impl Replica {
     pub fn commit(&mut self) -> Result<u64, ApplyError> {
         for (i, (d, f)) in self.disks.iter().enumerate() {
             if self.dirty[i] {
-                f.sync_data().map_err(|e| ApplyError::Io(format!("fsync {}: {e}", d.name)))?;
+                f.sync_data()
+                    .map_err(|e| ApplyError::Io(format!("fsync {}: {e}", d.name)))?;
             }
         }
         self.dirty.iter_mut().for_each(|d| *d = false);
-        let changed = self.pending_seq != self.state.applied_seq || self.pending_generation != self.state.generation;
+        let changed = self.pending_seq != self.state.applied_seq
+            || self.pending_generation != self.state.generation;
         if changed || !self.dir.join("state").exists() {
-            let next = ReplicaState { applied_seq: self.pending_seq, generation: self.pending_generation, ..self.state.clone() };
-            let bytes = haven_transport::codec::encode(&next).map_err(|e| ApplyError::Io(e.to_string()))?;
+            let next = ReplicaState {
+                applied_seq: self.pending_seq,
+                generation: self.pending_generation,
+                ..self.state.clone()
+            };
+            let bytes =
+                haven_transport::codec::encode(&next).map_err(|e| ApplyError::Io(e.to_string()))?;
             let path = self.dir.join("state");
             write_atomic(&path, &bytes).map_err(|e| io("write", &path, e))?;
             self.state = next;
@@ -201,13 +260,21 @@ mod tests {
             records: writes
                 .iter()
                 .enumerate()
-                .map(|(i, (off, data))| WriteRecord { seq: seq0 + i as u64, disk: 0, offset: *off, data: ByteBuf::from(data.to_vec()) })
+                .map(|(i, (off, data))| WriteRecord {
+                    seq: seq0 + i as u64,
+                    disk: 0,
+                    offset: *off,
+                    data: ByteBuf::from(data.to_vec()),
+                })
                 .collect(),
         }
     }
 
     fn disks() -> Vec<DiskInfo> {
-        vec![DiskInfo { name: "d0".into(), size_bytes: 1 << 16 }]
+        vec![DiskInfo {
+            name: "d0".into(),
+            size_bytes: 1 << 16,
+        }]
     }
 
     fn image(dir: &Path) -> Vec<u8> {
@@ -218,10 +285,21 @@ mod tests {
     fn applies_in_order_and_ignores_duplicates() {
         let dir = tempfile::tempdir().unwrap();
         let mut r = Replica::open(dir.path(), "m", 1, &disks()).unwrap();
-        assert_eq!(r.apply(1, 1, 2, &body(1, &[(0, b"aa"), (10, b"bb")])).unwrap(), Applied::Applied);
-        assert_eq!(r.apply(1, 3, 3, &body(3, &[(0, b"cc")])).unwrap(), Applied::Applied);
+        assert_eq!(
+            r.apply(1, 1, 2, &body(1, &[(0, b"aa"), (10, b"bb")]))
+                .unwrap(),
+            Applied::Applied
+        );
+        assert_eq!(
+            r.apply(1, 3, 3, &body(3, &[(0, b"cc")])).unwrap(),
+            Applied::Applied
+        );
         // A resend of seq 1..2 must not undo seq 3.
-        assert_eq!(r.apply(1, 1, 2, &body(1, &[(0, b"aa"), (10, b"bb")])).unwrap(), Applied::Duplicate);
+        assert_eq!(
+            r.apply(1, 1, 2, &body(1, &[(0, b"aa"), (10, b"bb")]))
+                .unwrap(),
+            Applied::Duplicate
+        );
         assert_eq!(r.commit().unwrap(), 3);
         let img = image(dir.path());
         assert_eq!(&img[0..2], b"cc");
@@ -235,8 +313,14 @@ mod tests {
         let mut r = Replica::open(dir.path(), "m", 1, &disks()).unwrap();
         r.apply(3, 1, 1, &body(1, &[(0, b"a")])).unwrap();
         // Generation 3 delivered; the old process server (generation 2) is refused.
-        assert_eq!(r.apply(2, 2, 2, &body(2, &[(0, b"X")])), Err(ApplyError::StaleGeneration { got: 2, have: 3 }));
-        assert_eq!(r.check_generation(2), Err(ApplyError::StaleGeneration { got: 2, have: 3 }));
+        assert_eq!(
+            r.apply(2, 2, 2, &body(2, &[(0, b"X")])),
+            Err(ApplyError::StaleGeneration { got: 2, have: 3 })
+        );
+        assert_eq!(
+            r.check_generation(2),
+            Err(ApplyError::StaleGeneration { got: 2, have: 3 })
+        );
         r.apply(4, 2, 2, &body(2, &[(0, b"b")])).unwrap();
         r.commit().unwrap();
         drop(r);
@@ -251,7 +335,13 @@ mod tests {
     fn gap_is_refused_and_nothing_written() {
         let dir = tempfile::tempdir().unwrap();
         let mut r = Replica::open(dir.path(), "m", 1, &disks()).unwrap();
-        assert_eq!(r.apply(1, 5, 5, &body(5, &[(0, b"zz")])), Err(ApplyError::Gap { applied: 0, first: 5 }));
+        assert_eq!(
+            r.apply(1, 5, 5, &body(5, &[(0, b"zz")])),
+            Err(ApplyError::Gap {
+                applied: 0,
+                first: 5
+            })
+        );
         assert!(image(dir.path()).iter().all(|b| *b == 0));
     }
 
@@ -261,11 +351,17 @@ mod tests {
         let mut r = Replica::open(dir.path(), "m", 1, &disks()).unwrap();
         // First record valid, second beyond the end: the whole batch is refused.
         let bad = body(1, &[(0, b"xx"), ((1 << 16) - 1, b"yy")]);
-        assert!(matches!(r.apply(1, 1, 2, &bad), Err(ApplyError::Invalid(_))));
+        assert!(matches!(
+            r.apply(1, 1, 2, &bad),
+            Err(ApplyError::Invalid(_))
+        ));
         assert!(image(dir.path()).iter().all(|b| *b == 0));
         let mut wrong_disk = body(1, &[(0, b"xx")]);
         wrong_disk.records[0].disk = 3;
-        assert!(matches!(r.apply(1, 1, 1, &wrong_disk), Err(ApplyError::Invalid(_))));
+        assert!(matches!(
+            r.apply(1, 1, 1, &wrong_disk),
+            Err(ApplyError::Invalid(_))
+        ));
         assert_eq!(r.applied_seq(), 0);
     }
 
@@ -281,7 +377,10 @@ mod tests {
         }
         let r = Replica::open(dir.path(), "m", 1, &disks()).unwrap();
         assert_eq!(r.applied_seq(), 1);
-        assert!(matches!(Replica::open(dir.path(), "m", 0, &disks()), Err(ApplyError::StaleEpoch { .. })));
+        assert!(matches!(
+            Replica::open(dir.path(), "m", 0, &disks()),
+            Err(ApplyError::StaleEpoch { .. })
+        ));
         drop(r);
         let r = Replica::open(dir.path(), "m", 2, &disks()).unwrap();
         assert_eq!(r.applied_seq(), 0);

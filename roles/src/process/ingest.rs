@@ -41,13 +41,18 @@ struct Inflight {
 impl Inflight {
     fn new(m: &Arc<PsMachine>, bytes: u64) -> Self {
         m.inflight_bytes.fetch_add(bytes, Ordering::Relaxed);
-        Self { m: m.clone(), bytes }
+        Self {
+            m: m.clone(),
+            bytes,
+        }
     }
 }
 
 impl Drop for Inflight {
     fn drop(&mut self) {
-        self.m.inflight_bytes.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.m
+            .inflight_bytes
+            .fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 
@@ -64,7 +69,13 @@ pub async fn ingest(
     let m = match admitted {
         Ok(m) => m,
         Err(reason) => {
-            let _ = frame::send_msg(&mut send, &Response::Refused { reason: reason.clone() }).await;
+            let _ = frame::send_msg(
+                &mut send,
+                &Response::Refused {
+                    reason: reason.clone(),
+                },
+            )
+            .await;
             let _ = send.finish();
             return Err(reason);
         }
@@ -74,9 +85,15 @@ pub async fn ingest(
     m.ingest_owner.store(id, Ordering::SeqCst);
     let cached = *m.durable.borrow();
     let applied = *m.applied.borrow();
-    frame::send_msg(&mut send, &Response::StreamAccepted { cached_seq: cached, applied_seq: applied })
-        .await
-        .map_err(|e| e.to_string())?;
+    frame::send_msg(
+        &mut send,
+        &Response::StreamAccepted {
+            cached_seq: cached,
+            applied_seq: applied,
+        },
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     tracing::info!(machine = %open.machine, cached, applied, "agent stream accepted");
 
     // Acks flow back as the durable and applied cursors move.
@@ -85,7 +102,10 @@ pub async fn ingest(
         tokio::spawn(async move {
             let (mut d, mut a) = (m.durable.subscribe(), m.applied.subscribe());
             loop {
-                let ack = Ack { cached_seq: *d.borrow_and_update(), applied_seq: *a.borrow_and_update() };
+                let ack = Ack {
+                    cached_seq: *d.borrow_and_update(),
+                    applied_seq: *a.borrow_and_update(),
+                };
                 if frame::send_msg(&mut send, &ack).await.is_err() {
                     return;
                 }
@@ -106,16 +126,25 @@ pub async fn ingest(
     let mut next_expected = cached.max(applied) + 1;
     let result = async {
         loop {
-            let Some(bytes) = frame::read_frame(&mut recv, MAX_DATA_FRAME).await.map_err(|e| e.to_string())? else {
+            let Some(bytes) = frame::read_frame(&mut recv, MAX_DATA_FRAME)
+                .await
+                .map_err(|e| e.to_string())?
+            else {
                 return Ok(());
             };
             if m.ingest_owner.load(Ordering::SeqCst) != id {
                 return Err("superseded by a newer stream from the same agent".to_string());
             }
-            let AgentFrame::Batch { first_seq, last_seq, body } =
-                codec::decode(&bytes).map_err(|e| format!("malformed batch frame: {e}"))?;
+            let AgentFrame::Batch {
+                first_seq,
+                last_seq,
+                body,
+            } = codec::decode(&bytes).map_err(|e| format!("malformed batch frame: {e}"))?;
             if first_seq > last_seq || body.len() > MAX_RAW_LEN {
-                return Err(format!("invalid batch {first_seq}..={last_seq} of {} bytes", body.len()));
+                return Err(format!(
+                    "invalid batch {first_seq}..={last_seq} of {} bytes",
+                    body.len()
+                ));
             }
             if last_seq < next_expected {
                 continue; // a resend of something already cached
@@ -124,7 +153,10 @@ pub async fn ingest(
             // server (the master target orders and deduplicates). An overlap is not: batches
             // are immutable units, so a partial overlap means a broken sender.
             if first_seq < next_expected {
-                return Err(format!("batch {first_seq}..={last_seq} overlaps what is cached (through {})", next_expected - 1));
+                return Err(format!(
+                    "batch {first_seq}..={last_seq} overlaps what is cached (through {})",
+                    next_expected - 1
+                ));
             }
             next_expected = last_seq + 1;
             // Back-pressure: a full cache stops us reading; QUIC flow control slows the agent.
@@ -136,10 +168,25 @@ pub async fn ingest(
             let inflight = Inflight::new(&m, body.len() as u64);
             let (key, machine, epoch) = (key.clone(), m.name.clone(), open.epoch);
             let job = tokio::task::spawn_blocking(move || {
-                let sctx = SealContext { machine: &machine, epoch, first_seq, last_seq };
+                let sctx = SealContext {
+                    machine: &machine,
+                    epoch,
+                    first_seq,
+                    last_seq,
+                };
                 let sealed = seal::seal(&key, &sctx, &body).map_err(|e| e.to_string())?;
-                let payload = codec::encode(&ShipFrame::Sealed { first_seq, last_seq, sealed }).map_err(|e| e.to_string())?;
-                Ok(Sealed { first_seq, last_seq, payload, _inflight: inflight })
+                let payload = codec::encode(&ShipFrame::Sealed {
+                    first_seq,
+                    last_seq,
+                    sealed,
+                })
+                .map_err(|e| e.to_string())?;
+                Ok(Sealed {
+                    first_seq,
+                    last_seq,
+                    payload,
+                    _inflight: inflight,
+                })
             });
             if tx.send(job).await.is_err() {
                 break;
@@ -149,44 +196,78 @@ pub async fn ingest(
     }
     .await;
     drop(tx);
-    let written = writer.await.map_err(|e| format!("cache writer failed: {e}"))?;
+    let written = writer
+        .await
+        .map_err(|e| format!("cache writer failed: {e}"))?;
     acker.abort();
     result.and(written)
 }
 
-async fn admit(ctx: &NodeContext, who: Option<&PeerIdentity>, open: &StreamOpen) -> Result<Arc<PsMachine>, String> {
-    let ps = ctx.process.as_ref().ok_or("this node is not a process server")?;
+async fn admit(
+    ctx: &NodeContext,
+    who: Option<&PeerIdentity>,
+    open: &StreamOpen,
+) -> Result<Arc<PsMachine>, String> {
+    let ps = ctx
+        .process
+        .as_ref()
+        .ok_or("this node is not a process server")?;
     match who {
         Some(PeerIdentity::Agent { machine }) if *machine == open.machine => {}
-        Some(other) => return Err(format!("{} may not send data for machine {}", other.common_name(), open.machine)),
+        Some(other) => {
+            return Err(format!(
+                "{} may not send data for machine {}",
+                other.common_name(),
+                open.machine
+            ))
+        }
         None => return Err("data streams need a cluster certificate".into()),
     }
     // The agent may hear of a move before we do: wait briefly for our assignment to catch up.
     let mut assignments = ctx.assignments.subscribe();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     let a = loop {
-        let current = ctx.assignment(&open.machine).filter(|a| a.process_server == ctx.name);
+        let current = ctx
+            .assignment(&open.machine)
+            .filter(|a| a.process_server == ctx.name);
         match current {
             Some(a) if a.generation >= open.generation => break a,
             _ => {}
         }
-        if tokio::time::timeout_at(deadline, assignments.changed()).await.is_err() {
-            return Err(format!("machine {} (generation {}) is not assigned to process server {}", open.machine, open.generation.0, ctx.name));
+        if tokio::time::timeout_at(deadline, assignments.changed())
+            .await
+            .is_err()
+        {
+            return Err(format!(
+                "machine {} (generation {}) is not assigned to process server {}",
+                open.machine, open.generation.0, ctx.name
+            ));
         }
     };
     if a.generation > open.generation {
-        return Err(format!("stale assignment: the agent streams generation {}, the cluster is at {}", open.generation.0, a.generation.0));
+        return Err(format!(
+            "stale assignment: the agent streams generation {}, the cluster is at {}",
+            open.generation.0, a.generation.0
+        ));
     }
     if a.epoch.0 != open.epoch {
-        return Err(format!("epoch mismatch: agent streams epoch {}, cluster has {}", open.epoch, a.epoch.0));
+        return Err(format!(
+            "epoch mismatch: agent streams epoch {}, cluster has {}",
+            open.epoch, a.epoch.0
+        ));
     }
     let m = {
         let ps = ps.clone();
-        tokio::task::spawn_blocking(move || ps.machine(&a)).await.map_err(|e| e.to_string())??
+        tokio::task::spawn_blocking(move || ps.machine(&a))
+            .await
+            .map_err(|e| e.to_string())??
     };
     // Without cached data, the seq floor comes from the master target: wait for it.
     if m.draining.load(Ordering::SeqCst) {
-        return Err(format!("machine {} is draining off process server {}", open.machine, ctx.name));
+        return Err(format!(
+            "machine {} is draining off process server {}",
+            open.machine, ctx.name
+        ));
     }
     if *m.durable.borrow() == 0 && !*m.applied_known.borrow() {
         let mut known = m.applied_known.subscribe();
@@ -221,7 +302,12 @@ async fn write_groups(
                     c.append(s.first_seq, s.last_seq, &s.payload)?;
                 }
                 c.sync()?;
-                Ok((c.durable_last_seq().unwrap_or(0), c.bytes(), c.bytes_after(applied), group))
+                Ok((
+                    c.durable_last_seq().unwrap_or(0),
+                    c.bytes(),
+                    c.bytes_after(applied),
+                    group,
+                ))
             })
             .await?;
         m.cache_bytes.store(cache_bytes, Ordering::Relaxed);

@@ -40,24 +40,39 @@ pub struct ProcessState {
 
 impl ProcessState {
     pub fn new(data_dir: &Path, cache_limit_bytes: u64) -> Self {
-        Self { dir: data_dir.join("cache"), cache_limit_bytes, machines: DashMap::new(), create: Mutex::new(()), space: Notify::new() }
+        Self {
+            dir: data_dir.join("cache"),
+            cache_limit_bytes,
+            machines: DashMap::new(),
+            create: Mutex::new(()),
+            space: Notify::new(),
+        }
     }
 
     /// Unapplied bytes in all caches plus bytes being sealed on their way in: what the limit
     /// bounds. (Files on disk exceed it by at most the partly applied segments.)
     pub fn pending_bytes(&self) -> u64 {
-        self.machines.iter().map(|m| m.pending_bytes.load(Ordering::Relaxed) + m.inflight_bytes.load(Ordering::Relaxed)).sum()
+        self.machines
+            .iter()
+            .map(|m| {
+                m.pending_bytes.load(Ordering::Relaxed) + m.inflight_bytes.load(Ordering::Relaxed)
+            })
+            .sum()
     }
 
     /// Segments small enough that trimming whole segments keeps the disk near the limit.
     fn cache_options(&self) -> CacheOptions {
-        CacheOptions { segment_bytes: (self.cache_limit_bytes / 4).clamp(1 << 20, 64 << 20) }
+        CacheOptions {
+            segment_bytes: (self.cache_limit_bytes / 4).clamp(1 << 20, 64 << 20),
+        }
     }
 
     pub fn reports(&self) -> Vec<NodeMachineReport> {
         self.machines
             .iter()
-            .filter(|m| !m.draining.load(Ordering::Relaxed) || m.cache_bytes.load(Ordering::Relaxed) > 0)
+            .filter(|m| {
+                !m.draining.load(Ordering::Relaxed) || m.cache_bytes.load(Ordering::Relaxed) > 0
+            })
             .map(|m| NodeMachineReport {
                 machine: m.name.clone(),
                 role: haven_cluster::ROLE_PROCESS.into(),
@@ -77,7 +92,10 @@ impl ProcessState {
     /// old cache belongs to a stream that no longer exists and is cleared. Entries are never
     /// removed from the map: the cache's directory lock belongs to its one `PsMachine`.
     pub fn machine(&self, a: &Assignment) -> Result<Arc<PsMachine>, String> {
-        let _create = self.create.lock().map_err(|_| "process state lock poisoned".to_string())?;
+        let _create = self
+            .create
+            .lock()
+            .map_err(|_| "process state lock poisoned".to_string())?;
         if let Some(m) = self.machines.get(&a.machine).map(|m| m.clone()) {
             if m.assignment.borrow().epoch != a.epoch {
                 tracing::info!(machine = %a.machine, epoch = a.epoch.0, "new protection epoch: clearing the old cache");
@@ -88,12 +106,16 @@ impl ProcessState {
                 m.raw_bytes.store(0, Ordering::Relaxed);
                 m.wire_bytes.store(0, Ordering::Relaxed);
                 let epoch_file = self.dir.join(&a.machine).join("epoch");
-                crate::fsutil::write_atomic(&epoch_file, a.epoch.0.to_string().as_bytes()).map_err(|e| e.to_string())?;
+                crate::fsutil::write_atomic(&epoch_file, a.epoch.0.to_string().as_bytes())
+                    .map_err(|e| e.to_string())?;
             }
             {
                 // Under the cache lock, so a drain that is finishing either clears the cache
                 // before we take the machine back, or sees it taken back and clears nothing.
-                let _cache = m.cache.lock().map_err(|_| "cache lock poisoned".to_string())?;
+                let _cache = m
+                    .cache
+                    .lock()
+                    .map_err(|_| "cache lock poisoned".to_string())?;
                 m.draining.store(false, Ordering::SeqCst);
             }
             if *m.assignment.borrow() != *a {
@@ -112,7 +134,8 @@ impl ProcessState {
                 tracing::info!(machine = %a.machine, epoch = a.epoch.0, "new protection epoch: clearing the old cache");
             }
             cache.clear().map_err(|e| e.to_string())?;
-            crate::fsutil::write_atomic(&epoch_file, epoch_bytes.as_bytes()).map_err(|e| e.to_string())?;
+            crate::fsutil::write_atomic(&epoch_file, epoch_bytes.as_bytes())
+                .map_err(|e| e.to_string())?;
         } else if report.truncated_bytes > 0 {
             tracing::warn!(machine = %a.machine, bytes = report.truncated_bytes, "cut a torn tail from the cache after a crash");
         }
@@ -167,11 +190,15 @@ impl PsMachine {
     /// Runs `f` on the cache in the blocking pool (cache calls do file I/O and fsync).
     pub async fn with_cache<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut MachineCache) -> Result<T, haven_storage::cache::CacheError> + Send + 'static,
+        f: impl FnOnce(&mut MachineCache) -> Result<T, haven_storage::cache::CacheError>
+            + Send
+            + 'static,
     ) -> Result<T, String> {
         let cache = self.cache.clone();
         tokio::task::spawn_blocking(move || {
-            let mut c = cache.lock().map_err(|_| "cache lock poisoned".to_string())?;
+            let mut c = cache
+                .lock()
+                .map_err(|_| "cache lock poisoned".to_string())?;
             f(&mut c).map_err(|e| e.to_string())
         })
         .await
@@ -192,7 +219,10 @@ impl PsMachine {
     }
 
     fn reset_cache_if(&self, still: impl FnOnce() -> bool) -> Result<bool, String> {
-        let mut c = self.cache.lock().map_err(|_| "cache lock poisoned".to_string())?;
+        let mut c = self
+            .cache
+            .lock()
+            .map_err(|_| "cache lock poisoned".to_string())?;
         if !still() {
             return Ok(false);
         }

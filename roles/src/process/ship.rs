@@ -22,13 +22,20 @@ static SHIPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new
 
 fn corrupt_this_one() -> bool {
     let n = SHIPPED.fetch_add(1, Ordering::Relaxed) + 1;
-    std::env::var("HAVEN_FAULT_CORRUPT_SHIP").ok().and_then(|v| v.parse::<u64>().ok()) == Some(n)
+    std::env::var("HAVEN_FAULT_CORRUPT_SHIP")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        == Some(n)
 }
 
 /// Longest a machine that moved away keeps shipping its cache before it is dropped.
 const DRAIN_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 
-pub async fn ship(ctx: Arc<NodeContext>, ps: Arc<ProcessState>, m: Arc<PsMachine>) -> Result<(), String> {
+pub async fn ship(
+    ctx: Arc<NodeContext>,
+    ps: Arc<ProcessState>,
+    m: Arc<PsMachine>,
+) -> Result<(), String> {
     if !m.draining.load(Ordering::SeqCst) {
         // Returns Ok only once a drain that started meanwhile has shipped everything.
         ship_once(&ctx, &ps, &m).await?;
@@ -55,17 +62,36 @@ pub async fn ship(ctx: Arc<NodeContext>, ps: Arc<ProcessState>, m: Arc<PsMachine
 }
 
 /// Ships until an error, or (when draining) until everything cached is applied.
-async fn ship_once(ctx: &Arc<NodeContext>, ps: &Arc<ProcessState>, m: &Arc<PsMachine>) -> Result<(), String> {
+async fn ship_once(
+    ctx: &Arc<NodeContext>,
+    ps: &Arc<ProcessState>,
+    m: &Arc<PsMachine>,
+) -> Result<(), String> {
     let (ctx, ps, m) = (ctx.clone(), ps.clone(), m.clone());
     let a = m.assignment.borrow().clone();
     let addr = resolve(&a.master_target_addr)?;
-    let conn = client::connect(&ctx.endpoint, ctx.client_cfg.clone(), addr, &format!("process {}", ctx.name))
-        .await
-        .map_err(|e| format!("master target {} at {addr}: {e}", a.master_target))?;
+    let conn = client::connect(
+        &ctx.endpoint,
+        ctx.client_cfg.clone(),
+        addr,
+        &format!("process {}", ctx.name),
+    )
+    .await
+    .map_err(|e| format!("master target {} at {addr}: {e}", a.master_target))?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    let open = ShipOpen { machine: a.machine.clone(), epoch: a.epoch.0, generation: a.generation, disks: a.disks.clone() };
-    frame::send_msg(&mut send, &Request::OpenShip(open)).await.map_err(|e| e.to_string())?;
-    let applied = match frame::expect_msg::<Response>(&mut recv, MAX_CONTROL_FRAME).await.map_err(|e| e.to_string())? {
+    let open = ShipOpen {
+        machine: a.machine.clone(),
+        epoch: a.epoch.0,
+        generation: a.generation,
+        disks: a.disks.clone(),
+    };
+    frame::send_msg(&mut send, &Request::OpenShip(open))
+        .await
+        .map_err(|e| e.to_string())?;
+    let applied = match frame::expect_msg::<Response>(&mut recv, MAX_CONTROL_FRAME)
+        .await
+        .map_err(|e| e.to_string())?
+    {
         Response::ShipAccepted { applied_seq } => applied_seq,
         Response::Refused { reason } => return Err(format!("master target refused: {reason}")),
         other => return Err(format!("unexpected reply to OpenShip: {other:?}")),
@@ -78,7 +104,9 @@ async fn ship_once(ctx: &Arc<NodeContext>, ps: &Arc<ProcessState>, m: &Arc<PsMac
         let (ps, m, epoch) = (ps.clone(), m.clone(), a.epoch);
         tokio::spawn(async move {
             loop {
-                let Applied { applied_seq } = frame::expect_msg(&mut recv, MAX_CONTROL_FRAME).await.map_err(|e| e.to_string())?;
+                let Applied { applied_seq } = frame::expect_msg(&mut recv, MAX_CONTROL_FRAME)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 if m.assignment.borrow().epoch != epoch {
                     return Err("protection epoch changed".to_string());
                 }
@@ -143,7 +171,9 @@ fn ack_end(r: Result<Result<(), String>, tokio::task::JoinError>) -> String {
 }
 
 async fn trim(ps: &ProcessState, m: &PsMachine, applied: u64) -> Result<(), String> {
-    let (bytes, pending) = m.with_cache(move |c| Ok((c.trim(applied).map(|_| c.bytes())?, c.bytes_after(applied)))).await?;
+    let (bytes, pending) = m
+        .with_cache(move |c| Ok((c.trim(applied).map(|_| c.bytes())?, c.bytes_after(applied))))
+        .await?;
     m.cache_bytes.store(bytes, Ordering::Relaxed);
     let before = m.pending_bytes.swap(pending, Ordering::Relaxed);
     if pending < before {
