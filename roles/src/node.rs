@@ -387,14 +387,22 @@ async fn ask_or_hold(
     event.as_mut().enable();
     let again = (!wait.is_zero()).then(|| request.clone());
     let first = ask(addr, who.clone(), request).await;
+    // Hold only if the answer would change nothing for the caller.
     let idle = match (&again, &first) {
-        (Some(_), Response::AgentPoll(r)) => r.sync_request.is_none(),
+        (Some(Request::AgentPoll(q)), Response::AgentPoll(r)) => {
+            r.sync_request.is_none() && r.generation.0 == q.known_generation
+        }
         (Some(Request::NodePoll(q)), Response::NodePoll(r)) => q.version == r.version,
         _ => false,
     };
     match again {
-        Some(req) if idle => {
+        Some(mut req) if idle => {
             let _ = tokio::time::timeout(wait, event).await;
+            match &mut req {
+                Request::AgentPoll(r) => r.held = true,
+                Request::NodePoll(r) => r.held = true,
+                _ => {}
+            }
             ask(addr, who, req).await
         }
         _ => first,
@@ -428,6 +436,7 @@ async fn poll_loop(ctx: Arc<NodeContext>) -> Result<(), String> {
                 .collect(),
             version,
             wait_ms: LONG_POLL_MS,
+            held: false,
         };
         if conn.as_ref().is_some_and(|c| c.close_reason().is_some()) {
             conn = None;

@@ -95,6 +95,14 @@ pub struct AgentReport {
     /// answered late must not overwrite a newer report.
     #[serde(default)]
     pub report_seq: u64,
+    /// The assignment generation the agent acts on: a poll is held only when the answer
+    /// would not change it.
+    #[serde(default)]
+    pub known_generation: u64,
+    /// Set by the server on a long poll it answers again after holding it: the report is
+    /// old, so it neither refreshes liveness nor replaces newer figures.
+    #[serde(default)]
+    pub held: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -152,6 +160,9 @@ pub struct NodeReport {
     pub version: u64,
     #[serde(default)]
     pub wait_ms: u32,
+    /// See `AgentReport::held`.
+    #[serde(default)]
+    pub held: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

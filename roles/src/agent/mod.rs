@@ -253,6 +253,8 @@ impl Agent {
             sync_done: *lock(&self.sync_done),
             wait_ms,
             report_seq: self.next_report_seq(),
+            known_generation: self.control.borrow().generation,
+            held: false,
         }
     }
 }

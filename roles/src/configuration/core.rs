@@ -233,10 +233,11 @@ impl ConfigCore {
                 b.barrier_seq = Some(seq);
             }
         }
-        let newer = self
-            .agent_reports
-            .get(machine)
-            .is_none_or(|o| report.report_seq >= o.report.report_seq);
+        let newer = !report.held
+            && self
+                .agent_reports
+                .get(machine)
+                .is_none_or(|o| report.report_seq >= o.report.report_seq);
         if newer {
             self.agent_reports
                 .insert(machine.clone(), Observed { at: now, report });
@@ -277,6 +278,11 @@ impl ConfigCore {
         if !self.nodes.contains_key(name) {
             return refused(format!("node {name} is not a member of this cluster"));
         }
+        if report.held {
+            // A held poll answered again: only the reply matters; the report is old and must
+            // not keep a node that died meanwhile looking alive.
+            return (Response::NodePoll(self.assignments_for(name)), vec![]);
+        }
         let (raw, wire) = report
             .machines
             .iter()
@@ -308,13 +314,18 @@ impl ConfigCore {
         }
         self.node_reports
             .insert(name.clone(), Observed { at: now, report });
+        (Response::NodePoll(self.assignments_for(name)), vec![])
+    }
+
+    /// The assignments of the machines `node` serves, as process server or master target.
+    fn assignments_for(&self, node: &str) -> NodePollReply {
         let assignments = self
             .machines
             .values()
             .filter(|m| m.protected)
             .filter(|m| {
-                m.process_server.as_deref() == Some(name)
-                    || m.master_target.as_deref() == Some(name)
+                m.process_server.as_deref() == Some(node)
+                    || m.master_target.as_deref() == Some(node)
             })
             .filter_map(|m| {
                 let mt = self.nodes.get(m.master_target.as_deref()?)?;
@@ -330,13 +341,10 @@ impl ConfigCore {
                 })
             })
             .collect();
-        (
-            Response::NodePoll(NodePollReply {
-                assignments,
-                version: self.version,
-            }),
-            vec![],
-        )
+        NodePollReply {
+            assignments,
+            version: self.version,
+        }
     }
 
     pub fn handle_admin(

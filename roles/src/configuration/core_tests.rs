@@ -216,6 +216,7 @@ impl Cluster {
             sync_done,
             wait_ms: 0,
             report_seq: at.as_micros() as u64,
+            ..Default::default()
         };
         self.core
             .handle_agent_poll(self.t0 + at, &agent_id(machine), report)
@@ -589,6 +590,7 @@ fn an_agent_may_only_report_for_its_own_machine() {
         sync_done: None,
         wait_ms: 0,
         report_seq: 0,
+        ..Default::default()
     };
     refused_with(
         c.core
@@ -1562,6 +1564,7 @@ fn a_late_report_does_not_overwrite_a_newer_one() {
         sync_done: None,
         wait_ms: 0,
         report_seq: 20,
+        ..Default::default()
     };
     let older = AgentReport {
         stats: stats(1, 10, 0),
@@ -1574,4 +1577,26 @@ fn a_late_report_does_not_overwrite_a_newer_one() {
         .handle_agent_poll(c.t0 + 2 * SEC, &agent_id("web"), older);
     let v = c.machine(2 * SEC, "web");
     assert_eq!((v.captured_seq, v.applied_seq), (50, 50));
+}
+
+/// A held node poll answered again does not refresh the node's liveness: a node that died
+/// while its poll was held must not look alive for another hold.
+#[test]
+fn a_held_node_poll_does_not_keep_a_dead_node_alive() {
+    let mut c = protected_web();
+    let held = NodeReport {
+        name: "ps-a".into(),
+        held: true,
+        ..Default::default()
+    };
+    let reply = c
+        .core
+        .handle_node_poll(c.t0 + DEAD, &node_id("ps-a", &[ROLE_PROCESS]), held);
+    assert!(matches!(reply, (Response::NodePoll(_), ref p) if p.is_empty()));
+    let ps = c
+        .nodes(DEAD)
+        .into_iter()
+        .find(|n| n.name == "ps-a")
+        .unwrap();
+    assert!(!ps.alive, "a held re-ask is not a sign of life");
 }
