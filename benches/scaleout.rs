@@ -27,8 +27,8 @@
 //! - `HAVEN_BENCH_DISK`        size of each of the four disks, default `64MiB`
 //! - `HAVEN_BENCH_WRITE_KBPS`  total rate of the writer thread in KB/s, default 4000
 //! - `HAVEN_BENCH_MOVE_GAP_MS` a seeded random pause of 0..N ms before each move, default
-//!                             1000 (0: back to back, which phase-locks the agents' long polls
-//!                             to the moves and hides their hold, see BENCHMARKS.md)
+//!   1000 (0: back to back, which phase-locks the agents' long polls to the moves and hides
+//!   their hold, see BENCHMARKS.md)
 //! - `HAVEN_BENCH_SEED`        generator seed, default 42
 //! - `HAVEN_BENCH_KEEP=1`      keep the temporary directory (logs, images) afterwards
 use std::{
