@@ -2,8 +2,11 @@
 //!
 //! Images are sparse raw files at `<data>/replicas/<machine>/<disk>.img`; the cursor lives
 //! in `state` next to them and is replaced atomically *after* the images are fsynced, so on
-//! restart the cursor never claims more than the disks hold. Re-applying a batch after a
-//! crash is harmless: a seq always carries the same bytes.
+//! restart the cursor never claims more than the disks hold. Before a batch touches the
+//! images, the before-images of the ranges it overwrites go to the undo log (`haven_storage::undo`), so a
+//! crash half-way through a batch is rolled back on open: the images are then exactly the
+//! state at the cursor, never a torn batch. Re-applying a batch after a crash is harmless: a
+//! seq always carries the same bytes.
 use std::{
     fs::{File, OpenOptions},
     os::unix::fs::FileExt,
@@ -15,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::fsutil::{read_optional, write_atomic};
 use crate::proto::BatchBody;
+use haven_storage::undo::{self, UndoLog};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ApplyError {
@@ -55,6 +59,9 @@ pub struct Replica {
     pending_seq: u64,
     pending_generation: u64,
     dirty: Vec<bool>,
+    undo: UndoLog,
+    /// A failed write could not be rolled back: refuse everything until reopened.
+    broken: bool,
 }
 
 fn io(what: &str, path: &Path, e: std::io::Error) -> ApplyError {
@@ -77,17 +84,7 @@ impl Replica {
     ) -> Result<Self, ApplyError> {
         let dir = replicas_dir.join(machine);
         std::fs::create_dir_all(&dir).map_err(|e| io("create", &dir, e))?;
-        let state_path = dir.join("state");
-        let stored: Option<ReplicaState> = read_optional(&state_path)
-            .map_err(|e| io("read", &state_path, e))?
-            .map(|b| haven_transport::codec::decode(&b))
-            .transpose()
-            .map_err(|e| {
-                ApplyError::Io(format!(
-                    "replica state {} is unreadable: {e}",
-                    state_path.display()
-                ))
-            })?;
+        let stored = read_state(&dir)?;
         let reset = match &stored {
             Some(s) if s.epoch > epoch => {
                 return Err(ApplyError::StaleEpoch {
@@ -98,6 +95,9 @@ impl Replica {
             Some(s) => s.epoch < epoch,
             None => true,
         };
+        if let Some(s) = stored.as_ref().filter(|_| !reset) {
+            roll_back_logged(&dir, machine, s)?;
+        }
         let mut files = Vec::with_capacity(disks.len());
         for d in disks {
             let path = Self::image_path(replicas_dir, machine, &d.name);
@@ -127,8 +127,11 @@ impl Replica {
                 generation: 0,
             },
         };
+        let undo = UndoLog::open_empty(&dir).map_err(|e| io("open undo log in", &dir, e))?;
         let mut r = Self {
             dir,
+            undo,
+            broken: false,
             dirty: vec![reset; files.len()],
             disks: files,
             pending_seq: state.applied_seq,
@@ -175,6 +178,7 @@ impl Replica {
         last_seq: u64,
         body: &BatchBody,
     ) -> Result<Applied, ApplyError> {
+        self.check_usable()?;
         self.check_generation(generation)?;
         if last_seq <= self.pending_seq {
             return Ok(Applied::Duplicate);
@@ -185,6 +189,88 @@ impl Replica {
                 first: first_seq,
             });
         }
+        self.validate(first_seq, last_seq, body)?;
+        self.save_before_images(first_seq, body)?;
+        for r in &body.records {
+            let (d, f) = &self.disks[r.disk as usize];
+            let written = f.write_all_at(&r.data, r.offset);
+            self.dirty[r.disk as usize] = true;
+            if let Err(e) = written {
+                let e = ApplyError::Io(format!("write {}: {e}", d.name));
+                return Err(self.undo_uncommitted(e));
+            }
+        }
+        self.pending_seq = last_seq;
+        // This generation has delivered: every older one is fenced from now on.
+        self.pending_generation = generation;
+        Ok(Applied::Applied)
+    }
+
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    fn check_usable(&self) -> Result<(), ApplyError> {
+        if self.broken {
+            return Err(ApplyError::Io(format!(
+                "replica {} failed a write it could not undo; it must be reopened",
+                self.dir.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Logs, durably, what the batch is about to overwrite (see `haven_storage::undo`).
+    fn save_before_images(&mut self, first_seq: u64, body: &BatchBody) -> Result<(), ApplyError> {
+        let epoch = self.state.epoch;
+        let saved = body.records.iter().try_for_each(|r| {
+            let (d, f) = &self.disks[r.disk as usize];
+            self.undo
+                .save(epoch, first_seq, &d.name, f, r.offset, r.data.len())
+        });
+        saved
+            .and_then(|()| self.undo.sync())
+            .map_err(|e| io("write undo log", self.undo.path(), e))
+    }
+
+    /// A write failed half-way through the uncommitted batches: put the images back to the
+    /// durable cursor (the batches are sent again), or refuse everything until reopened.
+    fn undo_uncommitted(&mut self, cause: ApplyError) -> ApplyError {
+        match undo::roll_back(&self.dir, self.state.epoch, self.state.applied_seq) {
+            Ok(_) => {
+                self.undo.forget();
+                self.pending_seq = self.state.applied_seq;
+                self.pending_generation = self.state.generation;
+                cause
+            }
+            Err(e) => {
+                self.broken = true;
+                ApplyError::Io(format!("{cause}; rolling back failed too: {e}"))
+            }
+        }
+    }
+
+    /// Debug fault injection (`apply-panic`, `apply-abort`): logs the batch's before-images and
+    /// writes the first half of its records, as a crash half-way through would leave them.
+    pub(crate) fn write_half_for_fault(
+        &mut self,
+        first_seq: u64,
+        last_seq: u64,
+        body: &BatchBody,
+    ) -> Result<(), ApplyError> {
+        self.check_usable()?;
+        self.validate(first_seq, last_seq, body)?;
+        self.save_before_images(first_seq, body)?;
+        for r in body.records.iter().take(body.records.len().div_ceil(2)) {
+            let (d, f) = &self.disks[r.disk as usize];
+            f.write_all_at(&r.data, r.offset)
+                .map_err(|e| ApplyError::Io(format!("write {}: {e}", d.name)))?;
+        }
+        Ok(())
+    }
+
+    /// Every record names a disk, fits in it and carries a seq of the batch.
+    fn validate(&self, first_seq: u64, last_seq: u64, body: &BatchBody) -> Result<(), ApplyError> {
         for r in &body.records {
             let (d, _) = self.disks.get(r.disk as usize).ok_or_else(|| {
                 ApplyError::Invalid(format!(
@@ -210,20 +296,12 @@ impl Replica {
                 )));
             }
         }
-        for r in &body.records {
-            let (d, f) = &self.disks[r.disk as usize];
-            f.write_all_at(&r.data, r.offset)
-                .map_err(|e| ApplyError::Io(format!("write {}: {e}", d.name)))?;
-            self.dirty[r.disk as usize] = true;
-        }
-        self.pending_seq = last_seq;
-        // This generation has delivered: every older one is fenced from now on.
-        self.pending_generation = generation;
-        Ok(Applied::Applied)
+        Ok(())
     }
 
     /// Makes everything applied so far durable: fsync the images, then record the cursor.
     pub fn commit(&mut self) -> Result<u64, ApplyError> {
+        self.check_usable()?;
         for (i, (d, f)) in self.disks.iter().enumerate() {
             if self.dirty[i] {
                 f.sync_data()
@@ -245,8 +323,63 @@ impl Replica {
             write_atomic(&path, &bytes).map_err(|e| io("write", &path, e))?;
             self.state = next;
         }
+        // The cursor covers every logged batch now. (If this truncation is lost in a crash,
+        // the records are at or below the cursor and recovery ignores them.)
+        self.undo
+            .clear()
+            .map_err(|e| io("truncate undo log", self.undo.path(), e))?;
         Ok(self.state.applied_seq)
     }
+}
+
+fn read_state(dir: &Path) -> Result<Option<ReplicaState>, ApplyError> {
+    let state_path = dir.join("state");
+    read_optional(&state_path)
+        .map_err(|e| io("read", &state_path, e))?
+        .map(|b| haven_transport::codec::decode(&b))
+        .transpose()
+        .map_err(|e| {
+            ApplyError::Io(format!(
+                "replica state {} is unreadable: {e}",
+                state_path.display()
+            ))
+        })
+}
+
+fn roll_back_logged(dir: &Path, machine: &str, s: &ReplicaState) -> Result<(), ApplyError> {
+    let n = undo::roll_back(dir, s.epoch, s.applied_seq)
+        .map_err(|e| io("roll back the undo log of", dir, e))?;
+    if n > 0 {
+        tracing::warn!(
+            %machine,
+            applied_seq = s.applied_seq,
+            ranges = n,
+            "rolled back a batch that was half applied when the master target stopped; the replica is at its durable cursor"
+        );
+    }
+    Ok(())
+}
+
+/// Rolls every replica under `replicas_dir` back to its durable cursor (see `haven_storage::undo`), so
+/// what a restarted master target holds is consistent before any stream arrives.
+pub fn recover_all(replicas_dir: &Path) -> Result<(), ApplyError> {
+    let entries = match std::fs::read_dir(replicas_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io("list", replicas_dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| io("list", replicas_dir, e))?;
+        let dir = entry.path();
+        if !dir.is_dir() {
+            continue;
+        }
+        let machine = entry.file_name().to_string_lossy().into_owned();
+        if let Some(s) = read_state(&dir)? {
+            roll_back_logged(&dir, &machine, &s)?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
