@@ -8,7 +8,6 @@ mod common;
 
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -25,44 +24,6 @@ fn seed() -> u64 {
         Ok(s) => s.parse().expect("HAVEN_CHAOS_SEED is a number or `random`"),
         Err(_) => 1,
     }
-}
-
-/// The master target's durable apply cursor, as it writes it (`replicas/<m>/state`).
-#[derive(serde::Deserialize)]
-struct ReplicaCursor {
-    epoch: u32,
-    applied_seq: u64,
-}
-
-/// Until stopped, reads each replica's durable cursor straight from the master target's data
-/// dir and fails if `applied_seq` ever goes backwards within an epoch (a status view can show
-/// 0 while reports are missing after a restart; the cursor on disk is the fact). Returns the
-/// number of observations.
-fn monitor(cursors: &[PathBuf], stop: &AtomicBool) -> usize {
-    let mut last: BTreeMap<&PathBuf, (u32, u64)> = BTreeMap::new();
-    let mut seen = 0;
-    while !stop.load(Ordering::Relaxed) {
-        for path in cursors {
-            let Ok(bytes) = std::fs::read(path) else {
-                continue;
-            };
-            let c: ReplicaCursor =
-                haven_transport::codec::decode(&bytes).expect("replica cursor decodes");
-            if let Some((e, a)) = last.get(path) {
-                assert!(
-                    c.epoch > *e || (c.epoch == *e && c.applied_seq >= *a),
-                    "invariant: applied_seq in {} went from {a} (epoch {e}) to {} (epoch {})",
-                    path.display(),
-                    c.applied_seq,
-                    c.epoch
-                );
-            }
-            last.insert(path, (c.epoch, c.applied_seq));
-            seen += 1;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    seen
 }
 
 #[test]

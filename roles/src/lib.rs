@@ -6,6 +6,7 @@ pub mod agent;
 pub mod client;
 pub mod configuration;
 pub mod enroll;
+pub mod faults;
 pub mod fsutil;
 pub mod master_target;
 pub mod node;

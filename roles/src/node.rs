@@ -178,6 +178,7 @@ async fn ensure_identity(
 /// Runs a node until SIGINT/SIGTERM. Must be called inside an actix `System` whose tokio
 /// runtime is multi-threaded (see `haven_actors` docs).
 pub async fn run(opts: NodeOptions) -> Result<(), String> {
+    crate::faults::check()?;
     std::fs::create_dir_all(&opts.data_dir)
         .map_err(|e| format!("create {}: {e}", opts.data_dir.display()))?;
     // Bind first: the advertised address must be known before joining.
@@ -203,7 +204,14 @@ pub async fn run(opts: NodeOptions) -> Result<(), String> {
         config: has(ROLE_CONFIGURATION).then(ConfigSlot::default),
         process: has(ROLE_PROCESS)
             .then(|| Arc::new(ProcessState::new(&opts.data_dir, opts.cache_limit_bytes))),
-        master: has(ROLE_MASTER_TARGET).then(|| Arc::new(MasterState::new(&opts.data_dir))),
+        master: match has(ROLE_MASTER_TARGET) {
+            true => {
+                let mt = MasterState::new(&opts.data_dir);
+                mt.recover()?;
+                Some(Arc::new(mt))
+            }
+            false => None,
+        },
         assignments,
         config_events: Arc::new(tokio::sync::Notify::new()),
     });
@@ -254,10 +262,25 @@ pub async fn run(opts: NodeOptions) -> Result<(), String> {
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
     }
-    wait_for_signal().await;
+    let outcome = serve_until_signal(&root).await;
     tracing::info!("shutting down");
     ep.close(0u32.into(), b"node shutting down");
-    Ok(())
+    outcome
+}
+
+/// Waits for SIGINT/SIGTERM. Returns an error if the root supervisor gave up first (its restart
+/// budget ran out): the process then exits non-zero, so a service manager restarts it, rather
+/// than staying up with nothing running inside.
+pub(crate) async fn serve_until_signal(root: &Addr<Supervisor>) -> Result<(), String> {
+    let gave_up = async {
+        while root.connected() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    tokio::select! {
+        _ = wait_for_signal() => Ok(()),
+        _ = gave_up => Err("the root supervisor gave up (restart budget exhausted; see the errors above); exiting so that a service manager restarts the process".into()),
+    }
 }
 
 async fn wait_for_signal() {
@@ -524,8 +547,11 @@ async fn process_manager(
             running.remove(&a.machine);
             let (c, p) = (ctx.clone(), ps.clone());
             let spec = ChildSpec::task(name, move |tc| {
-                m.ship_restarts
-                    .store(tc.restarts, std::sync::atomic::Ordering::Relaxed);
+                // Supervisor restarts; the child counts its own reconnects to the same total.
+                if tc.restarts > 0 {
+                    m.ship_restarts
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 process::ship::ship(c.clone(), p.clone(), m.clone())
             });
             sup.send(AddChild(spec))

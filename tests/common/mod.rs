@@ -10,6 +10,7 @@ use std::{
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -276,6 +277,30 @@ impl Cluster {
         self.spawn(name);
     }
 
+    /// Replaces the environment a process gets at its next (re)start.
+    pub fn set_env(&mut self, name: &str, env: Vec<(String, String)>) {
+        self.procs.get_mut(name).expect("known process").env = env;
+    }
+
+    /// Waits for a process to exit on its own; returns how it exited.
+    pub fn wait_exit(&mut self, name: &str, timeout: Duration) -> std::process::ExitStatus {
+        let p = self.procs.get_mut(name).expect("known process");
+        let child = p.child.as_mut().expect("running");
+        let status = wait_until(&format!("{name} to exit"), timeout, || {
+            child.try_wait().expect("try_wait")
+        });
+        p.child = None;
+        status
+    }
+
+    /// Whether a process is running (it has not exited).
+    pub fn is_running(&mut self, name: &str) -> bool {
+        let p = self.procs.get_mut(name).expect("known process");
+        p.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     /// The `--listen` address of node `name` (`config` for the configuration node).
     pub fn addr(&self, name: &str) -> String {
         let args = &self
@@ -361,6 +386,50 @@ impl Cluster {
             }
         }
     }
+}
+
+/// The master target's durable apply cursor, as it writes it (`replicas/<m>/state`).
+#[derive(serde::Deserialize)]
+pub struct ReplicaCursor {
+    pub epoch: u32,
+    pub applied_seq: u64,
+}
+
+/// Until stopped, reads each replica's durable cursor straight from the master target's data
+/// dir and fails if `applied_seq` ever goes backwards within an epoch (a status view can show
+/// 0 while reports are missing after a restart; the cursor on disk is the fact). Returns the
+/// number of observations.
+pub fn monitor(cursors: &[PathBuf], stop: &AtomicBool) -> usize {
+    let mut last: BTreeMap<&PathBuf, (u32, u64)> = BTreeMap::new();
+    let mut seen = 0;
+    while !stop.load(Ordering::Relaxed) {
+        for path in cursors {
+            let Ok(bytes) = std::fs::read(path) else {
+                continue;
+            };
+            let c: ReplicaCursor =
+                haven_transport::codec::decode(&bytes).expect("replica cursor decodes");
+            if let Some((e, a)) = last.get(path) {
+                assert!(
+                    c.epoch > *e || (c.epoch == *e && c.applied_seq >= *a),
+                    "invariant: applied_seq in {} went from {a} (epoch {e}) to {} (epoch {})",
+                    path.display(),
+                    c.applied_seq,
+                    c.epoch
+                );
+            }
+            last.insert(path, (c.epoch, c.applied_seq));
+            seen += 1;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    seen
+}
+
+/// Reads a replica's durable cursor (`<mt>/replicas/<machine>/state`).
+pub fn read_cursor(path: &Path) -> ReplicaCursor {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    haven_transport::codec::decode(&bytes).expect("replica cursor decodes")
 }
 
 /// A disk image of realistic mixed content: text, structured records, random bytes, zeros.

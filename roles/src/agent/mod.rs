@@ -417,24 +417,12 @@ pub async fn run(opts: AgentOptions) -> Result<(), String> {
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
     }
-    wait_for_signal().await;
+    let outcome = crate::node::serve_until_signal(&root).await;
     agent.journal_applied()?;
     lock(&agent.core).applied_dirty = true;
     agent.snapshot()?;
     tracing::info!("agent stopped; hash tables saved");
-    Ok(())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    outcome
 }
 
 /// Makes applied hash updates durable: journal every 200 ms, snapshot now and then.

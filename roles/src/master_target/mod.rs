@@ -14,7 +14,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
+        Arc, Mutex, MutexGuard,
     },
 };
 
@@ -29,6 +29,7 @@ use quinn::{RecvStream, SendStream};
 use tokio::sync::mpsc;
 
 use self::replica::Replica;
+use crate::faults::{self, Fault, Side};
 use crate::node::NodeContext;
 use crate::proto::{Applied, BatchBody, NodeMachineReport, Response, ShipFrame, ShipOpen};
 
@@ -49,12 +50,33 @@ pub struct MtMachine {
     pub epoch: AtomicU64,
 }
 
+impl MtMachine {
+    /// The replica slot. A panic while it was held may have left the in-memory replica half
+    /// way through a batch: it is dropped, so the next stream reopens it from disk, which
+    /// rolls the images back to the durable cursor.
+    fn replica(&self) -> MutexGuard<'_, Option<Replica>> {
+        self.replica.lock().unwrap_or_else(|poisoned| {
+            let mut slot = poisoned.into_inner();
+            tracing::warn!("a failed apply left a replica unusable in memory; reopening it from its durable cursor");
+            *slot = None;
+            self.replica.clear_poison();
+            slot
+        })
+    }
+}
+
 impl MasterState {
     pub fn new(data_dir: &Path) -> Self {
         Self {
             dir: data_dir.join("replicas"),
             machines: DashMap::new(),
         }
+    }
+
+    /// Rolls every replica back to its durable cursor (a crash may have left a batch half
+    /// applied). Runs at startup, before any stream is accepted.
+    pub fn recover(&self) -> Result<(), String> {
+        replica::recover_all(&self.dir).map_err(|e| e.to_string())
     }
 
     pub fn reports(&self) -> Vec<NodeMachineReport> {
@@ -109,7 +131,7 @@ pub async fn apply_stream(
 
     let (tx, rx) = mpsc::channel(OPEN_QUEUE);
     let reader = tokio::spawn(read_and_open(open.clone(), key, recv, tx));
-    let result = apply_in_order(&m, generation, &mut send, rx).await;
+    let result = apply_in_order(&m, &open.machine, generation, &mut send, rx).await;
     reader.abort();
     if let Err(e) = &result {
         if e.starts_with("refused") {
@@ -161,11 +183,10 @@ async fn admit(
     let generation = open.generation.0;
     let m2 = m.clone();
     tokio::task::spawn_blocking(move || {
-        let mut slot = m2
-            .replica
-            .lock()
-            .map_err(|_| "replica lock poisoned".to_string())?;
-        let fresh = slot.as_ref().is_none_or(|r| r.epoch() != epoch);
+        let mut slot = m2.replica();
+        let fresh = slot
+            .as_ref()
+            .is_none_or(|r| r.epoch() != epoch || r.is_broken());
         if fresh {
             *slot = None;
             let r = Replica::open(&dir, &machine, epoch, &disks).map_err(|e| e.to_string())?;
@@ -246,10 +267,13 @@ async fn read_and_open(
 
 async fn apply_in_order(
     m: &Arc<MtMachine>,
+    machine: &str,
     generation: u64,
     send: &mut SendStream,
     mut rx: mpsc::Receiver<tokio::task::JoinHandle<Result<Opened, String>>>,
 ) -> Result<(), String> {
+    // Debug fault injection fires once per stream, on its first batch of two or more writes.
+    let mut fired = false;
     while let Some(job) = rx.recv().await {
         let mut batch = vec![job.await.map_err(|e| e.to_string())??];
         // Everything already opened joins this commit (group fsync).
@@ -257,15 +281,34 @@ async fn apply_in_order(
             let Ok(job) = rx.try_recv() else { break };
             batch.push(job.await.map_err(|e| e.to_string())??);
         }
-        let m2 = m.clone();
+        let mut fault = None;
+        if !fired && batch.iter().any(|o| o.body.records.len() >= 2) {
+            fault = faults::next(machine, Side::Apply);
+            fired = fault.is_some();
+        }
+        if fault == Some(Fault::ApplyReset) {
+            faults::fire(machine, Fault::ApplyReset);
+            send.reset(2u32.into()).ok();
+            return Err("stream reset (injected)".into());
+        }
+        let (m2, machine) = (m.clone(), machine.to_string());
         let applied = tokio::task::spawn_blocking(move || {
-            let mut slot = m2
-                .replica
-                .lock()
-                .map_err(|_| "replica lock poisoned".to_string())?;
+            let mut slot = m2.replica();
             let r = slot.as_mut().ok_or("replica closed")?;
             let mut failed = None;
             for o in &batch {
+                if let Some(f) = fault.filter(|_| o.body.records.len() >= 2) {
+                    faults::fire(&machine, f);
+                    r.write_half_for_fault(o.first_seq, o.last_seq, &o.body)
+                        .map_err(|e| e.to_string())?;
+                    if f == Fault::ApplyAbort {
+                        std::process::abort();
+                    }
+                    panic!(
+                        "{}: apply-panic half-way through a batch of {machine}",
+                        faults::ENV
+                    );
+                }
                 match r.apply(generation, o.first_seq, o.last_seq, &o.body) {
                     Ok(replica::Applied::Applied) => {
                         m2.bytes_applied.fetch_add(o.raw_len, Ordering::Relaxed);
