@@ -46,9 +46,28 @@ pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
     }
 }
 
+/// Where a process runs: a network namespace (entered with `ip netns exec`) and, for a node,
+/// the IP it listens on, which is also the address it advertises. The default is the test's
+/// own namespace on 127.0.0.1.
+#[derive(Clone, Debug)]
+pub struct Host {
+    pub netns: Option<String>,
+    pub ip: String,
+}
+
+impl Default for Host {
+    fn default() -> Self {
+        Host {
+            netns: None,
+            ip: "127.0.0.1".into(),
+        }
+    }
+}
+
 struct Proc {
     args: Vec<String>,
     env: Vec<(String, String)>,
+    netns: Option<String>,
     child: Option<Child>,
 }
 
@@ -115,7 +134,16 @@ impl Cluster {
             .append(true)
             .open(self.dir.join(format!("{name}.log")))
             .unwrap();
-        let child = Command::new(BIN)
+        // `ip netns exec` execs the command, so the child's pid is haven's.
+        let mut cmd = match &p.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, BIN]);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let child = cmd
             .args(&p.args)
             .envs(p.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("RUST_LOG", "info,quinn=warn")
@@ -128,11 +156,23 @@ impl Cluster {
     }
 
     pub fn add(&mut self, name: &str, args: Vec<String>, env: Vec<(String, String)>) {
+        self.add_at(name, &Host::default(), args, env)
+    }
+
+    /// [`Cluster::add`] in `host`'s network namespace (`host.ip` is not used here).
+    pub fn add_at(
+        &mut self,
+        name: &str,
+        host: &Host,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+    ) {
         self.procs.insert(
             name.to_string(),
             Proc {
                 args,
                 env,
+                netns: host.netns.clone(),
                 child: None,
             },
         );
@@ -150,8 +190,20 @@ impl Cluster {
         extra: &[&str],
         env: Vec<(String, String)>,
     ) {
+        self.start_config_at(&Host::default(), roles, extra, env)
+    }
+
+    /// The configuration node on `host`. `ctl` runs in the test's own namespace, so `host.ip`
+    /// must be reachable from there.
+    pub fn start_config_at(
+        &mut self,
+        host: &Host,
+        roles: &[&str],
+        extra: &[&str],
+        env: Vec<(String, String)>,
+    ) {
         let port = free_port();
-        self.config_addr = format!("127.0.0.1:{port}");
+        self.config_addr = format!("{}:{port}", host.ip);
         let mut args = vec![
             "node".to_string(),
             "--data-dir".into(),
@@ -165,7 +217,7 @@ impl Cluster {
             args.extend(["--role".to_string(), r.to_string()]);
         }
         args.extend(extra.iter().map(|a| a.to_string()));
-        self.add("config", args, env);
+        self.add_at("config", host, args, env);
         let token = self.admin_token();
         wait_until("admin token", Duration::from_secs(30), || {
             token.exists().then_some(())
@@ -189,13 +241,25 @@ impl Cluster {
         extra: &[&str],
         env: Vec<(String, String)>,
     ) {
+        self.start_node_at(name, &Host::default(), roles, extra, env)
+    }
+
+    /// [`Cluster::start_node_with`] on `host`: it listens on, and advertises, `host.ip`.
+    pub fn start_node_at(
+        &mut self,
+        name: &str,
+        host: &Host,
+        roles: &[&str],
+        extra: &[&str],
+        env: Vec<(String, String)>,
+    ) {
         let port = free_port();
         let mut args = vec![
             "node".to_string(),
             "--data-dir".into(),
             self.path(name).display().to_string(),
             "--listen".into(),
-            format!("127.0.0.1:{port}"),
+            format!("{}:{port}", host.ip),
             "--name".into(),
             name.into(),
             "--join".into(),
@@ -207,7 +271,7 @@ impl Cluster {
             args.extend(["--role".to_string(), r.to_string()]);
         }
         args.extend(extra.iter().map(|a| a.to_string()));
-        self.add(name, args, env);
+        self.add_at(name, host, args, env);
         let n = name.to_string();
         wait_until(
             &format!("node {name} alive"),
@@ -241,6 +305,17 @@ impl Cluster {
         disks: &[(&str, &Path)],
         env: Vec<(String, String)>,
     ) {
+        self.start_agent_at(machine, &Host::default(), disks, env)
+    }
+
+    /// [`Cluster::start_agent_with_env`] in `host`'s network namespace.
+    pub fn start_agent_at(
+        &mut self,
+        machine: &str,
+        host: &Host,
+        disks: &[(&str, &Path)],
+        env: Vec<(String, String)>,
+    ) {
         let mut args = vec![
             "agent".to_string(),
             "--join".into(),
@@ -257,7 +332,7 @@ impl Cluster {
         for (n, p) in disks {
             args.extend(["--disk".to_string(), format!("{n}={}", p.display())]);
         }
-        self.add(&format!("agent-{machine}"), args, env);
+        self.add_at(&format!("agent-{machine}"), host, args, env);
         let m = machine.to_string();
         wait_until(
             &format!("machine {machine} enrolled"),
