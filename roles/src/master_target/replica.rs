@@ -499,6 +499,33 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_torn_by_a_crash_is_rolled_back_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut r = Replica::open(dir.path(), "m", 1, &disks()).unwrap();
+            r.apply(1, 1, 2, &body(1, &[(0, b"aaaa"), (100, b"bbbb")]))
+                .unwrap();
+            r.commit().unwrap();
+            // Uncommitted: a whole batch, then half of the next one (a crash in between).
+            r.apply(1, 3, 3, &body(3, &[(2, b"cc")])).unwrap();
+            let torn = body(4, &[(0, b"dd"), (100, b"ee"), (200, b"ff")]);
+            r.write_half_for_fault(4, 6, &torn).unwrap();
+            let img = image(dir.path());
+            assert_eq!((&img[0..4], &img[100..104]), (&b"ddcc"[..], &b"eebb"[..]));
+        }
+        // Reopening (as a restarted master target does) restores the state at seq 2 exactly.
+        let r = Replica::open(dir.path(), "m", 1, &disks()).unwrap();
+        assert_eq!(r.applied_seq(), 2);
+        let img = image(dir.path());
+        assert_eq!((&img[0..4], &img[100..104]), (&b"aaaa"[..], &b"bbbb"[..]));
+        assert!(img[4..100].iter().chain(&img[104..]).all(|b| *b == 0));
+        // recover_all (startup) finds nothing left to undo and changes nothing.
+        drop(r);
+        recover_all(dir.path()).unwrap();
+        assert_eq!(image(dir.path()), img);
+    }
+
+    #[test]
     fn cursor_survives_reopen_and_new_epoch_resets() {
         let dir = tempfile::tempdir().unwrap();
         {
@@ -510,6 +537,8 @@ mod tests {
         }
         let r = Replica::open(dir.path(), "m", 1, &disks()).unwrap();
         assert_eq!(r.applied_seq(), 1);
+        // ...and its write is rolled back: the image is the state at seq 1.
+        assert_eq!(&image(dir.path())[0..2], b"q\0");
         assert!(matches!(
             Replica::open(dir.path(), "m", 0, &disks()),
             Err(ApplyError::StaleEpoch { .. })
