@@ -73,10 +73,13 @@ fn packet_loss_duplication_reordering_and_corruption_on_every_link() {
     c.assert_no_unexpected_errors(&[]);
 }
 
-/// The long run: `HAVEN_CHAOS_CYCLES` (default 200) cycles of SIGKILL + restart of a random
-/// process (agent, process server, master target, configuration node) under writes and
-/// seeded packet faults on every link, with the invariant checker running throughout; the
-/// replicas must converge byte for byte at the end. Run it with
+/// The long run: `HAVEN_CHAOS_CYCLES` (default 200) cycles under writes and seeded packet
+/// faults on every link, each either a SIGKILL + restart of a random process (agent, process
+/// server, master target, configuration node) or a two-way partition of a random link
+/// (agent↔process server, process server↔master target, process server↔configuration node)
+/// for up to 4 s; the process server also corrupts a batch now and then (`ship-corrupt`),
+/// which the master target must refuse. The invariant checker runs throughout; the replicas
+/// must converge byte for byte at the end. Run it with
 /// `cargo test --release --test chaos -- --ignored --nocapture`; it prints a summary line
 /// for docs/chaos.md.
 #[test]
@@ -89,26 +92,40 @@ fn long_run_repeated_kills_under_packet_faults() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(200);
     eprintln!("chaos long run: seed {seed}, {cycles} cycles (replay: HAVEN_CHAOS_SEED={seed} HAVEN_CHAOS_CYCLES={cycles})");
-    let faults = |n: u64| {
+    let mut c = Cluster::new();
+    let control = |c: &Cluster, name: &str| c.path(&format!("{name}.partitions"));
+    let faults = |c: &Cluster, n: u64, name: &str| {
+        std::fs::write(control(c, name), "").unwrap();
         vec![(
             "HAVEN_NET_FAULTS".to_string(),
             format!(
-                "seed={},drop=0.01,dup=0.01,delay=0.03,delay_max=20ms,corrupt=0.002",
-                seed.wrapping_add(n)
+                "seed={},drop=0.01,dup=0.01,delay=0.03,delay_max=20ms,corrupt=0.002,control={}",
+                seed.wrapping_add(n),
+                control(c, name).display()
             ),
         )]
     };
-    let mut c = Cluster::new();
-    c.start_config_with(&["configuration"], &[], faults(1));
-    c.start_node("ps1", &["process"], faults(2));
-    c.start_node("mt1", &["master-target"], faults(3));
+    let f = faults(&c, 1, "config");
+    c.start_config_with(&["configuration"], &[], f);
+    let mut ps_env = faults(&c, 2, "ps1");
+    // Each process-server incarnation corrupts up to this many batches (one per stream).
+    let corrupt = (cycles / 20).max(1);
+    ps_env.push((
+        "HAVEN_FAULT_STREAM".into(),
+        format!("web01:ship-corrupt*{corrupt}"),
+    ));
+    c.start_node("ps1", &["process"], ps_env);
+    let f = faults(&c, 3, "mt1");
+    c.start_node("mt1", &["master-target"], f);
     let disks: Vec<_> = (0..2).map(|i| c.path(&format!("d{i}.img"))).collect();
     for (i, d) in disks.iter().enumerate() {
         make_disk(d, 32 << 20, seed + i as u64);
     }
-    c.start_agent(
+    let f = faults(&c, 4, "agent-web01");
+    c.start_agent_with_env(
         "web01",
         &[("root", disks[0].as_path()), ("data", disks[1].as_path())],
+        f,
     );
     c.ctl(&["protect", "web01"]);
     c.wait_sync("web01", Duration::from_secs(300));
@@ -116,6 +133,7 @@ fn long_run_repeated_kills_under_packet_faults() {
     let stop = Arc::new(AtomicBool::new(false));
     let started = std::time::Instant::now();
     let mut kills: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut partitions: BTreeMap<String, usize> = BTreeMap::new();
     let mut written = 0u64;
     let c = std::sync::Mutex::new(c);
     std::thread::scope(|s| {
@@ -124,20 +142,34 @@ fn long_run_repeated_kills_under_packet_faults() {
         let checker = s.spawn(move || monitor(&cursors, &stop2));
         let mut rng = StdRng::seed_from_u64(seed);
         let victims = ["agent-web01", "ps1", "mt1", "config"];
+        // (process whose socket cuts the link, its peer)
+        let links = [("agent-web01", "ps1"), ("ps1", "mt1"), ("ps1", "config")];
         for cycle in 0..cycles {
-            let victim = victims[rng.gen_range(0..victims.len())];
             for d in &disks {
                 written += random_writes(d, &mut rng, 5);
             }
-            c.lock().unwrap().kill(victim);
-            *kills.entry(victim).or_default() += 1;
-            std::thread::sleep(Duration::from_millis(rng.gen_range(0..1500)));
-            c.lock().unwrap().restart(victim);
+            if rng.gen_bool(0.5) {
+                let victim = victims[rng.gen_range(0..victims.len())];
+                c.lock().unwrap().kill(victim);
+                *kills.entry(victim).or_default() += 1;
+                std::thread::sleep(Duration::from_millis(rng.gen_range(0..1500)));
+                c.lock().unwrap().restart(victim);
+            } else {
+                let (from, to) = links[rng.gen_range(0..links.len())];
+                let file = {
+                    let c = c.lock().unwrap();
+                    let file = control(&c, from);
+                    std::fs::write(&file, format!("{} both\n", c.addr(to))).unwrap();
+                    file
+                };
+                *partitions.entry(format!("{from}<->{to}")).or_default() += 1;
+                std::thread::sleep(Duration::from_millis(rng.gen_range(0..4000)));
+                std::fs::write(&file, "").unwrap();
+            }
             if cycle % 20 == 19 {
                 eprintln!(
-                    "cycle {}/{cycles}: {:?}, {:.0}s",
+                    "cycle {}/{cycles}: kills {kills:?}, partitions {partitions:?}, {:.0}s",
                     cycle + 1,
-                    kills,
                     started.elapsed().as_secs_f64()
                 );
             }
@@ -155,13 +187,13 @@ fn long_run_repeated_kills_under_packet_faults() {
             assert_identical(d, &c.replica("mt1", "web01", ["root", "data"][i]));
         }
         let m = c.machine("web01").unwrap();
-        let refused: usize = ["config", "ps1", "mt1"]
-            .iter()
-            .map(|n| c.log(n).matches("refused").count())
-            .sum();
+        let corrupted = c.log("ps1").matches("ShipCorrupt").count();
+        let refused = c.log("mt1").matches("nothing from it was applied").count();
+        assert!(refused > 0, "the master target refused no corrupted batch");
         eprintln!(
-            "chaos summary: seed {seed}, {cycles} kill cycles {kills:?} under packet faults, {:.0}s, {written} bytes written, \
-             {seen} invariant observations, applied_seq {}, refusals logged {refused}, replicas identical, writes lost: 0",
+            "chaos summary: seed {seed}, {cycles} cycles: kills {kills:?}, partitions {partitions:?} under packet faults, \
+             {:.0}s, {written} bytes written, {corrupted} batches corrupted / {refused} refused by the master target, \
+             {seen} invariant observations, applied_seq {}, replicas identical, writes lost: 0",
             started.elapsed().as_secs_f64(),
             m["applied_seq"]
         );
