@@ -643,7 +643,9 @@ impl MachineCache {
     }
 
     fn poison(&mut self, e: CacheError) -> CacheError {
-        tracing::error!(dir = %self.dir.display(), error = %e, "cache poisoned");
+        // The error goes to the caller, who reports it (a caller retrying on a failing disk
+        // would otherwise log it again on every attempt).
+        tracing::debug!(dir = %self.dir.display(), error = %e, "cache poisoned");
         self.poisoned = Some(e.to_string());
         e
     }
@@ -852,7 +854,7 @@ impl MachineCache {
             .try_clone()
             .map_err(io_err("duplicate lock", &self.dir))?;
         let (fresh, report) = Self::load(&self.dir, self.opts.clone(), lock)?;
-        tracing::info!(dir = %self.dir.display(), records = report.records, last_seq = ?report.last_seq, "cache recovered after an I/O failure");
+        tracing::debug!(dir = %self.dir.display(), records = report.records, last_seq = ?report.last_seq, "cache recovered after an I/O failure");
         // The old lock descriptor closes; the duplicate keeps the flock.
         *self = fresh;
         Ok(report)
