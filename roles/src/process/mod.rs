@@ -60,10 +60,14 @@ impl ProcessState {
             .sum()
     }
 
-    /// Segments small enough that trimming whole segments keeps the disk near the limit.
+    /// Segments small enough that trimming whole segments keeps the disk near the limit, or
+    /// near the disk's size when that is smaller: a segment is freed only once all of it is
+    /// applied, so segments sized for a limit far above the disk would fill the disk even
+    /// while the master target keeps up.
     fn cache_options(&self) -> CacheOptions {
+        let disk = haven_storage::cache::filesystem_bytes(&self.dir).unwrap_or(u64::MAX);
         CacheOptions {
-            segment_bytes: (self.cache_limit_bytes / 4).clamp(1 << 20, 64 << 20),
+            segment_bytes: (self.cache_limit_bytes.min(disk) / 4).clamp(1 << 20, 64 << 20),
         }
     }
 
