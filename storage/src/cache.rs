@@ -51,11 +51,16 @@
 //!   [`CacheError::Corrupt`] naming the file and offset.
 //! * `open` then `fdatasync`s the last segment, so what it reports as held is durable even
 //!   if the previous process died with writes still in the page cache.
-//! * A failed write is rolled back by truncating the segment; if that fails too, or if an
-//!   `fdatasync`/`fsync` fails (the kernel may have dropped the dirty pages, so retrying
-//!   could falsely succeed), the cache is *poisoned*: appends and syncs return
-//!   [`CacheError::Poisoned`] until it is reopened, which re-verifies the files.
-//!   [`MachineCache::clear`] also resets it.
+//! * A failed write (a full disk: [`CacheError::is_disk_full`]) is rolled back by truncating
+//!   the segment; then what was appended before it is synced and the segment is *closed*:
+//!   the next append starts a new segment, and [`MachineCache::trim`] may delete the closed
+//!   one once it is applied, even though it is the last. So a cache that filled its disk
+//!   gets space back as its records are applied, and a caller may simply retry the append.
+//! * If the rollback fails too, or if an `fdatasync`/`fsync` fails (the kernel may have
+//!   dropped the dirty pages, so retrying could falsely succeed), the cache is *poisoned*:
+//!   appends and syncs return [`CacheError::Poisoned`] until [`MachineCache::recover`] (or a
+//!   reopen) re-verifies the files; `recover` first cuts every record not covered by a
+//!   completed sync. [`MachineCache::clear`] also resets it.
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -153,6 +158,33 @@ pub enum CacheError {
     Poisoned { path: PathBuf, reason: String },
 }
 
+impl CacheError {
+    /// Whether the filesystem ran out of space or quota (`ENOSPC`, `EDQUOT`): a condition
+    /// that passes once space frees, unlike most other errors.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, CacheError::Io { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)))
+    }
+}
+
+/// Size in bytes of the filesystem holding `path`, or of its nearest existing ancestor.
+pub fn filesystem_bytes(path: &Path) -> io::Result<u64> {
+    let mut p = path;
+    while !p.exists() {
+        p = p
+            .parent()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+    }
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: statvfs writes into the zeroed struct we own; `c` is a NUL-terminated path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((st.f_blocks as u64).saturating_mul(st.f_frsize as u64))
+}
+
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CacheError + 'a {
     move |source| CacheError::Io {
         op,
@@ -190,7 +222,8 @@ pub struct MachineCache {
     opts: CacheOptions,
     /// Oldest first; the last one is the segment being written.
     segments: VecDeque<Segment>,
-    /// Write handle of the last segment.
+    /// Write handle of the last segment; `None` once it is closed (after a failed write, or
+    /// while a roll could not create the next segment).
     active: Option<File>,
     total_bytes: u64,
     last_seq: Option<u64>,
@@ -201,6 +234,18 @@ pub struct MachineCache {
     dir_dirty: bool,
     poisoned: Option<String>,
     _lock: File,
+    #[cfg(test)]
+    faults: Faults,
+}
+
+/// Unit tests fail chosen operations with an OS error number.
+#[cfg(test)]
+#[derive(Debug, Default)]
+struct Faults {
+    /// The next record's payload write: half of it is written, then this error.
+    write: Option<i32>,
+    /// The next `fdatasync` of a segment.
+    sync: Option<i32>,
 }
 
 fn segment_name(id: u64) -> String {
@@ -453,7 +498,15 @@ impl MachineCache {
     pub fn open(dir: &Path, opts: CacheOptions) -> Result<(Self, RecoveryReport), CacheError> {
         create_dir_durably(dir)?;
         let lock = lock_dir(dir)?;
+        Self::load(dir, opts, lock)
+    }
 
+    /// Reads and verifies the segments of a directory whose `LOCK` we hold.
+    fn load(
+        dir: &Path,
+        opts: CacheOptions,
+        lock: File,
+    ) -> Result<(Self, RecoveryReport), CacheError> {
         let mut found: Vec<(u64, PathBuf)> = Vec::new();
         for ent in fs::read_dir(dir).map_err(io_err("list directory", dir))? {
             let ent = ent.map_err(io_err("list directory", dir))?;
@@ -573,6 +626,8 @@ impl MachineCache {
             dir_dirty: false,
             poisoned: None,
             _lock: lock,
+            #[cfg(test)]
+            faults: Faults::default(),
         };
         Ok((cache, report))
     }
@@ -588,7 +643,9 @@ impl MachineCache {
     }
 
     fn poison(&mut self, e: CacheError) -> CacheError {
-        tracing::error!(dir = %self.dir.display(), error = %e, "cache poisoned");
+        // The error goes to the caller, who reports it (a caller retrying on a failing disk
+        // would otherwise log it again on every attempt).
+        tracing::debug!(dir = %self.dir.display(), error = %e, "cache poisoned");
         self.poisoned = Some(e.to_string());
         e
     }
@@ -598,7 +655,11 @@ impl MachineCache {
     fn flush(&mut self) -> Result<(), CacheError> {
         if self.dirty {
             if let (Some(f), Some(seg)) = (&self.active, self.segments.back()) {
-                if let Err(e) = f.sync_data() {
+                #[cfg(test)]
+                let injected = self.faults.sync.take().map(io::Error::from_raw_os_error);
+                #[cfg(not(test))]
+                let injected: Option<io::Error> = None;
+                if let Err(e) = injected.map_or_else(|| f.sync_data(), Err) {
                     let e = io_err("fdatasync", &seg.path)(e);
                     return Err(self.poison(e));
                 }
@@ -656,9 +717,16 @@ impl MachineCache {
         let f = self.active.as_ref().expect("active segment is open");
         let off = seg.len;
         let header = encode_record_header(first_seq, last_seq, payload);
-        let res = f
-            .write_all_at(&header, off)
-            .and_then(|()| f.write_all_at(payload, off + RECORD_HEADER_LEN));
+        #[cfg(test)]
+        let injected = self.faults.write.take();
+        #[cfg(not(test))]
+        let injected: Option<i32> = None;
+        let res = f.write_all_at(&header, off).and_then(|()| match injected {
+            Some(errno) => f
+                .write_all_at(&payload[..payload.len() / 2], off + RECORD_HEADER_LEN)
+                .and(Err(io::Error::from_raw_os_error(errno))),
+            None => f.write_all_at(payload, off + RECORD_HEADER_LEN),
+        });
         if let Err(e) = res {
             let err = io_err("write", &seg.path)(e);
             let path = seg.path.clone();
@@ -679,6 +747,11 @@ impl MachineCache {
                 return Err(self.poison(err));
             }
             self.dirty = true;
+            // Close the segment: what was appended before this record becomes durable now
+            // (a caller retrying later must not find it half-there), and a closed segment can
+            // be trimmed once applied, which is what frees a full disk.
+            self.flush()?;
+            self.active = None;
             return Err(err);
         }
         seg.entries.push(Entry {
@@ -706,8 +779,13 @@ impl MachineCache {
         hdr[0..8].copy_from_slice(&SEGMENT_MAGIC);
         hdr[8..12].copy_from_slice(&SEGMENT_VERSION.to_le_bytes());
         if let Err(e) = f.write_all_at(&hdr, 0) {
-            let _ = fs::remove_file(&path);
-            return Err(io_err("write segment header", &path)(e));
+            let err = io_err("write segment header", &path)(e);
+            if let Err(e2) = fs::remove_file(&path) {
+                // Left behind, it would block the next creation under the same name.
+                tracing::error!(path = %path.display(), error = %e2, "cannot remove a segment whose creation failed");
+                return Err(self.poison(err));
+            }
+            return Err(err);
         }
         self.segments.push_back(Segment {
             path,
@@ -726,6 +804,60 @@ impl MachineCache {
     pub fn sync(&mut self) -> Result<(), CacheError> {
         self.check_poisoned()?;
         self.flush()
+    }
+
+    /// Whether an I/O failure made the cache unusable until [`recover`](Self::recover).
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.is_some()
+    }
+
+    /// Makes a poisoned cache usable again without closing it: cuts every record not covered
+    /// by a completed sync (after a failed `fdatasync` the page cache may still show bytes
+    /// that never reached the disk, so re-reading them would prove nothing), then re-reads
+    /// and re-verifies the directory as [`open`](Self::open) does. The caller still holds
+    /// everything it did not see synced and appends it again. On error the cache stays
+    /// poisoned and `recover` may be tried again.
+    pub fn recover(&mut self) -> Result<RecoveryReport, CacheError> {
+        self.active = None;
+        let durable = self.durable;
+        while let Some(seg) = self.segments.back() {
+            let keep = seg
+                .entries
+                .partition_point(|e| durable.is_some_and(|d| e.last <= d));
+            if keep == 0 {
+                if let Err(e) = fs::remove_file(&seg.path) {
+                    if e.kind() != io::ErrorKind::NotFound {
+                        return Err(io_err("remove unsynced segment", &seg.path)(e));
+                    }
+                }
+                self.total_bytes -= seg.len;
+                self.segments.pop_back();
+                continue;
+            }
+            let e = seg.entries[keep - 1];
+            let end = e.offset + RECORD_HEADER_LEN + e.len as u64;
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&seg.path)
+                .map_err(io_err("open for truncation", &seg.path))?;
+            let len = f.metadata().map_err(io_err("stat", &seg.path))?.len();
+            if len > end {
+                f.set_len(end).map_err(io_err("truncate", &seg.path))?;
+                f.sync_all()
+                    .map_err(io_err("fsync after truncation", &seg.path))?;
+            }
+            break;
+        }
+        sync_dir(&self.dir)?;
+        let lock = self
+            ._lock
+            .try_clone()
+            .map_err(io_err("duplicate lock", &self.dir))?;
+        let (fresh, report) = Self::load(&self.dir, self.opts.clone(), lock)?;
+        tracing::debug!(dir = %self.dir.display(), records = report.records, last_seq = ?report.last_seq, "cache recovered after an I/O failure");
+        // The old lock descriptor closes; the duplicate keeps the flock.
+        *self = fresh;
+        Ok(report)
     }
 
     /// Highest `last_seq` covered by a completed sync.
@@ -769,14 +901,22 @@ impl MachineCache {
         &self.dir
     }
 
-    /// Deletes every segment whose records all have `last_seq <= applied_seq`, oldest first,
-    /// never the segment being written. Returns the bytes freed.
+    /// Deletes every segment whose records all have `last_seq <= applied_seq` and are
+    /// durable, oldest first, never the segment being written. (The last segment is not being
+    /// written after a failed write closed it: then it goes too once applied, which is how a
+    /// full disk gets space back.) Returns the bytes freed.
     pub fn trim(&mut self, applied_seq: u64) -> Result<u64, CacheError> {
         let mut freed = 0;
         let mut result = Ok(());
-        while self.segments.len() > 1 {
-            let seg = &self.segments[0];
-            if seg.last_seq().is_some_and(|l| l > applied_seq) {
+        let Some(durable) = self.durable else {
+            return Ok(0); // nothing was ever synced: nothing can have been applied
+        };
+        let limit = applied_seq.min(durable);
+        while let Some(seg) = self.segments.front() {
+            if self.segments.len() == 1 && self.active.is_some() {
+                break;
+            }
+            if seg.last_seq().is_some_and(|l| l > limit) {
                 break;
             }
             if let Err(e) = fs::remove_file(&seg.path) {

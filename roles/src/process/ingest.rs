@@ -3,8 +3,17 @@
 //! Nothing is acknowledged as cached before it is fsynced. Batches are sealed in the blocking
 //! pool, two at a time, and appended in seq order; everything that arrives while one group is
 //! being written is committed by the next single fsync (group commit).
+//!
+//! A cache write that fails (a full disk, above all) is back-pressure, not a crash: the writer
+//! keeps the group, syncs and acknowledges what did get in, and retries with a bounded
+//! backoff, at once when cache files are deleted. Meanwhile the stream is not read, so QUIC
+//! flow control holds the agent back, and the agent keeps what is not cached. The first
+//! failure is logged as an error (at most one a minute per process server), a still-failing
+//! writer warns every minute, and the first success after a logged failure says so.
 use std::sync::{atomic::Ordering, Arc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use haven_storage::cache::{CacheError, MachineCache};
 
 use haven_transport::{
     codec,
@@ -23,6 +32,11 @@ use crate::proto::{Ack, AgentFrame, Response, ShipFrame, StreamOpen};
 const GROUP_BYTES_MAX: usize = 32 << 20;
 /// Sealed batches queued between the reader and the writer.
 const SEAL_QUEUE: usize = 3;
+/// Backoff between attempts to write to a cache whose last write failed.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+/// A writer whose cache writes keep failing says so again this often.
+const STILL_FAILING_EVERY: Duration = Duration::from_secs(60);
 
 struct Sealed {
     first_seq: u64,
@@ -82,8 +96,15 @@ pub async fn ingest(
     };
     let ps = ctx.process.clone().ok_or("not a process server")?;
     let id = NEXT_STREAM_ID.fetch_add(1, Ordering::Relaxed);
-    m.ingest_owner.store(id, Ordering::SeqCst);
-    let cached = *m.durable.borrow();
+    // Taken over under the cache lock: a superseded writer appends nothing after this (it
+    // checks under the same lock), so what we report as cached is all there will be.
+    let owner = m.clone();
+    let cached = m
+        .with_cache(move |c| {
+            owner.ingest_owner.store(id, Ordering::SeqCst);
+            Ok(c.durable_last_seq().unwrap_or(0))
+        })
+        .await?;
     let applied = *m.applied.borrow();
     frame::send_msg(
         &mut send,
@@ -118,7 +139,7 @@ pub async fn ingest(
     };
 
     let (tx, rx) = mpsc::channel::<tokio::task::JoinHandle<Result<Sealed, String>>>(SEAL_QUEUE);
-    let writer = tokio::spawn(write_groups(m.clone(), ps.clone(), rx));
+    let writer = tokio::spawn(write_groups(m.clone(), ps.clone(), id, rx));
     let key = {
         let a = m.assignment.borrow();
         DataKey::from_slice(&a.data_key).map_err(|e| e.to_string())?
@@ -283,6 +304,7 @@ async fn admit(
 async fn write_groups(
     m: Arc<PsMachine>,
     ps: Arc<super::ProcessState>,
+    id: u64,
     mut rx: mpsc::Receiver<tokio::task::JoinHandle<Result<Sealed, String>>>,
 ) -> Result<(), String> {
     while let Some(job) = rx.recv().await {
@@ -295,26 +317,165 @@ async fn write_groups(
             bytes += s.payload.len();
             group.push(s);
         }
-        let applied = *m.applied.borrow();
-        let (durable, cache_bytes, pending, group) = m
-            .with_cache(move |c| {
-                for s in &group {
-                    c.append(s.first_seq, s.last_seq, &s.payload)?;
-                }
-                c.sync()?;
-                Ok((
-                    c.durable_last_seq().unwrap_or(0),
-                    c.bytes(),
-                    c.bytes_after(applied),
-                    group,
-                ))
-            })
-            .await?;
-        m.cache_bytes.store(cache_bytes, Ordering::Relaxed);
-        m.pending_bytes.store(pending, Ordering::Relaxed);
-        drop(group); // now counted in cache_bytes, no longer in flight
-        m.durable.send_replace(durable);
-        let _ = &ps;
+        write_group(&m, &ps, id, group).await?;
     }
     Ok(())
+}
+
+/// Why an attempt to write a group stopped short.
+enum Failure {
+    /// A newer stream from the same agent took over, or the machine moved away (a writer
+    /// held back by a full disk can outlive its stream); the agent resends what we did not
+    /// cache, to whoever holds the stream now.
+    Superseded(&'static str),
+    Cache(CacheError),
+}
+
+/// One attempt at a group, under the cache lock.
+struct Attempt {
+    /// What is not durable yet, to try again.
+    group: Vec<Sealed>,
+    durable: u64,
+    cache_bytes: u64,
+    pending: u64,
+    failure: Option<Failure>,
+}
+
+fn attempt(
+    m: &PsMachine,
+    id: u64,
+    c: &mut MachineCache,
+    mut group: Vec<Sealed>,
+    applied: u64,
+) -> Attempt {
+    let result = (|| {
+        if m.ingest_owner.load(Ordering::SeqCst) != id {
+            return Err(Failure::Superseded(
+                "superseded by a newer stream from the same agent",
+            ));
+        }
+        if m.draining.load(Ordering::SeqCst) {
+            return Err(Failure::Superseded(
+                "the machine moved to another process server",
+            ));
+        }
+        if c.is_poisoned() {
+            c.recover().map_err(Failure::Cache)?;
+        }
+        for s in &group {
+            c.append(s.first_seq, s.last_seq, &s.payload)
+                .map_err(Failure::Cache)?;
+        }
+        c.sync().map_err(Failure::Cache)
+    })();
+    let durable = c.durable_last_seq().unwrap_or(0);
+    group.retain(|s| s.last_seq > durable);
+    Attempt {
+        group,
+        durable,
+        cache_bytes: c.bytes(),
+        pending: c.bytes_after(applied),
+        failure: result.err(),
+    }
+}
+
+/// A run of failed attempts at writing the cache, for the log.
+struct Trouble {
+    since: Instant,
+    attempts: u64,
+    /// Logged as an error (else at debug level, another having been logged recently).
+    loud: bool,
+    last_said: Instant,
+}
+
+/// Appends a group and makes it durable. While the cache cannot be written, holds on to the
+/// group and retries: the stream is not read meanwhile, which holds the agent back.
+async fn write_group(
+    m: &Arc<PsMachine>,
+    ps: &super::ProcessState,
+    id: u64,
+    mut group: Vec<Sealed>,
+) -> Result<(), String> {
+    let mut trouble: Option<Trouble> = None;
+    let mut backoff = RETRY_MIN;
+    loop {
+        // Registered before the attempt, so a deletion during it is not missed.
+        let freed = ps.freed.notified();
+        tokio::pin!(freed);
+        freed.as_mut().enable();
+        let applied = *m.applied.borrow();
+        let m2 = m.clone();
+        let a = m
+            .with_cache(move |c| Ok(attempt(&m2, id, c, group, applied)))
+            .await?;
+        m.cache_bytes.store(a.cache_bytes, Ordering::Relaxed);
+        m.pending_bytes.store(a.pending, Ordering::Relaxed);
+        group = a.group; // what is durable is counted in cache_bytes, no longer in flight
+                         // Only on a change: a failed retry is not worth an ack.
+        m.durable.send_if_modified(|d| {
+            let changed = *d != a.durable;
+            *d = a.durable;
+            changed
+        });
+        let e = match a.failure {
+            None => {
+                if let Some(t) = trouble {
+                    let waited_ms = t.since.elapsed().as_millis() as u64;
+                    if t.loud {
+                        tracing::info!(machine = %m.name, attempts = t.attempts, waited_ms, "cache writable again: taking data from the agent");
+                    } else {
+                        tracing::debug!(machine = %m.name, attempts = t.attempts, waited_ms, "cache writable again");
+                    }
+                }
+                return Ok(());
+            }
+            Some(Failure::Superseded(why)) => return Err(why.into()),
+            Some(Failure::Cache(e)) => e,
+        };
+        // Only I/O fails in a way that can pass; anything else is a bug or corruption.
+        if !matches!(e, CacheError::Io { .. } | CacheError::Poisoned { .. }) {
+            return Err(e.to_string());
+        }
+        let what = if e.is_disk_full() {
+            "cache disk full: holding the agent back until space frees (the agent keeps what is not cached; nothing is lost)"
+        } else {
+            "cache write failed: holding the agent back and retrying (the agent keeps what is not cached; nothing is lost)"
+        };
+        match &mut trouble {
+            None => {
+                let loud = ps.report_write_error();
+                // A --cache-size above what the disk holds is the usual cause: show both.
+                let disk_bytes = haven_storage::cache::filesystem_bytes(&ps.dir).unwrap_or(0);
+                let limit = ps.cache_limit_bytes;
+                if loud {
+                    tracing::error!(machine = %m.name, error = %e, cache_size = limit, disk_bytes, "{what}");
+                } else {
+                    tracing::debug!(machine = %m.name, error = %e, cache_size = limit, disk_bytes, "{what}");
+                }
+                let now = Instant::now();
+                trouble = Some(Trouble {
+                    since: now,
+                    attempts: 1,
+                    loud,
+                    last_said: now,
+                });
+            }
+            Some(t) => {
+                t.attempts += 1;
+                if t.last_said.elapsed() >= STILL_FAILING_EVERY {
+                    t.last_said = Instant::now();
+                    tracing::warn!(
+                        machine = %m.name, error = %e, attempts = t.attempts,
+                        failing_s = t.since.elapsed().as_secs(),
+                        "cache writes still failing; the agent is held back"
+                    );
+                }
+            }
+        }
+        tokio::select! {
+            _ = &mut freed => {}
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(RETRY_MAX);
+    }
 }

@@ -36,6 +36,11 @@ pub struct ProcessState {
     create: Mutex<()>,
     /// Signalled whenever any cache shrinks, so blocked ingests re-check the limit.
     pub space: Notify,
+    /// Signalled whenever cache files are deleted, so writers held back by a failed write
+    /// (a full disk) retry at once.
+    pub freed: Notify,
+    /// When a cache write failure was last logged as an error: at most one a minute.
+    write_error_logged: Mutex<Option<std::time::Instant>>,
 }
 
 impl ProcessState {
@@ -46,7 +51,24 @@ impl ProcessState {
             machines: DashMap::new(),
             create: Mutex::new(()),
             space: Notify::new(),
+            freed: Notify::new(),
+            write_error_logged: Mutex::new(None),
         }
+    }
+
+    /// Whether a cache write failure should be logged as an error now (none was in the
+    /// last minute); otherwise it is logged at debug level.
+    pub fn report_write_error(&self) -> bool {
+        const EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+        let Ok(mut last) = self.write_error_logged.lock() else {
+            return true;
+        };
+        let now = std::time::Instant::now();
+        if last.is_some_and(|t| now.duration_since(t) < EVERY) {
+            return false;
+        }
+        *last = Some(now);
+        true
     }
 
     /// Unapplied bytes in all caches plus bytes being sealed on their way in: what the limit
@@ -60,10 +82,14 @@ impl ProcessState {
             .sum()
     }
 
-    /// Segments small enough that trimming whole segments keeps the disk near the limit.
+    /// Segments small enough that trimming whole segments keeps the disk near the limit, or
+    /// near the disk's size when that is smaller: a segment is freed only once all of it is
+    /// applied, so segments sized for a limit far above the disk would fill the disk even
+    /// while the master target keeps up.
     fn cache_options(&self) -> CacheOptions {
+        let disk = haven_storage::cache::filesystem_bytes(&self.dir).unwrap_or(u64::MAX);
         CacheOptions {
-            segment_bytes: (self.cache_limit_bytes / 4).clamp(1 << 20, 64 << 20),
+            segment_bytes: (self.cache_limit_bytes.min(disk) / 4).clamp(1 << 20, 64 << 20),
         }
     }
 

@@ -83,6 +83,7 @@ pub async fn ship(
                 if m.reset_cache_if_draining()? {
                     tracing::info!(machine = %m.name, "drained; dropped the machine's cache");
                     ps.space.notify_waiters();
+                    ps.freed.notify_waiters();
                 }
                 return Ok(());
             }
@@ -118,6 +119,7 @@ pub async fn ship(
     if m.reset_cache_if_draining()? {
         tracing::info!(machine = %m.name, "{outcome}; dropped the machine's cache");
         ps.space.notify_waiters();
+        ps.freed.notify_waiters();
     }
     Ok(())
 }
@@ -281,13 +283,16 @@ fn inject(
 }
 
 async fn trim(ps: &ProcessState, m: &PsMachine, applied: u64) -> Result<(), String> {
-    let (bytes, pending) = m
-        .with_cache(move |c| Ok((c.trim(applied).map(|_| c.bytes())?, c.bytes_after(applied))))
+    let (freed, bytes, pending) = m
+        .with_cache(move |c| Ok((c.trim(applied)?, c.bytes(), c.bytes_after(applied))))
         .await?;
     m.cache_bytes.store(bytes, Ordering::Relaxed);
     let before = m.pending_bytes.swap(pending, Ordering::Relaxed);
     if pending < before {
         ps.space.notify_waiters();
+    }
+    if freed > 0 {
+        ps.freed.notify_waiters();
     }
     Ok(())
 }

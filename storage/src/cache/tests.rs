@@ -545,3 +545,248 @@ fn bytes_after_counts_unapplied_payload_record_by_record() {
     c.trim(40).unwrap();
     assert_eq!(c.bytes_after(40), 6 * 3000);
 }
+
+const ENOSPC: i32 = libc::ENOSPC;
+
+#[test]
+fn failed_write_is_rolled_back_what_came_before_synced_and_the_segment_closed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut c, _) = MachineCache::open(tmp.path(), small()).unwrap();
+    fill(&mut c, 0..1);
+    c.sync().unwrap();
+    fill(&mut c, 1..2); // not synced yet
+    c.faults.write = Some(ENOSPC);
+    let err = c.append(21, 30, &payload(2, 3000)).unwrap_err();
+    assert!(err.is_disk_full(), "{err}");
+    assert!(!c.is_poisoned());
+    // The partial record is gone; the record appended before it is durable now.
+    assert_eq!(c.durable_last_seq(), Some(20));
+    assert_eq!(c.last_seq(), Some(20));
+    let files = segment_files(tmp.path());
+    assert_eq!(files.len(), 1);
+    assert_eq!(fs::metadata(&files[0]).unwrap().len(), 16 + 2 * 3032);
+    assert_eq!(c.bytes(), 16 + 2 * 3032);
+    check(&c.read_after(0, usize::MAX).unwrap(), 0..2);
+    // The retry goes to a new segment: the closed one takes nothing more.
+    fill(&mut c, 2..3);
+    c.sync().unwrap();
+    let files = segment_files(tmp.path());
+    assert_eq!(files.len(), 2, "{files:?}");
+    assert!(files[1].ends_with("seg-00000000000000000021.hvc"));
+    check(&c.read_after(0, usize::MAX).unwrap(), 0..3);
+    drop(c);
+    let (c, rep) = MachineCache::open(tmp.path(), small()).unwrap();
+    assert_eq!((rep.records, rep.truncated_bytes), (3, 0));
+    check(&c.read_after(0, usize::MAX).unwrap(), 0..3);
+}
+
+#[test]
+fn a_closed_last_segment_is_trimmed_once_applied_and_appends_continue() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut c, _) = MachineCache::open(tmp.path(), small()).unwrap();
+    fill(&mut c, 0..2);
+    c.sync().unwrap();
+    // While it is open, the last segment stays, applied or not.
+    assert_eq!(c.trim(u64::MAX).unwrap(), 0);
+    c.faults.write = Some(ENOSPC);
+    assert!(c
+        .append(21, 30, &payload(2, 3000))
+        .unwrap_err()
+        .is_disk_full());
+    assert_eq!(c.trim(19).unwrap(), 0, "record 11..=20 is not applied");
+    assert_eq!(c.trim(20).unwrap(), 16 + 2 * 3032);
+    assert!(segment_files(tmp.path()).is_empty());
+    assert_eq!((c.bytes(), c.first_seq()), (0, None));
+    assert!(c.read_after(0, usize::MAX).unwrap().is_empty());
+    // Ordering survives the empty cache.
+    assert_eq!(c.durable_last_seq(), Some(20));
+    assert!(matches!(
+        c.append(15, 25, b"x"),
+        Err(CacheError::OutOfOrder {
+            previous: Some(20),
+            ..
+        })
+    ));
+    fill(&mut c, 2..4);
+    c.sync().unwrap();
+    let files = segment_files(tmp.path());
+    assert_eq!(files.len(), 1);
+    assert!(files[0].ends_with("seg-00000000000000000021.hvc"));
+    check(&c.read_after(20, usize::MAX).unwrap(), 2..4);
+    drop(c);
+    let (c, rep) = MachineCache::open(tmp.path(), small()).unwrap();
+    assert_eq!(rep.records, 2);
+    check(&c.read_after(0, usize::MAX).unwrap(), 2..4);
+}
+
+#[test]
+fn trim_never_frees_unsynced_records() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut c, _) = MachineCache::open(tmp.path(), small()).unwrap();
+    fill(&mut c, 0..1);
+    assert_eq!(c.trim(u64::MAX).unwrap(), 0);
+    c.sync().unwrap();
+    fill(&mut c, 1..2);
+    // A failed write syncs before it closes the segment; when that sync fails too, the
+    // cache is poisoned and the segment, holding an unsynced record, stays.
+    c.faults.write = Some(ENOSPC);
+    c.faults.sync = Some(libc::EIO);
+    assert!(c.append(21, 30, &payload(2, 3000)).is_err());
+    assert!(c.is_poisoned());
+    assert_eq!(c.trim(u64::MAX).unwrap(), 0);
+    assert_eq!(segment_files(tmp.path()).len(), 1);
+    c.recover().unwrap();
+    assert_eq!(c.last_seq(), Some(10));
+    check(&c.read_after(0, usize::MAX).unwrap(), 0..1);
+}
+
+#[test]
+fn failed_fdatasync_poisons_until_recover_cuts_what_was_not_synced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut c, _) = MachineCache::open(tmp.path(), small()).unwrap();
+    fill(&mut c, 0..1);
+    c.sync().unwrap();
+    fill(&mut c, 1..2);
+    c.faults.sync = Some(libc::EIO);
+    let err = c.sync().unwrap_err();
+    assert!(!err.is_disk_full(), "{err}");
+    assert!(c.is_poisoned());
+    assert!(matches!(
+        c.append(21, 30, b"x"),
+        Err(CacheError::Poisoned { .. })
+    ));
+    assert!(matches!(c.sync(), Err(CacheError::Poisoned { .. })));
+    let rep = c.recover().unwrap();
+    assert_eq!((rep.records, rep.last_seq), (1, Some(10)));
+    assert!(!c.is_poisoned());
+    assert_eq!(c.durable_last_seq(), Some(10));
+    assert_eq!(c.last_seq(), Some(10));
+    let files = segment_files(tmp.path());
+    assert_eq!(fs::metadata(&files[0]).unwrap().len(), 16 + 3032);
+    // The caller appends again what it did not see synced.
+    fill(&mut c, 1..5);
+    c.sync().unwrap();
+    check(&c.read_after(0, usize::MAX).unwrap(), 0..5);
+    // Still the only holder of the directory, and a reopen agrees.
+    assert!(matches!(
+        MachineCache::open(tmp.path(), small()),
+        Err(CacheError::Locked { .. })
+    ));
+    drop(c);
+    let (c, rep) = MachineCache::open(tmp.path(), small()).unwrap();
+    assert_eq!((rep.records, rep.truncated_bytes), (5, 0));
+    check(&c.read_after(0, usize::MAX).unwrap(), 0..5);
+}
+
+#[test]
+fn recover_deletes_a_segment_that_holds_only_unsynced_records() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut c, _) = MachineCache::open(tmp.path(), small()).unwrap();
+    fill(&mut c, 0..3);
+    c.sync().unwrap();
+    fill(&mut c, 3..4); // rolls into seg-31
+    assert_eq!(segment_files(tmp.path()).len(), 2);
+    c.faults.sync = Some(ENOSPC);
+    assert!(c.sync().unwrap_err().is_disk_full());
+    c.recover().unwrap();
+    assert_eq!(segment_files(tmp.path()).len(), 1);
+    assert_eq!(c.last_seq(), Some(30));
+    assert_eq!(c.bytes(), 16 + 3 * 3032);
+    fill(&mut c, 3..4);
+    c.sync().unwrap();
+    check(&c.read_after(0, usize::MAX).unwrap(), 0..4);
+}
+
+/// A tmpfs of its own, lazily unmounted on drop (before its mount point is removed).
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// `None` (after saying why) where mounting is not permitted.
+    fn mount(bytes: u64) -> Option<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir.path())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(Tmpfs { dir }),
+            Ok(o) => {
+                eprintln!(
+                    "skipped: mount -t tmpfs failed: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("skipped: cannot run mount: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// A real full disk (a 1 MiB tmpfs), with segments far larger than the disk.
+#[test]
+fn a_full_disk_is_reported_as_such_and_trimming_makes_room_again() {
+    let Some(fs) = Tmpfs::mount(1 << 20) else {
+        return;
+    };
+    let dir = fs.dir.path().join("cache");
+    let opts = CacheOptions {
+        segment_bytes: 64 << 20,
+    };
+    let (mut c, _) = MachineCache::open(&dir, opts.clone()).unwrap();
+    let rec = |i: u64| payload(i, 60_000);
+    let mut i = 0;
+    let err = loop {
+        match c.append(i + 1, i + 1, &rec(i)).and_then(|()| c.sync()) {
+            Ok(()) => i += 1,
+            Err(e) => break e,
+        }
+        assert!(i < 100, "a 1 MiB disk took {i} records of 60 kB");
+    };
+    assert!(i >= 10, "only {i} records fit");
+    assert!(err.is_disk_full(), "{err}");
+    assert!(!c.is_poisoned());
+    assert_eq!(c.durable_last_seq(), Some(i));
+    let files = segment_files(&dir);
+    let on_disk: u64 = files.iter().map(|p| fs::metadata(p).unwrap().len()).sum();
+    assert_eq!(c.bytes(), on_disk, "the partial record was cut");
+    // Everything synced reads back intact.
+    let got = c.read_after(0, usize::MAX).unwrap();
+    assert_eq!(got.len() as u64, i);
+    assert!(got.iter().all(|r| r.payload == rec(r.first_seq - 1)));
+    // Still full: a retry cannot even start the new segment, and changes nothing.
+    let err = c.append(i + 1, i + 1, &rec(i)).unwrap_err();
+    assert!(err.is_disk_full(), "{err}");
+    assert!(!c.is_poisoned());
+    assert_eq!(segment_files(&dir), files);
+    // Applied: the closed segment goes, and the retry succeeds.
+    assert_eq!(c.trim(i).unwrap(), on_disk);
+    c.append(i + 1, i + 1, &rec(i)).unwrap();
+    c.sync().unwrap();
+    assert_eq!(c.read_after(0, usize::MAX).unwrap()[0].first_seq, i + 1);
+    drop(c);
+    let (c, rep) = MachineCache::open(&dir, opts).unwrap();
+    assert_eq!((rep.records, rep.last_seq), (1, Some(i + 1)));
+    assert_eq!(c.read_after(0, usize::MAX).unwrap()[0].payload, rec(i));
+}
+
+#[test]
+fn filesystem_bytes_of_a_path_not_yet_created() {
+    let tmp = tempfile::tempdir().unwrap();
+    let n = filesystem_bytes(&tmp.path().join("not/yet")).unwrap();
+    assert!(n > 0);
+    assert_eq!(n, filesystem_bytes(tmp.path()).unwrap());
+}
