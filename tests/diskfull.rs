@@ -79,12 +79,6 @@ impl Drop for Tmpfs {
     }
 }
 
-fn u64_of(v: &serde_json::Value, field: &str) -> u64 {
-    v[field]
-        .as_u64()
-        .unwrap_or_else(|| panic!("field {field} missing in {v}"))
-}
-
 /// User + system CPU time of a process, in milliseconds.
 fn cpu_ms(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();

@@ -39,22 +39,10 @@ use common::*;
 use rand::{rngs::StdRng, SeedableRng};
 use serde_json::Value;
 
-/// The QUIC idle timeout (`transport_config` in transport/src/endpoint.rs).
-const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Each partition lasts at least this long: past the idle timeout, so the connections die.
-const CUT: Duration = Duration::from_secs(12);
-/// When the second round of writes lands in a cut: after the connections timed out.
-const AFTER_IDLE: Duration = Duration::from_millis(IDLE_TIMEOUT.as_millis() as u64 + 500);
 const DISK: u64 = 16 << 20;
 const SYNC: Duration = Duration::from_secs(60);
 /// Nodes and agents report every 0.5 s; a write is captured within the 1 s scan interval.
 const REPORTED: Duration = Duration::from_secs(10);
-
-fn u64_of(v: &Value, field: &str) -> u64 {
-    v[field]
-        .as_u64()
-        .unwrap_or_else(|| panic!("field {field} missing in {v}"))
-}
 
 /// Runs `ip ARGS` (`args` split at whitespace: names and addresses here have none); the
 /// error is `ip`'s own message.
@@ -301,11 +289,6 @@ impl Net {
             .map(|n| n["alive"] == true)
     }
 
-    /// Sleeps until `at` into a partition that began at `since`: the deliberate wait.
-    fn hold(since: Instant, at: Duration) {
-        std::thread::sleep(at.saturating_sub(since.elapsed()));
-    }
-
     /// Everything written converges without a new epoch (a full resync). Returns the status,
     /// everything captured cached and applied.
     fn converge(&mut self) -> Value {
@@ -418,7 +401,7 @@ fn sites_partitioned_by_taking_veth_links_down_longer_than_the_idle_timeout() {
     assert_eq!(n.node_alive("ps1"), Some(false), "ps1 silent");
     assert_eq!(n.node_alive("mt1"), Some(true), "mt1 still reports");
     eprintln!("{:?} into the cut: {m1}", since.elapsed());
-    Net::hold(since, AFTER_IDLE);
+    hold(since, AFTER_IDLE);
     // After the idle timeout: ps1 still takes and caches what the agent sends.
     n.write_some(20);
     let m2 = n.wait_machine(
@@ -429,7 +412,7 @@ fn sites_partitioned_by_taking_veth_links_down_longer_than_the_idle_timeout() {
                 && u64_of(m, "cached_seq") > u64_of(&m1, "cached_seq")
         },
     );
-    Net::hold(since, CUT);
+    hold(since, CUT);
     let m = n.machine();
     assert_eq!(
         u64_of(&m, "applied_seq"),
@@ -456,7 +439,7 @@ fn sites_partitioned_by_taking_veth_links_down_longer_than_the_idle_timeout() {
             && u64_of(m, "cached_seq") == u64_of(&before, "cached_seq")
     });
     eprintln!("{:?} into the cut: {m1}", since.elapsed());
-    Net::hold(since, AFTER_IDLE);
+    hold(since, AFTER_IDLE);
     n.write_some(20);
     // Past the idle timeout the agent's stream is gone, and it says so over MGMT.
     let m2 = n.wait_machine(
@@ -469,7 +452,7 @@ fn sites_partitioned_by_taking_veth_links_down_longer_than_the_idle_timeout() {
         },
     );
     eprintln!("{:?} into the cut: {m2}", since.elapsed());
-    Net::hold(since, CUT);
+    hold(since, CUT);
     let m = n.machine();
     assert_eq!(
         u64_of(&m, "cached_seq"),

@@ -19,22 +19,10 @@ use std::{
 use common::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-/// The QUIC idle timeout (`transport_config` in transport/src/endpoint.rs).
-const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Each partition lasts this long: past the idle timeout, so the connections die.
-const CUT: Duration = Duration::from_secs(12);
-/// When the second round of writes lands in a cut: after the connections timed out.
-const AFTER_IDLE: Duration = Duration::from_millis(IDLE_TIMEOUT.as_millis() as u64 + 500);
 const DISK: u64 = 16 << 20;
 const SYNC: Duration = Duration::from_secs(60);
 /// A fault-injecting socket re-reads its control file every 100 ms.
 const APPLIED: Duration = Duration::from_secs(5);
-
-fn u64_of(v: &serde_json::Value, field: &str) -> u64 {
-    v[field]
-        .as_u64()
-        .unwrap_or_else(|| panic!("field {field} missing in {v}"))
-}
 
 struct Net {
     c: Cluster,
@@ -135,11 +123,6 @@ impl Net {
         self.c.machine("web01").expect("machine web01 listed")
     }
 
-    /// Sleeps until `at` into a partition that began at `since`: the deliberate wait.
-    fn hold(since: Instant, at: Duration) {
-        std::thread::sleep(at.saturating_sub(since.elapsed()));
-    }
-
     /// After a heal: everything written converges, without a new epoch (a full resync).
     fn converge(&mut self, sent_before: u64) {
         self.write_some(10);
@@ -190,9 +173,9 @@ fn agent_cut_from_its_process_server_longer_than_the_idle_timeout() {
         .then_some(m)
     });
     eprintln!("during the cut: {m}");
-    Net::hold(since, AFTER_IDLE);
+    hold(since, AFTER_IDLE);
     n.write_some(20);
-    Net::hold(since, CUT);
+    hold(since, CUT);
     let m = n.machine();
     assert_eq!(
         u64_of(&m, "cached_seq"),
@@ -224,9 +207,9 @@ fn process_server_cut_from_its_master_target_longer_than_the_idle_timeout() {
         .then_some(m)
     });
     eprintln!("during the cut: {m}");
-    Net::hold(since, AFTER_IDLE);
+    hold(since, AFTER_IDLE);
     n.write_some(20);
-    Net::hold(since, CUT);
+    hold(since, CUT);
     let m = n.machine();
     assert_eq!(
         u64_of(&m, "applied_seq"),
@@ -288,9 +271,9 @@ fn process_server_cut_from_the_configuration_node_keeps_replicating() {
     );
     eprintln!("marker applied {:?} into the cut", since.elapsed());
     n.write_some(10);
-    Net::hold(since, AFTER_IDLE);
+    hold(since, AFTER_IDLE);
     n.write_some(10);
-    Net::hold(since, CUT);
+    hold(since, CUT);
     assert_eq!(
         applied_partitions(&n.c.log("ps1")),
         Some(format!("{config} both")),

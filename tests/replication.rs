@@ -11,12 +11,6 @@ const DISK0: u64 = 48 << 20;
 const DISK1: u64 = 24 << 20;
 const SYNC: Duration = Duration::from_secs(120);
 
-fn u64_of(v: &serde_json::Value, field: &str) -> u64 {
-    v[field]
-        .as_u64()
-        .unwrap_or_else(|| panic!("field {field} missing in {v}"))
-}
-
 struct Setup {
     c: Cluster,
     disks: Vec<(&'static str, std::path::PathBuf)>,

@@ -33,10 +33,7 @@ fn count_lines(c: &Cluster, name: &str, parts: &[&str]) -> usize {
 }
 
 fn stat(c: &Cluster, machine: &str, field: &str) -> u64 {
-    let m = c.machine(machine).expect("machine known");
-    m[field]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{field} missing in {m}"))
+    u64_of(&c.machine(machine).expect("machine known"), field)
 }
 
 /// Enrolls and protects one agent per machine, each with one disk.

@@ -19,6 +19,25 @@ use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_haven");
 
+/// The QUIC idle timeout (`transport_config` in transport/src/endpoint.rs).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A partition test's cut lasts at least this long: past the idle timeout, so connections die.
+pub const CUT: Duration = Duration::from_secs(12);
+/// When a second round of writes lands in a cut: after the connections timed out.
+pub const AFTER_IDLE: Duration = Duration::from_millis(IDLE_TIMEOUT.as_millis() as u64 + 500);
+
+/// A numeric field of a `ctl --json` object; fails the test naming the field if absent.
+pub fn u64_of(v: &Value, field: &str) -> u64 {
+    v[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("field {field} missing in {v}"))
+}
+
+/// Sleeps until `at` after `since` (a scenario's timeline, not a wait for a condition).
+pub fn hold(since: Instant, at: Duration) {
+    std::thread::sleep(at.saturating_sub(since.elapsed()));
+}
+
 pub fn free_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0")
         .unwrap()
