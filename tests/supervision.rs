@@ -75,7 +75,7 @@ fn a_failing_stream_restarts_alone_from_its_durable_cursor() {
     let mut c = Cluster::new();
     c.start_config(&["configuration"], vec![]);
     // Every way a stream can fail, for m1 only; m2 shares both servers.
-    let ps_plan = "m1:ship-panic,ship-io,ship-corrupt,ship-reset";
+    let ps_plan = "m1:ship-panic,ship-io,ship-corrupt,ship-reset,ship-replay,ship-wrong-key";
     let mt_plan = "m1:apply-reset,apply-panic";
     c.start_node("ps1", &["process"], faults(ps_plan));
     c.start_node("mt1", &["master-target"], faults(mt_plan));
@@ -91,9 +91,9 @@ fn a_failing_stream_restarts_alone_from_its_durable_cursor() {
     let observations = std::thread::scope(|s| {
         let checker = s.spawn(|| monitor(&cursors, &stop));
         let mut rng = StdRng::seed_from_u64(7);
-        phase("write to both machines until all six faults have fired on m1's streams");
-        write_until(&c, &disks, &mut rng, "six injected faults", |c| {
-            count_lines(c, "ps1", &[FIRED]) + count_lines(c, "mt1", &[FIRED]) >= 6
+        phase("write to both machines until all eight faults have fired on m1's streams");
+        write_until(&c, &disks, &mut rng, "eight injected faults", |c| {
+            count_lines(c, "ps1", &[FIRED]) + count_lines(c, "mt1", &[FIRED]) >= 8
         });
         c.wait_sync("m1", SYNC);
         c.wait_sync("m2", SYNC);
@@ -106,7 +106,7 @@ fn a_failing_stream_restarts_alone_from_its_durable_cursor() {
     }
 
     // Each fault fired exactly once, and only on m1's streams.
-    assert_eq!(count_lines(&c, "ps1", &[FIRED]), 4);
+    assert_eq!(count_lines(&c, "ps1", &[FIRED]), 6);
     assert_eq!(count_lines(&c, "mt1", &[FIRED]), 2);
     assert_eq!(count_lines(&c, "ps1", &[FIRED, "m2"]), 0);
     // The panic and the local I/O error went to the supervisor, which restarted ship/m1 only;
@@ -119,11 +119,11 @@ fn a_failing_stream_restarts_alone_from_its_durable_cursor() {
     );
     assert_eq!(count_lines(&c, "ps1", &["restart budget exhausted"]), 0);
     // Every failure ended in a new stream that resumed from the master target's cursor. (A
-    // process-server fault and a master-target fault can end the same incarnation, so 6
-    // faults end at least 4 incarnations.)
+    // process-server fault and a master-target fault can end the same incarnation, so 8
+    // faults end at least 6 incarnations.)
     let reconnects = count_lines(&c, "ps1", &["ship stream ended", "machine=m1"]);
     let ends = sup_restarts + reconnects;
-    assert!(ends >= 4, "{ends} ends of m1's stream for 6 faults");
+    assert!(ends >= 6, "{ends} ends of m1's stream for 8 faults");
     let resumed = count_lines(&c, "ps1", &["shipping to master target", "machine=m1"]);
     assert_eq!(resumed, ends + 1, "m1's ship stream opened {resumed} times");
     // m2's stream was never disturbed: one ship stream, accepted once, no restarts.
@@ -138,8 +138,14 @@ fn a_failing_stream_restarts_alone_from_its_durable_cursor() {
         m1_restarts >= ends as u64,
         "m1 stream_restarts {m1_restarts}, {ends} ends"
     );
-    // The corrupted batch was refused, never applied (the replica is identical above).
-    assert!(stat(&c, "m1", "batches_refused") >= 1);
+    // The corrupted, the replayed and the wrongly keyed batch were each refused by the
+    // master target's authentication, never applied (the replica is identical above).
+    let refused = count_lines(&c, "mt1", &["nothing from it was applied", "machine=m1"]);
+    assert_eq!(
+        refused, 3,
+        "corrupt, replayed and wrongly keyed batches refused"
+    );
+    assert!(stat(&c, "m1", "batches_refused") >= 3);
     // The panic half-way through a batch was rolled back before the replica was used again.
     assert_eq!(count_lines(&c, "mt1", &["rolled back a batch", "m1"]), 1);
     c.assert_running();

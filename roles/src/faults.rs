@@ -12,6 +12,8 @@
 //! | `ship-io`      | process server | a local cache read fails with an I/O error                    |
 //! | `ship-corrupt` | process server | one bit of a sealed batch flips (the master target refuses it) |
 //! | `ship-reset`   | process server | the ship stream is reset under the master target             |
+//! | `ship-replay`  | process server | the stream's first sealed batch is sent again, labelled as a later seq range |
+//! | `ship-wrong-key` | process server | a batch sealed under another key is sent in place of one  |
 //! | `apply-reset`  | master target  | the master target resets the stream (a peer reset)           |
 //! | `apply-panic`  | master target  | a panic half-way through writing a batch to the replica       |
 //! | `apply-abort`  | master target  | the process aborts half-way through writing a batch           |
@@ -31,6 +33,8 @@ pub enum Fault {
     ShipIo,
     ShipCorrupt,
     ShipReset,
+    ShipReplay,
+    ShipWrongKey,
     ApplyReset,
     ApplyPanic,
     ApplyAbort,
@@ -43,6 +47,8 @@ impl Fault {
             "ship-io" => Self::ShipIo,
             "ship-corrupt" => Self::ShipCorrupt,
             "ship-reset" => Self::ShipReset,
+            "ship-replay" => Self::ShipReplay,
+            "ship-wrong-key" => Self::ShipWrongKey,
             "apply-reset" => Self::ApplyReset,
             "apply-panic" => Self::ApplyPanic,
             "apply-abort" => Self::ApplyAbort,
@@ -52,7 +58,12 @@ impl Fault {
 
     pub fn side(self) -> Side {
         match self {
-            Self::ShipPanic | Self::ShipIo | Self::ShipCorrupt | Self::ShipReset => Side::Ship,
+            Self::ShipPanic
+            | Self::ShipIo
+            | Self::ShipCorrupt
+            | Self::ShipReset
+            | Self::ShipReplay
+            | Self::ShipWrongKey => Side::Ship,
             Self::ApplyReset | Self::ApplyPanic | Self::ApplyAbort => Side::Apply,
         }
     }
@@ -93,7 +104,7 @@ fn parse(spec: &str) -> Result<Plan, String> {
                 None => (f, 1),
             };
             let fault = Fault::parse(name).ok_or_else(|| {
-                format!("{ENV}: unknown fault {name:?} (ship-panic, ship-io, ship-corrupt, ship-reset, apply-reset, apply-panic, apply-abort)")
+                format!("{ENV}: unknown fault {name:?} (ship-panic, ship-io, ship-corrupt, ship-reset, ship-replay, ship-wrong-key, apply-reset, apply-panic, apply-abort)")
             })?;
             let q = plan
                 .entry((machine.trim().to_string(), key(fault.side())))
@@ -127,6 +138,11 @@ pub fn check() -> Result<(), String> {
         tracing::warn!("{ENV}={s:?}: injecting stream faults on purpose (debug)");
     }
     Ok(())
+}
+
+/// Whether any fault is planned on this node (so callers can skip bookkeeping otherwise).
+pub fn active() -> bool {
+    !plan().lock().unwrap_or_else(|p| p.into_inner()).is_empty()
 }
 
 /// The next planned fault for one incarnation of `machine`'s stream on `side`, if any.

@@ -7,7 +7,11 @@ use std::{
 };
 
 use haven_actors::Backoff;
-use haven_transport::frame::{self, MAX_CONTROL_FRAME};
+use haven_transport::{
+    codec,
+    frame::{self, MAX_CONTROL_FRAME},
+    seal::{self, DataKey, SealContext, Sealed},
+};
 
 use super::{ProcessState, PsMachine};
 use crate::{
@@ -15,7 +19,7 @@ use crate::{
     enroll::resolve,
     faults::{self, Fault, Side},
     node::NodeContext,
-    proto::{Applied, Request, Response, ShipOpen},
+    proto::{Applied, BatchBody, Request, Response, ShipFrame, ShipOpen},
 };
 
 /// Bytes read from the cache per round.
@@ -192,6 +196,7 @@ async fn ship_once(
         let mut cursor = applied;
         // Debug fault injection fires once per incarnation, after one batch went out.
         let (mut sent, mut fired) = (0u64, false);
+        let mut first_sent: Option<Vec<u8>> = None; // kept only while faults are planned
         loop {
             durable.borrow_and_update();
             let records = m
@@ -224,7 +229,12 @@ async fn ship_once(
                 if sent > 0 && !fired {
                     if let Some(f) = faults::next(&a.machine, Side::Ship) {
                         fired = true;
-                        inject(&a.machine, f, &mut send, &mut r.payload)?;
+                        let original = Original {
+                            machine: &a.machine,
+                            epoch: a.epoch.0,
+                            first_payload: first_sent.as_deref(),
+                        };
+                        inject(f, &original, &mut send, &mut r.payload)?;
                     }
                 }
                 if corrupt_this_one() {
@@ -236,6 +246,9 @@ async fn ship_once(
                 frame::write_frame(&mut send, &r.payload).await.map_err(|e| e.to_string())?;
                 m.wire_bytes.fetch_add(r.payload.len() as u64, Ordering::Relaxed);
                 cursor = r.last_seq;
+                if sent == 0 && faults::active() {
+                    first_sent = Some(r.payload.clone());
+                }
                 sent += 1;
             }
         }
@@ -254,14 +267,38 @@ fn ack_end(r: Result<Result<(), StreamEnd>, tokio::task::JoinError>) -> StreamEn
     }
 }
 
-/// Executes one planned debug fault (see [`crate::faults`]).
+/// What a debug fault needs to know about the stream it breaks.
+struct Original<'a> {
+    machine: &'a str,
+    epoch: u32,
+    /// The incarnation's first shipped frame (for `ship-replay`).
+    first_payload: Option<&'a [u8]>,
+}
+
+/// Executes one planned debug fault (see [`crate::faults`]) on the frame about to be sent.
 fn inject(
-    machine: &str,
     fault: Fault,
+    o: &Original,
     send: &mut quinn::SendStream,
-    payload: &mut [u8],
+    payload: &mut Vec<u8>,
 ) -> Result<(), StreamEnd> {
+    let machine = o.machine;
     faults::fire(machine, fault);
+    // A valid frame with another batch's sealed bytes, under this frame's seq range.
+    let relabel = |payload: &mut Vec<u8>, sealed: Sealed| -> Result<(), StreamEnd> {
+        let ShipFrame::Sealed {
+            first_seq,
+            last_seq,
+            ..
+        } = codec::decode(payload).map_err(|e| StreamEnd::Local(e.to_string()))?;
+        *payload = codec::encode(&ShipFrame::Sealed {
+            first_seq,
+            last_seq,
+            sealed,
+        })
+        .map_err(|e| StreamEnd::Local(e.to_string()))?;
+        Ok(())
+    };
     match fault {
         Fault::ShipPanic => panic!("{}: ship-panic for machine {machine}", faults::ENV),
         Fault::ShipIo => Err(StreamEnd::Local(format!(
@@ -277,6 +314,32 @@ fn inject(
         Fault::ShipReset => {
             let _ = send.reset(0u32.into());
             Err(StreamEnd::Peer("ship stream reset (injected)".into()))
+        }
+        Fault::ShipReplay => {
+            let first = o.first_payload.ok_or_else(|| {
+                StreamEnd::Local("ship-replay: no earlier batch in this stream".into())
+            })?;
+            let ShipFrame::Sealed { sealed, .. } =
+                codec::decode(first).map_err(|e| StreamEnd::Local(e.to_string()))?;
+            relabel(payload, sealed)
+        }
+        Fault::ShipWrongKey => {
+            let ShipFrame::Sealed {
+                first_seq,
+                last_seq,
+                ..
+            } = codec::decode(payload).map_err(|e| StreamEnd::Local(e.to_string()))?;
+            let ctx = SealContext {
+                machine,
+                epoch: o.epoch,
+                first_seq,
+                last_seq,
+            };
+            let body = codec::encode(&BatchBody { records: vec![] })
+                .map_err(|e| StreamEnd::Local(e.to_string()))?;
+            let sealed = seal::seal(&DataKey::generate(), &ctx, &body)
+                .map_err(|e| StreamEnd::Local(e.to_string()))?;
+            relabel(payload, sealed)
         }
         Fault::ApplyReset | Fault::ApplyPanic | Fault::ApplyAbort => Ok(()),
     }
