@@ -92,7 +92,8 @@ struct Proc {
 
 pub struct Cluster {
     pub dir: PathBuf,
-    _tmp: tempfile::TempDir,
+    /// Removed on drop unless `HAVEN_TEST_KEEP=1` (then the logs and images stay).
+    _tmp: Option<tempfile::TempDir>,
     pub config_addr: String,
     procs: BTreeMap<String, Proc>,
 }
@@ -125,7 +126,13 @@ impl Cluster {
             .prefix("haven-test-")
             .tempdir()
             .unwrap();
-        let dir = tmp.path().to_path_buf();
+        let (dir, tmp) = if std::env::var_os("HAVEN_TEST_KEEP").is_some_and(|v| v == "1") {
+            let dir = tmp.keep();
+            eprintln!("HAVEN_TEST_KEEP=1: keeping {}", dir.display());
+            (dir, None)
+        } else {
+            (tmp.path().to_path_buf(), Some(tmp))
+        };
         Self {
             dir,
             _tmp: tmp,
