@@ -274,12 +274,26 @@ async fn apply_in_order(
 ) -> Result<(), String> {
     // Debug fault injection fires once per stream, on its first batch of two or more writes.
     let mut fired = false;
+    let opened = |r: Result<Result<Opened, String>, tokio::task::JoinError>| {
+        r.map_err(|e| e.to_string()).and_then(|r| r)
+    };
     while let Some(job) = rx.recv().await {
-        let mut batch = vec![job.await.map_err(|e| e.to_string())??];
-        // Everything already opened joins this commit (group fsync).
+        // Everything already opened joins this commit (group fsync). A refused batch ends the
+        // stream, but only after the valid ones before it are applied and acknowledged.
+        let (mut batch, mut refused) = (vec![], None);
+        match opened(job.await) {
+            Ok(o) => batch.push(o),
+            Err(e) => return Err(e),
+        }
         while batch.len() < 16 {
             let Ok(job) = rx.try_recv() else { break };
-            batch.push(job.await.map_err(|e| e.to_string())??);
+            match opened(job.await) {
+                Ok(o) => batch.push(o),
+                Err(e) => {
+                    refused = Some(e);
+                    break;
+                }
+            }
         }
         let mut fault = None;
         if !fired && batch.iter().any(|o| o.body.records.len() >= 2) {
@@ -326,10 +340,11 @@ async fn apply_in_order(
             // Make what was applied before a failure durable, so the cursor stays truthful.
             let committed = r.commit().map_err(|e| e.to_string())?;
             m2.applied.fetch_max(committed, Ordering::SeqCst);
-            failed.map_or(Ok(committed), Err)
+            Ok::<_, String>((committed, failed))
         })
         .await
         .map_err(|e| e.to_string())??;
+        let (applied, failed) = applied;
         m.applied.fetch_max(applied, Ordering::SeqCst);
         frame::send_msg(
             send,
@@ -339,6 +354,9 @@ async fn apply_in_order(
         )
         .await
         .map_err(|e| e.to_string())?;
+        if let Some(e) = failed.or(refused) {
+            return Err(e);
+        }
     }
     Ok(())
 }
