@@ -305,16 +305,7 @@ impl Net {
                     && u64_of(m, "applied_seq") == u64_of(m, "captured_seq")
             },
         );
-        assert_eq!(m["epoch"], 1, "same protection epoch: {m}");
-        let full_syncs = self
-            .c
-            .log("agent-web01")
-            .matches("starting a full sync")
-            .count();
-        assert_eq!(
-            full_syncs, 1,
-            "only the initial full sync, none after a partition"
-        );
+        self.c.assert_no_resync("web01", &m);
         self.c.assert_running();
         m
     }

@@ -139,16 +139,7 @@ impl Net {
                 .then_some(m)
             },
         );
-        assert_eq!(m["epoch"], 1, "same protection epoch: {m}");
-        let full_syncs = self
-            .c
-            .log("agent-web01")
-            .matches("starting a full sync")
-            .count();
-        assert_eq!(
-            full_syncs, 1,
-            "only the initial full sync, none after the partition"
-        );
+        self.c.assert_no_resync("web01", &m);
         let sent = u64_of(&m, "raw_bytes_sent").saturating_sub(sent_before);
         eprintln!("raw bytes sent since the cut: {sent} (disk {DISK}, resends included); stream restarts {}", m["stream_restarts"]);
         self.c.assert_running();

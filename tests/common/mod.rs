@@ -478,6 +478,17 @@ impl Cluster {
     }
 
     /// Fails on any ERROR line in any log that matches none of `expected`.
+    /// No full resync happened: `m` (the machine's status) is still in protection epoch 1 and
+    /// the agent logged only its initial full sync.
+    pub fn assert_no_resync(&self, machine: &str, m: &Value) {
+        assert_eq!(m["epoch"], 1, "same protection epoch: {m}");
+        let full_syncs = self
+            .log(&format!("agent-{machine}"))
+            .matches("starting a full sync")
+            .count();
+        assert_eq!(full_syncs, 1, "only the initial full sync, none since");
+    }
+
     pub fn assert_no_unexpected_errors(&self, expected: &[&str]) {
         for name in self.procs.keys() {
             for line in self.log(name).lines() {
