@@ -72,6 +72,22 @@ impl Tmpfs {
     }
 }
 
+impl Tmpfs {
+    /// Grows (or shrinks) the filesystem in place: space returns.
+    fn resize(&self, bytes: u64) {
+        let st = Command::new("mount")
+            .args(["-o", &format!("remount,size={bytes}")])
+            .arg(&self.0)
+            .status()
+            .expect("run mount");
+        assert!(
+            st.success(),
+            "remount {} with size={bytes}",
+            self.0.display()
+        );
+    }
+}
+
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         // Lazy: the process server may still have files open.
@@ -274,4 +290,58 @@ fn a_full_cache_disk_holds_the_agent_back_and_loses_nothing() {
     c.assert_running();
     c.assert_no_unexpected_errors(&[FULL]);
     eprintln!("took {:?}", started.elapsed());
+}
+
+/// The master target's replica disk fills during an initial sync: a write that does not fit
+/// is rolled back from the undo log (the replica stays at its durable cursor), the process
+/// server holds the data and retries, nothing is lost, and replication resumes by itself once
+/// space returns.
+#[test]
+fn a_full_replica_disk_loses_nothing_and_resumes_when_space_returns() {
+    let mut c = Cluster::new();
+    let fs = match Tmpfs::mount(&c.path("mt1"), 16 << 20) {
+        Ok(fs) => fs,
+        Err(why) => {
+            eprintln!(
+                "SKIPPED a_full_replica_disk_loses_nothing_and_resumes_when_space_returns: {why}"
+            );
+            return;
+        }
+    };
+    c.start_config(&["configuration"], vec![]);
+    c.start_node("ps1", &["process"], vec![]);
+    c.start_node("mt1", &["master-target"], vec![]);
+    // About 36 MiB of non-zero content: more than the master target's 16 MiB disk.
+    let disk = c.path("m1.img");
+    make_disk(&disk, 48 << 20, 5);
+    c.start_agent("m1", &[("root", disk.as_path())]);
+    c.ctl(&["protect", "m1"]);
+
+    phase("the replica fills the master target's disk");
+    wait_until("the master target hits ENOSPC", SYNC, || {
+        c.log("mt1")
+            .contains("No space left on device")
+            .then_some(())
+    });
+    // Held, not lost: everything captured reaches the process server's cache, the replica
+    // cannot take all of it, and every process stays up. (Batches that fit, e.g. into space a
+    // rolled-back batch freed, may still be applied meanwhile.)
+    let m = wait_until("everything captured is cached", SYNC, || {
+        let m = c.machine("m1")?;
+        (u64_of(&m, "cached_seq") == u64_of(&m, "captured_seq") && u64_of(&m, "captured_seq") > 0)
+            .then_some(m)
+    });
+    let durable = read_cursor(&c.path("mt1/replicas/m1/state")).applied_seq;
+    assert!(
+        durable < u64_of(&m, "captured_seq"),
+        "durable cursor {durable}: {m}"
+    );
+    c.assert_running();
+
+    phase("space returns: replication resumes by itself");
+    fs.resize(128 << 20);
+    c.wait_sync("m1", SYNC);
+    assert_identical(&disk, &c.replica("mt1", "m1", "root"));
+    c.assert_running();
+    c.assert_no_unexpected_errors(&["No space left on device"]);
 }
