@@ -138,8 +138,11 @@ fn protocol_version_mismatch_is_refused_on_both_sides() {
 #[test]
 fn corrupted_sealed_batch_is_refused_and_never_applied() {
     let mut c = Cluster::new();
-    // The all-in-one node corrupts the 2nd batch it ships (debug fault injection).
-    c.start_config(&[], vec![("HAVEN_FAULT_CORRUPT_SHIP".into(), "2".into())]);
+    // The all-in-one node corrupts one batch it ships (debug fault injection).
+    c.start_config(
+        &[],
+        vec![("HAVEN_FAULT_STREAM".into(), "db01:ship-corrupt".into())],
+    );
     let disk = c.path("disk.img");
     make_disk(&disk, 32 << 20, 9);
     c.start_agent("db01", &[("root", disk.as_path())]);
@@ -157,7 +160,7 @@ fn corrupted_sealed_batch_is_refused_and_never_applied() {
     );
     let log = c.log("config");
     assert!(
-        log.contains("HAVEN_FAULT_CORRUPT_SHIP: corrupting"),
+        log.contains("injecting a stream fault on purpose machine=db01 fault=ShipCorrupt"),
         "the fault was injected"
     );
     assert!(

@@ -69,7 +69,7 @@ impl Fault {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Side {
     Ship,
     Apply,
@@ -78,14 +78,7 @@ pub enum Side {
 /// At most this many faults per machine: the plan is test input, still bounded.
 const MAX_PLANNED: usize = 10_000;
 
-type Plan = HashMap<(String, SideKey), VecDeque<Fault>>;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct SideKey(bool);
-
-fn key(side: Side) -> SideKey {
-    SideKey(side == Side::Ship)
-}
+type Plan = HashMap<(String, Side), VecDeque<Fault>>;
 
 /// Parses a plan string; errors name the offending part.
 fn parse(spec: &str) -> Result<Plan, String> {
@@ -107,7 +100,7 @@ fn parse(spec: &str) -> Result<Plan, String> {
                 format!("{ENV}: unknown fault {name:?} (ship-panic, ship-io, ship-corrupt, ship-reset, ship-replay, ship-wrong-key, apply-reset, apply-panic, apply-abort)")
             })?;
             let q = plan
-                .entry((machine.trim().to_string(), key(fault.side())))
+                .entry((machine.trim().to_string(), fault.side()))
                 .or_default();
             if q.len() + count > MAX_PLANNED {
                 return Err(format!(
@@ -151,7 +144,7 @@ pub fn next(machine: &str, side: Side) -> Option<Fault> {
     if plan.is_empty() {
         return None; // the normal case: asked once per batch, costs one uncontended lock
     }
-    plan.get_mut(&(machine.to_string(), key(side)))?.pop_front()
+    plan.get_mut(&(machine.to_string(), side))?.pop_front()
 }
 
 /// Logs that a fault fires now (tests count these lines).
@@ -167,17 +160,11 @@ mod tests {
     fn parses_machines_faults_and_counts_in_order() {
         let p = parse("m1:ship-panic*2,apply-reset, ship-io;m2:apply-abort").unwrap();
         assert_eq!(
-            p[&("m1".to_string(), key(Side::Ship))],
+            p[&("m1".to_string(), Side::Ship)],
             [Fault::ShipPanic, Fault::ShipPanic, Fault::ShipIo]
         );
-        assert_eq!(
-            p[&("m1".to_string(), key(Side::Apply))],
-            [Fault::ApplyReset]
-        );
-        assert_eq!(
-            p[&("m2".to_string(), key(Side::Apply))],
-            [Fault::ApplyAbort]
-        );
+        assert_eq!(p[&("m1".to_string(), Side::Apply)], [Fault::ApplyReset]);
+        assert_eq!(p[&("m2".to_string(), Side::Apply)], [Fault::ApplyAbort]);
         assert_eq!(p.len(), 3);
     }
 

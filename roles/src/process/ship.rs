@@ -25,18 +25,6 @@ use crate::{
 /// Bytes read from the cache per round.
 const READ_BYTES: usize = 16 << 20;
 
-/// Debug fault injection: `HAVEN_FAULT_CORRUPT_SHIP=N` flips one bit in the N-th batch this
-/// process ships (counting from 1), to prove the master target refuses it.
-static SHIPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-fn corrupt_this_one() -> bool {
-    let n = SHIPPED.fetch_add(1, Ordering::Relaxed) + 1;
-    std::env::var("HAVEN_FAULT_CORRUPT_SHIP")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        == Some(n)
-}
-
 /// Longest a machine that moved away keeps shipping its cache before it is dropped.
 const DRAIN_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -235,12 +223,6 @@ async fn ship_once(
                             first_payload: first_sent.as_deref(),
                         };
                         inject(f, &original, &mut send, &mut r.payload)?;
-                    }
-                }
-                if corrupt_this_one() {
-                    tracing::warn!(machine = %a.machine, first = r.first_seq, "HAVEN_FAULT_CORRUPT_SHIP: corrupting this batch on purpose");
-                    if let Some(b) = r.payload.last_mut() {
-                        *b ^= 0x01;
                     }
                 }
                 frame::write_frame(&mut send, &r.payload).await.map_err(|e| e.to_string())?;
