@@ -681,12 +681,12 @@ fn bench(cfg: &Config, dir: &Path, tck: f64) -> Res<()> {
         node_log.clone(),
     ));
     let admin_token = node_dir.join("admin-token");
-    let join_token = node_dir.join("join-token");
+    let agent_token = node_dir.join("agent-token");
     wait_until(
         &mut procs,
         "the node to write its admin token",
         Duration::from_secs(30),
-        || Ok(admin_token.exists() && join_token.exists()),
+        || Ok(admin_token.exists() && agent_token.exists()),
     )?;
     let ctl = Ctl {
         bin: cfg.bin.clone(),
@@ -711,7 +711,7 @@ fn bench(cfg: &Config, dir: &Path, tck: f64) -> Res<()> {
                 "--join",
                 &addr,
                 "--token-file",
-                path_str(&join_token)?,
+                path_str(&agent_token)?,
                 "--data-dir",
                 path_str(&agent_dir)?,
                 "--disk",

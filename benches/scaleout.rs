@@ -761,12 +761,13 @@ fn bench(cfg: &Config, dir: &Path) -> Res<()> {
         dir.join("config.log"),
     )?;
     let admin_token = config_dir.join("admin-token");
-    let join_token = config_dir.join("join-token");
+    let agent_token = config_dir.join("agent-token");
+    let node_token = config_dir.join("node-token");
     wait_until(
         &mut procs,
         "the configuration node to write its tokens",
         Duration::from_secs(30),
-        || Ok(admin_token.exists() && join_token.exists()),
+        || Ok(admin_token.exists() && agent_token.exists() && node_token.exists()),
     )?;
     let ctl = Ctl {
         bin: cfg.bin.clone(),
@@ -795,7 +796,7 @@ fn bench(cfg: &Config, dir: &Path) -> Res<()> {
                 s("--join"),
                 addr.clone(),
                 s("--token-file"),
-                path_str(&join_token)?.into(),
+                path_str(&node_token)?.into(),
                 s("--data-dir"),
                 path_str(&dir.join(name))?.into(),
                 s("--listen"),
@@ -822,7 +823,7 @@ fn bench(cfg: &Config, dir: &Path) -> Res<()> {
                 s("--join"),
                 addr.clone(),
                 s("--token-file"),
-                path_str(&join_token)?.into(),
+                path_str(&agent_token)?.into(),
                 s("--data-dir"),
                 path_str(&dir.join(format!("agent-{m}")))?.into(),
                 s("--disk"),

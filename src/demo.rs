@@ -255,7 +255,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         .0
         .push(("node".into(), spawn(&exe, &node_args, &node_log)?));
     let admin_token = node_dir.join("admin-token");
-    let join_token = node_dir.join("join-token");
+    let agent_token = node_dir.join("agent-token");
     let admin = connect_with_retry(&addr, &admin_token, &mut procs).await?;
     println!("2. started an all-in-one node (configuration + process + master-target) on {addr}; log: {}", node_log.display());
 
@@ -266,7 +266,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         "--join",
         &addr,
         "--token-file",
-        join_token.to_str().unwrap_or_default(),
+        agent_token.to_str().unwrap_or_default(),
         "--data-dir",
         agent_dir.to_str().unwrap_or_default(),
         "--disk",
@@ -343,11 +343,15 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         args.write_for.as_secs()
     );
     let t = Instant::now();
-    if !admin
-        .wait_sync("demo-vm", Duration::from_secs(300), |_, _| {})
+    match admin
+        .wait_sync("demo-vm", Duration::from_secs(300), |_, _, _| {})
         .await?
     {
-        return Err("wait-sync timed out".into());
+        ctl::WaitEnd::Synced => {}
+        ctl::WaitEnd::TimedOut(why) => {
+            return Err(format!("wait-sync timed out (degraded: {why:?})"))
+        }
+        ctl::WaitEnd::Blocked(why) => return Err(format!("wait-sync: {why}")),
     }
     println!(
         "6. wait-sync: everything written is applied at the master target ({:.2}s)",
@@ -369,7 +373,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
     admin.close().await;
     drop(procs);
     println!(
-        "\nTo do this by hand:\n  haven node --data-dir /var/lib/haven --listen 0.0.0.0:7400\n  haven agent --join HOST:7400 --token-file /var/lib/haven/join-token --data-dir /var/lib/haven-agent --disk root=/dev/vda --name web01\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token protect web01\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token status\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token wait-sync web01\n  cmp /dev/vda /var/lib/haven/replicas/web01/root.img\n\ndemo OK"
+        "\nTo do this by hand:\n  haven node --data-dir /var/lib/haven --listen 0.0.0.0:7400\n  haven agent --join HOST:7400 --token-file /var/lib/haven/agent-token --data-dir /var/lib/haven-agent --disk root=/dev/vda --name web01\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token protect web01\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token status\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token wait-sync web01\n  cmp /dev/vda /var/lib/haven/replicas/web01/root.img\n\ndemo OK"
     );
     Ok(())
 }
@@ -397,7 +401,7 @@ async fn connect_with_retry(addr: &str, token: &Path, procs: &mut Procs) -> Resu
         if token.exists() {
             match Admin::connect(addr, token).await {
                 Ok(a) => return Ok(a),
-                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(e) if Instant::now() > deadline => return Err(e.into()),
                 Err(_) => {}
             }
         } else if Instant::now() > deadline {

@@ -132,12 +132,50 @@ enum CtlCommand {
     },
     /// Moves, failovers and drains, with their figures.
     Events,
-    /// Capture everything written so far and wait until it is applied (exit 3 on timeout).
+    /// Capture everything written so far and wait until it is applied (exit 3 on timeout,
+    /// 4 at once when the machine cannot converge without you).
     WaitSync {
         machine: String,
         #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Enrolment tokens: agent tokens enrol agents, node tokens server nodes.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Remove an unprotected machine so its name can be enrolled again; its replica is moved
+    /// aside (kept) unless --delete-replica.
+    Forget {
+        machine: String,
+        #[arg(long)]
+        delete_replica: bool,
+    },
+    /// Adopt a disk as it is now (after it shrank or was replaced) and send every block that
+    /// differs from the replica.
+    Resync {
+        machine: String,
+        #[arg(long)]
+        disk: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token; prints it (shown only this once).
+    Create {
+        #[arg(long, value_parser = ["agent", "node"])]
+        kind: String,
+        /// It enrols nothing after this long (default: never expires).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// Every token, without secrets.
+    List,
+    /// It enrols nothing from now on (what it enrolled stays).
+    Revoke { id: String },
 }
 
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -276,6 +314,7 @@ fn main() -> ExitCode {
                 data_dir,
                 join: Some((join, token_file)),
                 disks,
+                machine_defaulted: name.is_none(),
                 machine: name.unwrap_or_else(hostname),
                 scan_interval,
                 retention_bytes: retention_size,
@@ -318,7 +357,7 @@ async fn run_ctl(
         Ok(a) => a,
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(e.exit_code());
         }
     };
     let code = ctl_command(&admin, json, command).await;
@@ -330,52 +369,31 @@ async fn ctl_command(admin: &ctl::Admin, json: bool, command: CtlCommand) -> Exi
     let print_json = |v: &dyn erased::Json| println!("{}", v.to_json());
     let cmd = match command {
         CtlCommand::WaitSync { machine, timeout } => {
-            let started = std::time::Instant::now();
-            let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-            let r = admin
-                .wait_sync(&machine, timeout, |barrier, applied| {
-                    if !json && tty {
-                        eprint!(
-                            "\rwaiting: barrier {} applied {applied}   ",
-                            barrier
-                                .map(|b| b.to_string())
-                                .unwrap_or_else(|| "(scanning)".into())
-                        );
-                    }
-                })
-                .await;
-            return match r {
-                Ok(true) => {
-                    if json {
-                        println!(
-                            "{}",
-                            serde_json::json!({"machine": machine, "synced": true, "seconds": started.elapsed().as_secs_f64()})
-                        );
-                    } else {
-                        if tty {
-                            eprintln!();
-                        }
-                        println!(
-                            "{machine}: in sync ({:.1}s)",
-                            started.elapsed().as_secs_f64()
-                        );
-                    }
-                    ExitCode::SUCCESS
-                }
-                Ok(false) => {
-                    eprintln!(
-                        "\nerror: {machine} did not sync within {}",
-                        humantime::format_duration(timeout)
-                    );
-                    ExitCode::from(ctl::EXIT_TIMEOUT as u8)
-                }
-                Err(e) => {
-                    eprintln!("\nerror: {e}");
-                    ExitCode::FAILURE
-                }
-            };
+            return ctl_wait_sync(admin, json, machine, timeout).await
         }
         CtlCommand::Move { machine, to } => return ctl_move(admin, json, machine, to).await,
+        CtlCommand::Token {
+            command:
+                TokenCommand::Create {
+                    kind,
+                    ttl,
+                    description,
+                },
+        } => return ctl_token_create(admin, json, kind, ttl, description).await,
+        CtlCommand::Token {
+            command: TokenCommand::List,
+        } => AdminCommand::TokenList,
+        CtlCommand::Token {
+            command: TokenCommand::Revoke { id },
+        } => AdminCommand::TokenRevoke { id },
+        CtlCommand::Forget {
+            machine,
+            delete_replica,
+        } => AdminCommand::Forget {
+            machine,
+            delete_replica,
+        },
+        CtlCommand::Resync { machine, disk } => AdminCommand::Resync { machine, disk },
         CtlCommand::Rebalance => AdminCommand::Rebalance,
         CtlCommand::Drain { node } => AdminCommand::Drain { node },
         CtlCommand::Undrain { node } => AdminCommand::Undrain { node },
@@ -389,7 +407,7 @@ async fn ctl_command(admin: &ctl::Admin, json: bool, command: CtlCommand) -> Exi
     match admin.call(cmd).await {
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(e.exit_code())
         }
         Ok(reply) => {
             match reply {
@@ -415,9 +433,144 @@ async fn ctl_command(admin: &ctl::Admin, json: bool, command: CtlCommand) -> Exi
                     println!("balanced: no moves needed")
                 }
                 AdminReply::Rebalanced { moves } => ctl::print_events(&moves),
+                AdminReply::Tokens(t) if json => print_json(&t),
+                AdminReply::Tokens(t) => ctl::print_tokens(&t),
                 other => println!("{other:?}"),
             }
             ExitCode::SUCCESS
+        }
+    }
+}
+
+/// `ctl wait-sync`: the barrier, with progress and the reason the machine is degraded while
+/// waiting; at once with the reason when it cannot converge without the operator.
+async fn ctl_wait_sync(
+    admin: &ctl::Admin,
+    json: bool,
+    machine: String,
+    timeout: Duration,
+) -> ExitCode {
+    let started = std::time::Instant::now();
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut said: Option<String> = None;
+    let r = admin
+        .wait_sync(&machine, timeout, |barrier, applied, degraded| {
+            if json {
+                return;
+            }
+            if tty {
+                eprint!(
+                    "\rwaiting: barrier {} applied {applied}   ",
+                    barrier
+                        .map(|b| b.to_string())
+                        .unwrap_or_else(|| "(scanning)".into())
+                );
+            }
+            // A degraded machine says why while we wait (once per reason).
+            if degraded.map(String::from) != said {
+                if let Some(d) = degraded {
+                    eprintln!("{}{machine} is degraded: {d}", if tty { "\n" } else { "" });
+                }
+                said = degraded.map(String::from);
+            }
+        })
+        .await;
+    let secs = started.elapsed().as_secs_f64();
+    let fail = |code: u8, msg: String, reason: Option<String>| {
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"machine": machine, "synced": false, "seconds": secs, "error": msg, "reason": reason})
+            );
+        }
+        eprintln!("\nerror: {msg}");
+        ExitCode::from(code)
+    };
+    match r {
+        Ok(ctl::WaitEnd::Synced) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"machine": machine, "synced": true, "seconds": secs})
+                );
+            } else {
+                if tty {
+                    eprintln!();
+                }
+                println!("{machine}: in sync ({secs:.1}s)");
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(ctl::WaitEnd::Blocked(reason)) => fail(
+            ctl::EXIT_BLOCKED,
+            format!("{machine} cannot be brought in sync without you: {reason}"),
+            Some(reason),
+        ),
+        Ok(ctl::WaitEnd::TimedOut(degraded)) => {
+            let why = degraded
+                .as_ref()
+                .map(|d| format!(" (it is degraded: {d})"))
+                .unwrap_or_default();
+            fail(
+                ctl::EXIT_TIMEOUT,
+                format!(
+                    "{machine} did not sync within {}{why}",
+                    humantime::format_duration(timeout)
+                ),
+                degraded,
+            )
+        }
+        Err(e) => fail(e.exit_code(), e.to_string(), None),
+    }
+}
+
+/// `ctl token create`: prints the token (only the token, so it can be redirected to a file).
+async fn ctl_token_create(
+    admin: &ctl::Admin,
+    json: bool,
+    kind: String,
+    ttl: Option<Duration>,
+    description: String,
+) -> ExitCode {
+    let reply = admin
+        .call(AdminCommand::TokenCreate {
+            kind,
+            ttl_ms: ttl.map(|t| t.as_millis() as u64),
+            description,
+        })
+        .await;
+    match reply {
+        Ok(AdminReply::TokenCreated {
+            id,
+            kind,
+            secret,
+            expires_ms,
+        }) => {
+            let Some(k) = haven_transport::identity::TokenKind::parse(&kind) else {
+                eprintln!("error: the configuration node created a token of unknown kind {kind:?}");
+                return ExitCode::FAILURE;
+            };
+            let token = admin.token_text(k, &secret);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"id": id, "kind": kind, "token": token, "expires_ms": expires_ms})
+                );
+            } else {
+                println!("{token}");
+                eprintln!(
+                    "token {id} ({kind}) created; it is shown only now: keep it in a file readable by its user only"
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(other) => {
+            eprintln!("error: unexpected reply {other:?}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
         }
     }
 }
@@ -440,7 +593,7 @@ async fn ctl_move(admin: &ctl::Admin, json: bool, machine: String, to: String) -
         }
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(e.exit_code());
         }
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -467,7 +620,7 @@ async fn ctl_move(admin: &ctl::Admin, json: bool, machine: String, to: String) -
         }
         if std::time::Instant::now() > deadline {
             eprintln!("error: {machine} was reassigned to {to} (generation {generation}) but its agent has not reported the move within 60s");
-            return ExitCode::from(ctl::EXIT_TIMEOUT as u8);
+            return ExitCode::from(ctl::EXIT_TIMEOUT);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -24,9 +24,9 @@ fn join_output(c: &Cluster, token_file: &std::path::Path, name: &str) -> std::pr
 fn bad_tokens_are_refused_and_nothing_is_registered() {
     let mut c = Cluster::new();
     c.start_config(&["configuration"], vec![]);
-    let good = Token::parse(&std::fs::read_to_string(c.join_token()).unwrap()).unwrap();
+    let good = Token::parse(&std::fs::read_to_string(c.node_token()).unwrap()).unwrap();
 
-    phase("a join token with the wrong secret");
+    phase("a node token with the wrong secret");
     let wrong_secret = Token {
         secret: "ab".repeat(24),
         ..good.clone()
@@ -60,20 +60,20 @@ fn bad_tokens_are_refused_and_nothing_is_registered() {
         "the joiner names the fingerprint mismatch: {err}"
     );
 
-    phase("an admin token where a join token is expected, and garbage");
+    phase("an admin token where an enrolment token is expected, and garbage");
     let out = join_output(&c, &c.admin_token(), "intruder3");
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("needs a Join token"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("joining needs an agent token"));
     let f = c.path("garbage");
     std::fs::write(&f, "not a token").unwrap();
     let out = join_output(&c, &f, "intruder4");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("token file"));
 
-    phase("a ctl call with the join token instead of the admin token");
+    phase("a ctl call with the agent token instead of the admin token");
     let out = Command::new(BIN)
         .args(["ctl", "--cluster", &c.config_addr, "--token-file"])
-        .arg(c.join_token())
+        .arg(c.agent_token())
         .arg("status")
         .output()
         .unwrap();
@@ -219,16 +219,14 @@ fn malformed_and_unauthorised_frames_are_refused_without_disturbing_anything() {
             answers.push(format!("{r:?}"));
         }
         // Well-formed data-path requests without a certificate.
-        let disks = vec![haven_cluster::DiskInfo {
-            name: "root".into(),
-            size_bytes: 16 << 20,
-        }];
+        let disks = vec![haven_cluster::DiskInfo::new("root", 16 << 20)];
         let reqs = [
             Request::OpenStream(StreamOpen {
                 machine: "db01".into(),
                 epoch: 1,
                 generation: haven_cluster::Generation(1),
                 disks: disks.clone(),
+                instance: 7,
             }),
             Request::OpenShip(ShipOpen {
                 machine: "db01".into(),

@@ -20,10 +20,31 @@ pub const ROLE_PROCESS: &str = "process";
 pub const ROLE_MASTER_TARGET: &str = "master-target";
 pub const ALL_ROLES: [&str; 3] = [ROLE_CONFIGURATION, ROLE_PROCESS, ROLE_MASTER_TARGET];
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A protected disk as the inventory knows it. `size_bytes` is the disk's protected geometry:
+/// the size the replica has (or is being brought to) in the stream; a disk that grew is grown
+/// in the replica by the stream itself, in seq order.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskInfo {
     pub name: String,
     pub size_bytes: u64,
+    /// Where the agent reads it (`--disk NAME=PATH`).
+    #[serde(default)]
+    pub path: String,
+    /// How the agent recognises it: a stable device id (`wwid:…`, `serial:…`, `dm:…`,
+    /// `loop:<backing file>`) for a block device, else `file:<dev>:<inode>` plus a content
+    /// fingerprint of sampled blocks (`fp:<hex>`).
+    #[serde(default)]
+    pub id: String,
+}
+
+impl DiskInfo {
+    pub fn new(name: impl Into<String>, size_bytes: u64) -> Self {
+        Self {
+            name: name.into(),
+            size_bytes,
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,12 +78,53 @@ pub struct MachineRecord {
     /// The machine's payload key (32 bytes), issued at protect time. Never sent to agents.
     #[serde(with = "serde_bytes")]
     pub data_key: Vec<u8>,
+    /// Issued at enrolment and named in the agent's certificate: only that agent speaks for
+    /// the machine (a forgotten and re-enrolled name gets a new one). Empty for machines
+    /// enrolled before enrolment ids existed.
+    #[serde(default)]
+    pub enrolment: String,
+    /// `ctl resync M --disk D` requests, by disk name: the agent adopts the disk as it is now
+    /// once it has seen a number higher than the one it handled last.
+    #[serde(default)]
+    pub resync: std::collections::BTreeMap<String, u64>,
 }
 
-/// Cluster identity and secrets, created once at bootstrap.
+/// Cluster identity and the admin secret, created once at bootstrap. (Enrolment tokens are
+/// [`TokenRecord`]s; a `join_secret` written by earlier versions is ignored.)
 #[derive(Clone, Serialize, Deserialize)]
 pub struct ClusterMeta {
     pub cluster_id: String,
-    pub join_secret: String,
     pub admin_secret: String,
+}
+
+/// An enrolment token. Only the SHA-256 of its secret is kept: the token text is shown once,
+/// when it is created.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// First 12 hex digits of the secret's SHA-256 (`haven_transport::identity::token_id`).
+    pub id: String,
+    /// `agent` or `node`.
+    pub kind: String,
+    pub secret_sha256: String,
+    pub created_ms: u64,
+    /// Unix ms after which it is refused; None: it does not expire.
+    pub expires_ms: Option<u64>,
+    pub revoked: bool,
+    /// Enrolments it made.
+    pub uses: u64,
+    pub description: String,
+}
+
+/// A machine removed with `ctl forget`: the nodes that held its replica or cache act on it
+/// (move the replica aside or delete it, drop the cache), and a new enrolment of the name
+/// continues its epochs, so an old replica is never mistaken for the new machine's.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetiredRecord {
+    pub machine: String,
+    /// The forgotten machine's last epoch.
+    pub epoch: Epoch,
+    pub delete_replica: bool,
+    /// Nodes that still have to act on it.
+    pub pending_nodes: Vec<String>,
+    pub retired_ms: u64,
 }

@@ -6,11 +6,13 @@ use haven_transport::codec;
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::state::{ClusterMeta, MachineRecord, NodeRecord};
+use crate::state::{ClusterMeta, MachineRecord, NodeRecord, RetiredRecord, TokenRecord};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
 const MACHINES: TableDefinition<&str, &[u8]> = TableDefinition::new("machines");
+const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+const RETIRED: TableDefinition<&str, &[u8]> = TableDefinition::new("retired");
 /// Bumped on an incompatible change of any table's encoding.
 const FORMAT_VERSION: u32 = 1;
 
@@ -60,6 +62,8 @@ impl Store {
             }
             tx.open_table(NODES)?;
             tx.open_table(MACHINES)?;
+            tx.open_table(TOKENS)?;
+            tx.open_table(RETIRED)?;
         }
         tx.commit()?;
         Ok(store)
@@ -128,6 +132,37 @@ impl Store {
     pub fn machines(&self) -> Result<Vec<MachineRecord>, StoreError> {
         self.all(MACHINES)
     }
+
+    pub fn delete_machine(&self, name: &str) -> Result<(), StoreError> {
+        self.delete(MACHINES, name)
+    }
+
+    pub fn put_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
+        self.put(TOKENS, &t.id, t)
+    }
+
+    pub fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        self.all(TOKENS)
+    }
+
+    pub fn put_retired(&self, r: &RetiredRecord) -> Result<(), StoreError> {
+        self.put(RETIRED, &r.machine, r)
+    }
+
+    pub fn delete_retired(&self, machine: &str) -> Result<(), StoreError> {
+        self.delete(RETIRED, machine)
+    }
+
+    pub fn retired(&self) -> Result<Vec<RetiredRecord>, StoreError> {
+        self.all(RETIRED)
+    }
+
+    fn delete(&self, table: TableDefinition<&str, &[u8]>, key: &str) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(table)?.remove(key)?;
+        tx.commit()?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -142,20 +177,36 @@ mod tests {
         let m = MachineRecord {
             name: "web01".into(),
             hostname: "web01.example".into(),
-            disks: vec![DiskInfo {
-                name: "root".into(),
-                size_bytes: 1 << 30,
-            }],
+            disks: vec![DiskInfo::new("root", 1 << 30)],
             protected: true,
             epoch: Epoch(2),
             generation: Generation(7),
             process_server: Some("ps1".into()),
             master_target: Some("mt1".into()),
             data_key: vec![9; 32],
+            enrolment: "e1".into(),
+            resync: Default::default(),
+        };
+        let t = TokenRecord {
+            id: "0123456789ab".into(),
+            kind: "agent".into(),
+            secret_sha256: "ff".repeat(32),
+            created_ms: 1,
+            expires_ms: Some(2),
+            revoked: false,
+            uses: 0,
+            description: "bootstrap".into(),
         };
         {
             let s = Store::open(&path).unwrap();
             s.put_machine(&m).unwrap();
+            s.put_token(&t).unwrap();
+            s.put_machine(&MachineRecord {
+                name: "gone".into(),
+                ..m.clone()
+            })
+            .unwrap();
+            s.delete_machine("gone").unwrap();
             s.put_node(&NodeRecord {
                 name: "ps1".into(),
                 roles: vec!["process".into()],
@@ -167,6 +218,7 @@ mod tests {
         }
         let s = Store::open(&path).unwrap();
         assert_eq!(s.machines().unwrap(), vec![m]);
+        assert_eq!(s.tokens().unwrap(), vec![t]);
         assert_eq!(s.nodes().unwrap().len(), 1);
         assert!(s.meta().unwrap().is_none());
     }

@@ -71,8 +71,8 @@ impl Identity {
             write_atomic(&dir.join(name), bytes)
                 .map_err(|e| format!("write {}: {e}", dir.join(name).display()))
         };
-        w("key.der", &self.creds.key_pkcs8)?;
-        crate::configuration::restrict(&dir.join("key.der"));
+        crate::fsutil::write_private(&dir.join("key.der"), &self.creds.key_pkcs8)
+            .map_err(|e| format!("write {}: {e}", dir.join("key.der").display()))?;
         w("cert.der", &self.creds.chain[0])?;
         w("ca.der", &self.ca)?;
         w("cluster", self.cluster_id.as_bytes())?;
@@ -96,16 +96,33 @@ pub fn resolve(addr: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("address {addr:?} resolves to nothing"))
 }
 
-pub fn read_token(path: &Path, want: TokenKind) -> Result<Token, String> {
+fn parse_token_file(path: &Path) -> Result<Token, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read token file {}: {e}", path.display()))?;
-    let token = Token::parse(&text).map_err(|e| format!("token file {}: {e}", path.display()))?;
+    Token::parse(&text).map_err(|e| format!("token file {}: {e}", path.display()))
+}
+
+pub fn read_token(path: &Path, want: TokenKind) -> Result<Token, String> {
+    let token = parse_token_file(path)?;
     if token.kind != want {
         return Err(format!(
-            "token file {} holds a {:?} token; this needs a {:?} token",
+            "token file {} holds an {} token; this needs an {want} token",
             path.display(),
             token.kind,
-            want
+        ));
+    }
+    Ok(token)
+}
+
+/// An enrolment token (agent or node). Which of the two a join may use is the configuration
+/// node's decision: it checks the kind it recorded for the secret, whatever the text says.
+pub fn read_join_token(path: &Path) -> Result<Token, String> {
+    let token = parse_token_file(path)?;
+    if !token.kind.enrols() {
+        return Err(format!(
+            "token file {} holds an {} token; joining needs an agent token (agents) or a node token (server nodes)",
+            path.display(),
+            token.kind,
         ));
     }
     Ok(token)

@@ -22,7 +22,7 @@ use haven_cluster::{NodeRecord, ROLE_CONFIGURATION, ROLE_MASTER_TARGET, ROLE_PRO
 use haven_transport::{
     endpoint,
     frame::{self, MAX_CONTROL_FRAME},
-    identity::{PeerIdentity, Token, TokenKind},
+    identity::PeerIdentity,
 };
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use tokio::sync::watch;
@@ -123,27 +123,13 @@ async fn ensure_identity(
             drained: false,
         };
         let (ca, meta) = configuration::bootstrap(&opts.data_dir, &record)?;
-        let fp = ca.fingerprint();
-        for (kind, secret, file) in [
-            (TokenKind::Join, &meta.join_secret, "join-token"),
-            (TokenKind::Admin, &meta.admin_secret, "admin-token"),
-        ] {
-            let token = Token {
-                kind,
-                cluster_id: meta.cluster_id.clone(),
-                ca_fingerprint: fp.clone(),
-                secret: secret.clone(),
-            };
-            let path = opts.data_dir.join(file);
-            write_atomic(&path, format!("{}\n", token.encode()).as_bytes())
-                .map_err(|e| format!("write {}: {e}", path.display()))?;
-            configuration::restrict(&path);
-        }
+        let file = |f: &str| opts.data_dir.join(f).display().to_string();
         tracing::info!(
             cluster = %meta.cluster_id,
-            "cluster ready; join token: {}, admin token: {}",
-            opts.data_dir.join("join-token").display(),
-            opts.data_dir.join("admin-token").display()
+            "cluster ready; agent token: {} (enrols agents), node token: {} (enrols server nodes; expires 24h after bootstrap), admin token: {}",
+            file(configuration::AGENT_TOKEN_FILE),
+            file(configuration::NODE_TOKEN_FILE),
+            file(configuration::ADMIN_TOKEN_FILE),
         );
         // A configuration node's certificate is re-issued on every start (roles may change).
         let creds = ca.issue(&me).map_err(|e| e.to_string())?;
@@ -162,7 +148,7 @@ async fn ensure_identity(
     let Some((join_addr, token_file)) = &opts.join else {
         return Err("this node has no configuration role and no identity yet: pass --join ADDR --token-file FILE".into());
     };
-    let token = enroll::read_token(token_file, TokenKind::Join)?;
+    let token = enroll::read_join_token(token_file)?;
     let kind = JoinKind::Node {
         name: opts.name.clone(),
         roles: opts.roles.clone(),
@@ -179,7 +165,7 @@ async fn ensure_identity(
 /// runtime is multi-threaded (see `haven_actors` docs).
 pub async fn run(opts: NodeOptions) -> Result<(), String> {
     crate::faults::check()?;
-    std::fs::create_dir_all(&opts.data_dir)
+    crate::fsutil::create_private_dir(&opts.data_dir)
         .map_err(|e| format!("create {}: {e}", opts.data_dir.display()))?;
     // Bind first: the advertised address must be known before joining.
     let probe = std::net::UdpSocket::bind(opts.listen)
@@ -343,13 +329,13 @@ async fn accept_loop(ctx: Arc<NodeContext>) -> Result<(), String> {
 
 async fn serve_connection(ctx: Arc<NodeContext>, conn: Connection, who: Option<PeerIdentity>) {
     while let Ok((send, recv)) = conn.accept_bi().await {
-        let (ctx, who) = (ctx.clone(), who.clone());
+        let (ctx, who, conn) = (ctx.clone(), who.clone(), conn.clone());
         tokio::spawn(async move {
             let peer = who
                 .as_ref()
                 .map(|w| w.common_name())
                 .unwrap_or_else(|| "anonymous".into());
-            if let Err(e) = serve_stream(ctx, who, send, recv).await {
+            if let Err(e) = serve_stream(ctx, conn, who, send, recv).await {
                 tracing::warn!(%peer, "stream ended: {e}");
             }
         });
@@ -358,6 +344,7 @@ async fn serve_connection(ctx: Arc<NodeContext>, conn: Connection, who: Option<P
 
 async fn serve_stream(
     ctx: Arc<NodeContext>,
+    conn: Connection,
     who: Option<PeerIdentity>,
     mut send: SendStream,
     mut recv: RecvStream,
@@ -367,11 +354,14 @@ async fn serve_stream(
         .map_err(|e| format!("bad request: {e}"))?;
     let resp = match req {
         Request::OpenStream(open) => {
-            return process::ingest::ingest(ctx, who, open, send, recv).await
+            return process::ingest::ingest(ctx, conn, who, open, send, recv).await
         }
         Request::OpenShip(open) => {
             return master_target::apply_stream(ctx, who, open, send, recv).await
         }
+        Request::Probe => Response::Refused {
+            reason: "probes go to agents".into(),
+        },
         request => match ctx.config.as_ref().map(|s| s.get()) {
             None => Response::Refused {
                 reason: format!("node {} has no configuration role", ctx.name),
@@ -448,6 +438,8 @@ async fn poll_loop(ctx: Arc<NodeContext>) -> Result<(), String> {
     let mut conn: Option<Connection> = None;
     let mut reachable = true;
     let mut version = 0u64;
+    // Retirements acted on, reported until the configuration node stops listing them.
+    let mut retired_done: Vec<String> = vec![];
     loop {
         let report = NodeReport {
             name: ctx.name.clone(),
@@ -460,6 +452,7 @@ async fn poll_loop(ctx: Arc<NodeContext>) -> Result<(), String> {
             version,
             wait_ms: LONG_POLL_MS,
             held: false,
+            retired_done: retired_done.clone(),
         };
         if conn.as_ref().is_some_and(|c| c.close_reason().is_some()) {
             conn = None;
@@ -483,11 +476,26 @@ async fn poll_loop(ctx: Arc<NodeContext>) -> Result<(), String> {
             Ok(Response::NodePoll(NodePollReply {
                 assignments,
                 version: v,
+                retired,
             })) => {
                 version = v;
                 if !reachable {
                     tracing::info!("configuration node reachable again");
                     reachable = true;
+                }
+                // Before the assignments: a forgotten machine's replica is moved aside before
+                // a new machine of the same name may be assigned here.
+                retired_done.retain(|m| retired.iter().any(|r| &r.machine == m));
+                for r in &retired {
+                    if retired_done.contains(&r.machine) {
+                        continue;
+                    }
+                    match retire(&ctx, r).await {
+                        Ok(()) => retired_done.push(r.machine.clone()),
+                        Err(e) => {
+                            tracing::warn!(machine = %r.machine, "cannot act on the forgotten machine yet: {e}")
+                        }
+                    }
                 }
                 if *ctx.assignments.borrow() != assignments {
                     let bytes =
@@ -514,6 +522,27 @@ async fn poll_loop(ctx: Arc<NodeContext>) -> Result<(), String> {
         // The server holds idle polls; this floor only bounds the rate when it answers at once.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Acts on a forgotten machine: the master target moves its replica aside (or deletes it),
+/// the process server drops its cache.
+async fn retire(ctx: &Arc<NodeContext>, r: &crate::proto::Retirement) -> Result<(), String> {
+    if ctx.assignment(&r.machine).is_some() {
+        return Err("it is still assigned here".into());
+    }
+    if let Some(mt) = ctx.master.clone() {
+        let r = r.clone();
+        tokio::task::spawn_blocking(move || mt.retire(&r.machine, r.epoch, r.delete_replica))
+            .await
+            .map_err(|e| e.to_string())??;
+    }
+    if let Some(ps) = ctx.process.clone() {
+        let machine = r.machine.clone();
+        tokio::task::spawn_blocking(move || ps.retire(&machine))
+            .await
+            .map_err(|e| e.to_string())??;
+    }
+    Ok(())
 }
 
 /// Keeps one `ship/<machine>` child per machine assigned to this process server.

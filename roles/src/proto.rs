@@ -27,6 +27,9 @@ pub enum Request {
     NodePoll(NodeReport),
     OpenStream(StreamOpen),
     OpenShip(ShipOpen),
+    /// A process server asks the agent at the other end of a live stream whether it is still
+    /// there (a second agent claims the same machine); answered with `ProbeAck`.
+    Probe,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -45,6 +48,10 @@ pub enum Response {
     /// The request was refused; nothing was changed. `reason` is for the operator.
     Refused {
         reason: String,
+    },
+    /// The agent process answering a `Probe`: its instance id (see `StreamOpen::instance`).
+    ProbeAck {
+        instance: u64,
     },
 }
 
@@ -103,6 +110,20 @@ pub struct AgentReport {
     /// old, so it neither refreshes liveness nor replaces newer figures.
     #[serde(default)]
     pub held: bool,
+    /// Random per agent process: two instances reporting at once are two agents claiming
+    /// one machine (a clone).
+    #[serde(default)]
+    pub instance: u64,
+}
+
+/// A protected disk the agent does not replicate until the operator decides: it shrank, or
+/// the disk at its path is not the one that was protected.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskBlock {
+    pub disk: String,
+    pub reason: String,
+    /// Unix ms since which its changes have not been replicated.
+    pub since_ms: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -126,6 +147,9 @@ pub struct AgentStats {
     /// Figures of the agent's last move to another process server.
     #[serde(default)]
     pub last_move: Option<MoveStats>,
+    /// Disks whose changes are not replicated until the operator decides.
+    #[serde(default)]
+    pub blocked: Vec<DiskBlock>,
 }
 
 /// What a move cost, as the agent saw it.
@@ -148,6 +172,9 @@ pub struct AgentPollReply {
     pub process_server: Option<(String, String)>,
     /// Capture everything written so far and report it under this id.
     pub sync_request: Option<u64>,
+    /// `ctl resync` requests by disk name (see `MachineRecord::resync`).
+    #[serde(default)]
+    pub resync: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -163,6 +190,9 @@ pub struct NodeReport {
     /// See `AgentReport::held`.
     #[serde(default)]
     pub held: bool,
+    /// Forgotten machines (see `NodePollReply::retired`) this node has acted on.
+    #[serde(default)]
+    pub retired_done: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -179,6 +209,13 @@ pub struct NodeMachineReport {
     /// The stream epoch these figures belong to; figures of another epoch are ignored.
     #[serde(default)]
     pub epoch: u32,
+    /// Process server: why the last ship stream to the master target ended, until a new one
+    /// is accepted.
+    #[serde(default)]
+    pub ship_error: Option<String>,
+    /// Master target: why it refused a batch, until a later batch is applied.
+    #[serde(default)]
+    pub refusal: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -187,6 +224,18 @@ pub struct NodePollReply {
     /// Changes whenever any assignment changes.
     #[serde(default)]
     pub version: u64,
+    /// Machines forgotten with `ctl forget` whose replica or cache this node holds.
+    #[serde(default)]
+    pub retired: Vec<Retirement>,
+}
+
+/// What a node does with a forgotten machine: a master target moves its replica aside to
+/// `replicas/<machine>@<epoch>` (or deletes it), a process server drops its cache.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retirement {
+    pub machine: String,
+    pub epoch: Epoch,
+    pub delete_replica: bool,
 }
 
 /// A machine's placement, as sent to the nodes that serve it.
@@ -200,6 +249,9 @@ pub struct Assignment {
     pub master_target: String,
     pub master_target_addr: String,
     pub data_key: serde_bytes::ByteBuf,
+    /// The enrolment whose agent may stream for the machine (its certificate names it).
+    #[serde(default)]
+    pub enrolment: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -208,6 +260,11 @@ pub struct StreamOpen {
     pub epoch: u32,
     pub generation: Generation,
     pub disks: Vec<DiskInfo>,
+    /// Random per agent process. A stream of the same instance takes over from its earlier
+    /// one (a reconnect); another instance is admitted only if the live one does not answer a
+    /// `Probe` (it died), so two agents never both stream one machine.
+    #[serde(default)]
+    pub instance: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -248,10 +305,18 @@ pub struct Applied {
     pub applied_seq: u64,
 }
 
+/// A record with empty `data` writes nothing: it is a marker that carries a seq (a batch
+/// that only changes `disk_sizes` is one marker).
+///
 /// The plaintext of a batch: writes in seq order. `disk` indexes the machine's disk list.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct BatchBody {
     pub records: Vec<WriteRecord>,
+    /// The size of every disk (by index) as of this batch: the master target grows or
+    /// shrinks a replica image to it before applying the records, so a disk's geometry
+    /// travels in seq order with its data. Empty: unchanged (batches of older agents).
+    #[serde(default)]
+    pub disk_sizes: Vec<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -296,6 +361,29 @@ pub enum AdminCommand {
         node: String,
     },
     Events,
+    /// An enrolment token: answered with `TokenCreated`.
+    TokenCreate {
+        /// `agent` or `node`.
+        kind: String,
+        /// None: it does not expire.
+        ttl_ms: Option<u64>,
+        description: String,
+    },
+    TokenList,
+    TokenRevoke {
+        id: String,
+    },
+    /// Removes an unprotected machine so its name can be enrolled again.
+    Forget {
+        machine: String,
+        delete_replica: bool,
+    },
+    /// The agent adopts the disk as it is now (size, identity) and sends every block that
+    /// differs from the replica.
+    Resync {
+        machine: String,
+        disk: String,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -313,6 +401,13 @@ pub enum AdminReply {
         barrier_seq: Option<u64>,
         applied_seq: u64,
         done: bool,
+        /// The replica cannot be brought to the source without an operator decision: the
+        /// barrier will not complete, so waiting is pointless.
+        #[serde(default)]
+        blocked: Option<String>,
+        /// Why the machine is degraded right now (it may recover on its own).
+        #[serde(default)]
+        degraded: Option<String>,
     },
     Moved {
         machine: String,
@@ -324,4 +419,13 @@ pub enum AdminReply {
         moves: Vec<crate::view::EventView>,
     },
     Events(Vec<crate::view::EventView>),
+    /// The secret is shown only here; `ctl` composes the token text with the cluster id and
+    /// CA fingerprint of its admin token.
+    TokenCreated {
+        id: String,
+        kind: String,
+        secret: String,
+        expires_ms: Option<u64>,
+    },
+    Tokens(Vec<crate::view::TokenView>),
 }

@@ -65,8 +65,10 @@ pub struct MachineView {
     pub captured_seq: u64,
     pub cached_seq: u64,
     pub applied_seq: u64,
-    /// Age of the oldest captured-but-unapplied write, seconds; 0 when in sync.
-    pub rpo_seconds: f64,
+    /// Age of the oldest write not yet applied (or of a blocked disk's last replicated
+    /// state), seconds; 0 when in sync; None while no complete replica exists (not protected,
+    /// initial sync, the agent not reporting in this protection).
+    pub rpo_seconds: Option<f64>,
     pub raw_bytes_sent: u64,
     pub wire_bytes_sent: u64,
     pub throughput_bytes_per_sec: u64,
@@ -78,4 +80,28 @@ pub struct MachineView {
     /// Bytes of this machine's sealed batches in its process server's cache.
     #[serde(default)]
     pub cache_bytes: u64,
+    /// Set when the replica cannot be brought to the source's state without an operator
+    /// decision (a disk shrank or was replaced, two agents claim the machine); `state` is
+    /// then `degraded` with this reason.
+    #[serde(default)]
+    pub blocked_reason: Option<String>,
+    /// Disks the agent does not replicate until the operator decides.
+    #[serde(default)]
+    pub blocked_disks: Vec<crate::proto::DiskBlock>,
+}
+
+/// An enrolment token, without its secret.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TokenView {
+    pub id: String,
+    /// agent | node
+    pub kind: String,
+    pub created_ms: u64,
+    pub expires_ms: Option<u64>,
+    /// Past `expires_ms` (by the configuration node's clock).
+    pub expired: bool,
+    pub revoked: bool,
+    /// Enrolments it made.
+    pub uses: u64,
+    pub description: String,
 }

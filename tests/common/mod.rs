@@ -149,8 +149,14 @@ impl Cluster {
         self.path("config/admin-token")
     }
 
-    pub fn join_token(&self) -> PathBuf {
-        self.path("config/join-token")
+    /// Enrols agents only.
+    pub fn agent_token(&self) -> PathBuf {
+        self.path("config/agent-token")
+    }
+
+    /// Enrols server nodes only.
+    pub fn node_token(&self) -> PathBuf {
+        self.path("config/node-token")
     }
 
     fn spawn(&mut self, name: &str) {
@@ -291,7 +297,7 @@ impl Cluster {
             "--join".into(),
             self.config_addr.clone(),
             "--token-file".into(),
-            self.join_token().display().to_string(),
+            self.node_token().display().to_string(),
         ];
         for r in roles {
             args.extend(["--role".to_string(), r.to_string()]);
@@ -347,7 +353,7 @@ impl Cluster {
             "--join".into(),
             self.config_addr.clone(),
             "--token-file".into(),
-            self.join_token().display().to_string(),
+            self.agent_token().display().to_string(),
             "--data-dir".into(),
             self.path(&format!("agent-{machine}")).display().to_string(),
             "--name".into(),

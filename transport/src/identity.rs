@@ -2,9 +2,14 @@
 //!
 //! The configuration node that bootstraps a cluster creates a CA. Every node and agent that
 //! joins receives a certificate signed by it, whose common name is its identity:
-//! `node/<name>/<role,role>` or `agent/<machine>`. Tokens carry the CA's SHA-256 fingerprint so
-//! a joiner verifies the server *before* it sends the token's secret (kubeadm-style
-//! discovery), and the secret proves the joiner to the server.
+//! `node/<name>/<role,role>` or `agent/<machine>/<enrolment>`. The enrolment id is issued
+//! once per enrolment of a machine name, so a certificate of an earlier enrolment (a machine
+//! that was forgotten and enrolled again) no longer speaks for the machine. Tokens carry the
+//! CA's SHA-256 fingerprint so a joiner verifies the server *before* it sends the token's
+//! secret (kubeadm-style discovery), and the secret proves the joiner to the server. A token
+//! has a kind: `agent` tokens enrol agents only, `node` tokens server nodes only, `admin`
+//! tokens authorise `haven ctl`; the server checks the kind it recorded for the secret, not
+//! the kind the text claims.
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, KeyUsagePurpose,
 };
@@ -27,15 +32,25 @@ pub enum IdentityError {
 /// What a peer's certificate says it is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PeerIdentity {
-    Node { name: String, roles: Vec<String> },
-    Agent { machine: String },
+    Node {
+        name: String,
+        roles: Vec<String>,
+    },
+    /// `enrolment` is empty for certificates issued before enrolment ids existed.
+    Agent {
+        machine: String,
+        enrolment: String,
+    },
 }
 
 impl PeerIdentity {
     pub fn common_name(&self) -> String {
         match self {
             PeerIdentity::Node { name, roles } => format!("node/{name}/{}", roles.join(",")),
-            PeerIdentity::Agent { machine } => format!("agent/{machine}"),
+            PeerIdentity::Agent { machine, enrolment } if enrolment.is_empty() => {
+                format!("agent/{machine}")
+            }
+            PeerIdentity::Agent { machine, enrolment } => format!("agent/{machine}/{enrolment}"),
         }
     }
 
@@ -50,9 +65,12 @@ impl PeerIdentity {
                     .map(String::from)
                     .collect(),
             }),
-            (Some("agent"), Some(machine), None) if !machine.is_empty() => {
+            (Some("agent"), Some(machine), enrolment)
+                if !machine.is_empty() && enrolment.is_none_or(|e| !e.contains('/')) =>
+            {
                 Ok(PeerIdentity::Agent {
                     machine: machine.to_string(),
+                    enrolment: enrolment.unwrap_or_default().to_string(),
                 })
             }
             _ => Err(IdentityError::BadCert(format!(
@@ -182,8 +200,42 @@ pub fn fingerprint(der: &[u8]) -> String {
 /// What a token grants.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TokenKind {
-    Join,
+    /// Enrols agents (protected machines) only.
+    Agent,
+    /// Enrols server nodes (process servers, master targets) only.
+    Node,
+    /// Authorises `haven ctl`.
     Admin,
+}
+
+impl TokenKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenKind::Agent => "agent",
+            TokenKind::Node => "node",
+            TokenKind::Admin => "admin",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "agent" => Some(TokenKind::Agent),
+            "node" => Some(TokenKind::Node),
+            "admin" => Some(TokenKind::Admin),
+            _ => None,
+        }
+    }
+
+    /// Whether this kind enrols something (agent or node), as opposed to authorising ctl.
+    pub fn enrols(self) -> bool {
+        matches!(self, TokenKind::Agent | TokenKind::Node)
+    }
+}
+
+impl std::fmt::Display for TokenKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// `haven-<kind>.<cluster id>.<CA fingerprint hex>.<secret hex>`
@@ -216,10 +268,7 @@ impl Token {
     }
 
     pub fn encode(&self) -> String {
-        let kind = match self.kind {
-            TokenKind::Join => "join",
-            TokenKind::Admin => "admin",
-        };
+        let kind = self.kind.as_str();
         format!(
             "haven-{kind}.{}.{}.{}",
             self.cluster_id, self.ca_fingerprint, self.secret
@@ -234,15 +283,20 @@ impl Token {
                 "expected 4 dot-separated parts".into(),
             ));
         };
-        let kind = match kind {
-            "haven-join" => TokenKind::Join,
-            "haven-admin" => TokenKind::Admin,
-            other => {
-                return Err(IdentityError::BadToken(format!(
-                    "unknown token kind {other:?}"
-                )))
-            }
-        };
+        let kind =
+            match kind.strip_prefix("haven-").and_then(TokenKind::parse) {
+                Some(k) => k,
+                None if kind == "haven-join" => return Err(IdentityError::BadToken(
+                    "haven-join tokens are no longer accepted: agents enrol with the agent-token \
+                     and server nodes with a node token (`haven ctl token create --kind node`)"
+                        .into(),
+                )),
+                None => {
+                    return Err(IdentityError::BadToken(format!(
+                        "unknown token kind {kind:?}"
+                    )))
+                }
+            };
         let hexy = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
         if !hexy(fp, 64) {
             return Err(IdentityError::BadToken(
@@ -269,6 +323,17 @@ impl Token {
     }
 }
 
+/// The id under which a token's secret is recorded and listed: the first 12 hex digits of
+/// its SHA-256. The secret itself is never stored by the configuration node.
+pub fn token_id(secret: &str) -> String {
+    fingerprint(secret.as_bytes())[..12].to_string()
+}
+
+/// The SHA-256 of a token's secret, as recorded.
+pub fn secret_digest(secret: &str) -> String {
+    fingerprint(secret.as_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,6 +349,7 @@ mod tests {
         assert_eq!(PeerIdentity::from_cert(&creds.chain[0]).unwrap(), id);
         let agent = PeerIdentity::Agent {
             machine: "web01".into(),
+            enrolment: "0a1b2c3d".into(),
         };
         assert_eq!(
             PeerIdentity::from_cert(&ca.issue(&agent).unwrap().chain[0]).unwrap(),
@@ -299,6 +365,7 @@ mod tests {
         let creds = again
             .issue(&PeerIdentity::Agent {
                 machine: "m".into(),
+                enrolment: String::new(),
             })
             .unwrap();
         let (_, leaf) = x509_parser::parse_x509_certificate(&creds.chain[0]).unwrap();
@@ -308,16 +375,37 @@ mod tests {
     }
 
     #[test]
+    fn legacy_agent_names_parse_without_an_enrolment() {
+        assert_eq!(
+            PeerIdentity::parse("agent/web01").unwrap(),
+            PeerIdentity::Agent {
+                machine: "web01".into(),
+                enrolment: String::new()
+            }
+        );
+        assert!(PeerIdentity::parse("agent/web01/a/b").is_err());
+        assert!(PeerIdentity::parse("agent//x").is_err());
+    }
+
+    #[test]
     fn token_round_trip_and_rejections() {
-        let t = Token::new(TokenKind::Join, "abc", &"0f".repeat(32));
-        assert_eq!(Token::parse(&t.encode()).unwrap(), t);
+        for kind in [TokenKind::Agent, TokenKind::Node, TokenKind::Admin] {
+            let t = Token::new(kind, "abc", &"0f".repeat(32));
+            assert_eq!(Token::parse(&t.encode()).unwrap(), t);
+        }
+        let t = Token::new(TokenKind::Agent, "abc", &"0f".repeat(32));
+        assert!(t.encode().starts_with("haven-agent.abc."));
+        assert_eq!(token_id(&t.secret).len(), 12);
+        let legacy = format!("haven-join.abc.{}.{}", "0f".repeat(32), t.secret);
+        let err = Token::parse(&legacy).unwrap_err().to_string();
+        assert!(err.contains("no longer accepted"), "{err}");
         assert!(t.secret_matches(&t.secret.clone()));
         assert!(!t.secret_matches("00"));
         for bad in [
             "",
-            "haven-join.a.b",
+            "haven-agent.a.b",
             "haven-root.a.00.00",
-            "haven-join.c.zz.00",
+            "haven-node.c.zz.00",
         ] {
             assert!(Token::parse(bad).is_err(), "{bad}");
         }

@@ -44,6 +44,7 @@ fn pki() -> Pki {
     let client = ca
         .issue(&PeerIdentity::Agent {
             machine: "client".into(),
+            enrolment: String::new(),
         })
         .unwrap();
     Pki { ca, server, client }

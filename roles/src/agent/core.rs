@@ -14,6 +14,10 @@ use std::{collections::VecDeque, sync::Arc};
 /// Block granularity of change detection.
 pub const BLOCK_BYTES: u64 = 4096;
 
+/// A table entry whose content is not known (the partial tail block of a disk that was
+/// resized): it matches no real block, so the next scan sends the block.
+pub const UNKNOWN_HASH: u64 = 0x9e37_79b9_7f4a_7c15;
+
 /// A block hash update carried by a batch: (disk index, block index, new hash).
 pub type HashUpdate = (u16, u32, u64);
 
@@ -27,6 +31,8 @@ pub struct RetainedBatch {
     pub raw_bytes: u64,
     pub captured_ms: u64,
     pub updates: Vec<HashUpdate>,
+    /// Every disk's size as of this batch (the body carries the same).
+    pub sizes: Vec<u64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -64,6 +70,11 @@ pub struct AgentCore {
     retained_bytes: u64,
     pub retention_limit_bytes: u64,
     pub applied_tables: Vec<Vec<u64>>,
+    /// The disks' sizes as of `applied_seq` (what the replica has, and what the applied
+    /// tables describe).
+    pub applied_sizes: Vec<u64>,
+    /// The disks' sizes as captured: what the next batch carries.
+    sizes: Vec<u64>,
     /// Applied tables changed since the last snapshot.
     pub applied_dirty: bool,
     /// Hash updates folded into the applied tables since the journal last took them.
@@ -80,9 +91,11 @@ impl AgentCore {
         epoch: u32,
         applied_seq: u64,
         applied_tables: Vec<Vec<u64>>,
+        applied_sizes: Vec<u64>,
         retention_limit_bytes: u64,
         initial: Option<InitialSync>,
     ) -> Self {
+        debug_assert_eq!(applied_tables.len(), applied_sizes.len());
         Self {
             epoch,
             next_seq: 0,
@@ -92,6 +105,8 @@ impl AgentCore {
             retained_bytes: 0,
             retention_limit_bytes,
             applied_tables,
+            sizes: applied_sizes.clone(),
+            applied_sizes,
             applied_dirty: false,
             journal_pending: Vec::new(),
             journal_seq: applied_seq,
@@ -152,6 +167,7 @@ impl AgentCore {
             if let Some(init) = self.initial.as_mut() {
                 init.applied_bytes += b.raw_bytes;
             }
+            fold_sizes(&mut self.applied_tables, &mut self.applied_sizes, &b.sizes);
             for &(disk, block, hash) in &b.updates {
                 if let Some(slot) = self
                     .applied_tables
@@ -207,22 +223,35 @@ impl AgentCore {
         self.journal_seq = self.applied_seq;
     }
 
+    /// The disks' sizes as captured (what the next batch carries).
+    pub fn sizes(&self) -> &[u64] {
+        &self.sizes
+    }
+
+    /// A disk's captured size changes (it grew, or a resync adopts a smaller size): the next
+    /// batch carries it, and the master target resizes the replica before its records.
+    pub fn resize(&mut self, disk: usize, size_bytes: u64) {
+        if let Some(s) = self.sizes.get_mut(disk) {
+            *s = size_bytes;
+        }
+    }
+
     /// Numbers and retains a batch of `records` writes. Returns (first_seq, last_seq).
-    /// `body_for` encodes the body given the first seq.
+    /// `body_for` encodes the body given the first seq and the disks' sizes.
     pub fn emit(
         &mut self,
         records: u64,
         raw_bytes: u64,
         updates: Vec<HashUpdate>,
         now_ms: u64,
-        body_for: impl FnOnce(u64) -> Vec<u8>,
+        body_for: impl FnOnce(u64, &[u64]) -> Vec<u8>,
     ) -> (u64, u64) {
         assert!(self.seq_ready(), "emit before the seq floor is known");
         assert!(records > 0, "empty batch");
         let first = self.next_seq;
         let last = first + records - 1;
         self.next_seq = last + 1;
-        let body = body_for(first);
+        let body = body_for(first, &self.sizes);
         // Capacity, not length: what the buffer really holds in memory.
         self.retained_bytes += body.capacity() as u64;
         self.raw_bytes_captured += raw_bytes;
@@ -236,6 +265,7 @@ impl AgentCore {
             raw_bytes,
             captured_ms: now_ms,
             updates,
+            sizes: self.sizes.clone(),
         }));
         (first, last)
     }
@@ -254,7 +284,9 @@ impl AgentCore {
     /// the scanner's table after it restarts.
     pub fn captured_tables(&self) -> Vec<Vec<u64>> {
         let mut t = self.applied_tables.clone();
+        let mut sizes = self.applied_sizes.clone();
         for b in &self.retained {
+            fold_sizes(&mut t, &mut sizes, &b.sizes);
             for &(disk, block, hash) in &b.updates {
                 if let Some(slot) = t
                     .get_mut(disk as usize)
@@ -264,6 +296,8 @@ impl AgentCore {
                 }
             }
         }
+        // Then a resize no batch carries yet.
+        fold_sizes(&mut t, &mut sizes, &self.sizes);
         t
     }
 
@@ -281,16 +315,50 @@ impl AgentCore {
     }
 }
 
+/// Brings tables described by `sizes` to `to` (a batch's sizes): a grown disk's new blocks
+/// are zeros (the replica grows sparse), a resized disk's partial tail block is unknown.
+fn fold_sizes(tables: &mut [Vec<u64>], sizes: &mut [u64], to: &[u64]) {
+    if to.len() != sizes.len() {
+        return; // a batch without sizes (or of another disk set): nothing changes
+    }
+    for (i, &new) in to.iter().enumerate() {
+        if sizes[i] != new {
+            resize_table(&mut tables[i], sizes[i], new);
+            sizes[i] = new;
+        }
+    }
+}
+
+/// Resizes a disk's hash table from `old` to `new` bytes.
+pub fn resize_table(table: &mut Vec<u64>, old: u64, new: u64) {
+    let blocks = new.div_ceil(BLOCK_BYTES) as usize;
+    let full_zero = crate::agent::scan::zero_hash(BLOCK_BYTES as usize);
+    // The block that held the old end changes length (or content beyond the old end).
+    let old_tail = (old % BLOCK_BYTES != 0).then(|| (old / BLOCK_BYTES) as usize);
+    table.resize(blocks, full_zero);
+    if let Some(t) = old_tail.filter(|&t| t < blocks) {
+        table[t] = UNKNOWN_HASH;
+    }
+    if new % BLOCK_BYTES != 0 && blocks > 0 {
+        let last = blocks - 1;
+        table[last] = if new < old || old_tail == Some(last) {
+            UNKNOWN_HASH
+        } else {
+            crate::agent::scan::zero_hash((new % BLOCK_BYTES) as usize)
+        };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn core() -> AgentCore {
-        AgentCore::new(1, 0, vec![vec![0; 8]], 1 << 20, None)
+        AgentCore::new(1, 0, vec![vec![0; 8]], vec![8 * BLOCK_BYTES], 1 << 20, None)
     }
 
     fn emit(c: &mut AgentCore, n: u64, updates: Vec<HashUpdate>) -> (u64, u64) {
-        c.emit(n, n * 10, updates, 1000, |first| vec![first as u8; 100])
+        c.emit(n, n * 10, updates, 1000, |first, _| vec![first as u8; 100])
     }
 
     #[test]
@@ -347,7 +415,7 @@ mod tests {
 
     #[test]
     fn retention_limit_applies_back_pressure() {
-        let mut c = AgentCore::new(1, 0, vec![], 250, None);
+        let mut c = AgentCore::new(1, 0, vec![], vec![], 250, None);
         c.handle_stream_open(0, 0);
         assert!(c.has_room(1000), "an empty buffer admits any batch");
         emit(&mut c, 1, vec![]);
@@ -363,7 +431,7 @@ mod tests {
             total_bytes: 1000,
             ..Default::default()
         };
-        let mut c = AgentCore::new(1, 0, vec![], 1 << 20, Some(init));
+        let mut c = AgentCore::new(1, 0, vec![], vec![], 1 << 20, Some(init));
         c.handle_stream_open(0, 0);
         emit(&mut c, 2, vec![]);
         c.initial.as_mut().unwrap().scanned_bytes = 500;
@@ -377,9 +445,59 @@ mod tests {
 
     #[test]
     fn restarted_agent_resumes_above_its_applied_cursor() {
-        let mut c = AgentCore::new(1, 70, vec![], 1 << 20, None);
+        let mut c = AgentCore::new(1, 70, vec![], vec![], 1 << 20, None);
         // A new, empty process server knows nothing: the agent's own cursor is the floor.
         c.handle_stream_open(0, 0);
         assert_eq!(emit(&mut c, 1, vec![]), (71, 71));
+    }
+
+    #[test]
+    fn a_resize_travels_with_the_next_batch_and_folds_into_the_tables_when_applied() {
+        let zero = crate::agent::scan::zero_hash(BLOCK_BYTES as usize);
+        let mut c = AgentCore::new(1, 0, vec![vec![5; 2]], vec![2 * BLOCK_BYTES], 1 << 20, None);
+        c.handle_stream_open(0, 0);
+        c.resize(0, 4 * BLOCK_BYTES);
+        let mut carried = vec![];
+        c.emit(1, 0, vec![], 1000, |_, sizes| {
+            carried = sizes.to_vec();
+            vec![0; 10]
+        });
+        assert_eq!(
+            carried,
+            vec![4 * BLOCK_BYTES],
+            "the batch carries the new size"
+        );
+        // Captured: grown, the new blocks zero; applied: not yet.
+        assert_eq!(c.captured_tables(), vec![vec![5, 5, zero, zero]]);
+        assert_eq!(c.applied_tables, vec![vec![5, 5]]);
+        assert_eq!(c.applied_sizes, vec![2 * BLOCK_BYTES]);
+        c.handle_ack(1, 1);
+        assert_eq!(c.applied_tables, vec![vec![5, 5, zero, zero]]);
+        assert_eq!(c.applied_sizes, vec![4 * BLOCK_BYTES]);
+        // A resize not yet carried by any batch shows in the capture view at once.
+        c.resize(0, BLOCK_BYTES);
+        assert_eq!(c.captured_tables(), vec![vec![5]]);
+        assert_eq!(c.applied_tables, vec![vec![5, 5, zero, zero]]);
+    }
+
+    #[test]
+    fn resizing_a_table_marks_partial_tail_blocks_unknown() {
+        let zero = crate::agent::scan::zero_hash(BLOCK_BYTES as usize);
+        let tail = crate::agent::scan::zero_hash(100);
+        // 2 blocks + 100 bytes grows to 4 blocks: the old partial block must be resent.
+        let mut t = vec![1, 2, 3];
+        resize_table(&mut t, 2 * BLOCK_BYTES + 100, 4 * BLOCK_BYTES);
+        assert_eq!(t, vec![1, 2, UNKNOWN_HASH, zero]);
+        // Aligned growth to a partial tail: the new tail block is zeros of its length.
+        let mut t = vec![1, 2];
+        resize_table(&mut t, 2 * BLOCK_BYTES, 3 * BLOCK_BYTES + 100);
+        assert_eq!(t, vec![1, 2, zero, tail]);
+        // Shrinking into a block: it is now partial, unknown.
+        let mut t = vec![1, 2, 3, 4];
+        resize_table(&mut t, 4 * BLOCK_BYTES, 2 * BLOCK_BYTES + 7);
+        assert_eq!(t, vec![1, 2, UNKNOWN_HASH]);
+        let mut t = vec![1, 2, 3, 4];
+        resize_table(&mut t, 4 * BLOCK_BYTES, 2 * BLOCK_BYTES);
+        assert_eq!(t, vec![1, 2]);
     }
 }

@@ -8,8 +8,10 @@
 //!  ├─ capture   scan passes: changed blocks → numbered batches in the retention buffer
 //!  └─ stream    sends retained batches to the process server, folds acks into the core
 //! ```
-//! All three share [`core::AgentCore`] behind a mutex; none holds it across I/O.
+//! All three share [`core::AgentCore`] behind a mutex; none holds it across I/O. Before every
+//! pass the capture checks each disk's identity and size (see [`disks`]).
 pub mod core;
+pub mod disks;
 pub mod journal;
 pub mod scan;
 
@@ -27,20 +29,20 @@ use haven_cluster::DiskInfo;
 use haven_transport::{
     codec, endpoint,
     frame::{self, MAX_CONTROL_FRAME},
-    identity::TokenKind,
 };
 use quinn::Connection;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch, Notify};
 
 use self::core::{AgentCore, InitialSync};
+use self::disks::{DiskRecord, DisksFile, Observed, Verdict};
 use crate::{
-    client,
+    client::{self, CallError},
     enroll::{self, resolve, Identity},
     fsutil::{read_optional, unix_ms, write_atomic},
     proto::{
-        Ack, AgentPollReply, AgentReport, AgentStats, BatchBody, JoinKind, Request, Response,
-        StreamOpen, WriteRecord,
+        Ack, AgentPollReply, AgentReport, AgentStats, BatchBody, DiskBlock, JoinKind, Request,
+        Response, StreamOpen, WriteRecord,
     },
 };
 
@@ -59,6 +61,8 @@ pub struct AgentOptions {
     pub join: Option<(String, PathBuf)>,
     pub disks: Vec<(String, PathBuf)>,
     pub machine: String,
+    /// `--name` was not given: the machine name is the host name (a clone has the same).
+    pub machine_defaulted: bool,
     pub scan_interval: Duration,
     pub retention_bytes: u64,
 }
@@ -86,6 +90,7 @@ struct TablesFile {
 #[derive(Serialize, Deserialize)]
 struct TableDisk {
     name: String,
+    /// The disk's size as of `applied_seq` (what the replica has).
     size_bytes: u64,
     #[serde(with = "serde_bytes")]
     hashes_le: Vec<u8>,
@@ -102,15 +107,44 @@ enum AgentFrameRef<'a> {
     },
 }
 
+/// The protected disks: what was recorded of each, and which are blocked.
+#[derive(Default)]
+struct DiskSet {
+    records: Vec<DiskRecord>,
+    /// Why each disk is blocked (nothing of it is sent), while it is.
+    blocked: Vec<Option<String>>,
+    /// The agent's `--disk` set is not the one the machine was protected with: nothing is
+    /// captured until the machine is protected again.
+    mismatch: Option<(String, u64)>,
+    /// `ctl resync` requests seen and not yet carried out, per disk.
+    resync: Vec<u64>,
+}
+
+impl DiskSet {
+    fn adopted(records: Vec<DiskRecord>) -> Self {
+        let n = records.len();
+        Self {
+            records,
+            blocked: vec![None; n],
+            mismatch: None,
+            resync: vec![0; n],
+        }
+    }
+}
+
 struct Agent {
     opts: AgentOptions,
     hostname: String,
+    /// Random per process: tells a restarted agent from a second one claiming the machine.
+    instance: u64,
     identity: Identity,
     endpoint: quinn::Endpoint,
     client_cfg: quinn::ClientConfig,
-    disks: Vec<DiskInfo>,
+    disks: Mutex<DiskSet>,
     core: Mutex<AgentCore>,
     journal: Mutex<Option<journal::Journal>>,
+    /// The applied sizes the last snapshot recorded: a resize snapshots at once.
+    snapshot_sizes: Mutex<Vec<u64>>,
     control: watch::Sender<Control>,
     /// Bumped whenever the core is reset for a new epoch.
     reset: watch::Sender<u64>,
@@ -138,28 +172,73 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Looks at every `--disk`; a disk that cannot be read is an error naming it.
+fn observe_all(opts: &AgentOptions) -> Result<Vec<Observed>, String> {
+    opts.disks
+        .iter()
+        .map(|(name, path)| {
+            disks::observe(path).map_err(|e| format!("disk {name}={}: {e}", path.display()))
+        })
+        .collect()
+}
+
 impl Agent {
     fn dir(&self) -> PathBuf {
         self.opts.data_dir.join("agent")
     }
 
-    fn fresh_core(&self, epoch: u32) -> AgentCore {
-        let tables = self
+    /// The protected disks as the inventory shows them (their protected geometry).
+    fn disk_infos(&self) -> Vec<DiskInfo> {
+        lock(&self.disks)
+            .records
+            .iter()
+            .map(|r| DiskInfo {
+                name: r.name.clone(),
+                size_bytes: r.size_bytes,
+                path: r.path.clone(),
+                id: r.id_text(),
+            })
+            .collect()
+    }
+
+    /// A new protection: the disks are adopted as they are now, and replicated in full.
+    fn fresh_core(&self, epoch: u32) -> Result<AgentCore, String> {
+        let observed = observe_all(&self.opts)?;
+        let sizes: Vec<u64> = observed.iter().map(|o| o.size_bytes).collect();
+        let tables: Vec<Vec<u64>> = sizes.iter().map(|&s| scan::zero_table(s)).collect();
+        let records = self
+            .opts
             .disks
             .iter()
-            .map(|d| scan::zero_table(d.size_bytes))
+            .zip(&observed)
+            .zip(&tables)
+            .map(|(((name, _), obs), t)| disks::adopt(name, obs, t, 0))
             .collect();
-        let total = self.disks.iter().map(|d| d.size_bytes).sum();
-        AgentCore::new(
+        *lock(&self.disks) = DiskSet::adopted(records);
+        self.save_disks(epoch)?;
+        Ok(AgentCore::new(
             epoch,
             0,
             tables,
+            sizes.clone(),
             self.opts.retention_bytes,
             Some(InitialSync {
-                total_bytes: total,
+                total_bytes: sizes.iter().sum(),
                 ..Default::default()
             }),
-        )
+        ))
+    }
+
+    /// Writes `<data>/agent/disks`.
+    fn save_disks(&self, epoch: u32) -> Result<(), String> {
+        let file = DisksFile {
+            version: disks::DISKS_FILE_VERSION,
+            epoch,
+            disks: lock(&self.disks).records.clone(),
+        };
+        let bytes = codec::encode(&file).map_err(|e| e.to_string())?;
+        let path = self.dir().join("disks");
+        write_atomic(&path, &bytes).map_err(|e| format!("write {}: {e}", path.display()))
     }
 
     /// Appends what was applied since the last call to the journal and fsyncs it.
@@ -176,24 +255,29 @@ impl Agent {
 
     /// Writes a full snapshot of the applied tables, then empties the journal.
     fn snapshot(&self) -> Result<(), String> {
+        let names: Vec<String> = lock(&self.disks)
+            .records
+            .iter()
+            .map(|r| r.name.clone())
+            .collect();
         let file = {
             let mut core = lock(&self.core);
             if !core.applied_dirty {
                 return Ok(());
             }
             core.applied_dirty = false;
+            *lock(&self.snapshot_sizes) = core.applied_sizes.clone();
             TablesFile {
                 version: 1,
                 epoch: core.epoch,
                 applied_seq: core.applied_seq,
                 initial_done: core.initial.is_none(),
-                disks: self
-                    .disks
-                    .iter()
-                    .zip(&core.applied_tables)
-                    .map(|(d, t)| TableDisk {
-                        name: d.name.clone(),
-                        size_bytes: d.size_bytes,
+                disks: names
+                    .into_iter()
+                    .zip(core.applied_tables.iter().zip(&core.applied_sizes))
+                    .map(|(name, (t, &size_bytes))| TableDisk {
+                        name,
+                        size_bytes,
                         hashes_le: t.iter().flat_map(|h| h.to_le_bytes()).collect(),
                     })
                     .collect(),
@@ -221,7 +305,34 @@ impl Agent {
         next(prev)
     }
 
+    /// The disks nothing is sent of, with why and since when.
+    fn blocked(&self) -> Vec<DiskBlock> {
+        let set = lock(&self.disks);
+        let mut out: Vec<DiskBlock> = set
+            .records
+            .iter()
+            .zip(&set.blocked)
+            .filter_map(|(r, b)| {
+                b.as_ref().map(|reason| DiskBlock {
+                    disk: r.name.clone(),
+                    reason: reason.clone(),
+                    since_ms: r.blocked_since_ms.unwrap_or(0),
+                })
+            })
+            .collect();
+        if let Some((reason, since_ms)) = &set.mismatch {
+            out.push(DiskBlock {
+                disk: "*".into(),
+                reason: reason.clone(),
+                since_ms: *since_ms,
+            });
+        }
+        out
+    }
+
     fn report(&self, throughput_bps: u64, wait_ms: u32) -> AgentReport {
+        let blocked = self.blocked();
+        let disks = self.disk_infos();
         let core = lock(&self.core);
         let initial = core.initial.clone().map(|mut i| {
             if i.pass_last_seq.is_none() {
@@ -229,16 +340,23 @@ impl Agent {
             }
             i.percent()
         });
+        // A blocked disk's changes are unreplicated since it was blocked.
+        let oldest_unapplied_ms = blocked
+            .iter()
+            .map(|b| b.since_ms)
+            .chain(Some(core.oldest_unapplied_ms()).filter(|&ms| ms != 0))
+            .min()
+            .unwrap_or(0);
         AgentReport {
             machine: self.opts.machine.clone(),
             hostname: self.hostname.clone(),
-            disks: self.disks.clone(),
+            disks,
             stats: AgentStats {
                 epoch: core.epoch,
                 captured_seq: core.captured_seq(),
                 cached_seq: core.cached_seq,
                 applied_seq: core.applied_seq,
-                oldest_unapplied_ms: core.oldest_unapplied_ms(),
+                oldest_unapplied_ms,
                 raw_bytes_sent: core.raw_bytes_sent,
                 raw_bytes_captured: core.raw_bytes_captured,
                 throughput_bps,
@@ -249,49 +367,64 @@ impl Agent {
                 scans: self.scans.load(Ordering::Relaxed),
                 stream_restarts: self.stream_restarts.load(Ordering::Relaxed),
                 last_move: lock(&self.last_move).clone(),
+                blocked,
             },
             sync_done: *lock(&self.sync_done),
             wait_ms,
             report_seq: self.next_report_seq(),
             known_generation: self.control.borrow().generation,
             held: false,
+            instance: self.instance,
         }
     }
 }
 
-fn load_tables(opts: &AgentOptions, disks: &[DiskInfo], epoch: u32) -> Option<TablesFile> {
+/// The applied tables of this protection, if they describe the `--disk` set (by name; a disk
+/// may have grown since: the size is the applied one).
+fn load_tables(opts: &AgentOptions, epoch: u32) -> Option<TablesFile> {
     let bytes = read_optional(&opts.data_dir.join("agent").join("tables")).ok()??;
     let file: TablesFile = codec::decode(&bytes)
         .map_err(|e| tracing::warn!("ignoring unreadable hash tables: {e}"))
         .ok()?;
-    let same_disks = file.disks.len() == disks.len()
-        && file.disks.iter().zip(disks).all(|(t, d)| {
-            t.name == d.name
-                && t.size_bytes == d.size_bytes
-                && t.hashes_le.len() as u64 == d.size_bytes.div_ceil(core::BLOCK_BYTES) * 8
+    let same_disks = file.disks.len() == opts.disks.len()
+        && file.disks.iter().zip(&opts.disks).all(|(t, (name, _))| {
+            t.name == *name
+                && t.hashes_le.len() as u64 == t.size_bytes.div_ceil(core::BLOCK_BYTES) * 8
         });
     if file.version != 1 || file.epoch != epoch || !same_disks {
-        tracing::info!("hash tables are for another epoch or disk layout; starting a full sync");
+        tracing::info!("hash tables are for another epoch or disk set; starting a full sync");
         return None;
     }
     Some(file)
 }
 
+/// The recorded disks of this protection, if any.
+fn load_disks(opts: &AgentOptions, epoch: u32) -> Result<Option<Vec<DiskRecord>>, String> {
+    let path = opts.data_dir.join("agent").join("disks");
+    let Some(bytes) = read_optional(&path).map_err(|e| format!("read {}: {e}", path.display()))?
+    else {
+        return Ok(None);
+    };
+    let file: DisksFile =
+        codec::decode(&bytes).map_err(|e| format!("{} is unreadable: {e}", path.display()))?;
+    if file.version != disks::DISKS_FILE_VERSION {
+        return Err(format!(
+            "{} has format {} (this agent reads {})",
+            path.display(),
+            file.version,
+            disks::DISKS_FILE_VERSION
+        ));
+    }
+    Ok((file.epoch == epoch).then_some(file.disks))
+}
+
 /// Runs the agent until SIGINT/SIGTERM (inside an actix System with a multi-threaded runtime).
 pub async fn run(opts: AgentOptions) -> Result<(), String> {
-    let mut disks = vec![];
-    for (name, path) in &opts.disks {
-        let size_bytes =
-            scan::disk_size(path).map_err(|e| format!("disk {name}={}: {e}", path.display()))?;
-        disks.push(DiskInfo {
-            name: name.clone(),
-            size_bytes,
-        });
-    }
-    if disks.is_empty() {
+    if opts.disks.is_empty() {
         return Err("an agent needs at least one --disk NAME=PATH".into());
     }
-    std::fs::create_dir_all(opts.data_dir.join("agent"))
+    let observed = observe_all(&opts)?;
+    crate::fsutil::create_private_dir(&opts.data_dir.join("agent"))
         .map_err(|e| format!("create {}: {e}", opts.data_dir.display()))?;
     let hostname = std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_string())
@@ -303,13 +436,32 @@ pub async fn run(opts: AgentOptions) -> Result<(), String> {
                 .join
                 .as_ref()
                 .ok_or("no identity in the data dir yet: pass --join ADDR --token-file FILE")?;
-            let token = enroll::read_token(token_file, TokenKind::Join)?;
+            let token = enroll::read_join_token(token_file)?;
             let kind = JoinKind::Agent {
                 machine: opts.machine.clone(),
                 hostname: hostname.clone(),
-                disks: disks.clone(),
+                disks: opts
+                    .disks
+                    .iter()
+                    .zip(&observed)
+                    .map(|((name, _), o)| DiskInfo {
+                        name: name.clone(),
+                        size_bytes: o.size_bytes,
+                        path: o.path.clone(),
+                        id: disks::adopt(name, o, &[], 0).id_text(),
+                    })
+                    .collect(),
             };
-            let id = enroll::join(addr, &token, kind).await?;
+            let id = enroll::join(addr, &token, kind).await.map_err(|e| {
+                if opts.machine_defaulted {
+                    format!(
+                        "{e}\n(--name defaulted to this host's name, {}: a cloned machine must be given another with --name)",
+                        opts.machine
+                    )
+                } else {
+                    e
+                }
+            })?;
             id.save(&opts.data_dir)?;
             tracing::info!(machine = %opts.machine, cluster = %id.cluster_id, "enrolled; protect it with `haven ctl protect {}`", opts.machine);
             id
@@ -324,11 +476,14 @@ pub async fn run(opts: AgentOptions) -> Result<(), String> {
     let client_cfg = identity.client_config()?;
     let agent = Arc::new(Agent {
         hostname,
+        instance: rand::random::<u64>() | 1,
         identity,
         endpoint,
         client_cfg,
-        core: Mutex::new(AgentCore::new(0, 0, vec![], 0, None)),
+        disks: Mutex::new(DiskSet::default()),
+        core: Mutex::new(AgentCore::new(0, 0, vec![], vec![], 0, None)),
         journal: Mutex::new(None),
+        snapshot_sizes: Mutex::new(vec![]),
         control: watch::Sender::new(control.clone()),
         reset: watch::Sender::new(0),
         new_batch: Notify::new(),
@@ -346,17 +501,42 @@ pub async fn run(opts: AgentOptions) -> Result<(), String> {
         last_move: Mutex::new(None),
         move_noticed: Mutex::new(None),
         report_seq: AtomicU64::new(0),
-        disks: disks.clone(),
         opts: opts.clone(),
     });
-    let core = match load_tables(&opts, &disks, control.epoch) {
-        Some(f) => {
+    let recorded = load_disks(&opts, control.epoch)?;
+    let names: Vec<&str> = opts.disks.iter().map(|(n, _)| n.as_str()).collect();
+    let core = match (recorded, load_tables(&opts, control.epoch)) {
+        // The disk set changed under a protection: nothing can be sent until it is
+        // protected again (the replica's disks are the recorded ones).
+        (Some(records), _)
+            if control.epoch > 0
+                && records
+                    .iter()
+                    .map(|r| r.name.as_str())
+                    .ne(names.iter().copied()) =>
+        {
+            let protected: Vec<&str> = records.iter().map(|r| r.name.as_str()).collect();
+            let reason = format!(
+                "the agent protects disks {} but {} was protected with disks {}: nothing is replicated; \
+                 restart the agent with the protected disks, or unprotect and protect {} to change them",
+                names.join(", "),
+                opts.machine,
+                protected.join(", "),
+                opts.machine
+            );
+            tracing::error!("{reason}");
+            let mut set = DiskSet::adopted(records);
+            set.mismatch = Some((reason, unix_ms()));
+            *lock(&agent.disks) = set;
+            AgentCore::new(control.epoch, 0, vec![], vec![], opts.retention_bytes, None)
+        }
+        (recorded, Some(f)) => {
             tracing::info!(
                 epoch = f.epoch,
                 applied_seq = f.applied_seq,
                 "resuming from the checkpointed hash tables (no full resync)"
             );
-            let tables = f
+            let tables: Vec<Vec<u64>> = f
                 .disks
                 .iter()
                 .map(|d| {
@@ -366,19 +546,36 @@ pub async fn run(opts: AgentOptions) -> Result<(), String> {
                         .collect()
                 })
                 .collect();
+            let sizes: Vec<u64> = f.disks.iter().map(|d| d.size_bytes).collect();
+            // Without a record (an agent of an earlier version), the disks are adopted at
+            // the size the replica has: a growth since shows as growth.
+            let records = recorded.unwrap_or_else(|| {
+                names
+                    .iter()
+                    .zip(&observed)
+                    .zip(tables.iter().zip(&sizes))
+                    .map(|((name, o), (t, &size))| DiskRecord {
+                        size_bytes: size,
+                        ..disks::adopt(name, o, t, 0)
+                    })
+                    .collect()
+            });
+            *lock(&agent.disks) = DiskSet::adopted(records);
+            *lock(&agent.snapshot_sizes) = sizes.clone();
             let initial = (!f.initial_done).then(|| InitialSync {
-                total_bytes: disks.iter().map(|d| d.size_bytes).sum(),
+                total_bytes: sizes.iter().sum(),
                 ..Default::default()
             });
             AgentCore::new(
                 f.epoch,
                 f.applied_seq,
                 tables,
+                sizes,
                 opts.retention_bytes,
                 initial,
             )
         }
-        None => agent.fresh_core(control.epoch),
+        (_, None) => agent.fresh_core(control.epoch)?,
     };
     let (journal, replay) =
         journal::Journal::open(&agent.dir().join("journal"), core.epoch, core.applied_seq)
@@ -393,8 +590,10 @@ pub async fn run(opts: AgentOptions) -> Result<(), String> {
         core.replay(replay.applied_seq, &replay.updates);
         core.applied_dirty = true;
     }
+    let epoch = core.epoch;
     *lock(&agent.core) = core;
     *lock(&agent.journal) = Some(journal);
+    agent.save_disks(epoch)?;
 
     let root = Supervisor::start_root(SupervisorConfig {
         max_restarts: 100,
@@ -443,7 +642,9 @@ async fn journal_loop(a: Arc<Agent>) -> Result<(), String> {
         })
         .await
         .map_err(|e| e.to_string())??;
-        if epoch_changed || big || last_snapshot.elapsed() >= SNAPSHOT_EVERY {
+        // A resize that got applied is snapshotted at once (the journal records hashes only).
+        let resized = lock(&a.core).applied_sizes != *lock(&a.snapshot_sizes);
+        if epoch_changed || big || resized || last_snapshot.elapsed() >= SNAPSHOT_EVERY {
             let a2 = a.clone();
             tokio::task::spawn_blocking(move || a2.snapshot())
                 .await
@@ -462,6 +663,7 @@ async fn control_loop(a: Arc<Agent>) -> Result<(), String> {
     let mut last_rate = (Instant::now(), lock(&a.core).raw_bytes_applied);
     let mut throughput = 0u64;
     let mut reachable = true;
+    let mut refused: Option<String> = None;
     loop {
         let now = Instant::now();
         let applied_bytes = lock(&a.core).raw_bytes_applied;
@@ -483,8 +685,7 @@ async fn control_loop(a: Arc<Agent>) -> Result<(), String> {
                         addr,
                         &format!("agent {}", a.opts.machine),
                     )
-                    .await
-                    .map_err(|e| e.to_string())?,
+                    .await?,
                 );
             }
             let timeout = Duration::from_secs(5) + Duration::from_millis(LONG_POLL_MS as u64);
@@ -494,7 +695,6 @@ async fn control_loop(a: Arc<Agent>) -> Result<(), String> {
                 timeout,
             )
             .await
-            .map_err(|e| e.to_string())
         };
         let result = tokio::select! {
             r = poll => Some(r),
@@ -507,8 +707,23 @@ async fn control_loop(a: Arc<Agent>) -> Result<(), String> {
                     tracing::info!("configuration node reachable again");
                     reachable = true;
                 }
+                if refused.take().is_some() {
+                    tracing::info!("the configuration node accepts this agent again");
+                    *lock(&a.degraded) = None;
+                }
                 handle_poll_reply(&a, reply)?;
                 Duration::from_millis(100)
+            }
+            Some(Err(CallError::Refused(reason))) => {
+                // Not a network problem: this agent may not speak for the machine (forgotten,
+                // enrolled again elsewhere). Said once; asked again slowly.
+                if refused.as_deref() != Some(reason.as_str()) {
+                    tracing::error!("the configuration node refused this agent: {reason}");
+                    *lock(&a.degraded) =
+                        Some(format!("refused by the configuration node: {reason}"));
+                    refused = Some(reason);
+                }
+                Duration::from_secs(5)
             }
             Some(Ok(other)) => {
                 tracing::warn!("unexpected poll reply: {other:?}");
@@ -542,10 +757,28 @@ fn handle_poll_reply(a: &Agent, reply: AgentPollReply) -> Result<(), String> {
             epoch = new.epoch,
             "new protection epoch: starting a full sync"
         );
-        *lock(&a.core) = a.fresh_core(new.epoch);
+        let fresh = a.fresh_core(new.epoch)?;
+        *lock(&a.core) = fresh;
         lock(&a.core).applied_dirty = true;
         *lock(&a.sync_done) = None;
         a.reset.send_modify(|g| *g += 1);
+    }
+    {
+        let mut set = lock(&a.disks);
+        let mut wanted = false;
+        for (disk, &n) in &reply.resync {
+            let Some(i) = set.records.iter().position(|r| &r.name == disk) else {
+                continue;
+            };
+            if n > set.records[i].resync_done && n > set.resync[i] {
+                tracing::info!(%disk, request = n, "resync requested by the operator");
+                set.resync[i] = n;
+                wanted = true;
+            }
+        }
+        if wanted {
+            a.scan_now.notify_one();
+        }
     }
     match reply.sync_request {
         Some(id) => {
@@ -586,6 +819,11 @@ async fn capture_loop(a: Arc<Agent>) -> Result<(), String> {
     let mut reset = a.reset.subscribe();
     loop {
         wait_ready(&a).await;
+        if lock(&a.disks).mismatch.is_some() {
+            // Nothing may be captured into a replica of other disks; a new protection ends it.
+            let _ = reset.changed().await;
+            continue;
+        }
         let generation = *reset.borrow_and_update();
         let sync_id = *lock(&a.sync_wanted);
         let tables = lock(&a.core).captured_tables();
@@ -621,7 +859,10 @@ async fn capture_loop(a: Arc<Agent>) -> Result<(), String> {
 async fn scan_pass(a: &Arc<Agent>, tables: Vec<Vec<u64>>, generation: u64) -> Result<bool, String> {
     a.pass_scanned.store(0, Ordering::Relaxed);
     let mut base = 0u64;
-    for (i, mut table) in tables.into_iter().enumerate() {
+    for (i, table) in tables.into_iter().enumerate() {
+        let Some((mut table, size)) = check_disk(a, i, table, generation).await? else {
+            continue; // blocked: nothing of it is sent
+        };
         let (tx, mut rx) = mpsc::channel::<scan::Extent>(2);
         let path = a.opts.disks[i].1.clone();
         let a2 = a.clone();
@@ -630,6 +871,7 @@ async fn scan_pass(a: &Arc<Agent>, tables: Vec<Vec<u64>>, generation: u64) -> Re
                 &path,
                 i as u16,
                 &mut table,
+                size,
                 |off| a2.pass_scanned.store(base + off, Ordering::Relaxed),
                 |e| tx.blocking_send(e).is_ok(),
             );
@@ -656,9 +898,140 @@ async fn scan_pass(a: &Arc<Agent>, tables: Vec<Vec<u64>>, generation: u64) -> Re
         scanner
             .await
             .map_err(|e| format!("scanner failed: {e}"))??;
-        base += a.disks[i].size_bytes;
+        base += size;
     }
     Ok(true)
+}
+
+/// Before a disk is scanned: is it still the protected disk, at its size? Returns the table
+/// and size to scan it at, or None if it is blocked. A disk that grew is grown in the stream
+/// (a marker batch carrying the new size) before anything of the new region is sent.
+async fn check_disk(
+    a: &Arc<Agent>,
+    i: usize,
+    table: Vec<u64>,
+    generation: u64,
+) -> Result<Option<(Vec<u64>, u64)>, String> {
+    let (rec, resync_wanted) = {
+        let set = lock(&a.disks);
+        (set.records[i].clone(), set.resync[i])
+    };
+    let captured = lock(&a.core).sizes()[i];
+    let path = a.opts.disks[i].1.clone();
+    let looked = {
+        let rec = rec.clone();
+        tokio::task::spawn_blocking(move || {
+            let obs = disks::observe(&path)?;
+            let verdict = disks::judge(&rec, &obs, captured, || {
+                disks::check_content(&path, &table, obs.size_bytes)
+            });
+            Ok::<_, std::io::Error>((obs, verdict, table))
+        })
+        .await
+        .map_err(|e| format!("disk check failed: {e}"))?
+    };
+    let machine = &a.opts.machine;
+    let (obs, verdict, mut table) = match looked {
+        Ok(x) => x,
+        Err(e) => {
+            let reason = format!("cannot read disk {} at {}: {e}", rec.name, rec.path);
+            block_disk(a, i, reason)?;
+            return Ok(None);
+        }
+    };
+    let epoch = lock(&a.core).epoch;
+    // The operator decided: take the disk as it is now.
+    if resync_wanted > rec.resync_done {
+        let adopted = disks::adopt(&rec.name, &obs, &table, resync_wanted);
+        tracing::info!(disk = %rec.name, path = %obs.path, size = obs.size_bytes, "resync: the disk is adopted as it is now; every block that differs from the replica is sent");
+        {
+            let mut set = lock(&a.disks);
+            set.records[i] = adopted;
+            set.blocked[i] = None;
+        }
+        if obs.size_bytes != captured {
+            resize(a, i, &mut table, captured, obs.size_bytes, generation).await?;
+        }
+        a.save_disks(epoch)?;
+        a.report_now.notify_one();
+        return Ok(Some((table, obs.size_bytes)));
+    }
+    if let Some(reason) = verdict.blocked_reason(&rec.name, machine) {
+        block_disk(a, i, reason)?;
+        return Ok(None);
+    }
+    let was_blocked = lock(&a.disks).blocked[i].take().is_some();
+    if was_blocked {
+        tracing::info!(disk = %rec.name, path = %obs.path, "the protected disk is back: replicating it again");
+        lock(&a.disks).records[i].blocked_since_ms = None;
+        a.report_now.notify_one();
+    }
+    let mut size = captured;
+    let mut changed = was_blocked;
+    if verdict != Verdict::Same {
+        let mut set = lock(&a.disks);
+        let r = &mut set.records[i];
+        if r.path != obs.path || r.file_id != obs.file_id || r.device_id != obs.device_id {
+            tracing::info!(disk = %rec.name, path = %obs.path, was = %r.path, "the protected disk is at another path or inode now: following it");
+            r.path.clone_from(&obs.path);
+            r.file_id = obs.file_id;
+            r.device_id.clone_from(&obs.device_id);
+        }
+        changed = true;
+    }
+    if let Verdict::Grown { from, to } = verdict {
+        tracing::info!(
+            disk = %rec.name,
+            from = %disks::size_text(from),
+            to = %disks::size_text(to),
+            "disk grew: the replica grows in the stream; only the new region and changed blocks travel"
+        );
+        lock(&a.disks).records[i].size_bytes = to;
+        resize(a, i, &mut table, from, to, generation).await?;
+        size = to;
+    }
+    if changed {
+        a.save_disks(epoch)?;
+        a.report_now.notify_one();
+    }
+    Ok(Some((table, size)))
+}
+
+/// Changes a disk's captured size and sends a marker batch that carries it.
+async fn resize(
+    a: &Agent,
+    i: usize,
+    table: &mut Vec<u64>,
+    from: u64,
+    to: u64,
+    generation: u64,
+) -> Result<(), String> {
+    core::resize_table(table, from, to);
+    lock(&a.core).resize(i, to);
+    let marker = scan::Extent {
+        disk: i as u16,
+        offset: 0,
+        data: vec![],
+        updates: vec![],
+    };
+    emit(a, vec![marker], generation).await
+}
+
+/// Nothing of disk `i` is sent until it is the protected disk again or the operator decides.
+fn block_disk(a: &Agent, i: usize, reason: String) -> Result<(), String> {
+    let epoch = lock(&a.core).epoch;
+    {
+        let mut set = lock(&a.disks);
+        if set.blocked[i].as_deref() == Some(reason.as_str()) {
+            return Ok(()); // said already
+        }
+        set.blocked[i] = Some(reason.clone());
+        set.records[i].blocked_since_ms.get_or_insert_with(unix_ms);
+    }
+    tracing::error!(disk = %a.opts.disks[i].0, "{reason}");
+    a.save_disks(epoch)?;
+    a.report_now.notify_one();
+    Ok(())
 }
 
 /// Encodes `AgentFrame::Batch { first_seq, last_seq, body: encode(batch) }` into one buffer
@@ -713,7 +1086,7 @@ async fn emit(a: &Agent, extents: Vec<scan::Extent>, generation: u64) -> Result<
         .collect();
     let n = extents.len() as u64;
     let mut encoded: Result<(), String> = Ok(());
-    lock(&a.core).emit(n, raw, updates, unix_ms(), |first| {
+    lock(&a.core).emit(n, raw, updates, unix_ms(), |first, sizes| {
         let records: Vec<WriteRecord> = extents
             .into_iter()
             .enumerate()
@@ -725,7 +1098,11 @@ async fn emit(a: &Agent, extents: Vec<scan::Extent>, generation: u64) -> Result<
             })
             .collect();
         // Encoded once, as the frame that goes on the wire; resends reuse it.
-        let frame = batch_frame(first, first + n - 1, &BatchBody { records }, raw as usize);
+        let body = BatchBody {
+            records,
+            disk_sizes: sizes.to_vec(),
+        };
+        let frame = batch_frame(first, first + n - 1, &body, raw as usize);
         frame.unwrap_or_else(|e| {
             encoded = Err(e.to_string());
             vec![]
@@ -800,12 +1177,16 @@ async fn stream_once(a: &Arc<Agent>) -> Result<(), StreamEnd> {
     .await
     .map_err(|e| format!("process server {ps_name} at {ps_addr} unreachable: {e}"))?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    // The process server may ask whether this process is still there (a second agent
+    // claims the machine).
+    let prober = tokio::spawn(answer_probes(conn.clone(), a.instance));
     let epoch = lock(&a.core).epoch;
     let open = StreamOpen {
         machine: a.opts.machine.clone(),
         epoch,
         generation: haven_cluster::Generation(ctl.generation),
-        disks: a.disks.clone(),
+        disks: a.disk_infos(),
+        instance: a.instance,
     };
     frame::send_msg(&mut send, &Request::OpenStream(open))
         .await
@@ -922,8 +1303,21 @@ async fn stream_once(a: &Arc<Agent>) -> Result<(), StreamEnd> {
     }
     .await;
     acks.abort();
+    prober.abort();
     conn.close(0u32.into(), b"stream restart");
     result
+}
+
+/// Answers a process server's probes on the stream's connection with this process's id.
+async fn answer_probes(conn: Connection, instance: u64) {
+    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+        let Ok(Request::Probe) = frame::expect_msg::<Request>(&mut recv, MAX_CONTROL_FRAME).await
+        else {
+            continue;
+        };
+        let _ = frame::send_msg(&mut send, &Response::ProbeAck { instance }).await;
+        let _ = send.finish();
+    }
 }
 
 #[cfg(test)]
@@ -946,7 +1340,10 @@ mod tests {
                     data: serde_bytes::ByteBuf::from(vec![i as u8; size]),
                 })
                 .collect();
-            let batch = BatchBody { records };
+            let batch = BatchBody {
+                records,
+                disk_sizes: vec![1 << 20, 7],
+            };
             let frame = batch_frame(first, first + n - 1, &batch, size * n as usize).unwrap();
             let body = codec::encode(&batch).unwrap();
             let AgentFrame::Batch {

@@ -7,9 +7,11 @@ use std::time::{Duration, Instant};
 
 use haven_cluster::{
     placement::{self, Candidate},
-    ClusterMeta, Epoch, Generation, MachineRecord, NodeRecord, ROLE_MASTER_TARGET, ROLE_PROCESS,
+    ClusterMeta, Epoch, Generation, MachineRecord, NodeRecord, RetiredRecord, TokenRecord,
+    ROLE_MASTER_TARGET, ROLE_PROCESS,
 };
 use haven_transport::identity::PeerIdentity;
+use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use crate::proto::*;
 use crate::view::*;
@@ -21,6 +23,12 @@ pub const FAILURE_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum Persist {
     Node(NodeRecord),
     Machine(MachineRecord),
+    /// `ctl forget`: the machine's record is removed.
+    DeleteMachine(String),
+    Token(TokenRecord),
+    Retired(RetiredRecord),
+    /// Every node named in the retirement has acted on it.
+    DeleteRetired(String),
 }
 
 struct Observed<T> {
@@ -59,10 +67,22 @@ pub struct ConfigCore {
     alive_since: HashMap<String, Instant>,
     /// Bumped on every assignment change; nodes long-poll on it.
     version: u64,
+    /// Enrolment tokens by id.
+    tokens: BTreeMap<String, TokenRecord>,
+    /// Forgotten machines whose nodes have not acted yet, by name.
+    retired: BTreeMap<String, RetiredRecord>,
+    /// Agent processes seen reporting for each machine (see `enrolment::Sighting`).
+    sightings: HashMap<String, Vec<enrolment::Sighting>>,
+    /// Secrets, enrolment ids and the initial version/barrier numbers come from here: seeded
+    /// from the OS at startup, fixed in tests.
+    rng: StdRng,
 }
 
 #[path = "scaleout.rs"]
 pub mod scaleout;
+
+#[path = "enrolment.rs"]
+pub mod enrolment;
 
 pub type Outcome = (Response, Vec<Persist>);
 
@@ -77,6 +97,22 @@ fn refused(reason: impl Into<String>) -> Outcome {
 
 impl ConfigCore {
     pub fn new(meta: ClusterMeta, nodes: Vec<NodeRecord>, machines: Vec<MachineRecord>) -> Self {
+        Self::with_seed(meta, nodes, machines, 0x6861_7665_6e)
+    }
+
+    /// A core whose randomness (secrets, enrolment ids, version and barrier numbering) comes
+    /// from `seed`. The configuration actor seeds it from the operating system.
+    pub fn with_seed(
+        meta: ClusterMeta,
+        nodes: Vec<NodeRecord>,
+        machines: Vec<MachineRecord>,
+        seed: u64,
+    ) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let version = rng.gen::<u32>() as u64;
+        // Barrier ids must not repeat across restarts of the configuration node: an agent
+        // may still report a barrier id of the previous incarnation as done.
+        let next_barrier = (rng.gen::<u32>() as u64) << 24 | 1;
         Self {
             meta,
             nodes: nodes.into_iter().map(|n| (n.name.clone(), n)).collect(),
@@ -93,12 +129,27 @@ impl ConfigCore {
             recent_pairs: Default::default(),
             last_failed: HashMap::new(),
             alive_since: HashMap::new(),
-            version: rand::random::<u32>() as u64,
+            version,
             barriers: HashMap::new(),
-            // Barrier ids must not repeat across restarts of the configuration node: an agent
-            // may still report a barrier id of the previous incarnation as done.
-            next_barrier: (rand::random::<u32>() as u64) << 24 | 1,
+            next_barrier,
+            tokens: BTreeMap::new(),
+            retired: BTreeMap::new(),
+            sightings: HashMap::new(),
+            rng,
         }
+    }
+
+    pub fn with_tokens(mut self, tokens: Vec<TokenRecord>) -> Self {
+        self.tokens = tokens.into_iter().map(|t| (t.id.clone(), t)).collect();
+        self
+    }
+
+    pub fn with_retired(mut self, retired: Vec<RetiredRecord>) -> Self {
+        self.retired = retired
+            .into_iter()
+            .map(|r| (r.machine.clone(), r))
+            .collect();
+        self
     }
 
     pub fn with_failure_timeout(mut self, t: Duration) -> Self {
@@ -121,15 +172,14 @@ impl ConfigCore {
     }
 
     /// Validates a join and records the joiner. On success the caller issues a certificate
-    /// for the returned identity.
+    /// for the returned identity. A refusal records nothing (the token's use count included).
     pub fn handle_join(
         &mut self,
+        now_ms: u64,
         req: &JoinRequest,
     ) -> Result<(PeerIdentity, Vec<Persist>), String> {
-        if !secret_eq(&self.meta.join_secret, &req.secret) {
-            return Err("invalid join token".into());
-        }
-        match &req.kind {
+        let mut token = self.check_token(now_ms, req)?;
+        let (identity, mut persist) = match &req.kind {
             JoinKind::Node {
                 name,
                 roles,
@@ -148,13 +198,11 @@ impl ConfigCore {
                     drained: self.nodes.get(name).map(|n| n.drained).unwrap_or(false),
                 };
                 self.nodes.insert(name.clone(), node.clone());
-                Ok((
-                    PeerIdentity::Node {
-                        name: name.clone(),
-                        roles: roles.clone(),
-                    },
-                    vec![Persist::Node(node)],
-                ))
+                let id = PeerIdentity::Node {
+                    name: name.clone(),
+                    roles: roles.clone(),
+                };
+                (id, vec![Persist::Node(node)])
             }
             JoinKind::Agent {
                 machine,
@@ -165,44 +213,51 @@ impl ConfigCore {
                 for d in disks {
                     valid_name(&d.name)?;
                 }
-                let persist = self.enroll(machine, hostname, disks);
-                Ok((
-                    PeerIdentity::Agent {
-                        machine: machine.clone(),
-                    },
-                    persist,
-                ))
+                self.enrol(machine, hostname, disks)?
             }
-        }
+        };
+        token.uses += 1;
+        self.tokens.insert(token.id.clone(), token.clone());
+        persist.push(Persist::Token(token));
+        Ok((identity, persist))
     }
 
-    fn enroll(
+    /// A new machine: refused if the name is taken (a clone, or a reinstalled machine whose
+    /// old enrolment must be forgotten first). Its epochs continue those of a forgotten
+    /// machine of the same name, so an old replica is never taken for the new machine's.
+    fn enrol(
         &mut self,
         machine: &str,
         hostname: &str,
         disks: &[haven_cluster::DiskInfo],
-    ) -> Vec<Persist> {
-        let rec = self
-            .machines
-            .entry(machine.to_string())
-            .or_insert_with(|| MachineRecord {
-                name: machine.to_string(),
-                hostname: hostname.to_string(),
-                disks: disks.to_vec(),
-                protected: false,
-                epoch: Epoch(0),
-                generation: Generation(0),
-                process_server: None,
-                master_target: None,
-                data_key: vec![],
-            });
-        if rec.hostname != hostname || rec.disks != disks {
-            rec.hostname = hostname.to_string();
-            rec.disks = disks.to_vec();
-        } else if rec.epoch != Epoch(0) || rec.protected {
-            return vec![];
+    ) -> Result<(PeerIdentity, Vec<Persist>), String> {
+        if let Some(m) = self.machines.get(machine) {
+            return Err(enrolment::name_taken(m, hostname));
         }
-        vec![Persist::Machine(rec.clone())]
+        let enrolment = hex::encode(self.rng.gen::<[u8; 6]>());
+        let rec = MachineRecord {
+            name: machine.to_string(),
+            hostname: hostname.to_string(),
+            disks: disks.to_vec(),
+            protected: false,
+            epoch: self
+                .retired
+                .get(machine)
+                .map(|r| r.epoch)
+                .unwrap_or(Epoch(0)),
+            generation: Generation(0),
+            process_server: None,
+            master_target: None,
+            data_key: vec![],
+            enrolment: enrolment.clone(),
+            resync: Default::default(),
+        };
+        self.machines.insert(machine.to_string(), rec.clone());
+        let id = PeerIdentity::Agent {
+            machine: machine.to_string(),
+            enrolment,
+        };
+        Ok((id, vec![Persist::Machine(rec)]))
     }
 
     pub fn handle_agent_poll(
@@ -211,7 +266,7 @@ impl ConfigCore {
         who: &PeerIdentity,
         report: AgentReport,
     ) -> Outcome {
-        let PeerIdentity::Agent { machine } = who else {
+        let PeerIdentity::Agent { machine, enrolment } = who else {
             return refused("only an agent may poll as an agent");
         };
         if *machine != report.machine {
@@ -220,9 +275,23 @@ impl ConfigCore {
                 report.machine
             ));
         }
+        let Some(rec) = self.machines.get(machine) else {
+            return refused(format!(
+                "machine {machine} is not enrolled in this cluster (it was forgotten with `haven ctl forget`?); \
+                 enrol it again from a fresh --data-dir"
+            ));
+        };
+        if rec.enrolment != *enrolment {
+            return refused(format!(
+                "this agent's certificate belongs to an earlier enrolment of {machine}; {machine} has been \
+                 enrolled again since (hostname {}). Start this agent with a fresh --data-dir and another --name",
+                rec.hostname
+            ));
+        }
         let mut persist = vec![];
-        if !self.machines.contains_key(machine) {
-            persist = self.enroll(machine, &report.hostname, &report.disks);
+        if !report.held {
+            self.sighted(now, machine, &report);
+            persist.extend(self.handle_inventory(now, machine, &report));
         }
         if let Some(stats) = &report.stats.last_move {
             let stats = stats.clone();
@@ -259,6 +328,7 @@ impl ConfigCore {
             generation: m.generation,
             process_server,
             sync_request,
+            resync: m.resync.clone(),
         };
         (Response::AgentPoll(reply), persist)
     }
@@ -283,6 +353,7 @@ impl ConfigCore {
             // not keep a node that died meanwhile looking alive.
             return (Response::NodePoll(self.assignments_for(name)), vec![]);
         }
+        let persist = self.handle_retired_done(name, &report.retired_done);
         let (raw, wire) = report
             .machines
             .iter()
@@ -314,7 +385,7 @@ impl ConfigCore {
         }
         self.node_reports
             .insert(name.clone(), Observed { at: now, report });
-        (Response::NodePoll(self.assignments_for(name)), vec![])
+        (Response::NodePoll(self.assignments_for(name)), persist)
     }
 
     /// The assignments of the machines `node` serves, as process server or master target.
@@ -338,18 +409,21 @@ impl ConfigCore {
                     master_target: mt.name.clone(),
                     master_target_addr: mt.addr.clone(),
                     data_key: serde_bytes::ByteBuf::from(m.data_key.clone()),
+                    enrolment: m.enrolment.clone(),
                 })
             })
             .collect();
         NodePollReply {
             assignments,
             version: self.version,
+            retired: self.retirements_for(node),
         }
     }
 
     pub fn handle_admin(
         &mut self,
         now: Instant,
+        now_ms: u64,
         secret: &str,
         cmd: AdminCommand,
         new_key: impl FnOnce() -> Vec<u8>,
@@ -361,10 +435,22 @@ impl ConfigCore {
             AdminCommand::Status => AdminReply::Status(ClusterStatus {
                 cluster_id: self.meta.cluster_id.clone(),
                 nodes: self.node_views(now),
-                machines: self.machine_views(now),
+                machines: self.machine_views(now, now_ms),
             }),
             AdminCommand::Nodes => AdminReply::Nodes(self.node_views(now)),
-            AdminCommand::Machines => AdminReply::Machines(self.machine_views(now)),
+            AdminCommand::Machines => AdminReply::Machines(self.machine_views(now, now_ms)),
+            AdminCommand::TokenCreate {
+                kind,
+                ttl_ms,
+                description,
+            } => return self.create_token(now_ms, &kind, ttl_ms, description),
+            AdminCommand::TokenList => AdminReply::Tokens(self.token_views(now_ms)),
+            AdminCommand::TokenRevoke { id } => return self.revoke_token(&id),
+            AdminCommand::Forget {
+                machine,
+                delete_replica,
+            } => return self.forget(now, now_ms, &machine, delete_replica),
+            AdminCommand::Resync { machine, disk } => return self.resync(now, &machine, &disk),
             AdminCommand::Protect { machine } => return self.protect(now, &machine, new_key),
             AdminCommand::Unprotect { machine } => return self.unprotect(&machine),
             AdminCommand::RequestSync { machine } => {
@@ -439,11 +525,16 @@ impl ConfigCore {
                     .get(&machine)
                     .filter(|b| b.id == id)
                     .and_then(|b| b.barrier_seq);
-                let done = barrier_seq.is_some_and(|b| applied_seq >= b);
+                let view = self.machine_view(now, now_ms, &self.machines[&machine]);
+                // A barrier is done only when nothing keeps the replica from the source.
+                let done =
+                    barrier_seq.is_some_and(|b| applied_seq >= b) && view.blocked_reason.is_none();
                 AdminReply::SyncState {
                     barrier_seq,
                     applied_seq,
                     done,
+                    blocked: view.blocked_reason,
+                    degraded: view.degraded_reason,
                 }
             }
         };
@@ -617,14 +708,14 @@ impl ConfigCore {
             .collect()
     }
 
-    fn machine_views(&self, now: Instant) -> Vec<MachineView> {
+    fn machine_views(&self, now: Instant, now_ms: u64) -> Vec<MachineView> {
         self.machines
             .values()
-            .map(|m| self.machine_view(now, m))
+            .map(|m| self.machine_view(now, now_ms, m))
             .collect()
     }
 
-    fn machine_view(&self, now: Instant, m: &MachineRecord) -> MachineView {
+    fn machine_view(&self, now: Instant, now_ms: u64, m: &MachineRecord) -> MachineView {
         let agent = self.agent_reports.get(&m.name);
         let stats = agent.map(|o| o.report.stats.clone()).unwrap_or_default();
         // One node may serve a machine in two roles (all-in-one): pick the report by role.
@@ -641,9 +732,22 @@ impl ConfigCore {
         let mt = node_report(m.master_target.as_ref(), ROLE_MASTER_TARGET);
         let applied_seq = self.applied_seq(&m.name);
         let agent_age = agent.map(|o| now.duration_since(o.at));
-        let mut degraded = None;
-        if m.protected {
-            if agent_age.is_none_or(|a| a >= self.failure_timeout) {
+        let agent_live = agent_age.is_some_and(|a| a < self.failure_timeout);
+        let current = agent_live && stats.epoch == m.epoch.0;
+        // What keeps the replica from the source until the operator decides.
+        let blocked = if !m.protected {
+            None
+        } else if let Some(conflict) = self.conflict(now, &m.name) {
+            Some(conflict)
+        } else if current && !stats.blocked.is_empty() {
+            let reasons: Vec<&str> = stats.blocked.iter().map(|b| b.reason.as_str()).collect();
+            Some(reasons.join("; "))
+        } else {
+            None
+        };
+        let mut degraded = blocked.clone();
+        if m.protected && degraded.is_none() {
+            if !agent_live {
                 degraded = Some("agent is not reporting".to_string());
             } else if let Some(reason) = &stats.degraded_reason {
                 degraded = Some(reason.clone());
@@ -653,6 +757,17 @@ impl ConfigCore {
                 degraded = Some(format!("master target {mt} is not reporting"));
             } else if stats.epoch != m.epoch.0 {
                 degraded = Some("agent has not picked up the protection yet".to_string());
+            } else if let Some(e) = ps.and_then(|r| r.ship_error.as_ref()) {
+                degraded = Some(format!(
+                    "process server {} cannot ship to master target {}: {e}",
+                    m.process_server.as_deref().unwrap_or("?"),
+                    m.master_target.as_deref().unwrap_or("?")
+                ));
+            } else if let Some(e) = mt.and_then(|r| r.refusal.as_ref()) {
+                degraded = Some(format!(
+                    "master target {} refused a batch: {e}",
+                    m.master_target.as_deref().unwrap_or("?")
+                ));
             }
         }
         let state = match (m.protected, &degraded, stats.initial_sync_percent) {
@@ -661,15 +776,18 @@ impl ConfigCore {
             (true, None, Some(_)) => "initial-sync",
             (true, None, None) => "replicating",
         };
-        let in_sync = stats.captured_seq <= applied_seq;
-        let rpo_seconds = if !m.protected || in_sync || stats.oldest_unapplied_ms == 0 {
-            0.0
+        // Nothing is recoverable before the first full pass is applied, and nothing is known
+        // of a protection whose agent does not report in it.
+        // A blocked disk's changes are not replicated since `since_ms`: the agent counts that
+        // in `oldest_unapplied_ms`, whatever the seqs say.
+        let in_sync = stats.blocked.is_empty()
+            && (stats.captured_seq <= applied_seq || stats.oldest_unapplied_ms == 0);
+        let rpo_seconds = if !m.protected || !current || stats.initial_sync_percent.is_some() {
+            None
+        } else if in_sync {
+            Some(0.0)
         } else {
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0);
-            now_ms.saturating_sub(stats.oldest_unapplied_ms) as f64 / 1000.0
+            Some(now_ms.saturating_sub(stats.oldest_unapplied_ms) as f64 / 1000.0)
         };
         MachineView {
             name: m.name.clone(),
@@ -701,6 +819,12 @@ impl ConfigCore {
             stream_restarts: stats.stream_restarts + ps.map(|r| r.restarts).unwrap_or(0),
             batches_refused: mt.map(|r| r.batches_refused).unwrap_or(0),
             cache_bytes: ps.map(|r| r.cache_bytes).unwrap_or(0),
+            blocked_reason: blocked,
+            blocked_disks: if current {
+                stats.blocked.clone()
+            } else {
+                vec![]
+            },
         }
     }
 }
@@ -710,7 +834,7 @@ fn secret_eq(expected: &str, presented: &str) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn valid_name(name: &str) -> Result<(), String> {
+pub(crate) fn valid_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name

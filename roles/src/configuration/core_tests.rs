@@ -14,8 +14,11 @@ use serde_json::json;
 
 use super::*;
 
-const JOIN_SECRET: &str = "join-secret-0123456789";
+const AGENT_SECRET: &str = "agent-secret-0123456789";
+const NODE_SECRET: &str = "node-secret-0123456789";
 const ADMIN_SECRET: &str = "admin-secret-0123456789";
+/// The configuration node's wall clock in these tests (unix ms).
+const NOW_MS: u64 = 1_800_000_000_000;
 const KEY: [u8; 32] = [7; 32];
 const KEY2: [u8; 32] = [9; 32];
 const SEC: Duration = Duration::from_secs(1);
@@ -27,16 +30,31 @@ const DEAD: Duration = Duration::from_secs(FAILURE_TIMEOUT.as_secs() + 1);
 fn meta() -> ClusterMeta {
     ClusterMeta {
         cluster_id: "c0ffee".into(),
-        join_secret: JOIN_SECRET.into(),
         admin_secret: ADMIN_SECRET.into(),
     }
 }
 
+/// The bootstrap tokens: one agent token, one node token, neither expiring.
+fn tokens() -> Vec<haven_cluster::TokenRecord> {
+    use haven_transport::identity::TokenKind;
+    vec![
+        enrolment::new_token(TokenKind::Agent, AGENT_SECRET, 0, None, "agents"),
+        enrolment::new_token(TokenKind::Node, NODE_SECRET, 0, None, "nodes"),
+    ]
+}
+
+/// A bootstrap token after `uses` enrolments.
+fn token_used(secret: &str, uses: u64) -> Persist {
+    let mut t = tokens()
+        .into_iter()
+        .find(|t| t.id == haven_transport::identity::token_id(secret))
+        .expect("a bootstrap token");
+    t.uses = uses;
+    Persist::Token(t)
+}
+
 fn disk(name: &str, size_bytes: u64) -> DiskInfo {
-    DiskInfo {
-        name: name.into(),
-        size_bytes,
-    }
+    DiskInfo::new(name, size_bytes)
 }
 
 fn web_disks() -> Vec<DiskInfo> {
@@ -65,6 +83,8 @@ fn discovered(name: &str) -> MachineRecord {
         process_server: None,
         master_target: None,
         data_key: vec![],
+        enrolment: String::new(),
+        resync: Default::default(),
     }
 }
 
@@ -83,7 +103,7 @@ fn placed(name: &str, ps: &str, mt: &str) -> MachineRecord {
 
 fn node_join(name: &str, roles: &[&str], capacity: u32) -> JoinRequest {
     JoinRequest {
-        secret: JOIN_SECRET.into(),
+        secret: NODE_SECRET.into(),
         kind: JoinKind::Node {
             name: name.into(),
             roles: roles.iter().map(|r| r.to_string()).collect(),
@@ -95,7 +115,7 @@ fn node_join(name: &str, roles: &[&str], capacity: u32) -> JoinRequest {
 
 fn agent_join(machine: &str, hostname: &str, disks: Vec<DiskInfo>) -> JoinRequest {
     JoinRequest {
-        secret: JOIN_SECRET.into(),
+        secret: AGENT_SECRET.into(),
         kind: JoinKind::Agent {
             machine: machine.into(),
             hostname: hostname.into(),
@@ -104,9 +124,11 @@ fn agent_join(machine: &str, hostname: &str, disks: Vec<DiskInfo>) -> JoinReques
     }
 }
 
+/// The identity of the agent of a fixture machine (enrolled before enrolment ids existed).
 fn agent_id(machine: &str) -> PeerIdentity {
     PeerIdentity::Agent {
         machine: machine.into(),
+        enrolment: String::new(),
     }
 }
 
@@ -160,7 +182,7 @@ struct Cluster {
 impl Cluster {
     fn new(nodes: Vec<NodeRecord>, machines: Vec<MachineRecord>) -> Self {
         Self {
-            core: ConfigCore::new(meta(), nodes, machines),
+            core: ConfigCore::new(meta(), nodes, machines).with_tokens(tokens()),
             t0: Instant::now(),
         }
     }
@@ -222,14 +244,63 @@ impl Cluster {
             .handle_agent_poll(self.t0 + at, &agent_id(machine), report)
     }
 
+    /// A poll by an agent holding `who`'s certificate.
+    fn agent_poll_as(&mut self, at: Duration, who: &PeerIdentity, stats: AgentStats) -> Outcome {
+        let PeerIdentity::Agent { machine, .. } = who else {
+            panic!("not an agent: {who:?}")
+        };
+        let report = AgentReport {
+            machine: machine.clone(),
+            hostname: format!("{machine}-host"),
+            disks: web_disks(),
+            stats,
+            report_seq: at.as_micros() as u64,
+            ..Default::default()
+        };
+        self.core.handle_agent_poll(self.t0 + at, who, report)
+    }
+
+    fn tokens(&mut self, at: Duration) -> Vec<TokenView> {
+        match self.admin(at, AdminCommand::TokenList) {
+            (Response::Admin(AdminReply::Tokens(t)), p) if p.is_empty() => t,
+            other => panic!("unexpected: {other:?}"),
+        }
+    }
+
+    /// (id, secret) of a new token.
+    fn create_token(&mut self, at: Duration, kind: &str, ttl_ms: Option<u64>) -> (String, String) {
+        let cmd = AdminCommand::TokenCreate {
+            kind: kind.into(),
+            ttl_ms,
+            description: "test".into(),
+        };
+        match self.admin(at, cmd) {
+            (
+                Response::Admin(AdminReply::TokenCreated {
+                    id,
+                    secret,
+                    kind: k,
+                    ..
+                }),
+                p,
+            ) => {
+                assert_eq!(k, kind);
+                assert!(matches!(&p[..], [Persist::Token(t)] if t.id == id));
+                (id, secret)
+            }
+            other => panic!("unexpected: {other:?}"),
+        }
+    }
+
     fn admin(&mut self, at: Duration, cmd: AdminCommand) -> Outcome {
         self.core
-            .handle_admin(self.t0 + at, ADMIN_SECRET, cmd, key_never_issued)
+            .handle_admin(self.t0 + at, NOW_MS, ADMIN_SECRET, cmd, key_never_issued)
     }
 
     fn protect(&mut self, at: Duration, machine: &str, key: [u8; 32]) -> Outcome {
         self.core.handle_admin(
             self.t0 + at,
+            NOW_MS,
             ADMIN_SECRET,
             AdminCommand::Protect {
                 machine: machine.into(),
@@ -285,6 +356,7 @@ impl Cluster {
                     barrier_seq,
                     applied_seq,
                     done,
+                    ..
                 }),
                 p,
             ) if p.is_empty() => (barrier_seq, applied_seq, done),
@@ -361,6 +433,7 @@ fn assignment(machine: &MachineRecord, mt_addr: &str) -> Assignment {
         master_target: machine.master_target.clone().expect("placed"),
         master_target_addr: mt_addr.into(),
         data_key: serde_bytes::ByteBuf::from(machine.data_key.clone()),
+        enrolment: machine.enrolment.clone(),
     }
 }
 
@@ -371,7 +444,10 @@ fn node_join_with_the_join_secret_yields_a_node_identity_and_persists_the_node()
     let mut c = Cluster::new(vec![], vec![]);
     let (identity, persist) = c
         .core
-        .handle_join(&node_join("ps-a", &[ROLE_PROCESS, ROLE_MASTER_TARGET], 50))
+        .handle_join(
+            NOW_MS,
+            &node_join("ps-a", &[ROLE_PROCESS, ROLE_MASTER_TARGET], 50),
+        )
         .expect("join");
     assert_eq!(
         identity,
@@ -379,11 +455,10 @@ fn node_join_with_the_join_secret_yields_a_node_identity_and_persists_the_node()
     );
     assert_eq!(
         persist,
-        vec![Persist::Node(node_record(
-            "ps-a",
-            &[ROLE_PROCESS, ROLE_MASTER_TARGET],
-            50
-        ))]
+        vec![
+            Persist::Node(node_record("ps-a", &[ROLE_PROCESS, ROLE_MASTER_TARGET], 50)),
+            token_used(NODE_SECRET, 1)
+        ]
     );
     // The node is now a member: it may poll.
     assert_eq!(assignments(c.node_poll(SEC, "ps-a", vec![])), vec![]);
@@ -396,15 +471,18 @@ fn node_rejoin_keeps_the_drained_flag() {
     let mut c = Cluster::new(vec![drained], vec![]);
     let (_, persist) = c
         .core
-        .handle_join(&node_join("ps-a", &[ROLE_PROCESS], 20))
+        .handle_join(NOW_MS, &node_join("ps-a", &[ROLE_PROCESS], 20))
         .expect("join");
     assert_eq!(
         persist,
-        vec![Persist::Node(NodeRecord {
-            capacity: 20,
-            drained: true,
-            ..node_record("ps-a", &[ROLE_PROCESS], 20)
-        })]
+        vec![
+            Persist::Node(NodeRecord {
+                capacity: 20,
+                drained: true,
+                ..node_record("ps-a", &[ROLE_PROCESS], 20)
+            }),
+            token_used(NODE_SECRET, 1)
+        ]
     );
 }
 
@@ -413,10 +491,130 @@ fn agent_join_yields_an_agent_identity_and_persists_a_discovered_machine() {
     let mut c = Cluster::new(vec![], vec![]);
     let (identity, persist) = c
         .core
-        .handle_join(&agent_join("web", "web-host", web_disks()))
+        .handle_join(NOW_MS, &agent_join("web", "web-host", web_disks()))
         .expect("join");
-    assert_eq!(identity, agent_id("web"));
-    assert_eq!(persist, vec![Persist::Machine(discovered("web"))]);
+    let PeerIdentity::Agent { machine, enrolment } = &identity else {
+        panic!("{identity:?}")
+    };
+    assert_eq!((machine.as_str(), enrolment.len()), ("web", 12));
+    assert_eq!(
+        persist,
+        vec![
+            Persist::Machine(MachineRecord {
+                enrolment: enrolment.clone(),
+                ..discovered("web")
+            }),
+            token_used(AGENT_SECRET, 1)
+        ]
+    );
+    // The certificate's enrolment speaks for the machine; an earlier one's does not.
+    let (reply, _) = agent_reply(c.agent_poll_as(SEC, &identity, stats(0, 0, 0)));
+    assert!(!reply.protected);
+    refused_with(
+        c.agent_poll(SEC, "web", stats(0, 0, 0), None),
+        "this agent's certificate belongs to an earlier enrolment of web; web has been enrolled \
+         again since (hostname web-host). Start this agent with a fresh --data-dir and another --name",
+    );
+}
+
+#[test]
+fn a_token_enrols_only_its_kind() {
+    let mut c = Cluster::new(vec![], vec![]);
+    let id = |s: &str| haven_transport::identity::token_id(s);
+    let mut as_agent = node_join("ps-a", &[ROLE_PROCESS], 10);
+    as_agent.secret = AGENT_SECRET.into();
+    assert_eq!(
+        c.core.handle_join(NOW_MS, &as_agent),
+        Err(format!(
+            "token {} is an agent token: it enrols agents (protected machines) only; a server \
+             node needs a node token (`haven ctl token create --kind node`)",
+            id(AGENT_SECRET)
+        ))
+    );
+    let mut as_node = agent_join("web", "web-host", web_disks());
+    as_node.secret = NODE_SECRET.into();
+    assert_eq!(
+        c.core.handle_join(NOW_MS, &as_node),
+        Err(format!(
+            "token {} is a node token: it enrols server nodes only; an agent needs an agent \
+             token (the configuration node's agent-token file, or `haven ctl token create \
+             --kind agent`)",
+            id(NODE_SECRET)
+        ))
+    );
+    assert_eq!((c.nodes(SEC).len(), c.machines(SEC).len()), (0, 0));
+    // The use counts did not move.
+    let listed = c.tokens(SEC);
+    assert!(listed.iter().all(|t| t.uses == 0), "{listed:?}");
+}
+
+#[test]
+fn created_tokens_expire_and_revoked_ones_enrol_nothing() {
+    let mut c = Cluster::new(vec![], vec![]);
+    let hour = 3600 * 1000;
+    let (id, secret) = c.create_token(SEC, "node", Some(hour));
+    assert_eq!(id, haven_transport::identity::token_id(&secret));
+    let views = c.tokens(SEC);
+    let view = views.iter().find(|t| t.id == id).expect("listed");
+    assert_eq!(
+        (
+            view.kind.as_str(),
+            view.expires_ms,
+            view.expired,
+            view.revoked
+        ),
+        ("node", Some(NOW_MS + hour), false, false)
+    );
+    let mut req = node_join("ps-a", &[ROLE_PROCESS], 10);
+    req.secret = secret.clone();
+    // Valid until the last millisecond, refused from then on.
+    assert!(c.core.handle_join(NOW_MS + hour - 1, &req).is_ok());
+    let expired = c.core.handle_join(NOW_MS + hour, &req).unwrap_err();
+    assert_eq!(
+        expired,
+        format!(
+            "join token {id} expired at 2027-01-15T09:00:00Z; create another with `haven ctl token create --kind node`"
+        )
+    );
+    // Revoked: refused at once, and saying so; revoking again changes nothing.
+    let (_, secret2) = c.create_token(SEC, "agent", None);
+    let persist = done_with(
+        c.admin(
+            SEC,
+            AdminCommand::TokenRevoke {
+                id: haven_transport::identity::token_id(&secret2),
+            },
+        ),
+        &format!(
+            "token {} revoked: it enrols nothing from now on (what it enrolled stays)",
+            haven_transport::identity::token_id(&secret2)
+        ),
+    );
+    assert!(matches!(&persist[..], [Persist::Token(t)] if t.revoked));
+    let mut req = agent_join("web", "web-host", web_disks());
+    req.secret = secret2.clone();
+    assert_eq!(
+        c.core.handle_join(NOW_MS, &req),
+        Err(format!(
+            "join token {} was revoked",
+            haven_transport::identity::token_id(&secret2)
+        ))
+    );
+    refused_with(
+        c.admin(SEC, AdminCommand::TokenRevoke { id: "nope".into() }),
+        "no token with id \"nope\" (see `haven ctl token list`)",
+    );
+    refused_with(
+        c.admin(
+            SEC,
+            AdminCommand::TokenCreate {
+                kind: "admin".into(),
+                ttl_ms: None,
+                description: String::new(),
+            },
+        ),
+        "a token's kind is agent or node, not \"admin\" (the admin token is the configuration node's admin-token file)",
+    );
 }
 
 #[test]
@@ -424,9 +622,10 @@ fn join_with_a_wrong_secret_is_refused_and_records_nothing() {
     let mut c = Cluster::new(vec![], vec![]);
     let wrong = [
         String::new(),
-        "join-secret-0123456788".into(),
-        "join-secret-012345678".into(),
-        format!("{JOIN_SECRET}0"),
+        "agent-secret-0123456788".into(),
+        "node-secret-012345678".into(),
+        format!("{AGENT_SECRET}0"),
+        format!("{NODE_SECRET}0"),
         ADMIN_SECRET.into(),
     ];
     for secret in wrong {
@@ -436,7 +635,7 @@ fn join_with_a_wrong_secret_is_refused_and_records_nothing() {
         ] {
             req.secret = secret.clone();
             assert_eq!(
-                c.core.handle_join(&req),
+                c.core.handle_join(NOW_MS, &req),
                 Err("invalid join token".to_string()),
                 "secret {secret:?}"
             );
@@ -472,18 +671,22 @@ fn invalid_names_are_refused() {
             "invalid name {bad:?}: use 1-64 letters, digits, '-', '_' or '.'"
         ));
         assert_eq!(
-            c.core.handle_join(&node_join(bad, &[ROLE_PROCESS], 10)),
+            c.core
+                .handle_join(NOW_MS, &node_join(bad, &[ROLE_PROCESS], 10)),
             expected,
             "node {bad:?}"
         );
         assert_eq!(
-            c.core.handle_join(&agent_join(bad, "h", web_disks())),
+            c.core
+                .handle_join(NOW_MS, &agent_join(bad, "h", web_disks())),
             expected,
             "machine {bad:?}"
         );
         assert_eq!(
-            c.core
-                .handle_join(&agent_join("web", "h", vec![disk("root", 1), disk(bad, 1)])),
+            c.core.handle_join(
+                NOW_MS,
+                &agent_join("web", "h", vec![disk("root", 1), disk(bad, 1)])
+            ),
             expected,
             "disk {bad:?}"
         );
@@ -500,7 +703,7 @@ fn invalid_names_are_refused() {
     for good in ["a", "A-z_0.9", longest.as_str()] {
         assert!(
             c.core
-                .handle_join(&node_join(good, &[ROLE_PROCESS], 1))
+                .handle_join(NOW_MS, &node_join(good, &[ROLE_PROCESS], 1))
                 .is_ok(),
             "{good:?}"
         );
@@ -511,47 +714,289 @@ fn invalid_names_are_refused() {
 fn a_node_without_roles_is_refused() {
     let mut c = Cluster::new(vec![], vec![]);
     assert_eq!(
-        c.core.handle_join(&node_join("ps-a", &[], 10)),
+        c.core.handle_join(NOW_MS, &node_join("ps-a", &[], 10)),
         Err("a node needs at least one role".to_string())
     );
     assert_eq!(c.nodes(SEC).len(), 0);
 }
 
 #[test]
-fn reenrolling_an_unchanged_machine_persists_nothing_new() {
-    let mut c = Cluster::new(vec![], vec![discovered("web")]);
-    // Never protected: the identical record is written again (an idempotent put), nothing new.
-    let (_, persist) = c
-        .core
-        .handle_join(&agent_join("web", "web-host", web_disks()))
-        .expect("join");
-    assert_eq!(persist, vec![Persist::Machine(discovered("web"))]);
-
-    // Protected (or once protected): nothing at all is written.
-    let mut c = Cluster::new(vec![], vec![placed("web", "ps-a", "mt-a")]);
-    let (_, persist) = c
-        .core
-        .handle_join(&agent_join("web", "web-host", web_disks()))
-        .expect("join");
-    assert_eq!(persist, vec![]);
-    let mut unprotected = placed("web", "ps-a", "mt-a");
-    unprotected.protected = false;
-    let mut c = Cluster::new(vec![], vec![unprotected]);
-    let (_, persist) = c
-        .core
-        .handle_join(&agent_join("web", "web-host", web_disks()))
-        .expect("join");
-    assert_eq!(persist, vec![]);
+fn enrolling_a_name_that_is_taken_is_refused_and_records_nothing() {
+    for existing in [
+        discovered("web"),
+        placed("web", "ps-a", "mt-a"),
+        MachineRecord {
+            protected: false,
+            ..placed("web", "ps-a", "mt-a")
+        },
+    ] {
+        let mut c = Cluster::new(vec![], vec![existing.clone()]);
+        let refusal = c
+            .core
+            .handle_join(
+                NOW_MS,
+                &agent_join("web", "clone-host", vec![disk("root", 1)]),
+            )
+            .unwrap_err();
+        assert_eq!(
+            refusal,
+            "machine web is already enrolled (by the agent on host web-host); nothing was registered. \
+             If this host (clone-host) is a clone of web, start its agent with another --name and its \
+             own --data-dir. If web itself was reinstalled and lost its agent data dir, run \
+             `haven ctl unprotect web` and `haven ctl forget web` first"
+        );
+        let view = c.machine(SEC, "web");
+        assert_eq!(
+            (view.hostname.as_str(), view.disks.clone()),
+            ("web-host", web_disks()),
+            "the enrolled machine is untouched"
+        );
+        assert!(c.tokens(SEC).iter().all(|t| t.uses == 0));
+    }
 }
 
 #[test]
-fn reenrolling_with_changed_disks_or_hostname_persists_the_update_and_keeps_the_placement() {
-    let mut c = Cluster::new(vec![], vec![placed("web", "ps-a", "mt-a")]);
-    let disks = vec![disk("root", 1 << 30), disk("data", 8 << 30)];
+fn forget_removes_an_unprotected_machine_and_its_nodes_retire_it() {
+    let mut c = Cluster::standard();
+    c.all_nodes_poll(Duration::ZERO);
+    c.protect(SEC, "web", KEY);
+    refused_with(
+        c.admin(
+            SEC,
+            AdminCommand::Forget {
+                machine: "web".into(),
+                delete_replica: false,
+            },
+        ),
+        "web is protected: `haven ctl unprotect web` first (forgetting a protected machine would \
+         leave its replica without an owner)",
+    );
+    c.admin(
+        SEC,
+        AdminCommand::Unprotect {
+            machine: "web".into(),
+        },
+    );
+    let persist = done_with(
+        c.admin(
+            SEC,
+            AdminCommand::Forget {
+                machine: "web".into(),
+                delete_replica: false,
+            },
+        ),
+        "web forgotten; its replica on mt-a is kept, moved aside to replicas/web@1; the name can \
+         be enrolled again by a new agent",
+    );
+    let retired = haven_cluster::RetiredRecord {
+        machine: "web".into(),
+        epoch: Epoch(1),
+        delete_replica: false,
+        pending_nodes: vec!["ps-a".into(), "mt-a".into()],
+        retired_ms: NOW_MS,
+    };
+    assert_eq!(
+        persist,
+        vec![
+            Persist::DeleteMachine("web".into()),
+            Persist::Retired(retired.clone())
+        ]
+    );
+    assert!(c.machines(SEC).is_empty());
+    // Its old agent speaks for nothing now.
+    refused_with(
+        c.agent_poll(SEC, "web", stats(1, 0, 0), None),
+        "machine web is not enrolled in this cluster (it was forgotten with `haven ctl forget`?); \
+         enrol it again from a fresh --data-dir",
+    );
+    // The nodes are told until they confirm; ps-b never held it.
+    let told = |c: &mut Cluster, node: &str| match c.node_poll(2 * SEC, node, vec![]) {
+        (Response::NodePoll(r), _) => r.retired,
+        other => panic!("{other:?}"),
+    };
+    let retirement = crate::proto::Retirement {
+        machine: "web".into(),
+        epoch: Epoch(1),
+        delete_replica: false,
+    };
+    assert_eq!(told(&mut c, "mt-a"), vec![retirement.clone()]);
+    assert_eq!(told(&mut c, "ps-b"), vec![]);
+    // A new enrolment of the name continues the epochs: its replica can never be mistaken
+    // for the forgotten one.
     let (_, persist) = c
         .core
-        .handle_join(&agent_join("web", "web-host", disks.clone()))
-        .expect("join");
+        .handle_join(NOW_MS, &agent_join("web", "new-host", web_disks()))
+        .expect("the name is free again");
+    let Persist::Machine(m) = &persist[0] else {
+        panic!("{persist:?}")
+    };
+    assert_eq!((m.epoch, m.hostname.as_str()), (Epoch(1), "new-host"));
+    let done = |c: &mut Cluster, node: &str| {
+        c.core.handle_node_poll(
+            c.t0 + 3 * SEC,
+            &node_id(node, &[]),
+            NodeReport {
+                name: node.into(),
+                retired_done: vec!["web".into()],
+                ..Default::default()
+            },
+        )
+    };
+    let (_, persist) = done(&mut c, "mt-a");
+    assert_eq!(
+        persist,
+        vec![Persist::Retired(haven_cluster::RetiredRecord {
+            pending_nodes: vec!["ps-a".into()],
+            ..retired.clone()
+        })]
+    );
+    // Confirmed by every node; kept while the name is enrolled (its epochs continue).
+    let (_, persist) = done(&mut c, "ps-a");
+    assert_eq!(
+        persist,
+        vec![Persist::Retired(haven_cluster::RetiredRecord {
+            pending_nodes: vec![],
+            ..retired
+        })]
+    );
+    assert_eq!(told(&mut c, "mt-a"), vec![]);
+    let (_, persist) = done(&mut c, "ps-a");
+    assert_eq!(persist, vec![], "a repeated confirmation changes nothing");
+}
+
+#[test]
+fn forgetting_a_never_protected_machine_leaves_nothing_behind() {
+    let mut c = Cluster::standard();
+    let persist = done_with(
+        c.admin(
+            SEC,
+            AdminCommand::Forget {
+                machine: "web".into(),
+                delete_replica: true,
+            },
+        ),
+        "web forgotten; it had no replica; the name can be enrolled again by a new agent",
+    );
+    assert_eq!(persist, vec![Persist::DeleteMachine("web".into())]);
+    refused_with(
+        c.admin(
+            SEC,
+            AdminCommand::Forget {
+                machine: "web".into(),
+                delete_replica: true,
+            },
+        ),
+        "no machine named \"web\"",
+    );
+}
+
+#[test]
+fn two_agent_processes_reporting_at_once_block_the_machine_until_one_stops() {
+    let mut c = protected_web();
+    let report = |c: &mut Cluster, at: Duration, instance: u64, host: &str| {
+        let r = AgentReport {
+            machine: "web".into(),
+            hostname: host.into(),
+            disks: web_disks(),
+            stats: stats(1, 10, 10),
+            report_seq: at.as_micros() as u64,
+            instance,
+            ..Default::default()
+        };
+        c.core.handle_agent_poll(c.t0 + at, &agent_id("web"), r)
+    };
+    // A restart: the old process stops, the new one starts. No conflict.
+    report(&mut c, SEC, 1, "web-host");
+    report(&mut c, 2 * SEC, 1, "web-host");
+    report(&mut c, 3 * SEC, 2, "web-host");
+    report(&mut c, 4 * SEC, 2, "web-host");
+    let v = c.machine(4 * SEC, "web");
+    assert_eq!(
+        (v.state.as_str(), v.blocked_reason, v.degraded_reason),
+        ("replicating", None, None)
+    );
+    // A clone of the whole data dir reports alongside: blocked, and wait-sync is told so.
+    report(&mut c, 5 * SEC, 3, "clone-host");
+    report(&mut c, 5 * SEC + Duration::from_millis(500), 2, "web-host");
+    let v = c.machine(6 * SEC, "web");
+    let why =
+        "two agents report as web (on hosts web-host and clone-host): a cloned machine must be \
+               given its own --name and --data-dir; stop the clone's agent";
+    assert_eq!(
+        (
+            v.state.as_str(),
+            v.blocked_reason.as_deref(),
+            v.degraded_reason.as_deref()
+        ),
+        ("degraded", Some(why), Some(why))
+    );
+    let id = c.request_sync(6 * SEC, "web");
+    match c.admin(
+        6 * SEC,
+        AdminCommand::SyncState {
+            machine: "web".into(),
+            id,
+        },
+    ) {
+        (Response::Admin(AdminReply::SyncState { done, blocked, .. }), _) => {
+            assert_eq!((done, blocked.as_deref()), (false, Some(why)))
+        }
+        other => panic!("{other:?}"),
+    }
+    // The clone stops; past the failure timeout the machine is itself again.
+    c.all_nodes_poll(6 * SEC + DEAD);
+    report(&mut c, 6 * SEC + DEAD, 2, "web-host");
+    let v = c.machine(6 * SEC + DEAD, "web");
+    assert_eq!((v.state.as_str(), v.blocked_reason), ("replicating", None));
+}
+
+#[test]
+fn a_blocked_disk_degrades_the_machine_and_its_rpo_grows_from_the_block() {
+    let mut c = protected_web();
+    let why = "disk data shrank from 96 MiB to 64 MiB: ...";
+    let blocked = AgentStats {
+        blocked: vec![crate::proto::DiskBlock {
+            disk: "data".into(),
+            reason: why.into(),
+            since_ms: NOW_MS - 7000,
+        }],
+        oldest_unapplied_ms: NOW_MS - 7000,
+        ..stats(1, 10, 10)
+    };
+    c.agent_poll(SEC, "web", blocked, None);
+    let v = c.machine(SEC, "web");
+    assert_eq!(
+        (v.state.as_str(), v.blocked_reason.as_deref(), v.rpo_seconds),
+        ("degraded", Some(why), Some(7.0)),
+        "captured = applied, yet the replica is stale since the block"
+    );
+    assert_eq!(v.blocked_disks.len(), 1);
+    c.agent_poll(2 * SEC, "web", stats(1, 10, 10), None);
+    let v = c.machine(2 * SEC, "web");
+    assert_eq!(
+        (v.state.as_str(), v.rpo_seconds),
+        ("replicating", Some(0.0))
+    );
+}
+
+#[test]
+fn a_grown_disk_updates_the_inventory_and_the_assignments_with_an_event() {
+    let mut c = protected_web();
+    let v0 = c.core.version();
+    let mut disks = web_disks();
+    disks[1].size_bytes = 6 << 30;
+    let report = AgentReport {
+        machine: "web".into(),
+        hostname: "web-host".into(),
+        disks: disks.clone(),
+        stats: stats(1, 10, 10),
+        report_seq: 1,
+        ..Default::default()
+    };
+    let (_, persist) = agent_reply(
+        c.core
+            .handle_agent_poll(c.t0 + SEC, &agent_id("web"), report),
+    );
     assert_eq!(
         persist,
         vec![Persist::Machine(MachineRecord {
@@ -559,18 +1004,75 @@ fn reenrolling_with_changed_disks_or_hostname_persists_the_update_and_keeps_the_
             ..placed("web", "ps-a", "mt-a")
         })]
     );
-
-    let (_, persist) = c
-        .core
-        .handle_join(&agent_join("web", "web2", disks.clone()))
-        .expect("join");
+    assert!(c.core.version() > v0, "nodes hear of the new geometry");
+    let events = match c.admin(SEC, AdminCommand::Events) {
+        (Response::Admin(AdminReply::Events(e)), _) => e,
+        other => panic!("{other:?}"),
+    };
+    let e = events.last().expect("an event");
     assert_eq!(
-        persist,
-        vec![Persist::Machine(MachineRecord {
-            hostname: "web2".into(),
-            disks,
-            ..placed("web", "ps-a", "mt-a")
-        })]
+        (e.kind.as_str(), e.reason.as_str()),
+        (
+            "disk-resize",
+            "disk data grew from 4294967296 to 6442450944 bytes; the replica follows in the stream"
+        )
+    );
+    // A changed disk set on a protected machine is not taken (the agent refuses it).
+    let report = AgentReport {
+        machine: "web".into(),
+        hostname: "web-host".into(),
+        disks: vec![disk("other", 1)],
+        stats: stats(1, 10, 10),
+        report_seq: 2,
+        ..Default::default()
+    };
+    let (_, persist) = agent_reply(
+        c.core
+            .handle_agent_poll(c.t0 + SEC, &agent_id("web"), report),
+    );
+    assert_eq!(persist, vec![]);
+}
+
+#[test]
+fn resync_is_recorded_for_the_agent_to_carry_out() {
+    let mut c = protected_web();
+    refused_with(
+        c.admin(
+            SEC,
+            AdminCommand::Resync {
+                machine: "web".into(),
+                disk: "nope".into(),
+            },
+        ),
+        "web has no disk \"nope\" (its disks: root, data)",
+    );
+    let persist = done_with(
+        c.admin(
+            SEC,
+            AdminCommand::Resync {
+                machine: "web".into(),
+                disk: "data".into(),
+            },
+        ),
+        "resync of web disk data requested: its agent adopts the disk as it is now (size and \
+         identity) and sends every block that differs from the replica",
+    );
+    let mut expected = placed("web", "ps-a", "mt-a");
+    expected.resync.insert("data".into(), 1);
+    assert_eq!(persist, vec![Persist::Machine(expected)]);
+    let (reply, _) = agent_reply(c.agent_poll(2 * SEC, "web", stats(1, 0, 0), None));
+    assert_eq!(reply.resync.get("data"), Some(&1));
+    c.admin(
+        SEC,
+        AdminCommand::Resync {
+            machine: "web".into(),
+            disk: "root".into(),
+        },
+    );
+    let (reply, _) = agent_reply(c.agent_poll(3 * SEC, "web", stats(1, 0, 0), None));
+    assert_eq!(
+        reply.resync.into_iter().collect::<Vec<_>>(),
+        vec![("data".into(), 1), ("root".into(), 2)]
     );
 }
 
@@ -613,14 +1115,14 @@ fn an_agent_may_only_report_for_its_own_machine() {
 }
 
 #[test]
-fn an_unknown_agent_is_enrolled_from_its_poll() {
+fn an_unknown_agent_is_refused_not_enrolled_from_its_poll() {
     let mut c = Cluster::new(vec![], vec![]);
-    let (reply, persist) = agent_reply(c.agent_poll(Duration::ZERO, "web", stats(0, 0, 0), None));
-    assert_eq!(persist, vec![Persist::Machine(discovered("web"))]);
-    assert_eq!(reply_tuple(&reply), (false, 0, Generation(0), None, None));
-    // Known from now on: the next poll persists nothing.
-    let (_, persist) = agent_reply(c.agent_poll(SEC, "web", stats(0, 0, 0), None));
-    assert_eq!(persist, vec![]);
+    refused_with(
+        c.agent_poll(Duration::ZERO, "web", stats(0, 0, 0), None),
+        "machine web is not enrolled in this cluster (it was forgotten with `haven ctl forget`?); \
+         enrol it again from a fresh --data-dir",
+    );
+    assert!(c.machines(SEC).is_empty());
 }
 
 #[test]
@@ -827,6 +1329,7 @@ fn protect_refuses_an_unknown_machine() {
     c.all_nodes_poll(Duration::ZERO);
     let o = c.core.handle_admin(
         c.t0,
+        NOW_MS,
         ADMIN_SECRET,
         AdminCommand::Protect {
             machine: "zzz".into(),
@@ -845,6 +1348,7 @@ fn protect_needs_a_live_process_server_and_master_target() {
     let protect = |c: &mut Cluster, at: Duration| {
         c.core.handle_admin(
             c.t0 + at,
+            NOW_MS,
             ADMIN_SECRET,
             AdminCommand::Protect {
                 machine: "web".into(),
@@ -898,6 +1402,7 @@ fn protecting_twice_is_a_no_op() {
     c.protect(Duration::ZERO, "web", KEY);
     let o = c.core.handle_admin(
         c.t0 + SEC,
+        NOW_MS,
         ADMIN_SECRET,
         AdminCommand::Protect {
             machine: "web".into(),
@@ -1001,13 +1506,15 @@ fn admin_commands_need_the_admin_secret() {
     };
     for secret in [
         "",
-        JOIN_SECRET,
+        AGENT_SECRET,
+        NODE_SECRET,
         "admin-secret-0123456788",
         "admin-secret-01234567890",
     ] {
         for cmd in commands() {
             refused_with(
-                c.core.handle_admin(c.t0, secret, cmd, key_never_issued),
+                c.core
+                    .handle_admin(c.t0, NOW_MS, secret, cmd, key_never_issued),
                 "invalid admin token",
             );
         }
@@ -1175,16 +1682,18 @@ fn a_discovered_machine_view() {
             "captured_seq": 3,
             "cached_seq": 3,
             "applied_seq": 1,
-            "rpo_seconds": 0.0,
+            "rpo_seconds": null,
             "raw_bytes_sent": 0,
             "wire_bytes_sent": 0,
             "throughput_bytes_per_sec": 0,
             "retained_bytes": 0,
-            "disks": [{"name": "root", "size_bytes": 1u64 << 30}, {"name": "data", "size_bytes": 4u64 << 30}],
+            "disks": [{"name": "root", "size_bytes": 1u64 << 30, "path": "", "id": ""}, {"name": "data", "size_bytes": 4u64 << 30, "path": "", "id": ""}],
             "agent_last_seen_ms_ago": 1500,
             "stream_restarts": 0,
             "batches_refused": 0,
             "cache_bytes": 0,
+            "blocked_reason": null,
+            "blocked_disks": [],
         })
     );
 }
@@ -1208,6 +1717,7 @@ fn initial_sync_then_replicating_with_counters_from_agent_and_nodes() {
         degraded_reason: None,
         scans: 3,
         stream_restarts: 2,
+        blocked: vec![],
     };
     c.agent_poll(SEC, "web", agent_stats.clone(), None);
     let ps_says = NodeMachineReport {
@@ -1224,7 +1734,7 @@ fn initial_sync_then_replicating_with_counters_from_agent_and_nodes() {
     c.node_poll(SEC, "mt-a", vec![mt_says]);
     c.node_poll(SEC, "ps-b", vec![]);
 
-    let expected = |state: &str, percent: Option<f64>| {
+    let expected = |state: &str, percent: Option<f64>, rpo: Option<f64>| {
         json!({
             "name": "web",
             "hostname": "web-host",
@@ -1238,21 +1748,23 @@ fn initial_sync_then_replicating_with_counters_from_agent_and_nodes() {
             "captured_seq": 100,
             "cached_seq": 95,
             "applied_seq": 100,
-            "rpo_seconds": 0.0,
+            "rpo_seconds": rpo,
             "raw_bytes_sent": 1000,
             "wire_bytes_sent": 600,
             "throughput_bytes_per_sec": 500,
             "retained_bytes": 300,
-            "disks": [{"name": "root", "size_bytes": 1u64 << 30}, {"name": "data", "size_bytes": 4u64 << 30}],
+            "disks": [{"name": "root", "size_bytes": 1u64 << 30, "path": "", "id": ""}, {"name": "data", "size_bytes": 4u64 << 30, "path": "", "id": ""}],
             "agent_last_seen_ms_ago": 2000,
             "stream_restarts": 3,
             "batches_refused": 4,
             "cache_bytes": 0,
+            "blocked_reason": null,
+            "blocked_disks": [],
         })
     };
     assert_eq!(
         serde_json::to_value(c.machine(3 * SEC, "web")).unwrap(),
-        expected("initial-sync", Some(42.5))
+        expected("initial-sync", Some(42.5), None)
     );
 
     c.agent_poll(
@@ -1266,19 +1778,15 @@ fn initial_sync_then_replicating_with_counters_from_agent_and_nodes() {
     );
     assert_eq!(
         serde_json::to_value(c.machine(3 * SEC, "web")).unwrap(),
-        expected("replicating", None)
+        expected("replicating", None, Some(0.0))
     );
 }
 
 #[test]
 fn rpo_is_the_age_of_the_oldest_unapplied_write_while_behind() {
     let mut c = protected_web();
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
     let behind = AgentStats {
-        oldest_unapplied_ms: now_ms - 3000,
+        oldest_unapplied_ms: NOW_MS - 3000,
         ..stats(1, 50, 40)
     };
     c.agent_poll(SEC, "web", behind.clone(), None);
@@ -1287,28 +1795,46 @@ fn rpo_is_the_age_of_the_oldest_unapplied_write_while_behind() {
         (view.state.as_str(), view.captured_seq, view.applied_seq),
         ("replicating", 50, 40)
     );
-    // rpo_seconds is read from the wall clock, so only a range can be asserted.
-    assert!(
-        view.rpo_seconds >= 3.0 && view.rpo_seconds < 60.0,
-        "rpo {}",
-        view.rpo_seconds
-    );
+    assert_eq!(view.rpo_seconds, Some(3.0));
 
     // Once the master target has applied everything captured, the rpo is 0.
     c.node_poll(SEC, "mt-a", vec![mt_report("web", 50)]);
-    assert_eq!(c.machine(SEC, "web").rpo_seconds, 0.0);
+    assert_eq!(c.machine(SEC, "web").rpo_seconds, Some(0.0));
 
-    // An unprotected machine has no rpo.
+    // An unprotected machine has no rpo (nothing is recoverable from it).
     c.agent_poll(SEC, "web", behind, None);
     c.node_poll(SEC, "mt-a", vec![]);
-    assert!(c.machine(SEC, "web").rpo_seconds > 0.0);
+    assert_eq!(c.machine(SEC, "web").rpo_seconds, Some(3.0));
     c.admin(
         SEC,
         AdminCommand::Unprotect {
             machine: "web".into(),
         },
     );
-    assert_eq!(c.machine(SEC, "web").rpo_seconds, 0.0);
+    assert_eq!(c.machine(SEC, "web").rpo_seconds, None);
+}
+
+#[test]
+fn rpo_is_unknown_during_the_initial_sync_and_while_the_agent_is_silent() {
+    let mut c = protected_web();
+    let syncing = AgentStats {
+        initial_sync_percent: Some(9.0),
+        ..stats(1, 50, 50)
+    };
+    c.agent_poll(SEC, "web", syncing, None);
+    let view = c.machine(SEC, "web");
+    assert_eq!(
+        (view.state.as_str(), view.rpo_seconds),
+        ("initial-sync", None)
+    );
+    c.agent_poll(SEC, "web", stats(1, 50, 50), None);
+    assert_eq!(c.machine(SEC, "web").rpo_seconds, Some(0.0));
+    // The agent of another epoch (it has not picked up the protection) says nothing of it.
+    c.agent_poll(2 * SEC, "web", stats(0, 50, 50), None);
+    assert_eq!(c.machine(2 * SEC, "web").rpo_seconds, None);
+    c.agent_poll(3 * SEC, "web", stats(1, 50, 50), None);
+    assert_eq!(c.machine(3 * SEC, "web").rpo_seconds, Some(0.0));
+    assert_eq!(c.machine(3 * SEC + DEAD, "web").rpo_seconds, None);
 }
 
 /// (state, degraded_reason) of `web` at `at`.
@@ -1538,13 +2064,19 @@ fn barrier_ids_are_not_reused_after_a_restart() {
     let mut before = protected_web();
     let old_id = before.request_sync(SEC, "web");
     let records = vec![placed("web", "ps-a", "mt-a")];
-    let mut after = Cluster::new(
-        vec![
-            node_record("ps-a", &[ROLE_PROCESS], 10),
-            node_record("mt-a", &[ROLE_MASTER_TARGET], 10),
-        ],
-        records,
-    );
+    // A restarted configuration node is seeded afresh from the operating system.
+    let mut after = Cluster {
+        core: ConfigCore::with_seed(
+            meta(),
+            vec![
+                node_record("ps-a", &[ROLE_PROCESS], 10),
+                node_record("mt-a", &[ROLE_MASTER_TARGET], 10),
+            ],
+            records,
+            2,
+        ),
+        t0: Instant::now(),
+    };
     let new_id = after.request_sync(SEC, "web");
     assert_ne!(new_id, old_id);
 }

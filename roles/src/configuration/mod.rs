@@ -12,11 +12,12 @@ use actix::prelude::*;
 use haven_actors::{ChildGuard, Shutdown};
 use haven_cluster::{store::Store, ClusterMeta};
 use haven_transport::{
-    identity::{CertificateAuthority, PeerIdentity},
+    identity::{CertificateAuthority, PeerIdentity, Token, TokenKind},
     seal::DataKey,
 };
 
 use self::core::{ConfigCore, Persist};
+use crate::fsutil::unix_ms;
 use crate::proto::{AdminCommand, JoinReply, Request, Response};
 
 pub type ConfigSlot = Slot<Addr<ConfigActor>>;
@@ -65,8 +66,12 @@ impl ConfigActor {
             .ok_or("cluster state has no identity; was the data dir bootstrapped?")?;
         let nodes = store.nodes().map_err(|e| e.to_string())?;
         let machines = store.machines().map_err(|e| e.to_string())?;
-        tracing::info!(nodes = nodes.len(), machines = machines.len(), cluster = %meta.cluster_id, "configuration state loaded");
-        let core = ConfigCore::new(meta, nodes, machines)
+        let tokens = store.tokens().map_err(|e| e.to_string())?;
+        let retired = store.retired().map_err(|e| e.to_string())?;
+        tracing::info!(nodes = nodes.len(), machines = machines.len(), tokens = tokens.len(), cluster = %meta.cluster_id, "configuration state loaded");
+        let core = ConfigCore::with_seed(meta, nodes, machines, rand::random())
+            .with_tokens(tokens)
+            .with_retired(retired)
             .with_failure_timeout(failure_timeout)
             .with_policy(policy);
         Ok(ConfigParts { core, store, ca })
@@ -77,6 +82,10 @@ impl ConfigActor {
             match r {
                 Persist::Node(n) => self.store.put_node(&n),
                 Persist::Machine(m) => self.store.put_machine(&m),
+                Persist::DeleteMachine(m) => self.store.delete_machine(&m),
+                Persist::Token(t) => self.store.put_token(&t),
+                Persist::Retired(r) => self.store.put_retired(&r),
+                Persist::DeleteRetired(m) => self.store.delete_retired(&m),
             }
             .map_err(|e| format!("state store write failed: {e}"))?;
         }
@@ -130,7 +139,7 @@ impl Handler<HandleRequest> for ConfigActor {
         let now = Instant::now();
         let refused = |reason: String| Response::Refused { reason };
         let (response, persist) = match (msg.request, &msg.who) {
-            (Request::Join(req), _) => match self.core.handle_join(&req) {
+            (Request::Join(req), _) => match self.core.handle_join(unix_ms(), &req) {
                 Err(reason) => {
                     tracing::warn!(%reason, "join refused");
                     (refused(reason), vec![])
@@ -162,9 +171,11 @@ impl Handler<HandleRequest> for ConfigActor {
                         | AdminCommand::Events
                         | AdminCommand::SyncState { .. }
                 );
-                let (r, p) = self.core.handle_admin(now, &secret, command, || {
-                    DataKey::generate().as_bytes().to_vec()
-                });
+                let (r, p) = self
+                    .core
+                    .handle_admin(now, unix_ms(), &secret, command, || {
+                        DataKey::generate().as_bytes().to_vec()
+                    });
                 if let Response::Refused { reason } = &r {
                     tracing::warn!(%reason, "admin request refused");
                 } else if wakes_agents {
@@ -184,6 +195,7 @@ impl Handler<HandleRequest> for ConfigActor {
                 refused("data streams go to process servers and master targets".into()),
                 vec![],
             ),
+            (Request::Probe, _) => (refused("probes go to agents".into()), vec![]),
         };
         if let Err(e) = self.persist(persist) {
             // Answer nothing we could not make durable.
@@ -194,16 +206,34 @@ impl Handler<HandleRequest> for ConfigActor {
     }
 }
 
+/// How long the node token written at bootstrap enrols server nodes (kubeadm's bootstrap
+/// tokens last as long). After that, `haven ctl token create --kind node` makes another.
+pub const BOOTSTRAP_NODE_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// The files bootstrap writes in the configuration node's data dir.
+pub const AGENT_TOKEN_FILE: &str = "agent-token";
+pub const NODE_TOKEN_FILE: &str = "node-token";
+pub const ADMIN_TOKEN_FILE: &str = "admin-token";
+
 /// Creates a cluster in `data_dir`: CA, identity and secrets. Idempotent: an existing cluster
-/// is loaded, not replaced.
+/// is loaded, not replaced. Writes the token files: `admin-token` every time (its secret is
+/// the cluster's), `agent-token` (no expiry) and `node-token` (24 h) when they are missing,
+/// each a fresh token recorded by its digest only. So deleting `node-token` and restarting is
+/// how a lost node token is replaced; the old one stays valid until it expires or is revoked.
 pub fn bootstrap(
     data_dir: &Path,
     this_node: &haven_cluster::NodeRecord,
 ) -> Result<(Arc<CertificateAuthority>, ClusterMeta), String> {
     let dir = data_dir.join("config");
-    std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    crate::fsutil::create_private_dir(&dir)
+        .map_err(|e| format!("create {}: {e}", dir.display()))?;
     let (ca_path, key_path) = (dir.join("ca.der"), dir.join("ca-key.der"));
-    let store = Store::open(&dir.join("state.redb")).map_err(|e| e.to_string())?;
+    // It holds every machine's data key: owner-only from creation.
+    let state_path = dir.join("state.redb");
+    crate::fsutil::precreate_private(&state_path)
+        .map_err(|e| format!("create {}: {e}", state_path.display()))?;
+    restrict(&state_path);
+    let store = Store::open(&state_path).map_err(|e| e.to_string())?;
     let mut this_node = this_node.clone();
     if let Some(old) = store
         .nodes()
@@ -214,25 +244,64 @@ pub fn bootstrap(
         this_node.drained = old.drained;
     }
     store.put_node(&this_node).map_err(|e| e.to_string())?;
-    if let Some(meta) = store.meta().map_err(|e| e.to_string())? {
-        let cert =
-            std::fs::read(&ca_path).map_err(|e| format!("read {}: {e}", ca_path.display()))?;
-        let key =
-            std::fs::read(&key_path).map_err(|e| format!("read {}: {e}", key_path.display()))?;
-        let ca = CertificateAuthority::load(&cert, &key).map_err(|e| e.to_string())?;
-        return Ok((Arc::new(ca), meta));
-    }
-    let cluster_id = hex::encode(rand::random::<[u8; 6]>());
-    let ca = CertificateAuthority::generate(&cluster_id).map_err(|e| e.to_string())?;
-    crate::fsutil::write_atomic(&key_path, &ca.key_pkcs8()).map_err(|e| e.to_string())?;
-    restrict(&key_path);
-    crate::fsutil::write_atomic(&ca_path, &ca.cert_der).map_err(|e| e.to_string())?;
-    let meta = ClusterMeta {
-        cluster_id,
-        join_secret: hex::encode(rand::random::<[u8; 24]>()),
-        admin_secret: hex::encode(rand::random::<[u8; 24]>()),
+    let (ca, meta) = match store.meta().map_err(|e| e.to_string())? {
+        Some(meta) => {
+            let cert =
+                std::fs::read(&ca_path).map_err(|e| format!("read {}: {e}", ca_path.display()))?;
+            let key = std::fs::read(&key_path)
+                .map_err(|e| format!("read {}: {e}", key_path.display()))?;
+            let ca = CertificateAuthority::load(&cert, &key).map_err(|e| e.to_string())?;
+            (ca, meta)
+        }
+        None => {
+            let cluster_id = hex::encode(rand::random::<[u8; 6]>());
+            let ca = CertificateAuthority::generate(&cluster_id).map_err(|e| e.to_string())?;
+            crate::fsutil::write_private(&key_path, &ca.key_pkcs8()).map_err(|e| e.to_string())?;
+            crate::fsutil::write_atomic(&ca_path, &ca.cert_der).map_err(|e| e.to_string())?;
+            let meta = ClusterMeta {
+                cluster_id,
+                admin_secret: hex::encode(rand::random::<[u8; 24]>()),
+            };
+            store.put_meta(&meta).map_err(|e| e.to_string())?;
+            (ca, meta)
+        }
     };
-    store.put_meta(&meta).map_err(|e| e.to_string())?;
+    let fp = ca.fingerprint();
+    let write_token = |kind: TokenKind, secret: &str, file: &str| -> Result<(), String> {
+        let token = Token {
+            kind,
+            cluster_id: meta.cluster_id.clone(),
+            ca_fingerprint: fp.clone(),
+            secret: secret.to_string(),
+        };
+        let path = data_dir.join(file);
+        crate::fsutil::write_private(&path, format!("{}\n", token.encode()).as_bytes())
+            .map_err(|e| format!("write {}: {e}", path.display()))
+    };
+    write_token(TokenKind::Admin, &meta.admin_secret, ADMIN_TOKEN_FILE)?;
+    for (kind, file, ttl) in [
+        (TokenKind::Agent, AGENT_TOKEN_FILE, None),
+        (
+            TokenKind::Node,
+            NODE_TOKEN_FILE,
+            Some(BOOTSTRAP_NODE_TOKEN_TTL),
+        ),
+    ] {
+        if data_dir.join(file).exists() {
+            continue;
+        }
+        let secret = hex::encode(rand::random::<[u8; 24]>());
+        let ttl_ms = ttl.map(|t| t.as_millis() as u64);
+        let record = core::enrolment::new_token(
+            kind,
+            &secret,
+            unix_ms(),
+            ttl_ms,
+            &format!("bootstrap {file}"),
+        );
+        store.put_token(&record).map_err(|e| e.to_string())?;
+        write_token(kind, &secret, file)?;
+    }
     Ok((Arc::new(ca), meta))
 }
 

@@ -745,10 +745,16 @@ fn six_on_a_then_b_joins(policy: RebalancePolicy) -> Cluster {
     assert_eq!(c.all_poll_tick(Duration::ZERO), vec![]);
     let (id, persist) = c
         .core
-        .handle_join(&node_join("ps-b", &[ROLE_PROCESS], 10))
+        .handle_join(NOW_MS, &node_join("ps-b", &[ROLE_PROCESS], 10))
         .expect("join");
     assert_eq!(id, node_id("ps-b", &[ROLE_PROCESS]));
-    assert_eq!(persist, vec![Persist::Node(process("ps-b", 10))]);
+    assert_eq!(
+        persist,
+        vec![
+            Persist::Node(process("ps-b", 10)),
+            token_used(NODE_SECRET, 1)
+        ]
+    );
     c.node_poll(2 * SEC, "ps-b", vec![]);
     c
 }

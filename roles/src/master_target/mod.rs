@@ -48,6 +48,9 @@ pub struct MtMachine {
     pub bytes_applied: AtomicU64,
     /// Epoch of the open replica.
     pub epoch: AtomicU64,
+    /// Why a batch was refused, and the applied seq then: reported until a later batch is
+    /// applied (the stream converges again).
+    pub refusal: Mutex<Option<(String, u64)>>,
 }
 
 impl MtMachine {
@@ -89,9 +92,51 @@ impl MasterState {
                 raw_bytes: e.bytes_applied.load(Ordering::Relaxed),
                 batches_refused: e.refused.load(Ordering::Relaxed),
                 epoch: e.epoch.load(Ordering::Relaxed) as u32,
+                refusal: e
+                    .refusal
+                    .lock()
+                    .ok()
+                    .and_then(|r| r.as_ref().map(|(why, _)| why.clone())),
                 ..Default::default()
             })
             .collect()
+    }
+
+    /// A forgotten machine (`ctl forget`): its replica is moved aside to
+    /// `replicas/<machine>@<epoch>` (a name no machine can have), or deleted. A replica of a
+    /// later epoch belongs to a machine enrolled since and is left alone.
+    pub fn retire(
+        &self,
+        machine: &str,
+        epoch: haven_cluster::Epoch,
+        delete: bool,
+    ) -> Result<(), String> {
+        self.machines.remove(machine);
+        let dir = self.dir.join(machine);
+        if !dir.exists() {
+            return Ok(());
+        }
+        let state = replica::stored_epoch(&dir).map_err(|e| e.to_string())?;
+        if state.is_some_and(|e| e > epoch.0) {
+            return Ok(());
+        }
+        if delete {
+            std::fs::remove_dir_all(&dir).map_err(|e| format!("delete {}: {e}", dir.display()))?;
+            tracing::info!(%machine, "forgotten machine: replica deleted");
+            return Ok(());
+        }
+        let mut aside = self.dir.join(format!("{machine}@{}", epoch.0));
+        if aside.exists() {
+            aside = self.dir.join(format!(
+                "{machine}@{}-{}",
+                epoch.0,
+                crate::fsutil::unix_ms()
+            ));
+        }
+        std::fs::rename(&dir, &aside)
+            .map_err(|e| format!("move {} to {}: {e}", dir.display(), aside.display()))?;
+        tracing::info!(%machine, kept = %aside.display(), "forgotten machine: replica moved aside");
+        Ok(())
     }
 }
 
@@ -136,6 +181,9 @@ pub async fn apply_stream(
     if let Err(e) = &result {
         if e.starts_with("refused") {
             m.refused.fetch_add(1, Ordering::Relaxed);
+            if let Ok(mut r) = m.refusal.lock() {
+                *r = Some((e.clone(), m.applied.load(Ordering::SeqCst)));
+            }
             tracing::error!(machine = %open.machine, "batch {e}; nothing from it was applied");
             send.reset(1u32.into()).ok();
         }
@@ -346,6 +394,12 @@ async fn apply_in_order(
         .map_err(|e| e.to_string())??;
         let (applied, failed) = applied;
         m.applied.fetch_max(applied, Ordering::SeqCst);
+        if let Ok(mut r) = m.refusal.lock() {
+            // Progress past a refusal: the stream converges again.
+            if r.as_ref().is_some_and(|(_, at)| applied > *at) {
+                *r = None;
+            }
+        }
         frame::send_msg(
             send,
             &Applied {

@@ -7,6 +7,12 @@
 //! crash half-way through a batch is rolled back on open: the images are then exactly the
 //! state at the cursor, never a torn batch. Re-applying a batch after a crash is harmless: a
 //! seq always carries the same bytes.
+//!
+//! A disk's size travels in the stream (`BatchBody::disk_sizes`): a batch that grows a disk
+//! extends its image (sparse) before its records are applied; one that shrinks it (an
+//! operator's `resync` of a shrunk disk) logs the cut-off tail in the undo log first. The
+//! committed sizes are part of the cursor, and opening a replica sets every image to them, so
+//! an uncommitted resize is undone like an uncommitted write.
 use std::{
     fs::{File, OpenOptions},
     os::unix::fs::FileExt,
@@ -42,6 +48,13 @@ struct ReplicaState {
     /// Highest assignment generation that has delivered a batch: older ones are fenced.
     #[serde(default)]
     generation: u64,
+    /// Committed size of every disk, by index. Absent in cursors of older versions: the
+    /// images' lengths then.
+    #[serde(default)]
+    sizes: Option<Vec<u64>>,
+    /// The disks' names, by index (so recovery can find each image's committed size).
+    #[serde(default)]
+    names: Option<Vec<String>>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -58,6 +71,7 @@ pub struct Replica {
     /// Applied in memory but not yet fsynced and recorded.
     pending_seq: u64,
     pending_generation: u64,
+    pending_sizes: Vec<u64>,
     dirty: Vec<bool>,
     undo: UndoLog,
     /// A failed write could not be rolled back: refuse everything until reopened.
@@ -98,8 +112,16 @@ impl Replica {
         if let Some(s) = stored.as_ref().filter(|_| !reset) {
             roll_back_logged(&dir, machine, s)?;
         }
+        // An existing replica keeps the sizes its stream gave it (an assignment may lag a
+        // disk that grew); a new one starts at the inventory's.
+        let kept = stored
+            .as_ref()
+            .filter(|_| !reset)
+            .and_then(|s| s.sizes.clone())
+            .filter(|sizes| sizes.len() == disks.len());
         let mut files = Vec::with_capacity(disks.len());
-        for d in disks {
+        let mut sizes = Vec::with_capacity(disks.len());
+        for (i, d) in disks.iter().enumerate() {
             let path = Self::image_path(replicas_dir, machine, &d.name);
             let f = OpenOptions::new()
                 .read(true)
@@ -112,19 +134,32 @@ impl Replica {
                 f.set_len(0).map_err(|e| io("truncate", &path, e))?;
             }
             let len = f.metadata().map_err(|e| io("stat", &path, e))?.len();
-            if len != d.size_bytes {
-                f.set_len(d.size_bytes)
-                    .map_err(|e| io("resize", &path, e))?;
+            let size = match (&kept, reset) {
+                (Some(k), _) => k[i],
+                // A cursor of an older version: its images were kept at the disk's size.
+                (None, false) if stored.is_some() && len > 0 => len,
+                _ => d.size_bytes,
+            };
+            if len != size {
+                f.set_len(size).map_err(|e| io("resize", &path, e))?;
             }
+            sizes.push(size);
             files.push((d.clone(), f));
         }
+        let names = Some(disks.iter().map(|d| d.name.clone()).collect());
         let state = match stored {
-            Some(s) if !reset => s,
+            Some(s) if !reset => ReplicaState {
+                sizes: Some(sizes.clone()),
+                names,
+                ..s
+            },
             _ => ReplicaState {
                 version: 1,
                 epoch,
                 applied_seq: 0,
                 generation: 0,
+                sizes: Some(sizes.clone()),
+                names,
             },
         };
         let undo = UndoLog::open_empty(&dir).map_err(|e| io("open undo log in", &dir, e))?;
@@ -136,6 +171,7 @@ impl Replica {
             disks: files,
             pending_seq: state.applied_seq,
             pending_generation: state.generation,
+            pending_sizes: sizes,
             state,
         };
         if reset {
@@ -151,6 +187,11 @@ impl Replica {
 
     pub fn epoch(&self) -> u32 {
         self.state.epoch
+    }
+
+    /// Size of each disk's image, including resizes not yet committed.
+    pub fn sizes(&self) -> &[u64] {
+        &self.pending_sizes
     }
 
     /// Highest generation that has delivered (including not yet committed batches).
@@ -189,9 +230,11 @@ impl Replica {
                 first: first_seq,
             });
         }
-        self.validate(first_seq, last_seq, body)?;
+        let sizes = self.sizes_after(body)?;
+        self.validate(first_seq, last_seq, body, &sizes)?;
+        self.resize(first_seq, &sizes)?;
         self.save_before_images(first_seq, body)?;
-        for r in &body.records {
+        for r in body.records.iter().filter(|r| !r.data.is_empty()) {
             let (d, f) = &self.disks[r.disk as usize];
             let written = f.write_all_at(&r.data, r.offset);
             self.dirty[r.disk as usize] = true;
@@ -208,6 +251,64 @@ impl Replica {
 
     pub fn is_broken(&self) -> bool {
         self.broken
+    }
+
+    /// The disk sizes a batch asks for (its own, or the current ones).
+    fn sizes_after(&self, body: &BatchBody) -> Result<Vec<u64>, ApplyError> {
+        if body.disk_sizes.is_empty() {
+            return Ok(self.pending_sizes.clone());
+        }
+        if body.disk_sizes.len() != self.disks.len() {
+            return Err(ApplyError::Invalid(format!(
+                "batch gives {} disk sizes for {} disks",
+                body.disk_sizes.len(),
+                self.disks.len()
+            )));
+        }
+        Ok(body.disk_sizes.clone())
+    }
+
+    /// Grows (sparse) or shrinks images to `sizes`. A shrink first logs the tail it cuts off,
+    /// so an uncommitted shrink rolls back like a write.
+    fn resize(&mut self, first_seq: u64, sizes: &[u64]) -> Result<(), ApplyError> {
+        const CHUNK: u64 = 1 << 20;
+        let epoch = self.state.epoch;
+        let mut logged = false;
+        for (i, &to) in sizes.iter().enumerate() {
+            let from = self.pending_sizes[i];
+            if to < from {
+                let (d, f) = &self.disks[i];
+                let mut at = to;
+                while at < from {
+                    let n = (from - at).min(CHUNK);
+                    self.undo
+                        .save(epoch, first_seq, &d.name, f, at, n as usize)
+                        .map_err(|e| io("write undo log", self.undo.path(), e))?;
+                    at += n;
+                }
+                logged = true;
+            }
+        }
+        if logged {
+            self.undo
+                .sync()
+                .map_err(|e| io("write undo log", self.undo.path(), e))?;
+        }
+        for (i, &to) in sizes.iter().enumerate() {
+            let from = self.pending_sizes[i];
+            if to == from {
+                continue;
+            }
+            let (d, f) = &self.disks[i];
+            if let Err(e) = f.set_len(to) {
+                let e = ApplyError::Io(format!("resize {}: {e}", d.name));
+                return Err(self.undo_uncommitted(e));
+            }
+            self.dirty[i] = true;
+            self.pending_sizes[i] = to;
+            tracing::info!(disk = %d.name, from, to, "replica image resized by the stream");
+        }
+        Ok(())
     }
 
     fn check_usable(&self) -> Result<(), ApplyError> {
@@ -236,8 +337,10 @@ impl Replica {
     /// A write failed half-way through the uncommitted batches: put the images back to the
     /// durable cursor (the batches are sent again), or refuse everything until reopened.
     fn undo_uncommitted(&mut self, cause: ApplyError) -> ApplyError {
-        match undo::roll_back(&self.dir, self.state.epoch, self.state.applied_seq) {
-            Ok(_) => {
+        let rolled = undo::roll_back(&self.dir, self.state.epoch, self.state.applied_seq)
+            .and_then(|_| self.restore_sizes());
+        match rolled {
+            Ok(()) => {
                 self.undo.forget();
                 self.pending_seq = self.state.applied_seq;
                 self.pending_generation = self.state.generation;
@@ -250,6 +353,20 @@ impl Replica {
         }
     }
 
+    /// Puts every image back to its committed size.
+    fn restore_sizes(&mut self) -> std::io::Result<()> {
+        let committed = self.state.sizes.clone().unwrap_or_default();
+        for (i, (_, f)) in self.disks.iter().enumerate() {
+            if let Some(&size) = committed.get(i) {
+                if self.pending_sizes[i] != size {
+                    f.set_len(size)?;
+                    self.pending_sizes[i] = size;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Debug fault injection (`apply-panic`, `apply-abort`): logs the batch's before-images and
     /// writes the first half of its records, as a crash half-way through would leave them.
     pub(crate) fn write_half_for_fault(
@@ -259,7 +376,8 @@ impl Replica {
         body: &BatchBody,
     ) -> Result<(), ApplyError> {
         self.check_usable()?;
-        self.validate(first_seq, last_seq, body)?;
+        let sizes = self.sizes_after(body)?;
+        self.validate(first_seq, last_seq, body, &sizes)?;
         self.save_before_images(first_seq, body)?;
         for r in body.records.iter().take(body.records.len().div_ceil(2)) {
             let (d, f) = &self.disks[r.disk as usize];
@@ -269,8 +387,15 @@ impl Replica {
         Ok(())
     }
 
-    /// Every record names a disk, fits in it and carries a seq of the batch.
-    fn validate(&self, first_seq: u64, last_seq: u64, body: &BatchBody) -> Result<(), ApplyError> {
+    /// Every record names a disk, fits in it (at the batch's sizes) and carries a seq of the
+    /// batch.
+    fn validate(
+        &self,
+        first_seq: u64,
+        last_seq: u64,
+        body: &BatchBody,
+        sizes: &[u64],
+    ) -> Result<(), ApplyError> {
         for r in &body.records {
             let (d, _) = self.disks.get(r.disk as usize).ok_or_else(|| {
                 ApplyError::Invalid(format!(
@@ -279,14 +404,14 @@ impl Replica {
                     self.disks.len()
                 ))
             })?;
+            let size = sizes[r.disk as usize];
             let end = r.offset.checked_add(r.data.len() as u64);
-            if end.is_none_or(|end| end > d.size_bytes) {
+            if end.is_none_or(|end| end > size) {
                 return Err(ApplyError::Invalid(format!(
-                    "write at {}+{} is beyond disk {} ({} bytes)",
+                    "write at {}+{} is beyond disk {} ({size} bytes)",
                     r.offset,
                     r.data.len(),
                     d.name,
-                    d.size_bytes
                 )));
             }
             if r.seq < first_seq || r.seq > last_seq {
@@ -309,12 +434,15 @@ impl Replica {
             }
         }
         self.dirty.iter_mut().for_each(|d| *d = false);
+        let sizes = Some(self.pending_sizes.clone());
         let changed = self.pending_seq != self.state.applied_seq
-            || self.pending_generation != self.state.generation;
+            || self.pending_generation != self.state.generation
+            || sizes != self.state.sizes;
         if changed || !self.dir.join("state").exists() {
             let next = ReplicaState {
                 applied_seq: self.pending_seq,
                 generation: self.pending_generation,
+                sizes,
                 ..self.state.clone()
             };
             let bytes =
@@ -330,6 +458,11 @@ impl Replica {
             .map_err(|e| io("truncate undo log", self.undo.path(), e))?;
         Ok(self.state.applied_seq)
     }
+}
+
+/// The epoch of the replica in `dir`, if it has a cursor.
+pub fn stored_epoch(dir: &Path) -> Result<Option<u32>, ApplyError> {
+    Ok(read_state(dir)?.map(|s| s.epoch))
 }
 
 fn read_state(dir: &Path) -> Result<Option<ReplicaState>, ApplyError> {
@@ -349,6 +482,20 @@ fn read_state(dir: &Path) -> Result<Option<ReplicaState>, ApplyError> {
 fn roll_back_logged(dir: &Path, machine: &str, s: &ReplicaState) -> Result<(), ApplyError> {
     let n = undo::roll_back(dir, s.epoch, s.applied_seq)
         .map_err(|e| io("roll back the undo log of", dir, e))?;
+    // An uncommitted resize rolls back to the sizes in the cursor.
+    if let (Some(names), Some(sizes)) = (&s.names, &s.sizes) {
+        for (name, &size) in names.iter().zip(sizes) {
+            let path = dir.join(format!("{name}.img"));
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(|e| io("open", &path, e))?;
+            if f.metadata().map_err(|e| io("stat", &path, e))?.len() != size {
+                f.set_len(size).map_err(|e| io("resize", &path, e))?;
+                f.sync_all().map_err(|e| io("fsync", &path, e))?;
+            }
+        }
+    }
     if n > 0 {
         tracing::warn!(
             %machine,
@@ -390,6 +537,7 @@ mod tests {
 
     fn body(seq0: u64, writes: &[(u64, &[u8])]) -> BatchBody {
         BatchBody {
+            disk_sizes: vec![],
             records: writes
                 .iter()
                 .enumerate()
@@ -404,10 +552,7 @@ mod tests {
     }
 
     fn disks() -> Vec<DiskInfo> {
-        vec![DiskInfo {
-            name: "d0".into(),
-            size_bytes: 1 << 16,
-        }]
+        vec![DiskInfo::new("d0", 1 << 16)]
     }
 
     fn image(dir: &Path) -> Vec<u8> {

@@ -74,12 +74,16 @@ static NEXT_STREAM_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU
 
 pub async fn ingest(
     ctx: Arc<NodeContext>,
+    conn: quinn::Connection,
     who: Option<PeerIdentity>,
     open: StreamOpen,
     mut send: SendStream,
     mut recv: RecvStream,
 ) -> Result<(), String> {
-    let admitted = admit(&ctx, who.as_ref(), &open).await;
+    let admitted = match admit(&ctx, who.as_ref(), &open).await {
+        Ok(m) => admit_instance(&m, &open, &conn).await.map(|()| m),
+        Err(e) => Err(e),
+    };
     let m = match admitted {
         Ok(m) => m,
         Err(reason) => {
@@ -233,8 +237,8 @@ async fn admit(
         .process
         .as_ref()
         .ok_or("this node is not a process server")?;
-    match who {
-        Some(PeerIdentity::Agent { machine }) if *machine == open.machine => {}
+    let enrolment = match who {
+        Some(PeerIdentity::Agent { machine, enrolment }) if *machine == open.machine => enrolment,
         Some(other) => {
             return Err(format!(
                 "{} may not send data for machine {}",
@@ -243,7 +247,7 @@ async fn admit(
             ))
         }
         None => return Err("data streams need a cluster certificate".into()),
-    }
+    };
     // The agent may hear of a move before we do: wait briefly for our assignment to catch up.
     let mut assignments = ctx.assignments.subscribe();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -277,6 +281,12 @@ async fn admit(
             open.epoch, a.epoch.0
         ));
     }
+    if a.enrolment != *enrolment {
+        return Err(format!(
+            "this agent's certificate is of an earlier enrolment of {}: it may not stream for the machine enrolled now",
+            open.machine
+        ));
+    }
     let m = {
         let ps = ps.clone();
         tokio::task::spawn_blocking(move || ps.machine(&a))
@@ -298,6 +308,72 @@ async fn admit(
         }
     }
     Ok(m)
+}
+
+/// How long the agent of a live stream has to answer a probe before it is taken for dead.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Admits the stream's agent process unless another one is streaming this machine: a stream
+/// of the same process (a reconnect) takes over; another process only once the live one does
+/// not answer a probe (it died and its connection has not timed out yet). So two agents that
+/// claim one machine (a clone of its data dir) are never both accepted for data.
+async fn admit_instance(
+    m: &Arc<PsMachine>,
+    open: &StreamOpen,
+    conn: &quinn::Connection,
+) -> Result<(), String> {
+    let live = m.live.lock().map_err(|_| "poisoned".to_string())?.clone();
+    if let Some(live) = live.filter(|l| {
+        l.instance != open.instance
+            && open.instance != 0
+            && l.instance != 0
+            && l.conn.close_reason().is_none()
+            && l.conn.stable_id() != conn.stable_id()
+    }) {
+        match probe(&live.conn).await {
+            Ok(instance) if instance == live.instance => {
+                let reason = format!(
+                    "machine {} is already streaming from another agent process (at {}); refused this                      second one (at {}). A cloned machine must be started with its own --name and --data-dir",
+                    open.machine,
+                    live.conn.remote_address(),
+                    conn.remote_address()
+                );
+                tracing::error!(machine = %open.machine, "{reason}");
+                return Err(reason);
+            }
+            Ok(_) | Err(_) => {
+                tracing::info!(machine = %open.machine, old = %live.conn.remote_address(), "the previous agent process does not answer: taking its stream over");
+                live.conn
+                    .close(0u32.into(), b"superseded by a restarted agent");
+            }
+        }
+    }
+    *m.live.lock().map_err(|_| "poisoned".to_string())? = Some(super::LiveAgent {
+        instance: open.instance,
+        conn: conn.clone(),
+    });
+    Ok(())
+}
+
+/// Asks the agent at the other end of `conn` for its instance id.
+async fn probe(conn: &quinn::Connection) -> Result<u64, String> {
+    let ask = async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        frame::send_msg(&mut send, &crate::proto::Request::Probe)
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = send.finish();
+        match frame::expect_msg::<Response>(&mut recv, frame::MAX_CONTROL_FRAME)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            Response::ProbeAck { instance } => Ok(instance),
+            other => Err(format!("unexpected probe reply {other:?}")),
+        }
+    };
+    tokio::time::timeout(PROBE_TIMEOUT, ask)
+        .await
+        .map_err(|_| "no answer".to_string())?
 }
 
 /// Appends sealed batches in order; one fsync per group; publishes the durable cursor.

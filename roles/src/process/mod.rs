@@ -110,8 +110,27 @@ impl ProcessState {
                 batches_refused: 0,
                 restarts: m.ship_restarts.load(Ordering::Relaxed),
                 epoch: m.assignment.borrow().epoch.0,
+                ship_error: m.ship_error.lock().ok().and_then(|e| e.clone()),
+                refusal: None,
             })
             .collect()
+    }
+
+    /// A forgotten machine: its cache goes (it is not assigned here any more, so nothing
+    /// ships from it). The entry stays, as the owner of the cache directory.
+    pub fn retire(&self, machine: &str) -> Result<(), String> {
+        let Some(m) = self.machines.get(machine).map(|m| m.clone()) else {
+            let dir = self.dir.join(machine);
+            return match std::fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(format!("remove {}: {e}", dir.display()))
+                }
+                _ => Ok(()),
+            };
+        };
+        m.reset_cache()?;
+        tracing::info!(%machine, "forgotten machine: its cache is dropped");
+        Ok(())
     }
 
     /// Opens (or reuses) the machine's cache. An epoch change means a new protection: the
@@ -181,6 +200,8 @@ impl ProcessState {
             wire_bytes: AtomicU64::new(0),
             ship_restarts: AtomicU64::new(0),
             draining: std::sync::atomic::AtomicBool::new(false),
+            live: Mutex::new(None),
+            ship_error: Mutex::new(None),
         });
         self.machines.insert(a.machine.clone(), m.clone());
         Ok(m)
@@ -210,6 +231,18 @@ pub struct PsMachine {
     pub ship_restarts: AtomicU64,
     /// No longer assigned here: ship what is cached, then drop the machine.
     pub draining: std::sync::atomic::AtomicBool,
+    /// The agent process whose stream was admitted last, and its connection: a stream of
+    /// another process is admitted only once this one is gone.
+    pub live: Mutex<Option<LiveAgent>>,
+    /// Why the last ship stream ended, until the master target accepts a new one.
+    pub ship_error: Mutex<Option<String>>,
+}
+
+/// The agent process streaming a machine into this process server.
+#[derive(Clone)]
+pub struct LiveAgent {
+    pub instance: u64,
+    pub conn: quinn::Connection,
 }
 
 impl PsMachine {
@@ -258,6 +291,12 @@ impl PsMachine {
         self.cache_bytes.store(0, Ordering::Relaxed);
         self.pending_bytes.store(0, Ordering::Relaxed);
         Ok(true)
+    }
+
+    pub fn set_ship_error(&self, e: Option<String>) {
+        if let Ok(mut slot) = self.ship_error.lock() {
+            *slot = e;
+        }
     }
 
     pub fn record_applied(&self, seq: u64) {

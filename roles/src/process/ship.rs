@@ -79,12 +79,16 @@ pub async fn ship(
                 }
                 return Ok(());
             }
-            Err(StreamEnd::Local(e)) => return Err(e),
+            Err(StreamEnd::Local(e)) => {
+                m.set_ship_error(Some(e.clone()));
+                return Err(e);
+            }
             Err(StreamEnd::Peer(e)) if route(&m) != target => {
                 m.ship_restarts.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(machine = %m.name, "ship stream ended: {e}; the assignment changed, reconnecting now");
             }
             Err(StreamEnd::Peer(e)) => {
+                m.set_ship_error(Some(e.clone()));
                 let restarts = m.ship_restarts.fetch_add(1, Ordering::Relaxed) + 1;
                 let delay = backoff.handle_failure(Instant::now(), rand::random());
                 tracing::warn!(
@@ -160,6 +164,7 @@ async fn ship_once(
         other => return Err(format!("unexpected reply to OpenShip: {other:?}").into()),
     };
     tracing::info!(machine = %a.machine, applied, "shipping to master target {}", a.master_target);
+    m.set_ship_error(None);
     m.record_applied(applied);
     trim(&ps, &m, applied).await.map_err(StreamEnd::Local)?;
 
@@ -317,7 +322,7 @@ fn inject(
                 first_seq,
                 last_seq,
             };
-            let body = codec::encode(&BatchBody { records: vec![] })
+            let body = codec::encode(&BatchBody::default())
                 .map_err(|e| StreamEnd::Local(e.to_string()))?;
             let sealed = seal::seal(&DataKey::generate(), &ctx, &body)
                 .map_err(|e| StreamEnd::Local(e.to_string()))?;
