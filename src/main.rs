@@ -476,13 +476,8 @@ async fn ctl_wait_sync(
         })
         .await;
     let secs = started.elapsed().as_secs_f64();
-    let fail = |code: u8, msg: String, reason: Option<String>| {
-        if json {
-            println!(
-                "{}",
-                serde_json::json!({"machine": machine, "synced": false, "seconds": secs, "error": msg, "reason": reason})
-            );
-        }
+    // As every failing ctl command: nothing on stdout, the error on stderr, an exit code.
+    let fail = |code: u8, msg: String| {
         eprintln!("\nerror: {msg}");
         ExitCode::from(code)
     };
@@ -504,7 +499,6 @@ async fn ctl_wait_sync(
         Ok(ctl::WaitEnd::Blocked(reason)) => fail(
             ctl::EXIT_BLOCKED,
             format!("{machine} cannot be brought in sync without you: {reason}"),
-            Some(reason),
         ),
         Ok(ctl::WaitEnd::TimedOut(degraded)) => {
             let why = degraded
@@ -517,10 +511,9 @@ async fn ctl_wait_sync(
                     "{machine} did not sync within {}{why}",
                     humantime::format_duration(timeout)
                 ),
-                degraded,
             )
         }
-        Err(e) => fail(e.exit_code(), e.to_string(), None),
+        Err(e) => fail(e.exit_code(), e.to_string()),
     }
 }
 

@@ -49,7 +49,7 @@ fn a_block_device_replicates_like_a_file() {
     );
     c.ctl(&["protect", "blk01"]);
     c.wait_sync("blk01", Duration::from_secs(120));
-    assert_identical(&dev_path, &c.replica("config", "blk01", "root"));
+    c.assert_replica("blk01", &dev_path, &c.replica("config", "blk01", "root"));
 
     phase("writes through the block device");
     random_writes(&dev_path, &mut StdRng::seed_from_u64(6), 30);
@@ -60,6 +60,6 @@ fn a_block_device_replicates_like_a_file() {
     f.write_all_at(b"written through /dev/loop", 12345).unwrap();
     f.sync_all().unwrap();
     c.wait_sync("blk01", Duration::from_secs(120));
-    assert_identical(&dev_path, &c.replica("config", "blk01", "root"));
+    c.assert_replica("blk01", &dev_path, &c.replica("config", "blk01", "root"));
     c.assert_no_unexpected_errors(&[]);
 }

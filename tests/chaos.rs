@@ -63,7 +63,7 @@ fn packet_loss_duplication_reordering_and_corruption_on_every_link() {
         let seen = checker.join().expect("invariant checker");
         assert!(seen > 0, "the invariant checker observed nothing");
     });
-    assert_identical(&disk, &c.replica("mt1", "web01", "root"));
+    c.assert_replica("web01", &disk, &c.replica("mt1", "web01", "root"));
     for name in ["config", "ps1", "mt1"] {
         assert!(
             c.log(name).contains("HAVEN_NET_FAULTS"),
@@ -184,7 +184,7 @@ fn long_run_repeated_kills_under_packet_faults() {
         stop.store(true, Ordering::Relaxed);
         let seen = checker.join().expect("invariant checker");
         for (i, d) in disks.iter().enumerate() {
-            assert_identical(d, &c.replica("mt1", "web01", ["root", "data"][i]));
+            c.assert_replica("web01", d, &c.replica("mt1", "web01", ["root", "data"][i]));
         }
         let m = c.machine("web01").unwrap();
         let corrupted = c.log("ps1").matches("ShipCorrupt").count();

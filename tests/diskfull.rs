@@ -150,7 +150,7 @@ fn a_full_cache_disk_holds_the_agent_back_and_loses_nothing() {
     c.start_agent("web01", &[("root", disk.as_path())]);
     c.ctl(&["protect", "web01"]);
     c.wait_sync("web01", SYNC);
-    assert_identical(&disk, &c.replica("mt1", "web01", "root"));
+    c.assert_replica("web01", &disk, &c.replica("mt1", "web01", "root"));
     assert_eq!(count(&c.log("ps1"), FULL), 0, "the setup fits on the disk");
 
     phase("master target down: 40 MiB of incompressible writes against a 12 MiB disk");
@@ -255,7 +255,7 @@ fn a_full_cache_disk_holds_the_agent_back_and_loses_nothing() {
     let full_for = full_at.elapsed();
     c.restart("mt1");
     c.wait_sync("web01", SYNC);
-    assert_identical(&disk, &c.replica("mt1", "web01", "root"));
+    c.assert_replica("web01", &disk, &c.replica("mt1", "web01", "root"));
     wait_until(
         "the process server has cached everything the agent held",
         Duration::from_secs(10),
@@ -341,7 +341,7 @@ fn a_full_replica_disk_loses_nothing_and_resumes_when_space_returns() {
     phase("space returns: replication resumes by itself");
     fs.resize(128 << 20);
     c.wait_sync("m1", SYNC);
-    assert_identical(&disk, &c.replica("mt1", "m1", "root"));
+    c.assert_replica("m1", &disk, &c.replica("mt1", "m1", "root"));
     c.assert_running();
     c.assert_no_unexpected_errors(&["No space left on device"]);
 }

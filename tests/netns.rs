@@ -294,7 +294,8 @@ impl Net {
     fn converge(&mut self) -> Value {
         self.write_some(10);
         self.c.wait_sync("web01", SYNC);
-        assert_identical(&self.disk, &self.c.replica("mt1", "web01", "root"));
+        self.c
+            .assert_replica("web01", &self.disk, &self.c.replica("mt1", "web01", "root"));
         // The status is built from reports that may lag by a long poll (1 s): poll for it.
         let m = self.wait_machine(
             "status: replicating, everything captured cached and applied",
@@ -361,7 +362,7 @@ fn sites_partitioned_by_taking_veth_links_down_longer_than_the_idle_timeout() {
     }
     c.ctl(&["protect", "web01"]);
     c.wait_sync("web01", SYNC);
-    assert_identical(&disk, &c.replica("mt1", "web01", "root"));
+    c.assert_replica("web01", &disk, &c.replica("mt1", "web01", "root"));
     let mut n = Net {
         c,
         topo,

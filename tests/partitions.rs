@@ -70,7 +70,7 @@ impl Net {
         c.start_agent_with_env("web01", &[("root", disk.as_path())], env);
         c.ctl(&["protect", "web01"]);
         c.wait_sync("web01", SYNC);
-        assert_identical(&disk, &c.replica("mt1", "web01", "root"));
+        c.assert_replica("web01", &disk, &c.replica("mt1", "web01", "root"));
         for name in ["config", "ps1", "mt1", "agent-web01"] {
             assert!(
                 c.log(name).contains("partitions from the control file"),
@@ -127,7 +127,8 @@ impl Net {
     fn converge(&mut self, sent_before: u64) {
         self.write_some(10);
         self.c.wait_sync("web01", SYNC);
-        assert_identical(&self.disk, &self.c.replica("mt1", "web01", "root"));
+        self.c
+            .assert_replica("web01", &self.disk, &self.c.replica("mt1", "web01", "root"));
         // The status is built from reports that may lag by a long poll (1 s): poll for it.
         let m = wait_until(
             "status: replicating, everything captured applied",

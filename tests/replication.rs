@@ -42,7 +42,8 @@ impl Setup {
 
     fn verify(&self) {
         for (name, path) in &self.disks {
-            assert_identical(path, &self.c.replica("mt1", "web01", name));
+            self.c
+                .assert_replica("web01", path, &self.c.replica("mt1", "web01", name));
         }
     }
 
@@ -179,7 +180,7 @@ fn a_full_cache_slows_the_agent_and_loses_nothing() {
     c.start_agent("web01", &[("root", disk.as_path())]);
     c.ctl(&["protect", "web01"]);
     c.wait_sync("web01", SYNC);
-    assert_identical(&disk, &c.replica("mt1", "web01", "root"));
+    c.assert_replica("web01", &disk, &c.replica("mt1", "web01", "root"));
 
     phase("master target down: 40 MiB of writes against an 8 MiB cache");
     c.kill("mt1");
@@ -220,7 +221,7 @@ fn a_full_cache_slows_the_agent_and_loses_nothing() {
     phase("master target back: everything converges");
     c.restart("mt1");
     c.wait_sync("web01", SYNC);
-    assert_identical(&disk, &c.replica("mt1", "web01", "root"));
+    c.assert_replica("web01", &disk, &c.replica("mt1", "web01", "root"));
     c.assert_no_unexpected_errors(&[]);
 }
 

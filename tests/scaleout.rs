@@ -109,7 +109,8 @@ impl Fleet {
     fn converge(&self) {
         for (m, d) in MACHINES.iter().zip(&self.disks) {
             self.c.wait_sync(m, SYNC);
-            assert_identical(d, &self.c.replica("mt1", m, "root"));
+            self.c
+                .assert_replica(m, d, &self.c.replica("mt1", m, "root"));
         }
     }
 

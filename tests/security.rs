@@ -148,7 +148,7 @@ fn corrupted_sealed_batch_is_refused_and_never_applied() {
     c.start_agent("db01", &[("root", disk.as_path())]);
     c.ctl(&["protect", "db01"]);
     c.wait_sync("db01", Duration::from_secs(120));
-    assert_identical(&disk, &c.replica("config", "db01", "root"));
+    c.assert_replica("db01", &disk, &c.replica("config", "db01", "root"));
     // Node reports reach the configuration node within a poll (about a second).
     wait_until(
         "the refusal is counted in status",
@@ -269,7 +269,7 @@ fn malformed_and_unauthorised_frames_are_refused_without_disturbing_anything() {
     phase("replication is undisturbed");
     random_writes(&disk, &mut rand::SeedableRng::seed_from_u64(22), 20);
     c.wait_sync("db01", Duration::from_secs(120));
-    assert_identical(&disk, &c.replica("config", "db01", "root"));
+    c.assert_replica("db01", &disk, &c.replica("config", "db01", "root"));
     c.assert_running();
     c.assert_no_unexpected_errors(&[]);
 }

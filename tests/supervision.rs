@@ -103,7 +103,7 @@ fn a_failing_stream_restarts_alone_from_its_durable_cursor() {
     });
     assert!(observations > 0);
     for (m, d) in machines.iter().zip(&disks) {
-        assert_identical(d, &c.replica("mt1", m, "root"));
+        c.assert_replica(m, d, &c.replica("mt1", m, "root"));
     }
 
     // Each fault fired exactly once, on the machine it was planned for.
@@ -199,7 +199,7 @@ fn an_exhausted_restart_budget_escalates_and_the_node_recovers() {
         c.wait_sync(m, SYNC);
     }
     for (m, d) in ["m1", "m2", "m3"].iter().zip(&disks) {
-        assert_identical(d, &c.replica("mt1", m, "root"));
+        c.assert_replica(m, d, &c.replica("mt1", m, "root"));
     }
     let escalations = count_lines(&c, "ps1", &["escalating to parent", "\"process\""]);
     assert!(escalations >= 1);
@@ -229,7 +229,7 @@ fn a_master_target_killed_half_way_through_a_batch_shows_no_torn_state() {
     c.wait_sync("m1", SYNC);
     let replica = c.replica("mt1", "m1", "root");
     let cursor_path = c.path("mt1/replicas/m1/state");
-    assert_identical(&disk, &replica);
+    c.assert_replica("m1", &disk, &replica);
     let synced = c.path("synced.img");
     std::fs::copy(&disk, &synced).unwrap();
     let before = read_cursor(&cursor_path);
@@ -298,6 +298,6 @@ fn a_master_target_killed_half_way_through_a_batch_shows_no_torn_state() {
     c.restart("ps1");
     c.restart("agent-m1");
     c.wait_sync("m1", SYNC);
-    assert_identical(&disk, &replica);
+    c.assert_replica("m1", &disk, &replica);
     c.assert_no_unexpected_errors(&[]);
 }

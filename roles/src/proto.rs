@@ -23,7 +23,7 @@ pub enum Request {
         secret: String,
         command: AdminCommand,
     },
-    AgentPoll(AgentReport),
+    AgentPoll(Box<AgentReport>),
     NodePoll(NodeReport),
     OpenStream(StreamOpen),
     OpenShip(ShipOpen),

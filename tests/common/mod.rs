@@ -475,6 +475,23 @@ impl Cluster {
         );
     }
 
+    /// Checks a replica against its source, and what status claims about it: a machine
+    /// shown `replicating` with RPO 0 must have a replica equal to its source (the status
+    /// invariant: haven never reports in sync what is not). Then the test's own expectation:
+    /// identical.
+    pub fn assert_replica(&self, machine: &str, source: &Path, replica: &Path) {
+        let m = self.machine(machine).expect("the machine is listed");
+        let claims_in_sync = m["state"] == "replicating" && m["rpo_seconds"].as_f64() == Some(0.0);
+        if claims_in_sync && !identical(source, replica) {
+            panic!(
+                "invariant broken: status shows {machine} replicating with RPO 0, yet {} differs from {}: {m}",
+                replica.display(),
+                source.display()
+            );
+        }
+        assert_identical(source, replica);
+    }
+
     pub fn replica(&self, mt: &str, machine: &str, disk: &str) -> PathBuf {
         self.path(&format!("{mt}/replicas/{machine}/{disk}.img"))
     }
@@ -601,6 +618,17 @@ pub fn random_writes(path: &Path, rng: &mut StdRng, count: usize) -> u64 {
     }
     f.sync_data().unwrap();
     total
+}
+
+/// Whether two files are byte-identical (`cmp`).
+pub fn identical(a: &Path, b: &Path) -> bool {
+    Command::new("cmp")
+        .arg("-s")
+        .arg(a)
+        .arg(b)
+        .status()
+        .expect("run cmp")
+        .success()
 }
 
 pub fn assert_identical(a: &Path, b: &Path) {

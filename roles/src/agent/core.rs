@@ -334,7 +334,7 @@ pub fn resize_table(table: &mut Vec<u64>, old: u64, new: u64) {
     let blocks = new.div_ceil(BLOCK_BYTES) as usize;
     let full_zero = crate::agent::scan::zero_hash(BLOCK_BYTES as usize);
     // The block that held the old end changes length (or content beyond the old end).
-    let old_tail = (old % BLOCK_BYTES != 0).then(|| (old / BLOCK_BYTES) as usize);
+    let old_tail = (old % BLOCK_BYTES != 0).then_some((old / BLOCK_BYTES) as usize);
     table.resize(blocks, full_zero);
     if let Some(t) = old_tail.filter(|&t| t < blocks) {
         table[t] = UNKNOWN_HASH;

@@ -6,7 +6,10 @@
 //! stable device id for a block device where the system offers one (`dm:`, `wwid:`,
 //! `serial:`, `loop:<backing file>`), else the file's `(device, inode)`, and in every case
 //! the content of sampled blocks, compared with what the replica holds (the agent's table of
-//! the replica's block hashes). Before every pass it looks again ([`judge`]):
+//! the replica's block hashes): where the path, inode or device id no longer vouch for the
+//! disk, at least half of the sampled data blocks must still hold what the replica holds (a
+//! disk written while the agent was down keeps most of them; another disk, even one made
+//! from the same template, rarely does). Before every pass it looks again ([`judge`]):
 //!
 //! - **grown**: the stream grows the replica (sparse) in seq order; only the new region and
 //!   changed blocks travel;
@@ -155,15 +158,15 @@ pub fn judge(
         _ if same_path && rec.file_id.is_some() && rec.file_id == obs.file_id => false,
         _ => {
             let c = content();
-            if c.sampled > 0 && c.matched == 0 {
+            if c.sampled > 0 && c.matched * 2 < c.sampled {
                 let was = if same_path {
                     String::new()
                 } else {
                     format!(" (it was at {})", rec.path)
                 };
                 return Verdict::Replaced(format!(
-                    "disk {} at {} is not the disk that was protected{was}: none of {} sampled blocks holds what the replica holds",
-                    rec.name, obs.path, c.sampled
+                    "disk {} at {} is not the disk that was protected{was}: {} of {} sampled blocks hold what the replica holds",
+                    rec.name, obs.path, c.matched, c.sampled
                 ));
             }
             !same_path || rec.file_id != obs.file_id || rec.device_id != obs.device_id
@@ -419,7 +422,7 @@ mod tests {
         };
         assert_eq!(
             why,
-            "disk d0 at /img/b.img is not the disk that was protected (it was at /img/a.img): none of 16 sampled blocks holds what the replica holds"
+            "disk d0 at /img/b.img is not the disk that was protected (it was at /img/a.img): 0 of 16 sampled blocks hold what the replica holds"
         );
         // Same path, another inode (the image was replaced by another file).
         let v = judge(
@@ -433,15 +436,23 @@ mod tests {
 
     #[test]
     fn the_same_content_at_another_path_or_inode_is_adopted() {
-        // One sampled block still holds the replica's data: the disk was written while the
-        // agent was down, not replaced.
+        // Half the sampled blocks still hold the replica's data: the disk was written while
+        // the agent was down, not replaced.
         let v = judge(
             &rec(),
             &obs("/img/moved.img", 64 * MIB, (1, 200)),
             64 * MIB,
-            content(16, 1),
+            content(16, 8),
         );
         assert_eq!(v, Verdict::Moved);
+        // Fewer: a coincidence of common content (two disks of one template), not the disk.
+        let v = judge(
+            &rec(),
+            &obs("/img/moved.img", 64 * MIB, (1, 200)),
+            64 * MIB,
+            content(16, 7),
+        );
+        assert!(matches!(v, Verdict::Replaced(_)), "{v:?}");
         // Nothing to compare (an empty replica): accepted, it cannot be told apart.
         let v = judge(
             &rec(),

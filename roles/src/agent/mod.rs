@@ -691,7 +691,7 @@ async fn control_loop(a: Arc<Agent>) -> Result<(), String> {
             let timeout = Duration::from_secs(5) + Duration::from_millis(LONG_POLL_MS as u64);
             client::call(
                 conn.as_ref().expect("set"),
-                &Request::AgentPoll(report),
+                &Request::AgentPoll(Box::new(report)),
                 timeout,
             )
             .await
@@ -821,7 +821,15 @@ async fn capture_loop(a: Arc<Agent>) -> Result<(), String> {
         wait_ready(&a).await;
         if lock(&a.disks).mismatch.is_some() {
             // Nothing may be captured into a replica of other disks; a new protection ends it.
-            let _ = reset.changed().await;
+            // A sync barrier is answered (with nothing captured), so the operator hears why.
+            if let Some(id) = lock(&a.sync_wanted).take() {
+                *lock(&a.sync_done) = Some((id, lock(&a.core).captured_seq()));
+                a.report_now.notify_one();
+            }
+            tokio::select! {
+                _ = reset.changed() => {}
+                _ = a.scan_now.notified() => {}
+            }
             continue;
         }
         let generation = *reset.borrow_and_update();

@@ -97,7 +97,7 @@ fn refused(reason: impl Into<String>) -> Outcome {
 
 impl ConfigCore {
     pub fn new(meta: ClusterMeta, nodes: Vec<NodeRecord>, machines: Vec<MachineRecord>) -> Self {
-        Self::with_seed(meta, nodes, machines, 0x6861_7665_6e)
+        Self::with_seed(meta, nodes, machines, 0x0068_6176_656e)
     }
 
     /// A core whose randomness (secrets, enrolment ids, version and barrier numbering) comes
@@ -234,17 +234,27 @@ impl ConfigCore {
         if let Some(m) = self.machines.get(machine) {
             return Err(enrolment::name_taken(m, hostname));
         }
+        let mut persist = vec![];
+        let epoch = match self.retired.get(machine) {
+            Some(r) => {
+                // The new machine carries the epochs on; the tombstone is needed no longer
+                // once every node has acted on it.
+                let epoch = r.epoch;
+                if r.pending_nodes.is_empty() {
+                    self.retired.remove(machine);
+                    persist.push(Persist::DeleteRetired(machine.to_string()));
+                }
+                epoch
+            }
+            None => Epoch(0),
+        };
         let enrolment = hex::encode(self.rng.gen::<[u8; 6]>());
         let rec = MachineRecord {
             name: machine.to_string(),
             hostname: hostname.to_string(),
             disks: disks.to_vec(),
             protected: false,
-            epoch: self
-                .retired
-                .get(machine)
-                .map(|r| r.epoch)
-                .unwrap_or(Epoch(0)),
+            epoch,
             generation: Generation(0),
             process_server: None,
             master_target: None,
@@ -257,7 +267,8 @@ impl ConfigCore {
             machine: machine.to_string(),
             enrolment,
         };
-        Ok((id, vec![Persist::Machine(rec)]))
+        persist.insert(0, Persist::Machine(rec));
+        Ok((id, persist))
     }
 
     pub fn handle_agent_poll(
@@ -526,14 +537,20 @@ impl ConfigCore {
                     .filter(|b| b.id == id)
                     .and_then(|b| b.barrier_seq);
                 let view = self.machine_view(now, now_ms, &self.machines[&machine]);
+                // What the agent says of its disks counts once it has done the barrier's pass
+                // (its report then carries both); until then a report from before the request
+                // (an agent since restarted, say) could still show what no longer holds.
+                let blocked = match self.conflict(now, &machine) {
+                    Some(conflict) => Some(conflict),
+                    None => view.blocked_reason.filter(|_| barrier_seq.is_some()),
+                };
                 // A barrier is done only when nothing keeps the replica from the source.
-                let done =
-                    barrier_seq.is_some_and(|b| applied_seq >= b) && view.blocked_reason.is_none();
+                let done = barrier_seq.is_some_and(|b| applied_seq >= b) && blocked.is_none();
                 AdminReply::SyncState {
                     barrier_seq,
                     applied_seq,
                     done,
-                    blocked: view.blocked_reason,
+                    blocked,
                     degraded: view.degraded_reason,
                 }
             }

@@ -831,6 +831,10 @@ fn forget_removes_an_unprotected_machine_and_its_nodes_retire_it() {
         panic!("{persist:?}")
     };
     assert_eq!((m.epoch, m.hostname.as_str()), (Epoch(1), "new-host"));
+    assert!(
+        !persist.contains(&Persist::DeleteRetired("web".into())),
+        "nodes have not acted yet: the retirement stays"
+    );
     let done = |c: &mut Cluster, node: &str| {
         c.core.handle_node_poll(
             c.t0 + 3 * SEC,
@@ -850,18 +854,54 @@ fn forget_removes_an_unprotected_machine_and_its_nodes_retire_it() {
             ..retired.clone()
         })]
     );
-    // Confirmed by every node; kept while the name is enrolled (its epochs continue).
+    // Confirmed by every node, the name enrolled again (its record carries the epochs on):
+    // the retirement goes.
     let (_, persist) = done(&mut c, "ps-a");
-    assert_eq!(
-        persist,
-        vec![Persist::Retired(haven_cluster::RetiredRecord {
-            pending_nodes: vec![],
-            ..retired
-        })]
-    );
+    assert_eq!(persist, vec![Persist::DeleteRetired("web".into())]);
     assert_eq!(told(&mut c, "mt-a"), vec![]);
     let (_, persist) = done(&mut c, "ps-a");
     assert_eq!(persist, vec![], "a repeated confirmation changes nothing");
+}
+
+#[test]
+fn a_retirement_confirmed_before_the_name_returns_still_continues_its_epochs() {
+    let mut c = Cluster::standard();
+    c.all_nodes_poll(Duration::ZERO);
+    c.protect(SEC, "web", KEY);
+    c.admin(
+        SEC,
+        AdminCommand::Unprotect {
+            machine: "web".into(),
+        },
+    );
+    c.admin(
+        SEC,
+        AdminCommand::Forget {
+            machine: "web".into(),
+            delete_replica: true,
+        },
+    );
+    for node in ["ps-a", "mt-a"] {
+        let (_, persist) = c.core.handle_node_poll(
+            c.t0 + 2 * SEC,
+            &node_id(node, &[]),
+            NodeReport {
+                name: node.into(),
+                retired_done: vec!["web".into()],
+                ..Default::default()
+            },
+        );
+        assert!(matches!(&persist[..], [Persist::Retired(_)]), "{persist:?}");
+    }
+    let (_, persist) = c
+        .core
+        .handle_join(NOW_MS, &agent_join("web", "new-host", web_disks()))
+        .expect("join");
+    let Persist::Machine(m) = &persist[0] else {
+        panic!("{persist:?}")
+    };
+    assert_eq!(m.epoch, Epoch(1));
+    assert_eq!(persist[1], Persist::DeleteRetired("web".into()));
 }
 
 #[test]

@@ -324,11 +324,13 @@ impl ConfigCore {
             if r.pending_nodes.len() == before {
                 continue;
             }
-            if r.pending_nodes.is_empty() && !self.machines.contains_key(machine) {
-                // Kept while the name is enrolled again: its epochs continue from it.
+            if r.pending_nodes.is_empty() && self.machines.contains_key(machine) {
+                // Enrolled again meanwhile: the new record carries the epochs on.
                 self.retired.remove(machine);
                 persist.push(Persist::DeleteRetired(machine.clone()));
             } else {
+                // Kept until the name is enrolled again, which continues its epochs (nodes
+                // may still hold positions of the forgotten machine in memory).
                 persist.push(Persist::Retired(r.clone()));
             }
         }

@@ -184,7 +184,7 @@ impl Handler<HandleRequest> for ConfigActor {
                 (r, p)
             }
             (Request::AgentPoll(report), Some(who)) => {
-                self.core.handle_agent_poll(now, who, report)
+                self.core.handle_agent_poll(now, who, *report)
             }
             (Request::NodePoll(report), Some(who)) => self.core.handle_node_poll(now, who, report),
             (Request::AgentPoll(_) | Request::NodePoll(_), None) => (

@@ -129,6 +129,10 @@ impl ProcessState {
             };
         };
         m.reset_cache()?;
+        // Its positions mean nothing for a machine enrolled under the name later.
+        m.applied.send_replace(0);
+        m.raw_bytes.store(0, Ordering::Relaxed);
+        m.wire_bytes.store(0, Ordering::Relaxed);
         tracing::info!(%machine, "forgotten machine: its cache is dropped");
         Ok(())
     }
