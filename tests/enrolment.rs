@@ -63,9 +63,27 @@ fn a_disk_that_grows_is_replicated_at_its_new_size_without_a_resync() {
     protected(&mut c, "m1", &disk);
     let sent_before = u64_of(&c.machine("m1").unwrap(), "raw_bytes_sent");
 
-    phase("grow the disk to 96 MiB while writing, then write in the new region");
+    phase("grow the disk to 96 MiB while a writer keeps writing, then write in the new region");
     let mut rng = StdRng::seed_from_u64(3);
-    let mut written = random_writes(&disk, &mut rng, 20);
+    let writer = {
+        let disk = disk.clone();
+        std::thread::spawn(move || {
+            // Random writes within the old 64 MiB, before, during and after the growth.
+            let mut rng = StdRng::seed_from_u64(4);
+            let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+            let mut n = 0u64;
+            for _ in 0..60 {
+                let len = rng.gen_range(1..=64) * 4096usize;
+                let off = rng.gen_range(0..(64 * MIB - len as u64));
+                f.write_all_at(&random(&mut rng, len), off).unwrap();
+                n += len as u64;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            f.sync_data().unwrap();
+            n
+        })
+    };
+    std::thread::sleep(Duration::from_millis(400));
     std::fs::OpenOptions::new()
         .write(true)
         .open(&disk)
@@ -74,7 +92,7 @@ fn a_disk_that_grows_is_replicated_at_its_new_size_without_a_resync() {
         .unwrap();
     let new_data = random(&mut rng, MIB as usize);
     write_at(&disk, 80 * MIB, &new_data);
-    written += new_data.len() as u64 + random_writes(&disk, &mut rng, 20);
+    let mut written = new_data.len() as u64 + writer.join().unwrap();
 
     phase("wait-sync succeeds and the replica has grown");
     c.wait_sync("m1", SYNC);
