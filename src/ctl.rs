@@ -73,8 +73,10 @@ pub enum WaitEnd {
 
 impl Admin {
     pub async fn connect(cluster: &str, token_file: &Path) -> Result<Self, CtlError> {
-        let token = enroll::read_token(token_file, TokenKind::Admin).map_err(CtlError::Failed)?;
-        let addr: SocketAddr = enroll::resolve(cluster).map_err(CtlError::Failed)?;
+        let token = enroll::read_token(token_file, TokenKind::Admin)
+            .map_err(|e| CtlError::Failed(e.to_string()))?;
+        let addr: SocketAddr =
+            enroll::resolve(cluster).map_err(|e| CtlError::Failed(e.to_string()))?;
         let ep = endpoint::client_endpoint().map_err(|e| CtlError::Failed(e.to_string()))?;
         let cfg = endpoint::pinned_client_config(&token.ca_fingerprint)
             .map_err(|e| CtlError::Failed(e.to_string()))?;

@@ -332,16 +332,21 @@ fn main() -> ExitCode {
         }
         Command::Demo(args) => {
             init_logging("warn");
-            finish(system().block_on(demo::run(args)))
+            finish(
+                system()
+                    .block_on(demo::run(args))
+                    .map_err(anyhow::Error::msg),
+            )
         }
     }
 }
 
-fn finish(r: Result<(), String>) -> ExitCode {
+/// The binary's edge: an error is printed with its context chain, and exits 1.
+fn finish(r: anyhow::Result<()>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -28,6 +28,9 @@ pub enum ExitReason {
     Panicked,
     /// A nested supervisor exhausted its restart budget: its parent treats this as a failure.
     Escalated(String),
+    /// The child failed in a way a restart cannot mend (bad configuration, a lost data dir):
+    /// the supervisor does not restart it but escalates at once.
+    Fatal(String),
 }
 
 impl ExitReason {
@@ -44,6 +47,7 @@ impl fmt::Display for ExitReason {
             ExitReason::Failed(reason) => write!(f, "failed: {reason}"),
             ExitReason::Panicked => f.write_str("panicked"),
             ExitReason::Escalated(reason) => write!(f, "escalated: {reason}"),
+            ExitReason::Fatal(reason) => write!(f, "failed fatally: {reason}"),
         }
     }
 }
@@ -94,6 +98,11 @@ impl ChildGuard {
     /// Failure: the supervisor restarts the child per its policy once the guard is dropped.
     pub fn fail(&mut self, reason: impl Into<String>) {
         self.outcome = Some(ExitReason::Failed(reason.into()));
+    }
+
+    /// A failure no restart can mend: the supervisor escalates at once.
+    pub fn fail_fatal(&mut self, reason: impl Into<String>) {
+        self.outcome = Some(ExitReason::Fatal(reason.into()));
     }
 
     /// A nested supervisor gave up; only supervisors escalate.

@@ -58,4 +58,39 @@ pub use supervisor::{
     AddChild, ChildState, ChildStatus, RemoveChild, Supervisor, SupervisorConfig, SupervisorError,
     SupervisorStatus, SHUTDOWN_GRACE,
 };
-pub use task::TaskContext;
+pub use task::{TaskContext, TaskError};
+
+/// Runs until SIGINT or SIGTERM, or until `root` gives up (its restart budget ran out, or a
+/// child failed fatally): then it returns an error, so the process exits non-zero and a
+/// service manager restarts it, rather than staying up with nothing running inside.
+pub async fn serve_until_signal(root: &actix::Addr<Supervisor>) -> Result<(), RootGaveUp> {
+    let gave_up = async {
+        while root.connected() {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    };
+    tokio::select! {
+        _ = wait_for_signal() => Ok(()),
+        _ = gave_up => Err(RootGaveUp),
+    }
+}
+
+/// The root supervisor stopped on its own.
+#[derive(Debug, thiserror::Error)]
+#[error("the root supervisor gave up (restart budget exhausted or a fatal failure; see the errors above); exiting so that a service manager restarts the process")]
+pub struct RootGaveUp;
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -291,6 +291,15 @@ impl Supervisor {
             return;
         }
 
+        if let ExitReason::Fatal(_) = &reason {
+            entry.state = ChildState::Stopped;
+            let escalation = format!(
+                "supervisor {:?}: child {:?} {}; not restarted",
+                self.config.name, name, reason
+            );
+            self.escalate(escalation, ctx);
+            return;
+        }
         let now = Instant::now();
         match self.restart_policy.handle_failure(now) {
             Verdict::Restart => {

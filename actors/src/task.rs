@@ -8,9 +8,10 @@
 //!  factory ──tokio::spawn(make(ctx))──▶ worker thread: future
 //!     │                                      │ Ok / Err / panic
 //!     └─▶ TaskRunner (guard, JoinHandle) ◀───┘
-//!            Ok(())  -> finish  (Normal: no restart)
-//!            Err(e)  -> fail(e) (restart)
-//!            panic   -> Panicked (restart)
+//!            Ok(())               -> finish     (Normal: no restart)
+//!            Err(TaskError::Retry) -> fail       (restart per policy)
+//!            Err(TaskError::Fatal) -> fail_fatal (no restart: the supervisor escalates)
+//!            panic                -> Panicked   (restart)
 //!            Shutdown-> abort, wait for the task to end, finish
 //! ```
 //!
@@ -25,6 +26,29 @@ use tokio::task::{AbortHandle, JoinError, JoinHandle};
 use tracing::warn;
 
 use crate::child::{ChildGuard, ChildHandle, ChildSpec, Shutdown};
+
+/// How a task child failed: whether a restart may mend it.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    /// Restart it, per the supervisor's backoff and restart budget (a failed disk write, a
+    /// bug that a fresh start from durable state avoids).
+    #[error("{0}")]
+    Retry(String),
+    /// No restart can mend it (a configuration that cannot work, a data dir that is gone):
+    /// the supervisor escalates at once.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+impl TaskError {
+    pub fn retry(e: impl std::fmt::Display) -> Self {
+        TaskError::Retry(e.to_string())
+    }
+
+    pub fn fatal(e: impl std::fmt::Display) -> Self {
+        TaskError::Fatal(e.to_string())
+    }
+}
 
 /// Passed to a task child's constructor on every (re)start.
 #[derive(Clone, Debug)]
@@ -41,13 +65,14 @@ pub struct TaskContext {
 impl ChildSpec {
     /// A child whose body is a future, spawned with `tokio::spawn`.
     ///
-    /// `Ok(())` is a normal exit (no restart), `Err(e)` a failure (restart), a panic is
-    /// `Panicked` (restart); `Shutdown` aborts the task. `make` is called again on every
-    /// restart, so the future must rebuild its state (from durable cursors), not resume it.
+    /// `Ok(())` is a normal exit (no restart), `Err(TaskError::Retry)` a failure (restart),
+    /// `Err(TaskError::Fatal)` one that escalates at once, a panic is `Panicked` (restart);
+    /// `Shutdown` aborts the task. `make` is called again on every restart, so the future must
+    /// rebuild its state (from durable cursors), not resume it.
     pub fn task<F, Fut>(name: impl Into<String>, make: F) -> Self
     where
         F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<(), String>> + Send + 'static,
+        Fut: Future<Output = Result<(), TaskError>> + Send + 'static,
     {
         ChildSpec::new(name, move |guard: ChildGuard| {
             let context = TaskContext {
@@ -72,14 +97,14 @@ struct TaskRunner {
     guard: ChildGuard,
     abort: AbortHandle,
     /// Taken in `started`; `None` afterwards.
-    join: Option<JoinHandle<Result<(), String>>>,
+    join: Option<JoinHandle<Result<(), TaskError>>>,
     shutting_down: bool,
 }
 
 impl TaskRunner {
     fn handle_task_end(
         &mut self,
-        result: Result<Result<(), String>, JoinError>,
+        result: Result<Result<(), TaskError>, JoinError>,
         ctx: &mut Context<Self>,
     ) {
         if self.shutting_down {
@@ -88,7 +113,8 @@ impl TaskRunner {
         } else {
             match result {
                 Ok(Ok(())) => self.guard.finish(),
-                Ok(Err(reason)) => self.guard.fail(reason),
+                Ok(Err(TaskError::Retry(reason))) => self.guard.fail(reason),
+                Ok(Err(TaskError::Fatal(reason))) => self.guard.fail_fatal(reason),
                 Err(error) if error.is_panic() => {
                     let payload = error.into_panic();
                     let message = payload

@@ -13,6 +13,7 @@ use actix::{Actor, ActorContext, Addr, Context, Handler, Message};
 use haven_actors::{
     AddChild, ChildGuard, ChildHandle, ChildSpec, ChildState, ChildStatus, ExitReason, RemoveChild,
     Shutdown, Supervisor, SupervisorConfig, SupervisorError, SupervisorStatus, TaskContext,
+    TaskError,
 };
 
 /// Upper bound of any single wait; generous for a loaded 2-core CI machine.
@@ -277,7 +278,7 @@ fn task_err_restarts_and_ok_stops() {
                 let call = calls.fetch_add(1, Ordering::SeqCst);
                 async move {
                     if call < 2 {
-                        Err(format!("cursor {call} unreadable"))
+                        Err(TaskError::Retry(format!("cursor {call} unreadable")))
                     } else {
                         Ok(())
                     }
@@ -381,7 +382,7 @@ fn panicking_task_is_restarted() {
                         if call == 0 {
                             panic!("task bug");
                         }
-                        futures::future::pending::<Result<(), String>>().await
+                        futures::future::pending::<Result<(), TaskError>>().await
                     }
                 }
             }),
@@ -440,7 +441,7 @@ fn root_supervisor_stops_when_budget_is_exhausted() {
                 let failures = failures.clone();
                 move |_| {
                     failures.fetch_add(1, Ordering::SeqCst);
-                    async { Err("disk gone".to_owned()) }
+                    async { Err(TaskError::Retry("disk gone".to_owned())) }
                 }
             }),
         )
@@ -470,6 +471,40 @@ fn root_supervisor_stops_when_budget_is_exhausted() {
 }
 
 #[test]
+fn a_fatal_task_error_escalates_at_once_without_a_restart() {
+    run(async {
+        // A budget that would allow many restarts: a fatal error must not use it.
+        let config = SupervisorConfig {
+            max_restarts: 50,
+            within: Duration::from_secs(60),
+            ..fast_config("root")
+        };
+        let supervisor = Supervisor::start_root(config);
+        let calls = Arc::new(AtomicU64::new(0));
+        let sibling = Arc::new(Probe::default());
+        add(&supervisor, worker_spec("sibling-actor", sibling.clone())).await;
+        add(
+            &supervisor,
+            ChildSpec::task("misconfigured", {
+                let calls = calls.clone();
+                move |_| {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    async { Err(TaskError::fatal("no such data dir")) }
+                }
+            }),
+        )
+        .await;
+        eventually("the root supervisor stopped", || {
+            let supervisor = supervisor.clone();
+            async move { !supervisor.connected() }
+        })
+        .await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "never restarted");
+        assert_eq!(sibling.alive(), 0, "its siblings stopped with the group");
+    });
+}
+
+#[test]
 fn nested_supervisor_escalation_restarts_the_group() {
     run(async {
         let root = Supervisor::start_root(fast_config("root"));
@@ -487,7 +522,7 @@ fn nested_supervisor_escalation_restarts_the_group() {
                 let call = flaky_calls.fetch_add(1, Ordering::SeqCst);
                 async move {
                     if call < 2 {
-                        return Err(format!("flake {call}"));
+                        return Err(TaskError::Retry(format!("flake {call}")));
                     }
                     futures::future::pending().await
                 }

@@ -1,5 +1,7 @@
-//! The agent's replication-stream core: sequence numbers, the retention buffer and the
-//! hash table of what the master target has applied. Plain Rust, no I/O, time passed in.
+//! The agent's replication-stream core: sequence numbers, the retention buffer, the hash
+//! table of what the master target has applied, sync barriers, the measurement of a move to
+//! another process server, and what to do when a stream ends. Plain Rust, no I/O, time and
+//! randomness passed in.
 //!
 //! Invariants:
 //! - every captured write gets the next seq; batches are immutable once numbered, so a
@@ -9,7 +11,19 @@
 //! - `applied_tables` is exactly the disk state as of `applied_seq`: only applied batches'
 //!   block hashes are folded into it, so after a crash a rescan against it re-captures
 //!   everything that might not have reached the replica.
-use std::{collections::VecDeque, sync::Arc};
+use std::{
+    collections::VecDeque,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use haven_actors::Backoff;
+
+use crate::proto::MoveStats;
+
+/// Reconnect backoff after the process server or the network ended a stream.
+pub const RECONNECT_MIN: Duration = Duration::from_millis(100);
+pub const RECONNECT_MAX: Duration = Duration::from_secs(5);
 
 /// Block granularity of change detection.
 pub const BLOCK_BYTES: u64 = 4096;
@@ -60,6 +74,47 @@ impl InitialSync {
     }
 }
 
+/// How a stream to the process server ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// The assignment moved the machine to another process server.
+    Moved,
+    /// The process server or the network failed, or refused the stream (with why).
+    Peer(String),
+    /// A failure of this agent (a bug, its own I/O): the supervisor's business.
+    Local(String),
+}
+
+/// What the stream driver does after a stream ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Open a stream to the (new) process server at once.
+    ReconnectNow,
+    /// Reconnect after this long (jittered backoff, bounded).
+    ReconnectAfter(Duration),
+    /// Stop; the supervisor restarts the stream.
+    Fail,
+}
+
+/// What an ack changed that the shell must act on.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AckOutcome {
+    /// A sync barrier is now applied: tell the configuration node at once.
+    pub barrier_applied: bool,
+    /// A move completed with these figures.
+    pub moved: Option<MoveStats>,
+}
+
+/// A move in progress, as the agent measures it.
+#[derive(Clone, Debug)]
+struct PendingMove {
+    noticed: Instant,
+    generation: u64,
+    bytes_resent: u64,
+    /// The move is complete once the new process server has cached through this seq.
+    until_cached: u64,
+}
+
 pub struct AgentCore {
     pub epoch: u32,
     /// Next seq to assign; 0 while unknown (after a restart, until a stream reports the floor).
@@ -84,6 +139,20 @@ pub struct AgentCore {
     pub raw_bytes_sent: u64,
     pub raw_bytes_captured: u64,
     pub raw_bytes_applied: u64,
+    /// The sync barrier the configuration node asked for, not yet captured.
+    barrier_wanted: Option<u64>,
+    /// The last barrier captured: (id, the seq that covers everything written before it).
+    barrier_done: Option<(u64, u64)>,
+    /// When a move was noticed whose first stream has not opened yet (kept across failed
+    /// attempts, so they count in the pause).
+    move_noticed: Option<Instant>,
+    pending_move: Option<PendingMove>,
+    pub last_move: Option<MoveStats>,
+    /// A stream to the process server is open.
+    pub connected: bool,
+    /// Why the last stream ended, until a new one opens.
+    pub degraded_reason: Option<String>,
+    backoff: Backoff,
 }
 
 impl AgentCore {
@@ -114,6 +183,159 @@ impl AgentCore {
             raw_bytes_sent: 0,
             raw_bytes_captured: 0,
             raw_bytes_applied: 0,
+            barrier_wanted: None,
+            barrier_done: None,
+            move_noticed: None,
+            pending_move: None,
+            last_move: None,
+            connected: false,
+            degraded_reason: None,
+            backoff: Backoff::new(RECONNECT_MIN, RECONNECT_MAX),
+        }
+    }
+
+    /// A new protection epoch: `fresh` replaces this core, keeping what outlives a stream
+    /// (the move figures, the connection state).
+    pub fn renew(&mut self, fresh: AgentCore) {
+        let last_move = self.last_move.take();
+        let degraded_reason = self.degraded_reason.take();
+        let move_noticed = self.move_noticed.take();
+        let connected = self.connected;
+        *self = AgentCore {
+            last_move,
+            connected,
+            degraded_reason,
+            move_noticed,
+            ..fresh
+        };
+    }
+
+    // ---- sync barriers ----------------------------------------------------------------
+
+    /// The configuration node asks for barrier `id`, or for none. Returns whether a capture
+    /// pass should start now.
+    pub fn handle_sync_request(&mut self, id: Option<u64>) -> bool {
+        match id {
+            Some(id) => {
+                let done = self.barrier_done.is_some_and(|(d, _)| d == id);
+                if done || self.barrier_wanted == Some(id) {
+                    return false;
+                }
+                self.barrier_wanted = Some(id);
+                true
+            }
+            None => {
+                self.barrier_done = None;
+                false
+            }
+        }
+    }
+
+    /// The barrier a pass starting now will complete.
+    pub fn barrier_for_pass(&self) -> Option<u64> {
+        self.barrier_wanted
+    }
+
+    /// A complete pass that started while barrier `id` was wanted: everything written before
+    /// the request is captured, through [`captured_seq`](Self::captured_seq).
+    pub fn handle_barrier_captured(&mut self, id: u64) {
+        self.barrier_done = Some((id, self.captured_seq()));
+        if self.barrier_wanted == Some(id) {
+            self.barrier_wanted = None;
+        }
+    }
+
+    /// The last barrier captured, for the report: (id, seq).
+    pub fn barrier_done(&self) -> Option<(u64, u64)> {
+        self.barrier_done
+    }
+
+    // ---- streams ----------------------------------------------------------------------
+
+    /// The assignment moved the machine to another process server.
+    pub fn handle_moved(&mut self, now: Instant) {
+        self.move_noticed.get_or_insert(now);
+    }
+
+    /// A stream opened to the process server of `generation` (see
+    /// [`handle_stream_open`](Self::handle_stream_open)); a move noticed before is measured
+    /// from here until the new server has cached what had to travel again.
+    pub fn handle_stream_opened(
+        &mut self,
+        now: Instant,
+        cached: u64,
+        applied: u64,
+        generation: u64,
+    ) -> (u64, AckOutcome) {
+        let old_cached = self.cached_seq;
+        let after = self.handle_stream_open(cached, applied);
+        self.connected = true;
+        self.degraded_reason = None;
+        self.backoff.handle_start(now);
+        if let Some(noticed) = self.move_noticed.take() {
+            // What the old process server already held but must travel again.
+            let resend = self.batches_after(after, usize::MAX);
+            self.pending_move = Some(PendingMove {
+                noticed,
+                generation,
+                bytes_resent: resend
+                    .iter()
+                    .filter(|b| b.last_seq <= old_cached)
+                    .map(|b| b.raw_bytes)
+                    .sum(),
+                until_cached: resend.first().map(|b| b.last_seq).unwrap_or(0),
+            });
+        }
+        let outcome = AckOutcome {
+            barrier_applied: false,
+            moved: self.finish_move(now, cached),
+        };
+        (after, outcome)
+    }
+
+    /// An ack on the open stream.
+    pub fn handle_stream_ack(&mut self, now: Instant, cached: u64, applied: u64) -> AckOutcome {
+        let before = self.applied_seq;
+        self.handle_ack(cached, applied);
+        AckOutcome {
+            barrier_applied: self
+                .barrier_done
+                .is_some_and(|(_, seq)| before < seq && seq <= applied),
+            moved: self.finish_move(now, cached),
+        }
+    }
+
+    /// The move is over once the new process server has cached what had to travel again.
+    fn finish_move(&mut self, now: Instant, cached_here: u64) -> Option<MoveStats> {
+        let p = self
+            .pending_move
+            .take_if(|p| cached_here >= p.until_cached)?;
+        let stats = MoveStats {
+            generation: p.generation,
+            pause_ms: now.duration_since(p.noticed).as_millis() as u64,
+            bytes_resent: p.bytes_resent,
+        };
+        self.last_move = Some(stats.clone());
+        Some(stats)
+    }
+
+    /// A stream ended: reconnect at once, after a backoff, or give up to the supervisor.
+    /// `jitter_unit` in [0, 1).
+    pub fn handle_stream_end(&mut self, now: Instant, end: StreamEnd, jitter_unit: f64) -> Next {
+        self.connected = false;
+        match end {
+            StreamEnd::Moved => {
+                self.handle_moved(now);
+                Next::ReconnectNow
+            }
+            StreamEnd::Peer(reason) => {
+                self.degraded_reason = Some(reason);
+                Next::ReconnectAfter(self.backoff.handle_failure(now, jitter_unit))
+            }
+            StreamEnd::Local(reason) => {
+                self.degraded_reason = Some(reason);
+                Next::Fail
+            }
         }
     }
 
@@ -355,6 +577,90 @@ mod tests {
 
     fn core() -> AgentCore {
         AgentCore::new(1, 0, vec![vec![0; 8]], vec![8 * BLOCK_BYTES], 1 << 20, None)
+    }
+
+    #[test]
+    fn a_barrier_is_captured_by_a_pass_and_reported_when_applied() {
+        let mut c = core();
+        c.handle_stream_open(0, 0);
+        assert!(c.handle_sync_request(Some(7)), "a pass starts now");
+        assert!(
+            !c.handle_sync_request(Some(7)),
+            "asked again: already under way"
+        );
+        assert_eq!(c.barrier_for_pass(), Some(7));
+        emit(&mut c, 2, vec![]);
+        c.handle_barrier_captured(7);
+        assert_eq!(c.barrier_done(), Some((7, 2)));
+        assert_eq!(c.barrier_for_pass(), None);
+        assert!(!c.handle_sync_request(Some(7)), "done: no new pass");
+        let t = Instant::now();
+        assert!(!c.handle_stream_ack(t, 2, 1).barrier_applied);
+        assert!(c.handle_stream_ack(t, 2, 2).barrier_applied);
+        assert!(!c.handle_stream_ack(t, 2, 2).barrier_applied, "said once");
+        // The configuration node stops asking: the done barrier is forgotten.
+        assert!(!c.handle_sync_request(None));
+        assert_eq!(c.barrier_done(), None);
+    }
+
+    #[test]
+    fn a_move_is_measured_from_notice_until_the_new_server_cached_the_resend() {
+        let t0 = Instant::now();
+        let mut c = core();
+        c.handle_stream_opened(t0, 0, 0, 1);
+        emit(&mut c, 1, vec![]); // seq 1, 10 raw bytes
+        emit(&mut c, 1, vec![]); // seq 2
+        c.handle_stream_ack(t0, 2, 0); // the old server cached both, applied none
+        assert_eq!(
+            c.handle_stream_end(t0, StreamEnd::Moved, 0.0),
+            Next::ReconnectNow
+        );
+        // A first attempt at the new server fails: it still counts in the pause.
+        let t1 = t0 + Duration::from_millis(3);
+        c.handle_stream_end(t1, StreamEnd::Peer("refused".into()), 0.0);
+        let t2 = t0 + Duration::from_millis(5);
+        let (after, outcome) = c.handle_stream_opened(t2, 0, 0, 2);
+        assert_eq!((after, outcome.moved), (0, None));
+        let t3 = t0 + Duration::from_millis(9);
+        let outcome = c.handle_stream_ack(t3, 1, 0);
+        assert_eq!(
+            outcome.moved,
+            Some(MoveStats {
+                generation: 2,
+                pause_ms: 9,
+                bytes_resent: 20
+            })
+        );
+        assert_eq!(c.last_move, outcome.moved);
+    }
+
+    #[test]
+    fn peer_failures_back_off_and_local_ones_go_to_the_supervisor() {
+        let t0 = Instant::now();
+        let mut c = core();
+        let first = c.handle_stream_end(t0, StreamEnd::Peer("unreachable".into()), 0.0);
+        let second = c.handle_stream_end(t0, StreamEnd::Peer("unreachable".into()), 0.0);
+        assert_eq!(
+            (first, second),
+            (
+                Next::ReconnectAfter(RECONNECT_MIN),
+                Next::ReconnectAfter(2 * RECONNECT_MIN)
+            )
+        );
+        assert_eq!(c.degraded_reason.as_deref(), Some("unreachable"));
+        // A stream that opens clears the degraded reason; one that stays up longer than the
+        // longest backoff is healthy again, and its failure reconnects quickly.
+        c.handle_stream_opened(t0, 0, 0, 1);
+        assert_eq!((c.connected, c.degraded_reason.as_deref()), (true, None));
+        let later = t0 + RECONNECT_MAX + Duration::from_secs(1);
+        assert_eq!(
+            c.handle_stream_end(later, StreamEnd::Peer("reset".into()), 0.0),
+            Next::ReconnectAfter(RECONNECT_MIN)
+        );
+        assert_eq!(
+            c.handle_stream_end(t0, StreamEnd::Local("bug".into()), 0.0),
+            Next::Fail
+        );
     }
 
     fn emit(c: &mut AgentCore, n: u64, updates: Vec<HashUpdate>) -> (u64, u64) {

@@ -4,7 +4,7 @@ use std::{fs::File, os::unix::fs::FileExt, path::Path};
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::core::{HashUpdate, BLOCK_BYTES};
+use super::core::BLOCK_BYTES;
 
 /// Bytes read per I/O (1 MiB keeps the agent's memory small; larger reads gain nothing
 /// measurable from the page cache).
@@ -12,13 +12,8 @@ const READ_BYTES: usize = 1 << 20;
 /// Largest single write record.
 pub const EXTENT_BYTES_MAX: usize = 1 << 20;
 
-/// A run of changed blocks.
-pub struct Extent {
-    pub disk: u16,
-    pub offset: u64,
-    pub data: Vec<u8>,
-    pub updates: Vec<HashUpdate>,
-}
+/// A run of changed blocks, as a capture write.
+pub use super::capture::Write as Extent;
 
 /// Hash of an all-zero block of `len` bytes: the initial table value, so an initial scan
 /// skips zero blocks (the replica starts sparse, i.e. zero).

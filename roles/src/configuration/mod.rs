@@ -5,11 +5,15 @@
 //! waits on it: nodes and agents keep their last assignment when it is down.
 pub mod core;
 
-use std::{path::Path, sync::Arc, time::Instant};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use crate::slot::Slot;
 use actix::prelude::*;
-use haven_actors::{ChildGuard, Shutdown};
+use haven_actors::{ChildGuard, ChildHandle, ChildSpec, Shutdown};
 use haven_cluster::{store::Store, ClusterMeta};
 use haven_transport::{
     identity::{CertificateAuthority, PeerIdentity, Token, TokenKind},
@@ -22,12 +26,108 @@ use crate::proto::{AdminCommand, JoinReply, Request, Response};
 
 pub type ConfigSlot = Slot<Addr<ConfigActor>>;
 
+/// The configuration role as the node's router sees it: the (restartable) actor's address,
+/// and the wake-up for held long polls.
+#[derive(Clone, Default)]
+pub struct ConfigService {
+    slot: ConfigSlot,
+    /// Signalled by the actor when something agents and nodes long-poll for happens.
+    events: Arc<tokio::sync::Notify>,
+}
+
+impl ConfigService {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The `configuration` child: the [`ConfigActor`], loaded from the store at every start.
+    pub fn child_spec(
+        &self,
+        data_dir: PathBuf,
+        ca: Arc<CertificateAuthority>,
+        failure_timeout: Duration,
+        policy: core::scaleout::RebalancePolicy,
+    ) -> ChildSpec {
+        let (slot, events) = (self.slot.clone(), self.events.clone());
+        ChildSpec::new(
+            haven_cluster::ROLE_CONFIGURATION,
+            move |mut guard| match ConfigActor::load(
+                &data_dir,
+                ca.clone(),
+                failure_timeout,
+                policy.clone(),
+            ) {
+                Ok(parts) => {
+                    let addr = actix::Actor::start(parts.into_actor(guard, events.clone()));
+                    slot.set(Some(addr.clone()));
+                    ChildHandle::actor(addr)
+                }
+                Err(e) => {
+                    guard.fail(e);
+                    ChildHandle::none()
+                }
+            },
+        )
+    }
+
+    /// Answers a control request; an agent's or node's long poll with nothing to say is held
+    /// until a configuration event or its `wait_ms`, then answered afresh.
+    pub async fn handle(&self, who: Option<PeerIdentity>, request: Request) -> Response {
+        let Some(addr) = self.slot.get() else {
+            return Response::Refused {
+                reason: "the configuration service is restarting; retry".into(),
+            };
+        };
+        const HOLD_MAX: Duration = Duration::from_secs(5);
+        let wait = match &request {
+            Request::AgentPoll(r) => Duration::from_millis(r.wait_ms as u64).min(HOLD_MAX),
+            Request::NodePoll(r) => Duration::from_millis(r.wait_ms as u64).min(HOLD_MAX),
+            _ => Duration::ZERO,
+        };
+        // Registered before the first ask, so an event between the ask and the wait is not lost.
+        let event = self.events.notified();
+        tokio::pin!(event);
+        event.as_mut().enable();
+        let again = (!wait.is_zero()).then(|| request.clone());
+        let first = ask(&addr, who.clone(), request).await;
+        // Hold only if the answer would change nothing for the caller.
+        let idle = match (&again, &first) {
+            (Some(Request::AgentPoll(q)), Response::AgentPoll(r)) => {
+                r.sync_request.is_none() && r.generation.0 == q.known_generation
+            }
+            (Some(Request::NodePoll(q)), Response::NodePoll(r)) => q.version == r.version,
+            _ => false,
+        };
+        match again {
+            Some(mut req) if idle => {
+                let _ = tokio::time::timeout(wait, event).await;
+                match &mut req {
+                    Request::AgentPoll(r) => r.held = true,
+                    Request::NodePoll(r) => r.held = true,
+                    _ => {}
+                }
+                ask(&addr, who, req).await
+            }
+            _ => first,
+        }
+    }
+}
+
+async fn ask(addr: &Addr<ConfigActor>, who: Option<PeerIdentity>, request: Request) -> Response {
+    match addr.send(HandleRequest { who, request }).await {
+        Ok(r) => r,
+        Err(e) => Response::Refused {
+            reason: format!("configuration service unavailable: {e}"),
+        },
+    }
+}
+
 pub struct ConfigActor {
     core: ConfigCore,
     store: Store,
     ca: Arc<CertificateAuthority>,
     guard: ChildGuard,
-    /// Wakes long-polling agents (see `node::ask_or_hold`).
+    /// Wakes long-polling agents and nodes (see [`ConfigService::handle`]).
     events: Arc<tokio::sync::Notify>,
 }
 

@@ -24,21 +24,17 @@ use haven_transport::{
 use quinn::{RecvStream, SendStream};
 use tokio::sync::mpsc;
 
-use super::PsMachine;
-use crate::node::NodeContext;
+use super::ingest_core::{self, Failure, IngestCore, Next, Say, Verdict, Writer};
+use super::{ProcessService, PsMachine};
+use crate::error::StreamError;
 use crate::proto::{Ack, AgentFrame, Response, ShipFrame, StreamOpen};
 
 /// Largest group of batches committed by one fsync.
 const GROUP_BYTES_MAX: usize = 32 << 20;
 /// Sealed batches queued between the reader and the writer.
 const SEAL_QUEUE: usize = 3;
-/// Backoff between attempts to write to a cache whose last write failed.
-const RETRY_MIN: Duration = Duration::from_millis(100);
-const RETRY_MAX: Duration = Duration::from_secs(2);
-/// A writer whose cache writes keep failing says so again this often.
-const STILL_FAILING_EVERY: Duration = Duration::from_secs(60);
 
-struct Sealed {
+struct SealedBatch {
     first_seq: u64,
     last_seq: u64,
     payload: Vec<u8>,
@@ -73,14 +69,14 @@ impl Drop for Inflight {
 static NEXT_STREAM_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 pub async fn ingest(
-    ctx: Arc<NodeContext>,
+    svc: &ProcessService,
     conn: quinn::Connection,
     who: Option<PeerIdentity>,
     open: StreamOpen,
     mut send: SendStream,
     mut recv: RecvStream,
-) -> Result<(), String> {
-    let admitted = match admit(&ctx, who.as_ref(), &open).await {
+) -> Result<(), StreamError> {
+    let admitted = match admit(svc, who.as_ref(), &open).await {
         Ok(m) => admit_instance(&m, &open, &conn).await.map(|()| m),
         Err(e) => Err(e),
     };
@@ -95,10 +91,10 @@ pub async fn ingest(
             )
             .await;
             let _ = send.finish();
-            return Err(reason);
+            return Err(StreamError::Refused(reason));
         }
     };
-    let ps = ctx.process.clone().ok_or("not a process server")?;
+    let ps = svc.state.clone();
     let id = NEXT_STREAM_ID.fetch_add(1, Ordering::Relaxed);
     // Taken over under the cache lock: a superseded writer appends nothing after this (it
     // checks under the same lock), so what we report as cached is all there will be.
@@ -117,8 +113,7 @@ pub async fn ingest(
             applied_seq: applied,
         },
     )
-    .await
-    .map_err(|e| e.to_string())?;
+    .await?;
     tracing::info!(machine = %open.machine, cached, applied, "agent stream accepted");
 
     // Acks flow back as the durable and applied cursors move.
@@ -142,50 +137,36 @@ pub async fn ingest(
         })
     };
 
-    let (tx, rx) = mpsc::channel::<tokio::task::JoinHandle<Result<Sealed, String>>>(SEAL_QUEUE);
+    let (tx, rx) =
+        mpsc::channel::<tokio::task::JoinHandle<Result<SealedBatch, StreamError>>>(SEAL_QUEUE);
     let writer = tokio::spawn(write_groups(m.clone(), ps.clone(), id, rx));
     let key = {
         let a = m.assignment.borrow();
-        DataKey::from_slice(&a.data_key).map_err(|e| e.to_string())?
+        DataKey::from_slice(&a.data_key).map_err(|e| StreamError::local("the data key", e))?
     };
-    let mut next_expected = cached.max(applied) + 1;
+    let mut core = IngestCore::new(cached, applied);
     let result = async {
         loop {
-            let Some(bytes) = frame::read_frame(&mut recv, MAX_DATA_FRAME)
-                .await
-                .map_err(|e| e.to_string())?
-            else {
+            let Some(bytes) = frame::read_frame(&mut recv, MAX_DATA_FRAME).await? else {
                 return Ok(());
             };
             if m.ingest_owner.load(Ordering::SeqCst) != id {
-                return Err("superseded by a newer stream from the same agent".to_string());
+                return Err(StreamError::Superseded(
+                    "a newer stream from the same agent took over".into(),
+                ));
             }
             let AgentFrame::Batch {
                 first_seq,
                 last_seq,
                 body,
-            } = codec::decode(&bytes).map_err(|e| format!("malformed batch frame: {e}"))?;
-            if first_seq > last_seq || body.len() > MAX_RAW_LEN {
-                return Err(format!(
-                    "invalid batch {first_seq}..={last_seq} of {} bytes",
-                    body.len()
-                ));
+            } = codec::decode(&bytes)
+                .map_err(|e| StreamError::Refused(format!("malformed batch frame: {e}")))?;
+            match core.handle_batch(first_seq, last_seq, body.len(), MAX_RAW_LEN) {
+                Verdict::Take => {}
+                Verdict::Skip => continue,
+                Verdict::Refuse(reason) => return Err(StreamError::Refused(reason)),
             }
-            if last_seq < next_expected {
-                continue; // a resend of something already cached
-            }
-            // A gap is legal: after moves, the seqs in between were cached by another process
-            // server (the master target orders and deduplicates). An overlap is not: batches
-            // are immutable units, so a partial overlap means a broken sender.
-            if first_seq < next_expected {
-                return Err(format!(
-                    "batch {first_seq}..={last_seq} overlaps what is cached (through {})",
-                    next_expected - 1
-                ));
-            }
-            next_expected = last_seq + 1;
-            // Back-pressure: a full cache stops us reading; QUIC flow control slows the agent.
-            while ps.pending_bytes() >= ps.cache_limit_bytes {
+            while ingest_core::holds_back(ps.pending_bytes(), ps.cache_limit_bytes) {
                 let wait = ps.space.notified();
                 let _ = tokio::time::timeout(Duration::from_millis(200), wait).await;
             }
@@ -199,14 +180,15 @@ pub async fn ingest(
                     first_seq,
                     last_seq,
                 };
-                let sealed = seal::seal(&key, &sctx, &body).map_err(|e| e.to_string())?;
+                let sealed = seal::seal(&key, &sctx, &body)
+                    .map_err(|e| StreamError::local("seal a batch", e))?;
                 let payload = codec::encode(&ShipFrame::Sealed {
                     first_seq,
                     last_seq,
                     sealed,
                 })
-                .map_err(|e| e.to_string())?;
-                Ok(Sealed {
+                .map_err(|e| StreamError::local("encode a sealed batch", e))?;
+                Ok(SealedBatch {
                     first_seq,
                     last_seq,
                     payload,
@@ -223,20 +205,18 @@ pub async fn ingest(
     drop(tx);
     let written = writer
         .await
-        .map_err(|e| format!("cache writer failed: {e}"))?;
+        .map_err(|e| StreamError::local("cache writer", e))?;
     acker.abort();
     result.and(written)
 }
 
 async fn admit(
-    ctx: &NodeContext,
+    svc: &ProcessService,
     who: Option<&PeerIdentity>,
     open: &StreamOpen,
 ) -> Result<Arc<PsMachine>, String> {
-    let ps = ctx
-        .process
-        .as_ref()
-        .ok_or("this node is not a process server")?;
+    let ps = &svc.state;
+    let link = svc.link();
     let enrolment = match who {
         Some(PeerIdentity::Agent { machine, enrolment }) if *machine == open.machine => enrolment,
         Some(other) => {
@@ -249,12 +229,12 @@ async fn admit(
         None => return Err("data streams need a cluster certificate".into()),
     };
     // The agent may hear of a move before we do: wait briefly for our assignment to catch up.
-    let mut assignments = ctx.assignments.subscribe();
+    let mut assignments = link.assignments();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     let a = loop {
-        let current = ctx
+        let current = link
             .assignment(&open.machine)
-            .filter(|a| a.process_server == ctx.name);
+            .filter(|a| a.process_server == link.name);
         match current {
             Some(a) if a.generation >= open.generation => break a,
             _ => {}
@@ -265,7 +245,7 @@ async fn admit(
         {
             return Err(format!(
                 "machine {} (generation {}) is not assigned to process server {}",
-                open.machine, open.generation.0, ctx.name
+                open.machine, open.generation.0, link.name
             ));
         }
     };
@@ -291,13 +271,14 @@ async fn admit(
         let ps = ps.clone();
         tokio::task::spawn_blocking(move || ps.machine(&a))
             .await
-            .map_err(|e| e.to_string())??
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?
     };
     // Without cached data, the seq floor comes from the master target: wait for it.
     if m.draining.load(Ordering::SeqCst) {
         return Err(format!(
             "machine {} is draining off process server {}",
-            open.machine, ctx.name
+            open.machine, link.name
         ));
     }
     if *m.durable.borrow() == 0 && !*m.applied_known.borrow() {
@@ -322,7 +303,7 @@ async fn admit_instance(
     open: &StreamOpen,
     conn: &quinn::Connection,
 ) -> Result<(), String> {
-    let live = m.live.lock().map_err(|_| "poisoned".to_string())?.clone();
+    let live = super::lock(&m.live).map_err(|e| e.to_string())?.clone();
     if let Some(live) = live.filter(|l| {
         l.instance != open.instance
             && open.instance != 0
@@ -348,7 +329,7 @@ async fn admit_instance(
             }
         }
     }
-    *m.live.lock().map_err(|_| "poisoned".to_string())? = Some(super::LiveAgent {
+    *super::lock(&m.live).map_err(|e| e.to_string())? = Some(super::LiveAgent {
         instance: open.instance,
         conn: conn.clone(),
     });
@@ -381,15 +362,18 @@ async fn write_groups(
     m: Arc<PsMachine>,
     ps: Arc<super::ProcessState>,
     id: u64,
-    mut rx: mpsc::Receiver<tokio::task::JoinHandle<Result<Sealed, String>>>,
-) -> Result<(), String> {
+    mut rx: mpsc::Receiver<tokio::task::JoinHandle<Result<SealedBatch, StreamError>>>,
+) -> Result<(), StreamError> {
+    let sealed = |r: Result<Result<SealedBatch, StreamError>, tokio::task::JoinError>| {
+        r.map_err(|e| StreamError::local("seal task", e))?
+    };
     while let Some(job) = rx.recv().await {
-        let first = job.await.map_err(|e| format!("seal task failed: {e}"))??;
+        let first = sealed(job.await)?;
         let mut bytes = first.payload.len();
         let mut group = vec![first];
         while bytes < GROUP_BYTES_MAX {
             let Ok(job) = rx.try_recv() else { break };
-            let s = job.await.map_err(|e| format!("seal task failed: {e}"))??;
+            let s = sealed(job.await)?;
             bytes += s.payload.len();
             group.push(s);
         }
@@ -399,7 +383,7 @@ async fn write_groups(
 }
 
 /// Why an attempt to write a group stopped short.
-enum Failure {
+enum Stop {
     /// A newer stream from the same agent took over, or the machine moved away (a writer
     /// held back by a full disk can outlive its stream); the agent resends what we did not
     /// cache, to whoever holds the stream now.
@@ -410,39 +394,39 @@ enum Failure {
 /// One attempt at a group, under the cache lock.
 struct Attempt {
     /// What is not durable yet, to try again.
-    group: Vec<Sealed>,
+    group: Vec<SealedBatch>,
     durable: u64,
     cache_bytes: u64,
     pending: u64,
-    failure: Option<Failure>,
+    stop: Option<Stop>,
 }
 
 fn attempt(
     m: &PsMachine,
     id: u64,
     c: &mut MachineCache,
-    mut group: Vec<Sealed>,
+    mut group: Vec<SealedBatch>,
     applied: u64,
 ) -> Attempt {
     let result = (|| {
         if m.ingest_owner.load(Ordering::SeqCst) != id {
-            return Err(Failure::Superseded(
+            return Err(Stop::Superseded(
                 "superseded by a newer stream from the same agent",
             ));
         }
         if m.draining.load(Ordering::SeqCst) {
-            return Err(Failure::Superseded(
+            return Err(Stop::Superseded(
                 "the machine moved to another process server",
             ));
         }
         if c.is_poisoned() {
-            c.recover().map_err(Failure::Cache)?;
+            c.recover().map_err(Stop::Cache)?;
         }
         for s in &group {
             c.append(s.first_seq, s.last_seq, &s.payload)
-                .map_err(Failure::Cache)?;
+                .map_err(Stop::Cache)?;
         }
-        c.sync().map_err(Failure::Cache)
+        c.sync().map_err(Stop::Cache)
     })();
     let durable = c.durable_last_seq().unwrap_or(0);
     group.retain(|s| s.last_seq > durable);
@@ -451,17 +435,19 @@ fn attempt(
         durable,
         cache_bytes: c.bytes(),
         pending: c.bytes_after(applied),
-        failure: result.err(),
+        stop: result.err(),
     }
 }
 
-/// A run of failed attempts at writing the cache, for the log.
-struct Trouble {
-    since: Instant,
-    attempts: u64,
-    /// Logged as an error (else at debug level, another having been logged recently).
-    loud: bool,
-    last_said: Instant,
+/// Which failures of the cache can pass: I/O (a full disk, above all), and a cache poisoned
+/// by a failed fsync (recovered on the next attempt). Anything else is corruption or a bug.
+fn failure(e: &CacheError) -> Failure {
+    match e {
+        CacheError::Io { .. } | CacheError::Poisoned { .. } => Failure::Transient {
+            disk_full: e.is_disk_full(),
+        },
+        _ => Failure::Fatal,
+    }
 }
 
 /// Appends a group and makes it durable. While the cache cannot be written, holds on to the
@@ -470,10 +456,9 @@ async fn write_group(
     m: &Arc<PsMachine>,
     ps: &super::ProcessState,
     id: u64,
-    mut group: Vec<Sealed>,
-) -> Result<(), String> {
-    let mut trouble: Option<Trouble> = None;
-    let mut backoff = RETRY_MIN;
+    mut group: Vec<SealedBatch>,
+) -> Result<(), StreamError> {
+    let mut writer = Writer::default();
     loop {
         // Registered before the attempt, so a deletion during it is not missed.
         let freed = ps.freed.notified();
@@ -493,65 +478,74 @@ async fn write_group(
             *d = a.durable;
             changed
         });
-        let e = match a.failure {
+        let e = match a.stop {
             None => {
-                if let Some(t) = trouble {
-                    let waited_ms = t.since.elapsed().as_millis() as u64;
-                    if t.loud {
-                        tracing::info!(machine = %m.name, attempts = t.attempts, waited_ms, "cache writable again: taking data from the agent");
-                    } else {
-                        tracing::debug!(machine = %m.name, attempts = t.attempts, waited_ms, "cache writable again");
-                    }
+                if let Some(said) = writer.handle_success(Instant::now()) {
+                    say(m, ps, &said, None);
                 }
                 return Ok(());
             }
-            Some(Failure::Superseded(why)) => return Err(why.into()),
-            Some(Failure::Cache(e)) => e,
+            Some(Stop::Superseded(why)) => return Err(StreamError::Superseded(why.into())),
+            Some(Stop::Cache(e)) => e,
         };
-        // Only I/O fails in a way that can pass; anything else is a bug or corruption.
-        if !matches!(e, CacheError::Io { .. } | CacheError::Poisoned { .. }) {
-            return Err(e.to_string());
+        let f = failure(&e);
+        // The process server's once-a-minute error slot is asked for on a run's first
+        // failure only.
+        let loud_allowed = !writer.in_trouble()
+            && matches!(f, Failure::Transient { .. })
+            && ps.report_write_error();
+        let (said, next) = writer.handle_failure(Instant::now(), f, loud_allowed);
+        if let Some(said) = said {
+            say(m, ps, &said, Some(&e));
         }
-        let what = if e.is_disk_full() {
-            "cache disk full: holding the agent back until space frees (the agent keeps what is not cached; nothing is lost)"
-        } else {
-            "cache write failed: holding the agent back and retrying (the agent keeps what is not cached; nothing is lost)"
-        };
-        match &mut trouble {
-            None => {
-                let loud = ps.report_write_error();
-                // A --cache-size above what the disk holds is the usual cause: show both.
-                let disk_bytes = haven_storage::cache::filesystem_bytes(&ps.dir).unwrap_or(0);
-                let limit = ps.cache_limit_bytes;
-                if loud {
-                    tracing::error!(machine = %m.name, error = %e, cache_size = limit, disk_bytes, "{what}");
-                } else {
-                    tracing::debug!(machine = %m.name, error = %e, cache_size = limit, disk_bytes, "{what}");
-                }
-                let now = Instant::now();
-                trouble = Some(Trouble {
-                    since: now,
-                    attempts: 1,
-                    loud,
-                    last_said: now,
-                });
-            }
-            Some(t) => {
-                t.attempts += 1;
-                if t.last_said.elapsed() >= STILL_FAILING_EVERY {
-                    t.last_said = Instant::now();
-                    tracing::warn!(
-                        machine = %m.name, error = %e, attempts = t.attempts,
-                        failing_s = t.since.elapsed().as_secs(),
-                        "cache writes still failing; the agent is held back"
-                    );
+        match next {
+            Next::End => return Err(e.into()),
+            Next::RetryAfter(delay) => {
+                tokio::select! {
+                    _ = &mut freed => {}
+                    _ = tokio::time::sleep(delay) => {}
                 }
             }
         }
-        tokio::select! {
-            _ = &mut freed => {}
-            _ = tokio::time::sleep(backoff) => {}
+    }
+}
+
+/// Logs what the writer says about its trouble.
+fn say(m: &PsMachine, ps: &super::ProcessState, said: &Say, e: Option<&CacheError>) {
+    let error = e.map(|e| e.to_string()).unwrap_or_default();
+    match *said {
+        Say::Failing { loud, disk_full } => {
+            let what = if disk_full {
+                "cache disk full: holding the agent back until space frees (the agent keeps what is not cached; nothing is lost)"
+            } else {
+                "cache write failed: holding the agent back and retrying (the agent keeps what is not cached; nothing is lost)"
+            };
+            // A --cache-size above what the disk holds is the usual cause: show both.
+            let disk_bytes = haven_storage::cache::filesystem_bytes(&ps.dir).unwrap_or(0);
+            let limit = ps.cache_limit_bytes;
+            if loud {
+                tracing::error!(machine = %m.name, %error, cache_size = limit, disk_bytes, "{what}");
+            } else {
+                tracing::debug!(machine = %m.name, %error, cache_size = limit, disk_bytes, "{what}");
+            }
         }
-        backoff = (backoff * 2).min(RETRY_MAX);
+        Say::StillFailing {
+            attempts,
+            failing_s,
+        } => tracing::warn!(
+            machine = %m.name, %error, attempts, failing_s,
+            "cache writes still failing; the agent is held back"
+        ),
+        Say::Recovered {
+            loud,
+            attempts,
+            waited_ms,
+        } => {
+            if loud {
+                tracing::info!(machine = %m.name, attempts, waited_ms, "cache writable again: taking data from the agent");
+            } else {
+                tracing::debug!(machine = %m.name, attempts, waited_ms, "cache writable again");
+            }
+        }
     }
 }

@@ -11,7 +11,9 @@
 //! Both ends rebuild from durable cursors: the cache on disk and the master target's
 //! `applied_seq`, which it reports when a ship stream opens.
 pub mod ingest;
+pub mod ingest_core;
 pub mod ship;
+pub mod ship_core;
 
 use std::{
     path::{Path, PathBuf},
@@ -21,11 +23,116 @@ use std::{
     },
 };
 
+use actix::Addr;
 use dashmap::DashMap;
-use haven_storage::cache::{CacheOptions, MachineCache};
+use haven_actors::{AddChild, ChildSpec, RemoveChild, Supervisor, SupervisorConfig, TaskError};
+use haven_storage::cache::{CacheError, CacheOptions, MachineCache};
 use tokio::sync::{watch, Notify};
 
+use crate::error::StreamError;
+use crate::link::NodeLink;
 use crate::proto::{Assignment, NodeMachineReport};
+
+/// The process-server role as the node's router and poller see it.
+#[derive(Clone)]
+pub struct ProcessService {
+    pub state: Arc<ProcessState>,
+    link: Arc<NodeLink>,
+}
+
+impl ProcessService {
+    pub fn new(data_dir: &Path, cache_limit_bytes: u64, link: Arc<NodeLink>) -> Self {
+        Self {
+            state: Arc::new(ProcessState::new(data_dir, cache_limit_bytes)),
+            link,
+        }
+    }
+
+    pub fn link(&self) -> &NodeLink {
+        &self.link
+    }
+
+    /// The `process` supervisor and its manager (which keeps one `ship/<machine>` child per
+    /// machine assigned here).
+    pub fn child_spec(&self) -> ChildSpec {
+        let svc = self.clone();
+        let manager = ChildSpec::task("manager", move |tc| {
+            let svc = svc.clone();
+            async move {
+                let sup = tc
+                    .supervisor
+                    .ok_or_else(|| TaskError::fatal("the process manager needs a supervisor"))?;
+                manage(svc, sup).await
+            }
+        });
+        Supervisor::child_spec(SupervisorConfig::new("process"), vec![manager])
+    }
+}
+
+/// Keeps one `ship/<machine>` child per machine assigned to this process server.
+async fn manage(svc: ProcessService, sup: Addr<Supervisor>) -> Result<(), TaskError> {
+    let ps = svc.state.clone();
+    let mut rx = svc.link.assignments();
+    let mut running: std::collections::HashMap<String, haven_cluster::Epoch> = Default::default();
+    loop {
+        let mine: Vec<Assignment> = rx
+            .borrow_and_update()
+            .iter()
+            .filter(|a| a.process_server == svc.link.name)
+            .cloned()
+            .collect();
+        for a in &mine {
+            let ps2 = ps.clone();
+            let a2 = a.clone();
+            let m = tokio::task::spawn_blocking(move || ps2.machine(&a2))
+                .await
+                .map_err(TaskError::retry)?
+                .map_err(TaskError::retry)?;
+            if running.get(&a.machine) == Some(&a.epoch) {
+                continue;
+            }
+            let name = format!("ship/{}", a.machine);
+            // A ship child may still be draining (or be of an old epoch): replace it.
+            let _ = sup.send(RemoveChild(name.clone())).await;
+            running.remove(&a.machine);
+            let svc2 = svc.clone();
+            let spec = ChildSpec::task(name, move |tc| {
+                // Supervisor restarts; the child counts its own reconnects to the same total.
+                if tc.restarts > 0 {
+                    m.ship_restarts.fetch_add(1, Ordering::Relaxed);
+                }
+                ship::ship(svc2.clone(), m.clone())
+            });
+            sup.send(AddChild(spec))
+                .await
+                .map_err(TaskError::retry)?
+                .map_err(TaskError::retry)?;
+            running.insert(a.machine.clone(), a.epoch);
+        }
+        // A machine moved away drains: its ship child ships what is cached, then drops it.
+        let gone: Vec<String> = running
+            .keys()
+            .filter(|k| !mine.iter().any(|a| &a.machine == *k))
+            .cloned()
+            .collect();
+        for machine in gone {
+            running.remove(&machine);
+            match ps.machines.get(&machine).map(|m| m.clone()) {
+                Some(m) => {
+                    tracing::info!(%machine, "no longer assigned here; draining its cache to the master target");
+                    m.draining.store(true, Ordering::SeqCst);
+                    m.assignment.send_modify(|_| {}); // wake the ship child
+                }
+                None => {
+                    let _ = sup.send(RemoveChild(format!("ship/{machine}"))).await;
+                }
+            }
+        }
+        rx.changed()
+            .await
+            .map_err(|_| TaskError::fatal("the node's assignments are gone"))?;
+    }
+}
 
 pub struct ProcessState {
     pub dir: PathBuf,
@@ -118,12 +225,12 @@ impl ProcessState {
 
     /// A forgotten machine: its cache goes (it is not assigned here any more, so nothing
     /// ships from it). The entry stays, as the owner of the cache directory.
-    pub fn retire(&self, machine: &str) -> Result<(), String> {
+    pub fn retire(&self, machine: &str) -> Result<(), StreamError> {
         let Some(m) = self.machines.get(machine).map(|m| m.clone()) else {
             let dir = self.dir.join(machine);
             return match std::fs::remove_dir_all(&dir) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    Err(format!("remove {}: {e}", dir.display()))
+                    Err(StreamError::local("remove a forgotten machine's cache", e))
                 }
                 _ => Ok(()),
             };
@@ -140,11 +247,8 @@ impl ProcessState {
     /// Opens (or reuses) the machine's cache. An epoch change means a new protection: the
     /// old cache belongs to a stream that no longer exists and is cleared. Entries are never
     /// removed from the map: the cache's directory lock belongs to its one `PsMachine`.
-    pub fn machine(&self, a: &Assignment) -> Result<Arc<PsMachine>, String> {
-        let _create = self
-            .create
-            .lock()
-            .map_err(|_| "process state lock poisoned".to_string())?;
+    pub fn machine(&self, a: &Assignment) -> Result<Arc<PsMachine>, StreamError> {
+        let _create = lock(&self.create)?;
         if let Some(m) = self.machines.get(&a.machine).map(|m| m.clone()) {
             if m.assignment.borrow().epoch != a.epoch {
                 tracing::info!(machine = %a.machine, epoch = a.epoch.0, "new protection epoch: clearing the old cache");
@@ -156,15 +260,12 @@ impl ProcessState {
                 m.wire_bytes.store(0, Ordering::Relaxed);
                 let epoch_file = self.dir.join(&a.machine).join("epoch");
                 crate::fsutil::write_atomic(&epoch_file, a.epoch.0.to_string().as_bytes())
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| StreamError::local("write the cache's epoch", e))?;
             }
             {
                 // Under the cache lock, so a drain that is finishing either clears the cache
                 // before we take the machine back, or sees it taken back and clears nothing.
-                let _cache = m
-                    .cache
-                    .lock()
-                    .map_err(|_| "cache lock poisoned".to_string())?;
+                let _cache = lock(&m.cache)?;
                 m.draining.store(false, Ordering::SeqCst);
             }
             if *m.assignment.borrow() != *a {
@@ -174,17 +275,17 @@ impl ProcessState {
         }
         let dir = self.dir.join(&a.machine);
         let epoch_file = dir.join("epoch");
-        let (mut cache, report) = MachineCache::open(&dir.join("log"), self.cache_options())
-            .map_err(|e| format!("cache for {}: {e}", a.machine))?;
-        let stored = crate::fsutil::read_optional(&epoch_file).map_err(|e| e.to_string())?;
+        let (mut cache, report) = MachineCache::open(&dir.join("log"), self.cache_options())?;
+        let stored = crate::fsutil::read_optional(&epoch_file)
+            .map_err(|e| StreamError::local("read the cache's epoch", e))?;
         let epoch_bytes = a.epoch.0.to_string();
         if stored.as_deref() != Some(epoch_bytes.as_bytes()) {
             if report.records > 0 {
                 tracing::info!(machine = %a.machine, epoch = a.epoch.0, "new protection epoch: clearing the old cache");
             }
-            cache.clear().map_err(|e| e.to_string())?;
+            cache.clear()?;
             crate::fsutil::write_atomic(&epoch_file, epoch_bytes.as_bytes())
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| StreamError::local("write the cache's epoch", e))?;
         } else if report.truncated_bytes > 0 {
             tracing::warn!(machine = %a.machine, bytes = report.truncated_bytes, "cut a torn tail from the cache after a crash");
         }
@@ -253,43 +354,36 @@ impl PsMachine {
     /// Runs `f` on the cache in the blocking pool (cache calls do file I/O and fsync).
     pub async fn with_cache<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut MachineCache) -> Result<T, haven_storage::cache::CacheError>
-            + Send
-            + 'static,
-    ) -> Result<T, String> {
+        f: impl FnOnce(&mut MachineCache) -> Result<T, CacheError> + Send + 'static,
+    ) -> Result<T, StreamError> {
         let cache = self.cache.clone();
         tokio::task::spawn_blocking(move || {
-            let mut c = cache
-                .lock()
-                .map_err(|_| "cache lock poisoned".to_string())?;
-            f(&mut c).map_err(|e| e.to_string())
+            let mut c = lock(&cache)?;
+            f(&mut c).map_err(StreamError::from)
         })
         .await
-        .map_err(|e| format!("cache task failed: {e}"))?
+        .map_err(|e| StreamError::local("cache task", e))?
     }
 
     /// Empties the cache and forgets its cursors: nothing cached here any more, and the
     /// applied position must be learnt again from the master target before a stream may
     /// open (so an agent never skips data it believes we hold).
-    pub fn reset_cache(&self) -> Result<(), String> {
+    pub fn reset_cache(&self) -> Result<(), StreamError> {
         self.reset_cache_if(|| true).map(|_| ())
     }
 
     /// [`reset_cache`](Self::reset_cache) if the machine is still draining; false if it was
     /// taken back meanwhile.
-    pub fn reset_cache_if_draining(&self) -> Result<bool, String> {
+    pub fn reset_cache_if_draining(&self) -> Result<bool, StreamError> {
         self.reset_cache_if(|| self.draining.load(Ordering::SeqCst))
     }
 
-    fn reset_cache_if(&self, still: impl FnOnce() -> bool) -> Result<bool, String> {
-        let mut c = self
-            .cache
-            .lock()
-            .map_err(|_| "cache lock poisoned".to_string())?;
+    fn reset_cache_if(&self, still: impl FnOnce() -> bool) -> Result<bool, StreamError> {
+        let mut c = lock(&self.cache)?;
         if !still() {
             return Ok(false);
         }
-        c.clear().map_err(|e| e.to_string())?;
+        c.clear()?;
         self.durable.send_replace(0);
         self.applied_known.send_replace(false);
         self.cache_bytes.store(0, Ordering::Relaxed);
@@ -313,4 +407,10 @@ impl PsMachine {
         });
         self.applied_known.send_replace(true);
     }
+}
+
+/// A lock that a panic elsewhere left poisoned is a failure of this node.
+fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, StreamError> {
+    m.lock()
+        .map_err(|_| StreamError::Local("a process-server lock was poisoned by a panic".into()))
 }

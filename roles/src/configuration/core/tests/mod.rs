@@ -2120,8 +2120,7 @@ fn barrier_ids_are_not_reused_after_a_restart() {
     let new_id = after.request_sync(SEC, "web");
     assert_ne!(new_id, old_id);
 }
-#[path = "scaleout_tests.rs"]
-mod scaleout_tests;
+mod scaleout;
 
 /// A long poll held by the server and answered late carries an older report than one the
 /// agent sent meanwhile: it must not overwrite it.

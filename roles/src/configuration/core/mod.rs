@@ -78,10 +78,8 @@ pub struct ConfigCore {
     rng: StdRng,
 }
 
-#[path = "scaleout.rs"]
 pub mod scaleout;
 
-#[path = "enrolment.rs"]
 pub mod enrolment;
 
 pub type Outcome = (Response, Vec<Persist>);
@@ -867,5 +865,4 @@ pub(crate) fn valid_name(name: &str) -> Result<(), String> {
     }
 }
 #[cfg(test)]
-#[path = "core_tests.rs"]
 mod tests;

@@ -1,0 +1,120 @@
+//! The agent's `control` child: long-polls the configuration node with the agent's report,
+//! and acts on the reply — protection, epoch, process server, sync barriers, resyncs. While
+//! the configuration node is unreachable the last control state stays in force (it is
+//! persisted), so replication goes on.
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use haven_actors::TaskError;
+
+use super::state::{lock, Agent, AgentError, Control, CONTROL_VERSION};
+use crate::{
+    client::CallError,
+    poll::{LongPoll, LONG_POLL_MS, POLL_INTERVAL},
+    proto::{AgentPollReply, Request, Response},
+};
+
+pub(super) async fn control_loop(a: Arc<Agent>) -> Result<(), TaskError> {
+    let addr = a.identity.config_socket_addr().map_err(TaskError::fatal)?;
+    let mut poll = LongPoll::new(a.dialer.clone(), addr, format!("agent {}", a.opts.machine));
+    let mut last_rate = (Instant::now(), lock(&a.core).raw_bytes_applied);
+    let mut throughput = 0u64;
+    let mut refused: Option<String> = None;
+    loop {
+        let now = Instant::now();
+        let applied_bytes = lock(&a.core).raw_bytes_applied;
+        let dt = now.duration_since(last_rate.0).as_secs_f64();
+        if dt >= 1.0 {
+            throughput = ((applied_bytes - last_rate.1) as f64 / dt) as u64;
+            last_rate = (now, applied_bytes);
+        }
+        let report = a.report(throughput, LONG_POLL_MS);
+        let request = Request::AgentPoll(Box::new(report));
+        let result = tokio::select! {
+            r = poll.call(&request) => Some(r),
+            _ = a.report_now.notified() => None,
+        };
+        let pause = match result {
+            None => Duration::ZERO, // report right away
+            Some(Ok(Response::AgentPoll(reply))) => {
+                if refused.take().is_some() {
+                    tracing::info!("the configuration node accepts this agent again");
+                    lock(&a.core).degraded_reason = None;
+                }
+                handle_poll_reply(&a, reply)?;
+                Duration::from_millis(100)
+            }
+            Some(Ok(other)) => {
+                tracing::warn!("unexpected poll reply: {other:?}");
+                POLL_INTERVAL
+            }
+            Some(Err(CallError::Refused(reason))) => {
+                // Not a network problem: this agent may not speak for the machine (forgotten,
+                // enrolled again elsewhere). Said once; asked again slowly.
+                if refused.as_deref() != Some(reason.as_str()) {
+                    tracing::error!("the configuration node refused this agent: {reason}");
+                    lock(&a.core).degraded_reason =
+                        Some(format!("refused by the configuration node: {reason}"));
+                    refused = Some(reason);
+                }
+                Duration::from_secs(5)
+            }
+            // Unreachable (said once by the poll client): replication goes on.
+            Some(Err(_)) => POLL_INTERVAL,
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = a.report_now.notified() => {}
+        }
+    }
+}
+
+fn handle_poll_reply(a: &Agent, reply: AgentPollReply) -> Result<(), AgentError> {
+    let new = Control {
+        protected: reply.protected,
+        epoch: reply.epoch,
+        generation: reply.generation.0,
+        process_server: reply.process_server,
+        version: CONTROL_VERSION,
+    };
+    if new.protected && new.epoch != lock(&a.core).epoch {
+        tracing::info!(
+            epoch = new.epoch,
+            "new protection epoch: starting a full sync"
+        );
+        let fresh = a.fresh_core(new.epoch)?;
+        {
+            let mut core = lock(&a.core);
+            core.renew(fresh);
+            core.applied_dirty = true;
+        }
+        a.reset.send_modify(|g| *g += 1);
+    }
+    {
+        let mut set = lock(&a.disks);
+        let mut wanted = false;
+        for (disk, &n) in &reply.resync {
+            let Some(i) = set.records.iter().position(|r| &r.name == disk) else {
+                continue;
+            };
+            if n > set.records[i].resync_done && n > set.resync[i] {
+                tracing::info!(%disk, request = n, "resync requested by the operator");
+                set.resync[i] = n;
+                wanted = true;
+            }
+        }
+        if wanted {
+            a.scan_now.notify_one();
+        }
+    }
+    if lock(&a.core).handle_sync_request(reply.sync_request) {
+        a.scan_now.notify_one();
+    }
+    if *a.control.borrow() != new {
+        a.save_control(&new)?;
+        a.control.send_replace(new);
+    }
+    Ok(())
+}

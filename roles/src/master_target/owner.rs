@@ -1,0 +1,404 @@
+//! `replica/<machine>`: the one owner of a machine's replica at the master target, a task
+//! supervised under `master-target`. It holds the [`Replica`] (images, undo log, cursor) and
+//! the [`ApplyCore`], and is fed by a bounded mailbox: the ship-stream drivers send it opened
+//! batches and it answers through a `watch` of the applied seq (acks, to every stream) and a
+//! per-stream end notice. Blocking I/O runs in the blocking pool with the replica moved in
+//! and out, so nothing shares it.
+//!
+//! ```text
+//!  ship stream driver ─┐ Open{generation, epoch} ─▶ ┌──────────────────────────┐
+//!  ship stream driver ─┤ Batch{stream, opened}   ─▶ │ replica/<m>: ApplyCore    │─▶ images, undo, cursor
+//!                      └ Closed{stream}          ─▶ │ + Replica (blocking pool) │
+//!       ◀── applied (watch, all streams) ── End{stream} (oneshot) ──┘
+//! ```
+//!
+//! A restart (a panic half-way through a batch, a replica broken by a failed rollback) reopens
+//! the replica from disk, which rolls a torn batch back; the streams end and the process
+//! servers reconnect from the durable cursor.
+use std::{collections::HashMap, path::PathBuf};
+
+use haven_actors::TaskError;
+use haven_cluster::DiskInfo;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::core::{ApplyCore, Effect, Outcome, StreamId};
+use super::replica::{self, ApplyError, Replica};
+use crate::faults::{self, Fault, Side};
+use crate::proto::BatchBody;
+
+/// Messages a replica owner's mailbox holds at most: a stream driver waits beyond that (its
+/// process server is then held back by QUIC flow control).
+pub const MAILBOX: usize = 8;
+/// Most batches applied before one commit (fsync).
+const GROUP_MAX: usize = 16;
+
+/// A batch opened by a stream driver (authenticated, decrypted, decoded).
+pub struct Opened {
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub body: BatchBody,
+    pub raw_len: u64,
+}
+
+pub enum Msg {
+    Open {
+        generation: u64,
+        epoch: u32,
+        disks: Vec<DiskInfo>,
+        reply: oneshot::Sender<Result<Admitted, String>>,
+    },
+    /// A batch of an admitted stream; `Err` when it failed authentication or decoding (a
+    /// refusal of the stream, after the valid batches before it).
+    Batch {
+        stream: StreamId,
+        batch: Result<Opened, String>,
+    },
+    Closed {
+        stream: StreamId,
+    },
+}
+
+/// Why the owner ended a stream.
+#[derive(Debug)]
+pub enum End {
+    /// A batch was refused (bad frame, gap, stale generation): reset with code 1.
+    Refused(String),
+    /// The replica failed a write and rolled back; the stream reconnects from the cursor.
+    Failed(String),
+    /// `apply-reset` (debug fault injection): a peer reset.
+    Reset,
+}
+
+/// A stream's admission.
+pub struct Admitted {
+    pub stream: StreamId,
+    pub applied: watch::Receiver<u64>,
+    pub ended: oneshot::Receiver<End>,
+}
+
+/// What a replica owner reports (for the node's poll).
+#[derive(Clone, Debug, Default)]
+pub struct ReplicaStats {
+    pub applied_seq: u64,
+    pub epoch: u32,
+    pub bytes_applied: u64,
+    pub batches_refused: u64,
+    /// Why a batch was refused, until a later batch is applied.
+    pub refusal: Option<String>,
+}
+
+struct StreamState {
+    ended: oneshot::Sender<End>,
+    /// Debug fault injection fires once per stream, on its first batch of two or more writes.
+    fault_checked: bool,
+}
+
+pub struct Owner {
+    machine: String,
+    replicas_dir: PathBuf,
+    core: ApplyCore,
+    replica: Option<Replica>,
+    disks: Vec<DiskInfo>,
+    streams: HashMap<StreamId, StreamState>,
+    applied: watch::Sender<u64>,
+    stats: watch::Sender<ReplicaStats>,
+    /// Applied seq when the current refusal happened.
+    refusal_at: u64,
+}
+
+impl Owner {
+    pub fn new(machine: String, replicas_dir: PathBuf, stats: watch::Sender<ReplicaStats>) -> Self {
+        let applied = stats.borrow().applied_seq;
+        Self {
+            machine,
+            replicas_dir,
+            core: ApplyCore::new(),
+            replica: None,
+            disks: vec![],
+            streams: HashMap::new(),
+            applied: watch::Sender::new(applied),
+            stats,
+            refusal_at: 0,
+        }
+    }
+
+    /// Serves the mailbox until every sender is gone.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Msg>) -> Result<(), TaskError> {
+        while let Some(msg) = rx.recv().await {
+            let mut group = vec![];
+            self.handle(msg, &mut group).await?;
+            // Everything already queued joins this commit (group fsync).
+            while group.len() < GROUP_MAX {
+                let Ok(msg) = rx.try_recv() else { break };
+                self.handle(msg, &mut group).await?;
+            }
+            self.apply_group(group).await?;
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &mut self,
+        msg: Msg,
+        group: &mut Vec<(StreamId, Opened)>,
+    ) -> Result<(), TaskError> {
+        match msg {
+            Msg::Open {
+                generation,
+                epoch,
+                disks,
+                reply,
+            } => {
+                // Admission is decided with the batches queued before it applied.
+                let queued = std::mem::take(group);
+                self.apply_group(queued).await?;
+                let admitted = self.open(generation, epoch, disks).await?;
+                let _ = reply.send(admitted);
+            }
+            Msg::Batch { stream, batch } => {
+                let refused = batch.as_ref().err().cloned();
+                for e in self.core.handle_batch(stream, refused) {
+                    match e {
+                        Effect::Apply { .. } => {
+                            if let Ok(b) = batch {
+                                group.push((stream, b));
+                            }
+                            break;
+                        }
+                        Effect::Drop { .. } => {}
+                        other => debug_assert!(false, "unexpected effect {other:?}"),
+                    }
+                }
+            }
+            Msg::Closed { stream } => {
+                self.core.handle_stream_closed(stream);
+                self.streams.remove(&stream);
+            }
+        }
+        Ok(())
+    }
+
+    async fn open(
+        &mut self,
+        generation: u64,
+        epoch: u32,
+        disks: Vec<DiskInfo>,
+    ) -> Result<Result<Admitted, String>, TaskError> {
+        for _ in 0..2 {
+            for e in self.core.handle_open(generation, epoch) {
+                match e {
+                    Effect::OpenReplica { epoch } => {
+                        if let Err(reason) = self.open_replica(epoch, &disks).await? {
+                            return Ok(Err(reason));
+                        }
+                    }
+                    Effect::Admit { stream, applied } => {
+                        let (tx, ended) = oneshot::channel();
+                        self.streams.insert(
+                            stream,
+                            StreamState {
+                                ended: tx,
+                                fault_checked: false,
+                            },
+                        );
+                        debug_assert_eq!(applied, *self.applied.borrow());
+                        return Ok(Ok(Admitted {
+                            stream,
+                            applied: self.applied.subscribe(),
+                            ended,
+                        }));
+                    }
+                    Effect::RefuseOpen { reason } => return Ok(Err(reason)),
+                    Effect::EndStream { stream, reason, .. } => {
+                        self.end(stream, End::Failed(reason))
+                    }
+                    other => debug_assert!(false, "unexpected effect {other:?}"),
+                }
+            }
+        }
+        Ok(Err("the replica could not be opened".into()))
+    }
+
+    /// Opens (creating or resetting) the replica for `epoch`. `Ok(Err)` refuses the stream.
+    async fn open_replica(
+        &mut self,
+        epoch: u32,
+        disks: &[DiskInfo],
+    ) -> Result<Result<(), String>, TaskError> {
+        self.replica = None;
+        let (dir, machine, d) = (
+            self.replicas_dir.clone(),
+            self.machine.clone(),
+            disks.to_vec(),
+        );
+        let opened = tokio::task::spawn_blocking(move || Replica::open(&dir, &machine, epoch, &d))
+            .await
+            .map_err(TaskError::retry)?;
+        match opened {
+            Ok(r) => {
+                self.core
+                    .handle_opened(r.epoch(), r.applied_seq(), r.generation());
+                self.applied.send_replace(r.applied_seq());
+                self.stats.send_modify(|s| {
+                    s.applied_seq = r.applied_seq();
+                    s.epoch = r.epoch();
+                });
+                self.disks = disks.to_vec();
+                self.replica = Some(r);
+                Ok(Ok(()))
+            }
+            Err(e @ ApplyError::StaleEpoch { .. }) => Ok(Err(e.to_string())),
+            Err(e) => Err(TaskError::retry(format!(
+                "open replica of {}: {e}",
+                self.machine
+            ))),
+        }
+    }
+
+    /// Applies a group of batches in order, commits once, acks and ends refused streams.
+    async fn apply_group(&mut self, mut group: Vec<(StreamId, Opened)>) -> Result<(), TaskError> {
+        if group.is_empty() && self.core.handle_group_end().is_empty() {
+            return Ok(());
+        }
+        // Debug fault injection: once per stream, on its first batch of two or more writes.
+        let mut fault = None;
+        for (stream, b) in &group {
+            let s = self.streams.get_mut(stream);
+            if let Some(s) = s.filter(|s| !s.fault_checked && b.body.records.len() >= 2) {
+                s.fault_checked = true;
+                if let Some(f) = faults::next(&self.machine, Side::Apply) {
+                    fault = Some((*stream, f));
+                    break;
+                }
+            }
+        }
+        if let Some((stream, Fault::ApplyReset)) = fault {
+            faults::fire(&self.machine, Fault::ApplyReset);
+            self.end(stream, End::Reset);
+            self.core.handle_stream_closed(stream);
+            group.retain(|(s, _)| *s != stream);
+            fault = None;
+        }
+        let Some(mut replica) = self.replica.take() else {
+            return Ok(());
+        };
+        let machine = self.machine.clone();
+        let stream_gens = self.stream_generations(&group);
+        let result = tokio::task::spawn_blocking(move || {
+            let mut outcomes = Vec::with_capacity(group.len());
+            let mut failed = None;
+            let mut bytes = 0u64;
+            for ((stream, o), generation) in group.iter().zip(&stream_gens) {
+                if let Some((_, f)) = fault.filter(|(fs, _)| fs == stream) {
+                    faults::fire(&machine, f);
+                    let half = replica.write_half_for_fault(o.first_seq, o.last_seq, &o.body);
+                    if half.is_ok() && f == Fault::ApplyAbort {
+                        std::process::abort();
+                    }
+                    panic!(
+                        "{}: apply-panic half-way through a batch of {machine}",
+                        faults::ENV
+                    );
+                }
+                match replica.apply(*generation, o.first_seq, o.last_seq, &o.body) {
+                    Ok(replica::Applied::Applied) => {
+                        bytes += o.raw_len;
+                        outcomes.push((*stream, Outcome::Applied));
+                    }
+                    Ok(replica::Applied::Duplicate) => outcomes.push((*stream, Outcome::Duplicate)),
+                    Err(e @ ApplyError::Io(_)) => {
+                        failed = Some(e);
+                        break;
+                    }
+                    Err(e @ ApplyError::Invalid(_)) => {
+                        outcomes.push((*stream, Outcome::Refused(e.to_string())))
+                    }
+                    Err(e) => outcomes.push((*stream, Outcome::Rejected(e.to_string()))),
+                }
+            }
+            // Make what was applied before a failure durable, so the cursor stays truthful.
+            let committed = replica.commit();
+            (replica, outcomes, failed, committed, bytes)
+        })
+        .await;
+        let (replica, outcomes, failed, committed, bytes) = match result {
+            Ok(r) => r,
+            // A panic half-way through a batch: the replica in memory is torn; restarting
+            // reopens it from disk, which rolls the batch back.
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => return Err(TaskError::retry(e)),
+        };
+        if replica.is_broken() {
+            return Err(TaskError::retry(format!(
+                "replica of {} failed a write it could not undo",
+                self.machine
+            )));
+        }
+        for (stream, outcome) in outcomes {
+            self.core.handle_applied(stream, outcome);
+        }
+        self.stats.send_modify(|s| s.bytes_applied += bytes);
+        self.replica = Some(replica);
+        if let Some(e) = failed {
+            // Rolled back to the durable cursor: every stream resends from there.
+            self.core.handle_rolled_back();
+            let streams: Vec<StreamId> = self.streams.keys().copied().collect();
+            for s in streams {
+                self.core.handle_stream_closed(s);
+                self.end(s, End::Failed(e.to_string()));
+            }
+        }
+        let applied = match committed {
+            Ok(seq) => seq,
+            Err(e) => {
+                return Err(TaskError::retry(format!(
+                    "commit replica of {}: {e}",
+                    self.machine
+                )))
+            }
+        };
+        self.core.handle_group_end();
+        for e in self.core.handle_committed(applied) {
+            match e {
+                Effect::Ack { applied } => {
+                    self.applied.send_replace(applied);
+                    self.stats.send_modify(|s| {
+                        s.applied_seq = applied;
+                        if s.refusal.is_some() && applied > self.refusal_at {
+                            s.refusal = None;
+                        }
+                    });
+                }
+                Effect::EndStream {
+                    stream,
+                    reason,
+                    refused: true,
+                } => {
+                    tracing::error!(machine = %self.machine, "batch refused: {reason}; nothing from it was applied");
+                    self.refusal_at = applied;
+                    self.stats.send_modify(|s| {
+                        s.batches_refused += 1;
+                        s.refusal = Some(reason.clone());
+                    });
+                    self.end(stream, End::Refused(reason));
+                }
+                Effect::EndStream { stream, reason, .. } => self.end(stream, End::Failed(reason)),
+                other => debug_assert!(false, "unexpected effect {other:?}"),
+            }
+        }
+        Ok(())
+    }
+
+    fn stream_generations(&self, group: &[(StreamId, Opened)]) -> Vec<u64> {
+        group
+            .iter()
+            .map(|(s, _)| self.core.stream_generation(*s).unwrap_or(0))
+            .collect()
+    }
+
+    fn end(&mut self, stream: StreamId, why: End) {
+        if let Some(s) = self.streams.remove(&stream) {
+            let _ = s.ended.send(why);
+        }
+    }
+}
