@@ -1,5 +1,10 @@
-//! The configuration node's durable store (redb): one table per record kind, values encoded
+//! The configuration node's durable state, behind [`StateStore`]: the records it loads at
+//! start and the changes it makes durable, all of one handled request in one transaction.
+//!
+//! [`Store`] is the embedded implementation (redb): one table per record kind, values encoded
 //! with the wire codec so the on-disk format is versioned by the same golden tests.
+//! [`MemStore`] keeps everything in memory (tests, examples). A store on etcd, for several
+//! configuration nodes, slots in behind the same trait.
 use std::path::Path;
 
 use haven_transport::codec;
@@ -38,6 +43,38 @@ db_err!(
     redb::CommitError
 );
 
+/// A change to the configuration node's state (what the core asks to make durable).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Persist {
+    Node(NodeRecord),
+    Machine(MachineRecord),
+    /// `ctl forget`: the machine's record is removed.
+    DeleteMachine(String),
+    Token(TokenRecord),
+    Retired(RetiredRecord),
+    /// Every node named in the retirement has acted on it.
+    DeleteRetired(String),
+}
+
+/// Everything the configuration node loads at start.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Loaded {
+    pub nodes: Vec<NodeRecord>,
+    pub machines: Vec<MachineRecord>,
+    pub tokens: Vec<TokenRecord>,
+    pub retired: Vec<RetiredRecord>,
+}
+
+/// The configuration node's durable state.
+pub trait StateStore: Send {
+    fn meta(&self) -> Result<Option<ClusterMeta>, StoreError>;
+    fn put_meta(&self, meta: &ClusterMeta) -> Result<(), StoreError>;
+    fn load(&self) -> Result<Loaded, StoreError>;
+    /// Makes every change durable, atomically (one transaction): after a crash either all
+    /// of a request's changes are there or none.
+    fn apply(&self, changes: &[Persist]) -> Result<(), StoreError>;
+}
+
 pub struct Store {
     db: Database,
 }
@@ -75,9 +112,16 @@ impl Store {
         key: &str,
         value: &T,
     ) -> Result<(), StoreError> {
-        let bytes = codec::encode(value).map_err(|e| StoreError::Db(e.to_string()))?;
+        self.apply_all(|tx| put_in(tx, table, key, value))
+    }
+
+    /// Runs `f` in one write transaction and commits it.
+    fn apply_all(
+        &self,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         let tx = self.db.begin_write()?;
-        tx.open_table(table)?.insert(key, bytes.as_slice())?;
+        f(&tx)?;
         tx.commit()?;
         Ok(())
     }
@@ -158,10 +202,117 @@ impl Store {
     }
 
     fn delete(&self, table: TableDefinition<&str, &[u8]>, key: &str) -> Result<(), StoreError> {
-        let tx = self.db.begin_write()?;
-        tx.open_table(table)?.remove(key)?;
-        tx.commit()?;
+        self.apply_all(|tx| {
+            tx.open_table(table)?.remove(key)?;
+            Ok(())
+        })
+    }
+}
+
+fn put_in<T: Serialize>(
+    tx: &redb::WriteTransaction,
+    table: TableDefinition<&str, &[u8]>,
+    key: &str,
+    value: &T,
+) -> Result<(), StoreError> {
+    let bytes = codec::encode(value).map_err(|e| StoreError::Db(e.to_string()))?;
+    tx.open_table(table)?.insert(key, bytes.as_slice())?;
+    Ok(())
+}
+
+impl StateStore for Store {
+    fn meta(&self) -> Result<Option<ClusterMeta>, StoreError> {
+        Store::meta(self)
+    }
+
+    fn put_meta(&self, meta: &ClusterMeta) -> Result<(), StoreError> {
+        Store::put_meta(self, meta)
+    }
+
+    fn load(&self) -> Result<Loaded, StoreError> {
+        Ok(Loaded {
+            nodes: self.nodes()?,
+            machines: self.machines()?,
+            tokens: self.tokens()?,
+            retired: self.retired()?,
+        })
+    }
+
+    fn apply(&self, changes: &[Persist]) -> Result<(), StoreError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        self.apply_all(|tx| {
+            for c in changes {
+                match c {
+                    Persist::Node(n) => put_in(tx, NODES, &n.name, n)?,
+                    Persist::Machine(m) => put_in(tx, MACHINES, &m.name, m)?,
+                    Persist::DeleteMachine(m) => {
+                        tx.open_table(MACHINES)?.remove(m.as_str())?;
+                    }
+                    Persist::Token(t) => put_in(tx, TOKENS, &t.id, t)?,
+                    Persist::Retired(r) => put_in(tx, RETIRED, &r.machine, r)?,
+                    Persist::DeleteRetired(m) => {
+                        tx.open_table(RETIRED)?.remove(m.as_str())?;
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+/// The state in memory: for tests and examples (nothing survives the process).
+#[derive(Default)]
+pub struct MemStore {
+    state: std::sync::Mutex<(Option<ClusterMeta>, Loaded)>,
+}
+
+impl StateStore for MemStore {
+    fn meta(&self) -> Result<Option<ClusterMeta>, StoreError> {
+        Ok(self.lock()?.0.clone())
+    }
+
+    fn put_meta(&self, meta: &ClusterMeta) -> Result<(), StoreError> {
+        self.lock()?.0 = Some(meta.clone());
         Ok(())
+    }
+
+    fn load(&self) -> Result<Loaded, StoreError> {
+        Ok(self.lock()?.1.clone())
+    }
+
+    fn apply(&self, changes: &[Persist]) -> Result<(), StoreError> {
+        fn upsert<T>(v: &mut Vec<T>, item: &T, same: impl Fn(&T) -> bool)
+        where
+            T: Clone,
+        {
+            match v.iter_mut().find(|x| same(x)) {
+                Some(x) => *x = item.clone(),
+                None => v.push(item.clone()),
+            }
+        }
+        let mut guard = self.lock()?;
+        let s = &mut guard.1;
+        for c in changes {
+            match c {
+                Persist::Node(n) => upsert(&mut s.nodes, n, |x| x.name == n.name),
+                Persist::Machine(m) => upsert(&mut s.machines, m, |x| x.name == m.name),
+                Persist::DeleteMachine(m) => s.machines.retain(|x| &x.name != m),
+                Persist::Token(t) => upsert(&mut s.tokens, t, |x| x.id == t.id),
+                Persist::Retired(r) => upsert(&mut s.retired, r, |x| x.machine == r.machine),
+                Persist::DeleteRetired(m) => s.retired.retain(|x| &x.machine != m),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl MemStore {
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, (Option<ClusterMeta>, Loaded)>, StoreError> {
+        self.state
+            .lock()
+            .map_err(|_| StoreError::Db("the in-memory store was poisoned".into()))
     }
 }
 
@@ -169,6 +320,59 @@ impl Store {
 mod tests {
     use super::*;
     use crate::state::*;
+
+    fn machine(name: &str) -> MachineRecord {
+        MachineRecord {
+            name: name.into(),
+            hostname: "h".into(),
+            disks: vec![DiskInfo::new("root", 1)],
+            protected: false,
+            epoch: Epoch(0),
+            generation: Generation(0),
+            process_server: None,
+            master_target: None,
+            data_key: vec![],
+            enrolment: String::new(),
+            resync: Default::default(),
+        }
+    }
+
+    /// Both stores apply a request's changes the same way, in one go.
+    #[test]
+    fn a_request_s_changes_apply_together_in_either_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let redb = Store::open(&dir.path().join("s.redb")).unwrap();
+        let mem = MemStore::default();
+        for store in [&redb as &dyn StateStore, &mem] {
+            store
+                .apply(&[
+                    Persist::Machine(machine("a")),
+                    Persist::Machine(machine("b")),
+                    Persist::Retired(RetiredRecord {
+                        machine: "c".into(),
+                        epoch: Epoch(3),
+                        delete_replica: false,
+                        pending_nodes: vec!["mt".into()],
+                        retired_ms: 1,
+                    }),
+                ])
+                .unwrap();
+            store
+                .apply(&[
+                    Persist::DeleteMachine("a".into()),
+                    Persist::Machine(MachineRecord {
+                        protected: true,
+                        ..machine("b")
+                    }),
+                    Persist::DeleteRetired("c".into()),
+                ])
+                .unwrap();
+            let loaded = store.load().unwrap();
+            assert_eq!(loaded.machines.len(), 1);
+            assert!(loaded.machines[0].protected);
+            assert!(loaded.retired.is_empty());
+        }
+    }
 
     #[test]
     fn records_survive_reopen() {

@@ -2,6 +2,7 @@
 //!
 //! Each role has a protocol core without I/O (`*/core.rs`) and a thin shell of actors and
 //! tasks around it. See ARCHITECTURE.md for the map.
+pub mod admin;
 pub mod agent;
 pub mod client;
 pub mod configuration;

@@ -32,6 +32,7 @@ use haven_transport::{
 };
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::{
     configuration::{self, ConfigService},
@@ -293,12 +294,20 @@ async fn route(
     let resp = match req {
         Request::OpenStream(open) => match &node.process {
             Some(ps) => {
-                return crate::process::ingest::ingest(ps, conn, who, open, send, recv).await
+                let span = tracing::info_span!("ingest", node = %node.link.name, role = ROLE_PROCESS, machine = %open.machine, generation = open.generation.0);
+                return crate::process::ingest::ingest(ps, conn, who, open, send, recv)
+                    .instrument(span)
+                    .await;
             }
             None => not_here(&node.link.name, ROLE_PROCESS),
         },
         Request::OpenShip(open) => match &node.master {
-            Some(mt) => return crate::master_target::apply::serve(mt, who, open, send, recv).await,
+            Some(mt) => {
+                let span = tracing::info_span!("apply", node = %node.link.name, role = ROLE_MASTER_TARGET, machine = %open.machine, generation = open.generation.0);
+                return crate::master_target::apply::serve(mt, who, open, send, recv)
+                    .instrument(span)
+                    .await;
+            }
             None => not_here(&node.link.name, ROLE_MASTER_TARGET),
         },
         Request::Probe => Response::Refused {

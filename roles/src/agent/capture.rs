@@ -149,6 +149,13 @@ impl CaptureSink {
         Ok(())
     }
 
+    /// Everything the disks held when the capture started has been emitted: the initial copy
+    /// is complete (status leaves `initial-sync` once it is applied). A scan says so after
+    /// every complete pass.
+    pub fn caught_up(&self) {
+        lock(&self.agent.core).handle_pass_done();
+    }
+
     /// The sync barrier a pass starting now completes, if one is asked for.
     pub fn barrier(&self) -> Option<u64> {
         lock(&self.agent.core).barrier_for_pass()
@@ -269,7 +276,7 @@ async fn scan_loop(scan: &ScanCapture, sink: &CaptureSink) -> Result<(), ScanErr
         let completed = scan_pass(sink, tables, generation).await?;
         a.scans.fetch_add(1, Ordering::Relaxed);
         if completed {
-            lock(&a.core).handle_pass_done();
+            sink.caught_up();
             if let Some(id) = barrier {
                 sink.barrier_captured(id);
             }

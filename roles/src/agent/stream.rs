@@ -90,7 +90,8 @@ async fn stream_once(a: &Arc<Agent>) -> Result<(), Ended> {
     // The process server may ask whether this process is still there (a second agent
     // claims the machine).
     let prober = tokio::spawn(answer_probes(conn.clone(), a.instance));
-    let result = stream_on(a, &conn, &ctl, &ps_name).await;
+    let span = tracing::info_span!("stream", role = "agent", machine = %a.opts.machine, generation = ctl.generation);
+    let result = tracing::Instrument::instrument(stream_on(a, &conn, &ctl, &ps_name), span).await;
     prober.abort();
     conn.close(0u32.into(), b"stream restart");
     result

@@ -14,7 +14,10 @@ use std::{
 use crate::slot::Slot;
 use actix::prelude::*;
 use haven_actors::{ChildGuard, ChildHandle, ChildSpec, Shutdown};
-use haven_cluster::{store::Store, ClusterMeta};
+use haven_cluster::{
+    store::{StateStore, Store},
+    ClusterMeta,
+};
 use haven_transport::{
     identity::{CertificateAuthority, PeerIdentity, Token, TokenKind},
     seal::DataKey,
@@ -124,7 +127,7 @@ async fn ask(addr: &Addr<ConfigActor>, who: Option<PeerIdentity>, request: Reque
 
 pub struct ConfigActor {
     core: ConfigCore,
-    store: Store,
+    store: Box<dyn StateStore>,
     ca: Arc<CertificateAuthority>,
     guard: ChildGuard,
     /// Wakes long-polling agents and nodes (see [`ConfigService::handle`]).
@@ -134,7 +137,7 @@ pub struct ConfigActor {
 /// A loaded configuration state, not yet running as an actor.
 pub struct ConfigParts {
     core: ConfigCore,
-    store: Store,
+    store: Box<dyn StateStore>,
     ca: Arc<CertificateAuthority>,
 }
 
@@ -160,36 +163,33 @@ impl ConfigActor {
     ) -> Result<ConfigParts, String> {
         let store =
             Store::open(&data_dir.join("config").join("state.redb")).map_err(|e| e.to_string())?;
+        Self::load_from(Box::new(store), ca, failure_timeout, policy)
+    }
+
+    /// Loads state from any [`StateStore`] (the embedded one, or another behind the trait).
+    pub fn load_from(
+        store: Box<dyn StateStore>,
+        ca: Arc<CertificateAuthority>,
+        failure_timeout: std::time::Duration,
+        policy: core::scaleout::RebalancePolicy,
+    ) -> Result<ConfigParts, String> {
         let meta = store
             .meta()
             .map_err(|e| e.to_string())?
             .ok_or("cluster state has no identity; was the data dir bootstrapped?")?;
-        let nodes = store.nodes().map_err(|e| e.to_string())?;
-        let machines = store.machines().map_err(|e| e.to_string())?;
-        let tokens = store.tokens().map_err(|e| e.to_string())?;
-        let retired = store.retired().map_err(|e| e.to_string())?;
-        tracing::info!(nodes = nodes.len(), machines = machines.len(), tokens = tokens.len(), cluster = %meta.cluster_id, "configuration state loaded");
-        let core = ConfigCore::with_seed(meta, nodes, machines, rand::random())
-            .with_tokens(tokens)
-            .with_retired(retired)
+        let loaded = store.load().map_err(|e| e.to_string())?;
+        tracing::info!(nodes = loaded.nodes.len(), machines = loaded.machines.len(), tokens = loaded.tokens.len(), cluster = %meta.cluster_id, "configuration state loaded");
+        let core = ConfigCore::with_seed(meta, loaded.nodes, loaded.machines, rand::random())
+            .with_tokens(loaded.tokens)
+            .with_retired(loaded.retired)
             .with_failure_timeout(failure_timeout)
             .with_policy(policy);
         Ok(ConfigParts { core, store, ca })
     }
 
-    fn persist(&self, records: Vec<Persist>) -> Result<(), String> {
-        for r in records {
-            match r {
-                Persist::Node(n) => self.store.put_node(&n),
-                Persist::Machine(m) => self.store.put_machine(&m),
-                Persist::DeleteMachine(m) => self.store.delete_machine(&m),
-                Persist::Token(t) => self.store.put_token(&t),
-                Persist::Retired(r) => self.store.put_retired(&r),
-                Persist::DeleteRetired(m) => self.store.delete_retired(&m),
-            }
-            .map_err(|e| format!("state store write failed: {e}"))?;
-        }
-        Ok(())
+    /// One transaction for everything a handled request changed.
+    fn persist(&self, records: Vec<Persist>) -> Result<(), haven_cluster::store::StoreError> {
+        self.store.apply(&records)
     }
 }
 
@@ -206,8 +206,10 @@ impl Actor for ConfigActor {
             }
             if let Err(e) = act.persist(persist) {
                 // Not durable, so not in force: restart from the store.
-                tracing::error!("{e}; restarting the configuration service");
-                act.guard.fail(e);
+                tracing::error!(
+                    "state store write failed: {e}; restarting the configuration service"
+                );
+                act.guard.fail(e.to_string());
                 ctx.stop();
                 return;
             }
@@ -299,6 +301,7 @@ impl Handler<HandleRequest> for ConfigActor {
         };
         if let Err(e) = self.persist(persist) {
             // Answer nothing we could not make durable.
+            let e = format!("state store write failed: {e}");
             tracing::error!("{e}");
             return MessageResult(refused(e));
         }

@@ -13,7 +13,7 @@ use haven_transport::{
 use quinn::{RecvStream, SendStream};
 use tokio::sync::{mpsc, oneshot};
 
-use super::owner::{Admitted, End, Msg, Opened};
+use super::owner::{Admitted, End, Mailbox, Msg, Opened};
 use super::MasterService;
 use crate::error::StreamError;
 use crate::proto::{Applied, BatchBody, Response, ShipFrame, ShipOpen};
@@ -124,7 +124,7 @@ async fn admit(
     svc: &MasterService,
     who: Option<&PeerIdentity>,
     open: &ShipOpen,
-) -> Result<(mpsc::Sender<Msg>, DataKey, Admitted), String> {
+) -> Result<(Mailbox, DataKey, Admitted), String> {
     match who {
         Some(id) if id.has_role(haven_cluster::ROLE_PROCESS) => {}
         Some(other) => return Err(format!("{} is not a process server", other.common_name())),
@@ -176,7 +176,7 @@ async fn read_and_open(
     key: DataKey,
     mut recv: RecvStream,
     stream: u64,
-    mailbox: mpsc::Sender<Msg>,
+    mailbox: Mailbox,
 ) -> Result<(), StreamError> {
     let (tx, mut rx) = mpsc::channel::<tokio::task::JoinHandle<Result<Opened, String>>>(OPEN_AHEAD);
     let forward = {

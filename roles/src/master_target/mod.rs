@@ -27,9 +27,9 @@ use std::{
 use actix::Addr;
 use dashmap::DashMap;
 use haven_actors::{AddChild, ChildSpec, RemoveChild, Supervisor, SupervisorConfig, TaskError};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
-use self::owner::{Msg, Owner, ReplicaStats};
+use self::owner::{Mailbox, Owner, ReplicaStats};
 use crate::link::NodeLink;
 use crate::proto::NodeMachineReport;
 
@@ -44,7 +44,7 @@ pub struct MasterState {
 }
 
 struct OwnerEntry {
-    mailbox: mpsc::Sender<Msg>,
+    mailbox: Mailbox,
 }
 
 impl MasterState {
@@ -83,7 +83,7 @@ impl MasterState {
 
     /// The mailbox of the machine's replica owner; waits up to `wait` for the manager to
     /// start it (a stream may arrive just before the assignment does).
-    async fn mailbox(&self, machine: &str, wait: Duration) -> Option<mpsc::Sender<Msg>> {
+    async fn mailbox(&self, machine: &str, wait: Duration) -> Option<Mailbox> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             if let Some(e) = self.owners.get(machine).filter(|e| !e.mailbox.is_closed()) {
@@ -190,11 +190,13 @@ async fn manage(svc: MasterService, sup: Addr<Supervisor>) -> Result<(), TaskErr
         for machine in mine.difference(&running).cloned().collect::<Vec<_>>() {
             let state = svc.state.clone();
             let m = machine.clone();
+            let node = svc.link.name.clone();
             let spec = ChildSpec::task(format!("replica/{machine}"), move |_| {
-                let (tx, rx) = mpsc::channel(owner::MAILBOX);
+                let (tx, rx) = owner::mailbox();
                 state.owners.insert(m.clone(), OwnerEntry { mailbox: tx });
                 let owner = Owner::new(m.clone(), state.dir.clone(), state.stats_for(&m));
-                owner.run(rx)
+                let span = tracing::info_span!("replica", node = %node, role = haven_cluster::ROLE_MASTER_TARGET, machine = %m);
+                tracing::Instrument::instrument(owner.run(rx), span)
             });
             sup.send(AddChild(spec))
                 .await

@@ -26,9 +26,76 @@ use super::replica::{self, ApplyError, Replica};
 use crate::faults::{self, Fault, Side};
 use crate::proto::BatchBody;
 
-/// Messages a replica owner's mailbox holds at most: a stream driver waits beyond that (its
+/// Batches a replica owner's mailbox holds at most: a stream driver waits beyond that (its
 /// process server is then held back by QUIC flow control).
 pub const MAILBOX: usize = 8;
+/// Opens and closes queued at most (they are served before batches, so a stream of a new
+/// process server is admitted without waiting behind another's batches).
+const CONTROL: usize = 16;
+
+/// Where ship-stream drivers send to a replica owner: stream control goes ahead of batches.
+#[derive(Clone)]
+pub struct Mailbox {
+    control: mpsc::Sender<Msg>,
+    batches: mpsc::Sender<Msg>,
+}
+
+/// The owner's end of its [`Mailbox`].
+pub struct Inbox {
+    control: mpsc::Receiver<Msg>,
+    batches: mpsc::Receiver<Msg>,
+}
+
+/// A closed mailbox: its owner stopped.
+#[derive(Debug)]
+pub struct Closed;
+
+pub fn mailbox() -> (Mailbox, Inbox) {
+    let (ct, cr) = mpsc::channel(CONTROL);
+    let (bt, br) = mpsc::channel(MAILBOX);
+    (
+        Mailbox {
+            control: ct,
+            batches: bt,
+        },
+        Inbox {
+            control: cr,
+            batches: br,
+        },
+    )
+}
+
+impl Mailbox {
+    pub async fn send(&self, msg: Msg) -> Result<(), Closed> {
+        let to = match msg {
+            Msg::Batch { .. } => &self.batches,
+            _ => &self.control,
+        };
+        to.send(msg).await.map_err(|_| Closed)
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.control.is_closed()
+    }
+}
+
+impl Inbox {
+    async fn recv(&mut self) -> Option<Msg> {
+        tokio::select! {
+            biased;
+            Some(m) = self.control.recv() => Some(m),
+            Some(m) = self.batches.recv() => Some(m),
+            else => None,
+        }
+    }
+
+    fn try_recv(&mut self) -> Option<Msg> {
+        self.control
+            .try_recv()
+            .ok()
+            .or_else(|| self.batches.try_recv().ok())
+    }
+}
 /// Most batches applied before one commit (fsync).
 const GROUP_MAX: usize = 16;
 
@@ -123,13 +190,13 @@ impl Owner {
     }
 
     /// Serves the mailbox until every sender is gone.
-    pub async fn run(mut self, mut rx: mpsc::Receiver<Msg>) -> Result<(), TaskError> {
+    pub async fn run(mut self, mut rx: Inbox) -> Result<(), TaskError> {
         while let Some(msg) = rx.recv().await {
             let mut group = vec![];
             self.handle(msg, &mut group).await?;
             // Everything already queued joins this commit (group fsync).
             while group.len() < GROUP_MAX {
-                let Ok(msg) = rx.try_recv() else { break };
+                let Some(msg) = rx.try_recv() else { break };
                 self.handle(msg, &mut group).await?;
             }
             self.apply_group(group).await?;

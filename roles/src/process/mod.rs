@@ -101,7 +101,14 @@ async fn manage(svc: ProcessService, sup: Addr<Supervisor>) -> Result<(), TaskEr
                 if tc.restarts > 0 {
                     m.ship_restarts.fetch_add(1, Ordering::Relaxed);
                 }
-                ship::ship(svc2.clone(), m.clone())
+                let span = tracing::info_span!(
+                    "ship",
+                    node = %svc2.link.name,
+                    role = haven_cluster::ROLE_PROCESS,
+                    machine = %m.name,
+                    generation = m.assignment.borrow().generation.0
+                );
+                tracing::Instrument::instrument(ship::ship(svc2.clone(), m.clone()), span)
             });
             sup.send(AddChild(spec))
                 .await

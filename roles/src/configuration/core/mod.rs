@@ -19,17 +19,9 @@ use crate::view::*;
 /// A node or agent silent for longer than this is reported as not alive.
 pub const FAILURE_TIMEOUT: Duration = Duration::from_secs(5);
 
-#[derive(Debug, Clone, PartialEq)]
-pub enum Persist {
-    Node(NodeRecord),
-    Machine(MachineRecord),
-    /// `ctl forget`: the machine's record is removed.
-    DeleteMachine(String),
-    Token(TokenRecord),
-    Retired(RetiredRecord),
-    /// Every node named in the retirement has acted on it.
-    DeleteRetired(String),
-}
+/// What the core asks to make durable (the actor writes it, in one transaction, before it
+/// answers).
+pub use haven_cluster::store::Persist;
 
 struct Observed<T> {
     at: Instant,
