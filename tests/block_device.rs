@@ -4,6 +4,7 @@ mod common;
 use std::{os::unix::fs::FileExt, process::Command, time::Duration};
 
 use common::*;
+use haven_testkit::{make_disk, random_writes};
 use rand::{rngs::StdRng, SeedableRng};
 
 struct Loop(String);

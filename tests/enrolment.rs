@@ -12,6 +12,7 @@ use std::{
 };
 
 use common::*;
+use haven_testkit::{free_port, identical, make_disk, random_writes, u64_of, wait_until};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde_json::Value;
 

@@ -6,6 +6,7 @@ mod common;
 use std::{process::Command, time::Duration};
 
 use common::*;
+use haven_testkit::{free_port, make_disk, random_writes, wait_until};
 use haven_transport::{endpoint, identity::Token};
 
 fn join_output(c: &Cluster, token_file: &std::path::Path, name: &str) -> std::process::Output {
