@@ -9,7 +9,7 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    process::Output,
+    process::{Command, Output},
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
@@ -247,8 +247,52 @@ impl Cluster {
         );
     }
 
+    /// The arguments of a process server `name` joining with `token` (data in `<dir>/<name>`).
+    pub fn process_node_args(&self, name: &str, token: &Path) -> Vec<String> {
+        vec![
+            "node".into(),
+            "--role".into(),
+            "process".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{}", free_port()),
+            "--name".into(),
+            name.into(),
+            "--join".into(),
+            self.config_addr.clone(),
+            "--token-file".into(),
+            token.display().to_string(),
+            "--data-dir".into(),
+            self.path(name).display().to_string(),
+        ]
+    }
+
+    /// [`Cluster::process_node_args`] run to completion: a join that is refused exits at once.
+    pub fn join_output(&self, name: &str, token: &Path) -> Output {
+        Command::new(BIN)
+            .args(self.process_node_args(name, token))
+            .output()
+            .unwrap()
+    }
+
     pub fn nodes(&self) -> Vec<Value> {
         self.client().array("nodes").unwrap_or_default()
+    }
+
+    /// The arguments of an agent for `machine` with data in `data_dir`, but for its disks.
+    pub fn agent_args(&self, machine: &str, data_dir: &Path) -> Vec<String> {
+        vec![
+            "agent".to_string(),
+            "--join".into(),
+            self.config_addr.clone(),
+            "--token-file".into(),
+            self.agent_token().display().to_string(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--name".into(),
+            machine.into(),
+            "--scan-interval".into(),
+            "1s".into(),
+        ]
     }
 
     pub fn start_agent(&mut self, machine: &str, disks: &[(&str, &Path)]) {
@@ -273,19 +317,7 @@ impl Cluster {
         disks: &[(&str, &Path)],
         env: Vec<(String, String)>,
     ) {
-        let mut args = vec![
-            "agent".to_string(),
-            "--join".into(),
-            self.config_addr.clone(),
-            "--token-file".into(),
-            self.agent_token().display().to_string(),
-            "--data-dir".into(),
-            self.path(&format!("agent-{machine}")).display().to_string(),
-            "--name".into(),
-            machine.into(),
-            "--scan-interval".into(),
-            "1s".into(),
-        ];
+        let mut args = self.agent_args(machine, &self.path(&format!("agent-{machine}")));
         for (n, p) in disks {
             args.extend(["--disk".to_string(), format!("{n}={}", p.display())]);
         }
@@ -431,6 +463,49 @@ impl Cluster {
                 }
             }
         }
+    }
+}
+
+/// A loop device over a file, detached on drop (panics included).
+pub struct LoopDevice {
+    /// `/dev/loopN`.
+    pub dev: String,
+}
+
+impl LoopDevice {
+    /// `losetup -f --show backing`; None, after saying why the test is SKIPPED, where the
+    /// machine does not allow it.
+    pub fn attach(backing: &Path) -> Option<LoopDevice> {
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(backing)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(LoopDevice {
+                dev: String::from_utf8_lossy(&o.stdout).trim().to_string(),
+            }),
+            Ok(o) => {
+                eprintln!(
+                    "SKIPPED: losetup is not permitted here: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("SKIPPED: losetup is not available: {e}");
+                None
+            }
+        }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(&self.dev)
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
     }
 }
 
