@@ -93,7 +93,7 @@ fn a_disk_that_grows_is_replicated_at_its_new_size_without_a_resync() {
         .unwrap();
     let new_data = random(&mut rng, MIB as usize);
     write_at(&disk, 80 * MIB, &new_data);
-    let mut written = new_data.len() as u64 + writer.join().unwrap();
+    let written = new_data.len() as u64 + writer.join().unwrap();
 
     phase("wait-sync succeeds and the replica has grown");
     c.wait_sync("m1", SYNC);
