@@ -47,7 +47,7 @@ use haven_testkit::{
     },
     fmt_stat, free_udp_port, generate_disk,
     host::mem_gib,
-    loadavg, machine_desc, run_cmd, stat, str_field, u64_field, verify_same, Ctl, Procs, Res, Rng,
+    loadavg, machine_desc, run_cmd, stat, str_field, u64_field, verify_same, Procs, Res, Rng,
     BLOCK,
 };
 
@@ -481,19 +481,8 @@ fn bench(cfg: &Config, dir: &Path, tck: f64) -> Res<()> {
             "bench-node",
         ],
     )?;
-    let admin_token = node_dir.join("admin-token");
+    let ctl = procs.configuration_ready(&addr, &node_dir)?;
     let agent_token = node_dir.join("agent-token");
-    procs.wait_until(
-        "the node to write its admin token",
-        Duration::from_secs(30),
-        || Ok(admin_token.exists() && agent_token.exists()),
-    )?;
-    let ctl = Ctl::new(&cfg.bin, &addr, &admin_token);
-    procs.wait_until(
-        "the configuration node to answer",
-        Duration::from_secs(30),
-        || Ok(ctl.call(&["status"]).is_ok()),
-    )?;
 
     let disk_arg = format!("root={}", disk.display());
     procs.start(

@@ -450,20 +450,9 @@ fn bench(cfg: &Config, dir: &Path) -> Res<()> {
             s(CONFIG),
         ],
     )?;
-    let admin_token = config_dir.join("admin-token");
+    let ctl = procs.configuration_ready(&addr, &config_dir)?;
     let agent_token = config_dir.join("agent-token");
     let node_token = config_dir.join("node-token");
-    procs.wait_until(
-        "the configuration node to write its tokens",
-        Duration::from_secs(30),
-        || Ok(admin_token.exists() && agent_token.exists() && node_token.exists()),
-    )?;
-    let ctl = Ctl::new(&cfg.bin, &addr, &admin_token);
-    procs.wait_until(
-        "the configuration node to answer",
-        Duration::from_secs(30),
-        || Ok(ctl.call(&["status"]).is_ok()),
-    )?;
     let servers: Vec<(&str, &str)> = PROCESS_SERVERS
         .iter()
         .map(|p| (*p, "process"))

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{wait::poll, Res};
+use crate::{wait::poll, Ctl, Res};
 
 /// How [`Procs`] ends what still runs when it is dropped.
 #[derive(Clone, Copy, Debug)]
@@ -231,6 +231,25 @@ impl Procs {
                 }
             ))
         })
+    }
+
+    /// Waits until the configuration node listening on `addr` with data in `data_dir` has
+    /// written its tokens (admin, agent and node: bootstrap writes all three) and answers
+    /// `ctl status`; returns its admin client.
+    pub fn configuration_ready(&mut self, addr: &str, data_dir: &Path) -> Res<Ctl> {
+        let tokens = ["admin-token", "agent-token", "node-token"].map(|t| data_dir.join(t));
+        self.wait_until(
+            "the configuration node to write its tokens",
+            Duration::from_secs(30),
+            || Ok(tokens.iter().all(|t| t.exists())),
+        )?;
+        let ctl = Ctl::new(&self.bin, addr, &tokens[0]);
+        self.wait_until(
+            "the configuration node to answer",
+            Duration::from_secs(30),
+            || Ok(ctl.call(&["status"]).is_ok()),
+        )?;
+        Ok(ctl)
     }
 
     /// Ends every process that still runs, as [`Stop`] says.

@@ -146,7 +146,7 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("spawn haven: {e}"));
     }
 
-    /// The configuration node (optionally with more roles). Waits for its tokens.
+    /// The configuration node (optionally with more roles). Waits for its tokens and its answer.
     pub fn start_config(&mut self, roles: &[&str], env: Vec<(String, String)>) {
         self.start_config_with(roles, &[], env)
     }
@@ -185,15 +185,10 @@ impl Cluster {
         }
         args.extend(extra.iter().map(|a| a.to_string()));
         self.add_at("config", host, args, env);
-        let token = self.admin_token();
-        wait_until("admin token", Duration::from_secs(30), || {
-            token.exists().then_some(())
-        });
-        wait_until(
-            "configuration node answering",
-            Duration::from_secs(30),
-            || self.try_ctl(&["status"]).ok(),
-        );
+        let (addr, data) = (self.config_addr.clone(), self.path("config"));
+        self.procs
+            .configuration_ready(&addr, &data)
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
     pub fn start_node(&mut self, name: &str, roles: &[&str], env: Vec<(String, String)>) {
