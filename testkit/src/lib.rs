@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | [`rng`] | the benches' xorshift generator | benches |
 //! | [`data`] | disk images and data: the tests' `make_disk` / `random_writes`, the benches' `mixed_disk_data` / `generate_disk` | both |
-//! | [`procs`] | [`Procs`]: start, kill, restart processes, logs, stop on drop, waits that fail when a process died | both |
+//! | [`procs`] | [`Procs`]: start, kill, restart processes, logs, stop on drop, waits that fail when a process died, a configuration node coming up | both |
 //! | [`ctl`] | [`Ctl`]: `haven ctl --json` | both |
 //! | [`wait`] | bounded polls | both |
 //! | [`compare`] | `cmp` (and `qemu-img compare`) of replicas and sources | both |
