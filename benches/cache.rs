@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use haven_storage::cache::{CacheOptions, MachineCache};
-
-#[path = "common/mod.rs"]
-mod common;
+use haven_testkit::Rng;
 
 const PAYLOAD: usize = 4 << 20;
 /// Bytes written per timed iteration.
@@ -31,7 +29,7 @@ fn bench_cache(c: &mut Criterion) {
     let root = bench_root();
     eprintln!("cache bench directory: {}", root.path().display());
     let mut payload = vec![0u8; PAYLOAD];
-    common::Rng::new(7).fill(&mut payload); // sealed batches look random
+    Rng::new(7).fill(&mut payload); // sealed batches look random
 
     let mut g = c.benchmark_group("cache_append_sync_4MiB");
     g.sample_size(10)

@@ -29,7 +29,7 @@ use std::{
     io::Read,
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
-    process::{Child, Command, ExitCode, Stdio},
+    process::{Command, ExitCode, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc,
@@ -40,9 +40,16 @@ use std::{
 
 use serde_json::Value;
 
-#[path = "support/mod.rs"]
-mod support;
-use support::*;
+use haven_testkit::{
+    bench::{
+        disk_size_from_env, env_flag, env_num, haven_bin, in_temp_dir, parse_size, path_str,
+        print_header, MB, MIB,
+    },
+    fmt_stat, free_udp_port, generate_disk,
+    host::mem_gib,
+    loadavg, machine_desc, run_cmd, stat, str_field, u64_field, verify_same, Procs, Res, Rng,
+    BLOCK,
+};
 
 const MACHINE: &str = "bench";
 /// The agent's `--retention-size` unless `HAVEN_BENCH_RETENTION` says otherwise.
@@ -54,18 +61,7 @@ const TARGET_CHANGE_SECS: f64 = 1.0;
 const TARGET_RSS_BEYOND_RETENTION_MIB: f64 = 64.0;
 
 fn main() -> ExitCode {
-    // `cargo bench` passes `--bench`; nothing else is understood.
-    if std::env::args().skip(1).any(|a| a == "--help" || a == "-h") {
-        println!("end-to-end pipeline benchmark; see the header of benches/pipeline.rs for the environment variables");
-        return ExitCode::SUCCESS;
-    }
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("\npipeline bench FAILED: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    haven_testkit::bench::main("end-to-end pipeline benchmark", "pipeline", run)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -85,36 +81,20 @@ struct Config {
 
 impl Config {
     fn from_env() -> Res<Self> {
-        let bin = match std::env::var_os("HAVEN_BIN") {
-            Some(p) => PathBuf::from(p),
-            None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/haven"),
-        };
-        if !bin.is_file() {
-            return Err(format!(
-                "haven binary not found at {}.\n  This benchmark builds nothing: run `cargo build --release` first, \
-                 and set HAVEN_BIN=<target dir>/release/haven if you use CARGO_TARGET_DIR.",
-                bin.display()
-            ));
-        }
-        let disk_size = match std::env::var("HAVEN_BENCH_DISK") {
-            Ok(v) => parse_size(&v)?,
-            Err(_) => 1 << 30,
-        };
-        if disk_size < 16 << 20 {
-            return Err("HAVEN_BENCH_DISK must be at least 16MiB".into());
-        }
+        let bin = haven_bin(env!("CARGO_MANIFEST_DIR"))?;
+        let disk_size = disk_size_from_env(1 << 30, 16 << 20)?;
         let retention =
             std::env::var("HAVEN_BENCH_RETENTION").unwrap_or_else(|_| RETENTION_DEFAULT.into());
         Ok(Self {
             bin,
-            disk_size: disk_size / BLOCK * BLOCK,
+            disk_size,
             syncs: env_num("HAVEN_BENCH_SYNCS", 3)?.max(1) as usize,
             rounds: env_num("HAVEN_BENCH_ROUNDS", 5)?.max(1) as usize,
             seed: env_num("HAVEN_BENCH_SEED", 42)?,
-            keep: std::env::var("HAVEN_BENCH_KEEP").is_ok_and(|v| v == "1"),
+            keep: env_flag("HAVEN_BENCH_KEEP"),
             retention_bytes: parse_size(&retention)?,
             retention,
-            trace: std::env::var("HAVEN_BENCH_TRACE").is_ok_and(|v| v == "1"),
+            trace: env_flag("HAVEN_BENCH_TRACE"),
         })
     }
 }
@@ -180,120 +160,12 @@ fn read_full(f: &mut File, buf: &mut [u8]) -> Res<usize> {
 }
 
 // ---------------------------------------------------------------------------------------
-// Processes
-
-/// Every process this bench started; SIGTERM, then SIGKILL after 5 s, on drop (also on error
-/// and on panic).
-struct Procs(Vec<(String, Child, PathBuf)>);
-
-impl Procs {
-    fn pid(&self, name: &str) -> Option<u32> {
-        self.0
-            .iter()
-            .find(|(n, _, _)| n == name)
-            .map(|(_, c, _)| c.id())
-    }
-
-    fn check_alive(&mut self) -> Res<()> {
-        for (name, c, log) in &mut self.0 {
-            if let Ok(Some(status)) = c.try_wait() {
-                return Err(format!(
-                    "the {name} process exited ({status}); last lines of {}:\n{}",
-                    log.display(),
-                    tail(log, 20)
-                ));
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for (_, c, _) in &mut self.0 {
-            if let Ok(None) = c.try_wait() {
-                let _ = Command::new("kill")
-                    .arg("-TERM")
-                    .arg(c.id().to_string())
-                    .stderr(Stdio::null())
-                    .status();
-            }
-        }
-        for (_, c, _) in &mut self.0 {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn spawn(bin: &Path, args: &[&str], log: &Path) -> Res<Child> {
-    let out = File::create(log).map_err(|e| format!("create {}: {e}", log.display()))?;
-    let err = out.try_clone().map_err(|e| e.to_string())?;
-    Command::new(bin)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .spawn()
-        .map_err(|e| format!("start {}: {e}", bin.display()))
-}
+// Timing (the processes and `ctl` calls are haven_testkit's `Procs` and `Ctl`)
 
 fn timed<T>(f: impl FnOnce() -> Res<T>) -> Res<(Duration, T)> {
     let t = Instant::now();
     let v = f()?;
     Ok((t.elapsed(), v))
-}
-
-struct Ctl {
-    bin: PathBuf,
-    addr: String,
-    token: PathBuf,
-}
-
-impl Ctl {
-    fn call(&self, args: &[&str]) -> Res<Value> {
-        let out = Command::new(&self.bin)
-            .arg("ctl")
-            .arg("--cluster")
-            .arg(&self.addr)
-            .arg("--token-file")
-            .arg(&self.token)
-            .arg("--json")
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("run haven ctl: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "`haven ctl {}` failed ({}): {}",
-                args.join(" "),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        serde_json::from_slice(&out.stdout).map_err(|e| {
-            format!(
-                "`haven ctl {}` printed non-JSON ({e}): {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })
-    }
-
-    fn machine(&self) -> Res<Option<Value>> {
-        let v = self.call(&["machines"])?;
-        let list = v
-            .as_array()
-            .ok_or("`ctl machines --json` is not an array")?;
-        Ok(list.iter().find(|m| m["name"] == MACHINE).cloned())
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -439,35 +311,6 @@ impl Drop for RssSampler {
 // ---------------------------------------------------------------------------------------
 // Statistics and output
 
-fn machine_desc() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "?".into());
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let mem = proc_meminfo_gib();
-    format!("{cores} vCPU {cpu}, {mem:.0} GiB RAM")
-}
-
-fn proc_meminfo_gib() -> f64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .unwrap_or(0.0)
-        / 1024.0
-        / 1024.0
-}
-
 fn print_cpu(name: &str, u: &CpuUse) {
     let threads: Vec<String> = u
         .top
@@ -509,48 +352,12 @@ struct ChangeRun {
 fn run() -> Res<()> {
     let cfg = Config::from_env()?;
     let tck = clk_tck();
-    let tmp = tempfile::Builder::new()
-        .prefix("haven-bench-")
-        .tempdir_in(std::env::temp_dir())
-        .map_err(|e| {
-            format!(
-                "create a temp dir in {}: {e}",
-                std::env::temp_dir().display()
-            )
-        })?;
-    let dir = tmp.path().to_path_buf();
-    let result = bench(&cfg, &dir, tck);
-    if cfg.keep {
-        let kept = tmp.keep();
-        eprintln!("kept {}", kept.display());
-    } else if result.is_err() {
-        eprintln!("(set HAVEN_BENCH_KEEP=1 to keep the logs and images in the temp dir)");
-    }
-    result
+    in_temp_dir("haven-bench-", cfg.keep, |dir| bench(&cfg, dir, tck))
 }
 
 fn bench(cfg: &Config, dir: &Path, tck: f64) -> Res<()> {
-    let date = run_cmd("date", &["-u", "+%Y-%m-%d %H:%M UTC"])
-        .unwrap_or_default()
-        .trim()
-        .to_string();
-    println!("haven pipeline benchmark — {date}");
-    println!(
-        "machine: {}; load average at start: {}",
-        machine_desc(),
-        loadavg()
-    );
-    let built = std::fs::metadata(&cfg.bin)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.elapsed().ok())
-        .map(|d| format!("built {:.0} min ago", d.as_secs_f64() / 60.0))
-        .unwrap_or_default();
-    println!(
-        "binary: {} ({built}); temp dir: {}",
-        cfg.bin.display(),
-        dir.display()
-    );
+    let machine = format!("{}, {:.0} GiB RAM", machine_desc(), mem_gib());
+    print_header("haven pipeline benchmark", &machine, &cfg.bin, dir);
 
     let disk = dir.join("disk.img");
     let (gen_t, ds) = timed(|| generate_disk(&disk, cfg.disk_size, cfg.seed))?;
@@ -657,85 +464,53 @@ fn bench(cfg: &Config, dir: &Path, tck: f64) -> Res<()> {
     let nonzero = count_nonzero_blocks(&disk)?;
 
     // ---- haven
-    let mut procs = Procs(vec![]);
+    let mut procs = Procs::new(&cfg.bin, dir).poll_every(Duration::from_millis(100));
     let node_dir = dir.join("node");
     let agent_dir = dir.join("agent");
     let port = free_udp_port()?;
     let addr = format!("127.0.0.1:{port}");
-    let node_log = dir.join("node.log");
-    procs.0.push((
-        "node".into(),
-        spawn(
-            &cfg.bin,
-            &[
-                "node",
-                "--data-dir",
-                path_str(&node_dir)?,
-                "--listen",
-                &addr,
-                "--name",
-                "bench-node",
-            ],
-            &node_log,
-        )?,
-        node_log.clone(),
-    ));
-    let admin_token = node_dir.join("admin-token");
+    procs.start(
+        "node",
+        &[
+            "node",
+            "--data-dir",
+            path_str(&node_dir)?,
+            "--listen",
+            &addr,
+            "--name",
+            "bench-node",
+        ],
+    )?;
+    let ctl = procs.configuration_ready(&addr, &node_dir)?;
     let agent_token = node_dir.join("agent-token");
-    wait_until(
-        &mut procs,
-        "the node to write its admin token",
-        Duration::from_secs(30),
-        || Ok(admin_token.exists() && agent_token.exists()),
-    )?;
-    let ctl = Ctl {
-        bin: cfg.bin.clone(),
-        addr: addr.clone(),
-        token: admin_token.clone(),
-    };
-    wait_until(
-        &mut procs,
-        "the configuration node to answer",
-        Duration::from_secs(30),
-        || Ok(ctl.call(&["status"]).is_ok()),
-    )?;
 
-    let agent_log = dir.join("agent.log");
     let disk_arg = format!("root={}", disk.display());
-    procs.0.push((
-        "agent".into(),
-        spawn(
-            &cfg.bin,
-            &[
-                "agent",
-                "--join",
-                &addr,
-                "--token-file",
-                path_str(&agent_token)?,
-                "--data-dir",
-                path_str(&agent_dir)?,
-                "--disk",
-                &disk_arg,
-                "--name",
-                MACHINE,
-                "--scan-interval",
-                "1s",
-                "--retention-size",
-                &cfg.retention,
-            ],
-            &agent_log,
-        )?,
-        agent_log.clone(),
-    ));
+    procs.start(
+        "agent",
+        &[
+            "agent",
+            "--join",
+            &addr,
+            "--token-file",
+            path_str(&agent_token)?,
+            "--data-dir",
+            path_str(&agent_dir)?,
+            "--disk",
+            &disk_arg,
+            "--name",
+            MACHINE,
+            "--scan-interval",
+            "1s",
+            "--retention-size",
+            &cfg.retention,
+        ],
+    )?;
     let agent_pid = procs.pid("agent").ok_or("agent pid")?;
     let node_pid = procs.pid("node").ok_or("node pid")?;
     let rss = RssSampler::start(agent_pid);
-    wait_until(
-        &mut procs,
-        "the agent to enroll",
-        Duration::from_secs(30),
-        || Ok(ctl.machine()?.is_some()),
-    )?;
+    procs.wait_until("the agent to enroll", Duration::from_secs(30), || {
+        Ok(ctl.machine(MACHINE)?.is_some())
+    })?;
 
     // The cost of one ctl call (process start, QUIC + TLS handshake, one request).
     let mut ctl_secs = vec![];
@@ -757,11 +532,14 @@ fn bench(cfg: &Config, dir: &Path, tck: f64) -> Res<()> {
             // A new protection epoch: a full resync from scratch.
             rss.set_phase(PH_OTHER);
             ctl.call(&["unprotect", MACHINE])?;
-            wait_until(
-                &mut procs,
+            procs.wait_until(
                 "the machine to be unprotected",
                 Duration::from_secs(30),
-                || Ok(ctl.machine()?.is_some_and(|m| m["state"] == "discovered")),
+                || {
+                    Ok(ctl
+                        .machine(MACHINE)?
+                        .is_some_and(|m| m["state"] == "discovered"))
+                },
             )?;
             std::thread::sleep(Duration::from_secs(2));
             rss.set_phase(PH_INITIAL);
@@ -780,7 +558,7 @@ fn bench(cfg: &Config, dir: &Path, tck: f64) -> Res<()> {
                 ));
             }
             std::thread::sleep(Duration::from_millis(200));
-            let m = ctl.machine()?.ok_or("machine vanished")?;
+            let m = ctl.machine(MACHINE)?.ok_or("machine vanished")?;
             if cfg.trace {
                 println!(
                     "    t={:6.2}s {:<13} {:>5.1}% captured {:>4} cached {:>4} applied {:>4} retained {:>6.1} MiB raw sent {:>6.1} MiB wire {:>6.1} MiB",
@@ -818,7 +596,7 @@ fn bench(cfg: &Config, dir: &Path, tck: f64) -> Res<()> {
         }
         verify_same(&disk, &replica, &format!("initial sync #{}", i + 1))?;
         std::thread::sleep(Duration::from_millis(1100)); // let the node report its wire bytes
-        let m = ctl.machine()?.ok_or("machine vanished")?;
+        let m = ctl.machine(MACHINE)?.ok_or("machine vanished")?;
         let first_data = progress
             .iter()
             .find(|p| p.1 > 0 || p.2 > 0)
@@ -904,7 +682,7 @@ fn bench(cfg: &Config, dir: &Path, tck: f64) -> Res<()> {
     let mut changes: Vec<ChangeRun> = vec![];
     let mut change_cpu = vec![];
     for i in 0..cfg.rounds {
-        let before = ctl.machine()?.ok_or("machine vanished")?;
+        let before = ctl.machine(MACHINE)?.ok_or("machine vanished")?;
         let (agent_cpu0, node_cpu0) = (cpu_snap(agent_pid), cpu_snap(node_pid));
         let (wt, written) =
             timed(|| change_one_percent(&disk, cfg.disk_size, cfg.seed ^ (0x2000 + i as u64)))?;
@@ -920,7 +698,7 @@ fn bench(cfg: &Config, dir: &Path, tck: f64) -> Res<()> {
         }
         verify_same(&disk, &replica, &format!("change round {}", i + 1))?;
         std::thread::sleep(Duration::from_millis(1100));
-        let after = ctl.machine()?.ok_or("machine vanished")?;
+        let after = ctl.machine(MACHINE)?.ok_or("machine vanished")?;
         let run = ChangeRun {
             wall,
             ctl_secs: ws["seconds"].as_f64().unwrap_or(f64::NAN),
@@ -1249,34 +1027,4 @@ fn ensure_rsync() -> Res<()> {
         ),
         Err(e) => format!("rsync is not installed and apt-get could not run: {e}"),
     })
-}
-
-fn wait_until(
-    procs: &mut Procs,
-    what: &str,
-    timeout: Duration,
-    mut ok: impl FnMut() -> Res<bool>,
-) -> Res<()> {
-    let deadline = Instant::now() + timeout;
-    let mut last_err = String::new();
-    loop {
-        procs.check_alive()?;
-        match ok() {
-            Ok(true) => return Ok(()),
-            Ok(false) => {}
-            Err(e) => last_err = e,
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "timed out after {}s waiting for {what}{}",
-                timeout.as_secs(),
-                if last_err.is_empty() {
-                    String::new()
-                } else {
-                    format!(" (last error: {last_err})")
-                }
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }

@@ -36,7 +36,7 @@ use std::{
     fs::{File, OpenOptions},
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
-    process::{Child, Command, ExitCode, Stdio},
+    process::{ExitCode, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -47,9 +47,14 @@ use std::{
 
 use serde_json::Value;
 
-#[path = "support/mod.rs"]
-mod support;
-use support::*;
+use haven_testkit::{
+    bench::{
+        disk_size_from_env, env_flag, env_num, haven_bin, in_temp_dir, path_str, print_header, MB,
+        MIB,
+    },
+    fmt_stat, free_udp_port, generate_disk, loadavg, machine_desc, stat, str_field, u64_field,
+    verify_same, Ctl, Procs, Res, Rng,
+};
 
 const MACHINES: [&str; 4] = ["m0", "m1", "m2", "m3"];
 const PROCESS_SERVERS: [&str; 3] = ["ps1", "ps2", "ps3"];
@@ -63,18 +68,7 @@ const TARGET_RESUME_SECS: f64 = 10.0;
 const FAILURE_TIMEOUT_SECS: f64 = 5.0;
 
 fn main() -> ExitCode {
-    // `cargo bench` passes `--bench`; nothing else is understood.
-    if std::env::args().skip(1).any(|a| a == "--help" || a == "-h") {
-        println!("scale-out benchmark; see the header of benches/scaleout.rs for the environment variables");
-        return ExitCode::SUCCESS;
-    }
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("\nscaleout bench FAILED: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    haven_testkit::bench::main("scale-out benchmark", "scaleout", run)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -93,33 +87,17 @@ struct Config {
 
 impl Config {
     fn from_env() -> Res<Self> {
-        let bin = match std::env::var_os("HAVEN_BIN") {
-            Some(p) => PathBuf::from(p),
-            None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/haven"),
-        };
-        if !bin.is_file() {
-            return Err(format!(
-                "haven binary not found at {}.\n  This benchmark builds nothing: run `cargo build --release` first, \
-                 and set HAVEN_BIN=<target dir>/release/haven if you use CARGO_TARGET_DIR.",
-                bin.display()
-            ));
-        }
-        let disk_size = match std::env::var("HAVEN_BENCH_DISK") {
-            Ok(v) => parse_size(&v)?,
-            Err(_) => 64 << 20,
-        };
-        if disk_size < 8 << 20 {
-            return Err("HAVEN_BENCH_DISK must be at least 8MiB".into());
-        }
+        let bin = haven_bin(env!("CARGO_MANIFEST_DIR"))?;
+        let disk_size = disk_size_from_env(64 << 20, 8 << 20)?;
         Ok(Self {
             bin,
-            disk_size: disk_size / BLOCK * BLOCK,
+            disk_size,
             moves: env_num("HAVEN_BENCH_MOVES", 60)? as usize,
             failovers: env_num("HAVEN_BENCH_FAILOVERS", 3)? as usize,
             write_bps: env_num("HAVEN_BENCH_WRITE_KBPS", 4000)?.max(1) * 1000,
             move_gap_ms: env_num("HAVEN_BENCH_MOVE_GAP_MS", 1000)?,
             seed: env_num("HAVEN_BENCH_SEED", 42)?,
-            keep: std::env::var("HAVEN_BENCH_KEEP").is_ok_and(|v| v == "1"),
+            keep: env_flag("HAVEN_BENCH_KEEP"),
         })
     }
 }
@@ -213,274 +191,42 @@ impl Drop for Writer {
 }
 
 // ---------------------------------------------------------------------------------------
-// Processes
+// Timed `ctl` calls (the processes and the other calls are haven_testkit's `Procs` and `Ctl`)
 
-struct Proc {
-    name: String,
-    args: Vec<String>,
-    log: PathBuf,
-    child: Option<Child>,
-}
-
-/// Every process this bench started, restartable with the same arguments; SIGTERM, then
-/// SIGKILL after 5 s, on drop (also on error and on panic).
-struct Procs {
-    bin: PathBuf,
-    list: Vec<Proc>,
-}
-
-impl Procs {
-    fn get(&mut self, name: &str) -> Res<&mut Proc> {
-        self.list
-            .iter_mut()
-            .find(|p| p.name == name)
-            .ok_or_else(|| format!("no process {name}"))
-    }
-
-    fn start(&mut self, name: &str, args: Vec<String>, log: PathBuf) -> Res<()> {
-        self.list.push(Proc {
-            name: name.into(),
-            args,
-            log,
-            child: None,
-        });
-        self.restart(name)
-    }
-
-    /// (Re)starts a process with its arguments; its log is appended to.
-    fn restart(&mut self, name: &str) -> Res<()> {
-        let bin = self.bin.clone();
-        let p = self.get(name)?;
-        if p.child.is_some() {
-            return Err(format!("{name} is already running"));
-        }
-        let out = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&p.log)
-            .map_err(|e| format!("open {}: {e}", p.log.display()))?;
-        let err = out.try_clone().map_err(|e| e.to_string())?;
-        let child = Command::new(&bin)
-            .args(&p.args)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .map_err(|e| format!("start {}: {e}", bin.display()))?;
-        p.child = Some(child);
-        Ok(())
-    }
-
-    /// SIGKILL, and reap.
-    fn kill(&mut self, name: &str) -> Res<()> {
-        let p = self.get(name)?;
-        let mut c = p
-            .child
-            .take()
-            .ok_or_else(|| format!("{name} is not running"))?;
-        c.kill().map_err(|e| format!("kill {name}: {e}"))?;
-        c.wait().map_err(|e| format!("wait {name}: {e}"))?;
-        Ok(())
-    }
-
-    fn log(&self, name: &str) -> PathBuf {
-        self.list
-            .iter()
-            .find(|p| p.name == name)
-            .map(|p| p.log.clone())
-            .unwrap_or_default()
-    }
-
-    fn check_alive(&mut self) -> Res<()> {
-        for p in &mut self.list {
-            if let Some(c) = &mut p.child {
-                if let Ok(Some(status)) = c.try_wait() {
-                    return Err(format!(
-                        "the {} process exited ({status}); last lines of {}:\n{}",
-                        p.name,
-                        p.log.display(),
-                        tail(&p.log, 20)
-                    ));
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for p in &mut self.list {
-            if let Some(c) = &mut p.child {
-                if let Ok(None) = c.try_wait() {
-                    let _ = Command::new("kill")
-                        .arg("-TERM")
-                        .arg(c.id().to_string())
-                        .stderr(Stdio::null())
-                        .status();
-                }
-            }
-        }
-        for p in &mut self.list {
-            if let Some(c) = &mut p.child {
-                let deadline = Instant::now() + Duration::from_secs(5);
-                while Instant::now() < deadline {
-                    if let Ok(Some(_)) = c.try_wait() {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
-    }
-}
-
-struct Ctl {
-    bin: PathBuf,
-    addr: String,
-    token: PathBuf,
-}
-
-impl Ctl {
-    fn call(&self, args: &[&str]) -> Res<Value> {
-        let out = Command::new(&self.bin)
-            .arg("ctl")
-            .arg("--cluster")
-            .arg(&self.addr)
-            .arg("--token-file")
-            .arg(&self.token)
-            .arg("--json")
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("run haven ctl: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "`haven ctl {}` failed ({}): {}",
-                args.join(" "),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        serde_json::from_slice(&out.stdout).map_err(|e| {
-            format!(
-                "`haven ctl {}` printed non-JSON ({e}): {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })
-    }
-
-    /// Like `call`, and also the unix times at which the JSON answer was complete on stdout
-    /// and at which the process exited (`ctl` closes its QUIC connection gracefully first).
-    fn call_timed(&self, args: &[&str]) -> Res<(Value, f64, f64)> {
-        use std::io::Read;
-        let mut child = Command::new(&self.bin)
-            .arg("ctl")
-            .arg("--cluster")
-            .arg(&self.addr)
-            .arg("--token-file")
-            .arg(&self.token)
-            .arg("--json")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("run haven ctl: {e}"))?;
-        let mut out = child.stdout.take().ok_or("no stdout")?;
-        let mut buf = vec![];
-        let mut chunk = [0u8; 4096];
-        let mut printed = None;
-        loop {
-            let n = out
-                .read(&mut chunk)
-                .map_err(|e| format!("read ctl stdout: {e}"))?;
-            if n == 0 {
-                break;
-            }
-            buf.extend_from_slice(&chunk[..n]);
-            if printed.is_none() && serde_json::from_slice::<Value>(&buf).is_ok() {
-                printed = Some(unix_now());
-            }
-        }
-        let status = child.wait().map_err(|e| format!("wait haven ctl: {e}"))?;
-        let exited = unix_now();
-        let mut err = String::new();
-        if let Some(mut e) = child.stderr.take() {
-            let _ = e.read_to_string(&mut err);
-        }
-        if !status.success() {
-            return Err(format!(
-                "`haven ctl {}` failed ({status}): {}",
-                args.join(" "),
-                err.trim()
-            ));
-        }
-        let v = serde_json::from_slice(&buf).map_err(|e| {
-            format!(
-                "`haven ctl {}` printed non-JSON ({e}): {}",
-                args.join(" "),
-                String::from_utf8_lossy(&buf)
-            )
-        })?;
-        Ok((v, printed.unwrap_or(exited), exited))
-    }
-
-    fn array(&self, what: &str) -> Res<Vec<Value>> {
-        self.call(&[what])?
-            .as_array()
-            .cloned()
-            .ok_or_else(|| format!("`ctl --json {what}` is not an array"))
-    }
-
-    /// Machine name -> machine object.
-    fn machines(&self) -> Res<HashMap<String, Value>> {
-        Ok(self
-            .array("machines")?
-            .into_iter()
-            .filter_map(|m| Some((m["name"].as_str()?.to_string(), m)))
-            .collect())
-    }
-
-    fn node_alive(&self, name: &str) -> Res<bool> {
-        Ok(self
-            .array("nodes")?
-            .iter()
-            .any(|n| n["name"] == name && n["alive"] == true))
-    }
-}
-
-fn wait_until(
-    procs: &mut Procs,
-    what: &str,
-    timeout: Duration,
-    mut ok: impl FnMut() -> Res<bool>,
-) -> Res<Duration> {
-    let t0 = Instant::now();
-    let mut last_err = String::new();
+/// Like `ctl.call`, and also the unix times at which the JSON answer was complete on stdout
+/// and at which the process exited (`ctl` closes its QUIC connection gracefully first).
+fn call_timed(ctl: &Ctl, args: &[&str]) -> Res<(Value, f64, f64)> {
+    use std::io::Read;
+    let mut child = ctl
+        .command(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("run haven ctl: {e}"))?;
+    let mut out = child.stdout.take().ok_or("no stdout")?;
+    let mut buf = vec![];
+    let mut chunk = [0u8; 4096];
+    let mut printed = None;
     loop {
-        procs.check_alive()?;
-        match ok() {
-            Ok(true) => return Ok(t0.elapsed()),
-            Ok(false) => {}
-            Err(e) => last_err = e,
+        let n = out
+            .read(&mut chunk)
+            .map_err(|e| format!("read ctl stdout: {e}"))?;
+        if n == 0 {
+            break;
         }
-        if t0.elapsed() > timeout {
-            return Err(format!(
-                "timed out after {}s waiting for {what}{}",
-                timeout.as_secs(),
-                if last_err.is_empty() {
-                    String::new()
-                } else {
-                    format!(" (last error: {last_err})")
-                }
-            ));
+        buf.extend_from_slice(&chunk[..n]);
+        if printed.is_none() && serde_json::from_slice::<Value>(&buf).is_ok() {
+            printed = Some(unix_now());
         }
-        std::thread::sleep(Duration::from_millis(50));
     }
+    let status = child.wait().map_err(|e| format!("wait haven ctl: {e}"))?;
+    let exited = unix_now();
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    let v = Ctl::answer(args, status, &buf, err.as_bytes())?;
+    Ok((v, printed.unwrap_or(exited), exited))
 }
 
 fn unix_now() -> f64 {
@@ -608,21 +354,6 @@ fn pcts(v: &[f64], prec: usize) -> String {
     )
 }
 
-fn machine_desc() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "?".into());
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    format!("{cores} vCPU {cpu}")
-}
-
 fn opt_u64(v: &Value) -> String {
     v.as_u64()
         .map(|x| x.to_string())
@@ -670,49 +401,12 @@ struct FailoverRun {
 
 fn run() -> Res<()> {
     let cfg = Config::from_env()?;
-    let tmp = tempfile::Builder::new()
-        .prefix("haven-scaleout-")
-        .tempdir_in(std::env::temp_dir())
-        .map_err(|e| {
-            format!(
-                "create a temp dir in {}: {e}",
-                std::env::temp_dir().display()
-            )
-        })?;
-    let dir = tmp.path().to_path_buf();
-    let result = bench(&cfg, &dir);
-    if cfg.keep {
-        let kept = tmp.keep();
-        eprintln!("kept {}", kept.display());
-    } else if result.is_err() {
-        eprintln!("(set HAVEN_BENCH_KEEP=1 to keep the logs and images in the temp dir)");
-    }
-    result
+    in_temp_dir("haven-scaleout-", cfg.keep, |dir| bench(&cfg, dir))
 }
 
 fn bench(cfg: &Config, dir: &Path) -> Res<()> {
     let bench_t0 = Instant::now();
-    let date = run_cmd("date", &["-u", "+%Y-%m-%d %H:%M UTC"])
-        .unwrap_or_default()
-        .trim()
-        .to_string();
-    println!("haven scale-out benchmark — {date}");
-    let start_load = loadavg();
-    println!(
-        "machine: {}; load average at start: {start_load}",
-        machine_desc()
-    );
-    let built = std::fs::metadata(&cfg.bin)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.elapsed().ok())
-        .map(|d| format!("built {:.0} min ago", d.as_secs_f64() / 60.0))
-        .unwrap_or_default();
-    println!(
-        "binary: {} ({built}); temp dir: {}",
-        cfg.bin.display(),
-        dir.display()
-    );
+    let start_load = print_header("haven scale-out benchmark", &machine_desc(), &cfg.bin, dir);
 
     // ---- disks
     let mut disks = vec![];
@@ -736,17 +430,14 @@ fn bench(cfg: &Config, dir: &Path) -> Res<()> {
     println!("generated 4 disks in {:.1}s", t.elapsed().as_secs_f64());
 
     // ---- the cluster
-    let mut procs = Procs {
-        bin: cfg.bin.clone(),
-        list: vec![],
-    };
+    let mut procs = Procs::new(&cfg.bin, dir);
     let config_dir = dir.join(CONFIG);
     let port = free_udp_port()?;
     let addr = format!("127.0.0.1:{port}");
     let s = |x: &str| x.to_string();
     procs.start(
         CONFIG,
-        vec![
+        &[
             s("node"),
             s("--role"),
             s("configuration"),
@@ -758,28 +449,10 @@ fn bench(cfg: &Config, dir: &Path) -> Res<()> {
             s("--name"),
             s(CONFIG),
         ],
-        dir.join("config.log"),
     )?;
-    let admin_token = config_dir.join("admin-token");
+    let ctl = procs.configuration_ready(&addr, &config_dir)?;
     let agent_token = config_dir.join("agent-token");
     let node_token = config_dir.join("node-token");
-    wait_until(
-        &mut procs,
-        "the configuration node to write its tokens",
-        Duration::from_secs(30),
-        || Ok(admin_token.exists() && agent_token.exists() && node_token.exists()),
-    )?;
-    let ctl = Ctl {
-        bin: cfg.bin.clone(),
-        addr: addr.clone(),
-        token: admin_token.clone(),
-    };
-    wait_until(
-        &mut procs,
-        "the configuration node to answer",
-        Duration::from_secs(30),
-        || Ok(ctl.call(&["status"]).is_ok()),
-    )?;
     let servers: Vec<(&str, &str)> = PROCESS_SERVERS
         .iter()
         .map(|p| (*p, "process"))
@@ -789,7 +462,7 @@ fn bench(cfg: &Config, dir: &Path) -> Res<()> {
         let p = free_udp_port()?;
         procs.start(
             name,
-            vec![
+            &[
                 s("node"),
                 s("--role"),
                 s(role),
@@ -804,12 +477,10 @@ fn bench(cfg: &Config, dir: &Path) -> Res<()> {
                 s("--name"),
                 s(name),
             ],
-            dir.join(format!("{name}.log")),
         )?;
     }
     for (name, _) in &servers {
-        wait_until(
-            &mut procs,
+        procs.wait_until(
             &format!("node {name} alive"),
             Duration::from_secs(30),
             || ctl.node_alive(name),
@@ -818,7 +489,7 @@ fn bench(cfg: &Config, dir: &Path) -> Res<()> {
     for (m, d) in MACHINES.iter().zip(&disks) {
         procs.start(
             &format!("agent-{m}"),
-            vec![
+            &[
                 s("agent"),
                 s("--join"),
                 addr.clone(),
@@ -833,15 +504,11 @@ fn bench(cfg: &Config, dir: &Path) -> Res<()> {
                 s("--scan-interval"),
                 s("1s"),
             ],
-            dir.join(format!("agent-{m}.log")),
         )?;
     }
-    wait_until(
-        &mut procs,
-        "all four agents to enroll",
-        Duration::from_secs(30),
-        || Ok(ctl.machines()?.len() == MACHINES.len()),
-    )?;
+    procs.wait_until("all four agents to enroll", Duration::from_secs(30), || {
+        Ok(ctl.machines()?.len() == MACHINES.len())
+    })?;
     let mut ctl_secs = vec![];
     for _ in 0..5 {
         let t = Instant::now();
@@ -932,7 +599,7 @@ fn bench(cfg: &Config, dir: &Path) -> Res<()> {
         let to = PROCESS_SERVERS[(ci + 1 + (i / MACHINES.len()) % 2) % PROCESS_SERVERS.len()];
         let started = unix_now();
         let t = Instant::now();
-        let (ev, printed, ended) = ctl.call_timed(&["move", m, "--to", to])?;
+        let (ev, printed, ended) = call_timed(&ctl, &["move", m, "--to", to])?;
         let wall_ms = t.elapsed().as_secs_f64() * 1000.0;
         let pause_ms = ev["pause_ms"]
             .as_u64()
@@ -1105,8 +772,7 @@ fn bench(cfg: &Config, dir: &Path) -> Res<()> {
         }
         // The failover events of this round, once their agents reported (or 15 s passed).
         let mut events = vec![];
-        let _ = wait_until(
-            &mut procs,
+        let _ = procs.wait_until(
             "the failover events' figures",
             Duration::from_secs(15),
             || {
@@ -1209,13 +875,13 @@ fn bench(cfg: &Config, dir: &Path) -> Res<()> {
             sent_written.0 as f64 / sent_written.1.max(1) as f64
         );
         procs.restart(victim)?;
-        let restart_alive = wait_until(
-            &mut procs,
-            &format!("{victim} alive again"),
-            Duration::from_secs(60),
-            || ctl.node_alive(victim),
-        )?
-        .as_secs_f64();
+        let restart_alive = procs
+            .wait_until(
+                &format!("{victim} alive again"),
+                Duration::from_secs(60),
+                || ctl.node_alive(victim),
+            )?
+            .as_secs_f64();
         println!("  restarted {victim}: alive again after {restart_alive:.2}s");
         failovers.push(FailoverRun {
             victim: victim.to_string(),

@@ -6,15 +6,13 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use haven_testkit::mixed_disk_data;
 use haven_transport::seal::{self, bench_hooks, DataKey, SealContext};
-
-#[path = "common/mod.rs"]
-mod common;
 
 const BATCH: usize = 4 << 20;
 
 fn bench_seal(c: &mut Criterion) {
-    let data = common::mixed_disk_data(BATCH, 42);
+    let data = mixed_disk_data(BATCH, 42);
     let key = DataKey::from_bytes([0x5a; 32]);
     let ctx = SealContext {
         machine: "bench-machine",

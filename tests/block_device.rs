@@ -1,44 +1,21 @@
 //! A disk that is a real block device (a loop device), where the machine allows it.
 mod common;
 
-use std::{os::unix::fs::FileExt, process::Command, time::Duration};
+use std::{os::unix::fs::FileExt, time::Duration};
 
 use common::*;
+use haven_testkit::{make_disk, random_writes};
 use rand::{rngs::StdRng, SeedableRng};
-
-struct Loop(String);
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
-    }
-}
 
 #[test]
 fn a_block_device_replicates_like_a_file() {
     let mut c = Cluster::new();
     let backing = c.path("backing.img");
     make_disk(&backing, 32 << 20, 5);
-    let out = Command::new("losetup")
-        .args(["-f", "--show"])
-        .arg(&backing)
-        .output();
-    let dev = match out {
-        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
-        Ok(o) => {
-            eprintln!(
-                "SKIPPED: losetup is not permitted here: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            );
-            return;
-        }
-        Err(e) => {
-            eprintln!("SKIPPED: losetup is not available: {e}");
-            return;
-        }
+    let Some(dev) = LoopDevice::attach(&backing) else {
+        return;
     };
-    let dev_path = std::path::PathBuf::from(&dev);
-    let _guard = Loop(dev);
+    let dev_path = dev.path();
     c.start_config(&[], vec![]);
     c.start_agent("blk01", &[("root", dev_path.as_path())]);
     let m = c.machine("blk01").unwrap();

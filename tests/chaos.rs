@@ -16,6 +16,7 @@ use std::{
 };
 
 use common::*;
+use haven_testkit::{make_disk, random_writes, wait_until};
 use rand::{rngs::StdRng, SeedableRng};
 
 fn seed() -> u64 {

@@ -15,6 +15,7 @@ use std::{
 };
 
 use common::*;
+use haven_testkit::{make_disk, u64_of, wait_until};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 /// Size of the process server's disk.

@@ -6,12 +6,13 @@ mod common;
 
 use std::{
     os::unix::fs::FileExt,
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     time::{Duration, Instant},
 };
 
 use common::*;
+use haven_testkit::{identical, make_disk, random_writes, u64_of, wait_until};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde_json::Value;
 
@@ -138,39 +139,15 @@ fn a_disk_that_grows_is_replicated_at_its_new_size_without_a_resync() {
     c.assert_no_unexpected_errors(&[]);
 }
 
-struct Loop(String);
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn a_loop_device_that_grows_is_replicated_at_its_new_size() {
     let mut c = Cluster::new();
     let backing = c.path("backing.img");
     make_disk(&backing, 32 * MIB, 5);
-    let out = Command::new("losetup")
-        .args(["-f", "--show"])
-        .arg(&backing)
-        .output();
-    let dev = match out {
-        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
-        Ok(o) => {
-            eprintln!(
-                "SKIPPED: losetup is not permitted here: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            );
-            return;
-        }
-        Err(e) => {
-            eprintln!("SKIPPED: losetup is not available: {e}");
-            return;
-        }
+    let Some(dev) = LoopDevice::attach(&backing) else {
+        return;
     };
-    let dev_path = PathBuf::from(&dev);
-    let _guard = Loop(dev.clone());
+    let dev_path = dev.path();
     c.start_config(&[], vec![]);
     c.start_agent("blk01", &[("root", dev_path.as_path())]);
     let m = c.machine("blk01").unwrap();
@@ -188,7 +165,10 @@ fn a_loop_device_that_grows_is_replicated_at_its_new_size() {
         .unwrap()
         .set_len(48 * MIB)
         .unwrap();
-    let st = Command::new("losetup").args(["-c", &dev]).status().unwrap();
+    let st = Command::new("losetup")
+        .args(["-c", &dev.dev])
+        .status()
+        .unwrap();
     assert!(st.success(), "losetup -c");
     let mut rng = StdRng::seed_from_u64(9);
     write_at(&dev_path, 40 * MIB, &random(&mut rng, 256 << 10));
@@ -284,7 +264,7 @@ fn another_disk_under_the_protected_name_is_blocked_and_the_replica_untouched() 
 
     phase("restart the agent with another disk as d0");
     c.kill("agent-m1");
-    let mut args = agent_args(&c, "m1", &c.path("agent-m1"));
+    let mut args = c.agent_args("m1", &c.path("agent-m1"));
     args.extend(["--disk".into(), format!("d0={}", other.display())]);
     c.add("agent-m1-other", args, vec![]);
     let m = wait_state(&c, "m1", "degraded");
@@ -312,22 +292,6 @@ fn another_disk_under_the_protected_name_is_blocked_and_the_replica_untouched() 
 }
 
 /// `haven agent` arguments joining `c` as `name` with data dir `dir` (no disks).
-fn agent_args(c: &Cluster, name: &str, dir: &Path) -> Vec<String> {
-    vec![
-        "agent".into(),
-        "--join".into(),
-        c.config_addr.clone(),
-        "--token-file".into(),
-        c.agent_token().display().to_string(),
-        "--data-dir".into(),
-        dir.display().to_string(),
-        "--name".into(),
-        name.into(),
-        "--scan-interval".into(),
-        "1s".into(),
-    ]
-}
-
 #[test]
 fn a_second_agent_under_a_taken_name_is_refused_and_nothing_is_registered() {
     let mut c = Cluster::new();
@@ -337,7 +301,7 @@ fn a_second_agent_under_a_taken_name_is_refused_and_nothing_is_registered() {
     make_disk(&clone_disk, 32 * MIB, 77);
 
     phase("an agent with another data dir and disk, --name m1");
-    let mut args = agent_args(&c, "m1", &c.path("agent-clone"));
+    let mut args = c.agent_args("m1", &c.path("agent-clone"));
     args.extend(["--disk".into(), format!("d0={}", clone_disk.display())]);
     let out = Command::new(BIN).args(&args).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -353,7 +317,8 @@ fn a_second_agent_under_a_taken_name_is_refused_and_nothing_is_registered() {
     assert!(c.log("config").contains("join refused"));
 
     phase("without --name, the error says the default was the host name");
-    let mut args: Vec<String> = agent_args(&c, "x", &c.path("agent-default"))
+    let mut args: Vec<String> = c
+        .agent_args("x", &c.path("agent-default"))
         .into_iter()
         .take(7)
         .collect();
@@ -375,7 +340,8 @@ fn a_second_agent_under_a_taken_name_is_refused_and_nothing_is_registered() {
         wait_until("the host-named machine", Duration::from_secs(30), || {
             c.machine(&host)
         });
-        let mut again = agent_args(&c, "x", &c.path("agent-default2"))
+        let mut again = c
+            .agent_args("x", &c.path("agent-default2"))
             .into_iter()
             .take(7)
             .collect::<Vec<_>>();
@@ -426,7 +392,7 @@ fn a_cloned_agent_data_dir_is_never_accepted_for_data() {
     let clone_disk = c.path("clone.img");
     std::fs::copy(&disk, &clone_disk).unwrap();
     write_at(&clone_disk, 7 * MIB, &[0xc1; 65536]);
-    let mut args = agent_args(&c, "m1", &clone_dir);
+    let mut args = c.agent_args("m1", &clone_dir);
     args.extend(["--disk".into(), format!("d0={}", clone_disk.display())]);
     c.add("agent-clone", args, vec![]);
     let refused = wait_until(
@@ -500,7 +466,7 @@ fn forget_then_enrol_the_name_again() {
     c.kill("agent-m1");
     let disk2 = c.path("d0-new.img");
     make_disk(&disk2, 32 * MIB, 12);
-    let mut args = agent_args(&c, "m1", &c.path("agent-m1-new"));
+    let mut args = c.agent_args("m1", &c.path("agent-m1-new"));
     args.extend(["--disk".into(), format!("d0={}", disk2.display())]);
     c.add("agent-m1-new", args, vec![]);
     wait_until("m1 enrolled again", Duration::from_secs(30), || {
@@ -518,25 +484,13 @@ fn forget_then_enrol_the_name_again() {
     c.assert_no_unexpected_errors(&["the configuration node refused this agent"]);
 }
 
-fn node_join(c: &Cluster, name: &str, token: &Path) -> std::process::Output {
-    Command::new(BIN)
-        .args(["node", "--role", "process", "--listen"])
-        .arg(format!("127.0.0.1:{}", free_port()))
-        .args(["--name", name, "--join", &c.config_addr, "--token-file"])
-        .arg(token)
-        .arg("--data-dir")
-        .arg(c.path(name))
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn tokens_enrol_only_their_kind_and_expire_or_are_revoked() {
     let mut c = Cluster::new();
     c.start_config(&["configuration"], vec![]);
 
     phase("the agent token every protected machine holds enrols no server");
-    let out = node_join(&c, "rogue", &c.agent_token());
+    let out = c.join_output("rogue", &c.agent_token());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -552,7 +506,7 @@ fn tokens_enrol_only_their_kind_and_expire_or_are_revoked() {
     c.add_at(
         "ps-ok",
         &Host::default(),
-        node_args(&c, "ps-ok", &f),
+        c.process_node_args("ps-ok", &f),
         vec![],
     );
     wait_until("ps-ok alive", Duration::from_secs(30), || {
@@ -568,7 +522,7 @@ fn tokens_enrol_only_their_kind_and_expire_or_are_revoked() {
             .any(|t| t["id"] == created["id"] && t["expired"] == true)
             .then_some(())
     });
-    let out = node_join(&c, "ps-late", &f);
+    let out = c.join_output("ps-late", &f);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("expired at"), "{err}");
@@ -581,7 +535,7 @@ fn tokens_enrol_only_their_kind_and_expire_or_are_revoked() {
     std::fs::write(&f, created["token"].as_str().unwrap()).unwrap();
     let disk = c.path("d.img");
     make_disk(&disk, 4 * MIB, 1);
-    let mut args = agent_args(&c, "m9", &c.path("agent-m9"));
+    let mut args = c.agent_args("m9", &c.path("agent-m9"));
     args[4] = f.display().to_string();
     args.extend(["--disk".into(), format!("d0={}", disk.display())]);
     let out = Command::new(BIN).args(&args).output().unwrap();
@@ -633,22 +587,4 @@ fn tokens_enrol_only_their_kind_and_expire_or_are_revoked() {
         assert_eq!(mode, 0o600, "{f} is {mode:o}");
     }
     c.assert_no_unexpected_errors(&[]);
-}
-
-fn node_args(c: &Cluster, name: &str, token: &Path) -> Vec<String> {
-    vec![
-        "node".into(),
-        "--role".into(),
-        "process".into(),
-        "--listen".into(),
-        format!("127.0.0.1:{}", free_port()),
-        "--name".into(),
-        name.into(),
-        "--join".into(),
-        c.config_addr.clone(),
-        "--token-file".into(),
-        token.display().to_string(),
-        "--data-dir".into(),
-        c.path(name).display().to_string(),
-    ]
 }

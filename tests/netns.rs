@@ -36,6 +36,7 @@ use std::{
 };
 
 use common::*;
+use haven_testkit::{make_disk, random_writes, u64_of, wait_until};
 use rand::{rngs::StdRng, SeedableRng};
 use serde_json::Value;
 

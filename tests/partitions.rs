@@ -17,6 +17,7 @@ use std::{
 };
 
 use common::*;
+use haven_testkit::{make_disk, random_writes, u64_of, wait_until};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 const DISK: u64 = 16 << 20;

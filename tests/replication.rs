@@ -5,6 +5,7 @@ mod common;
 use std::{os::unix::fs::FileExt, time::Duration};
 
 use common::*;
+use haven_testkit::{make_disk, random_writes, u64_of, wait_until};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 const DISK0: u64 = 48 << 20;

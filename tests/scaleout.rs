@@ -13,6 +13,7 @@ use std::{
 };
 
 use common::*;
+use haven_testkit::{make_disk, wait_until};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 const DISK: u64 = 16 << 20;

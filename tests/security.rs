@@ -6,19 +6,8 @@ mod common;
 use std::{process::Command, time::Duration};
 
 use common::*;
+use haven_testkit::{make_disk, random_writes, wait_until};
 use haven_transport::{endpoint, identity::Token};
-
-fn join_output(c: &Cluster, token_file: &std::path::Path, name: &str) -> std::process::Output {
-    Command::new(BIN)
-        .args(["node", "--role", "process", "--listen"])
-        .arg(format!("127.0.0.1:{}", free_port()))
-        .args(["--name", name, "--join", &c.config_addr, "--token-file"])
-        .arg(token_file)
-        .arg("--data-dir")
-        .arg(c.path(name))
-        .output()
-        .unwrap()
-}
 
 #[test]
 fn bad_tokens_are_refused_and_nothing_is_registered() {
@@ -33,7 +22,7 @@ fn bad_tokens_are_refused_and_nothing_is_registered() {
     };
     let f = c.path("wrong-secret");
     std::fs::write(&f, wrong_secret.encode()).unwrap();
-    let out = join_output(&c, &f, "intruder1");
+    let out = c.join_output("intruder1", &f);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "joiner must exit non-zero");
     assert!(
@@ -52,7 +41,7 @@ fn bad_tokens_are_refused_and_nothing_is_registered() {
     };
     let f = c.path("wrong-ca");
     std::fs::write(&f, wrong_ca.encode()).unwrap();
-    let out = join_output(&c, &f, "intruder2");
+    let out = c.join_output("intruder2", &f);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -61,12 +50,12 @@ fn bad_tokens_are_refused_and_nothing_is_registered() {
     );
 
     phase("an admin token where an enrolment token is expected, and garbage");
-    let out = join_output(&c, &c.admin_token(), "intruder3");
+    let out = c.join_output("intruder3", &c.admin_token());
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("joining needs an agent token"));
     let f = c.path("garbage");
     std::fs::write(&f, "not a token").unwrap();
-    let out = join_output(&c, &f, "intruder4");
+    let out = c.join_output("intruder4", &f);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("token file"));
 

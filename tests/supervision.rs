@@ -14,6 +14,7 @@ use std::{
 };
 
 use common::*;
+use haven_testkit::{assert_identical, make_disk, random_writes, u64_of, wait_until};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 const DISK: u64 = 24 << 20;
