@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::wire::round_trip;
 use crate::samples;
 
-/// `roles/src/master_target/replica.rs`: `ReplicaState`.
+/// The master target's private `ReplicaState` (roles/src/master_target/replica.rs).
 #[derive(Debug, Serialize, Deserialize)]
 struct ReplicaState {
     version: u32,
@@ -30,7 +30,7 @@ struct ReplicaState {
     names: Option<Vec<String>>,
 }
 
-/// `roles/src/agent/mod.rs`: `TablesFile`.
+/// The agent's private `TablesFile` (roles/src/agent/).
 #[derive(Debug, Serialize, Deserialize)]
 struct TablesFile {
     version: u32,
@@ -40,7 +40,7 @@ struct TablesFile {
     disks: Vec<TableDisk>,
 }
 
-/// `roles/src/agent/mod.rs`: `TableDisk`.
+/// The agent's private `TableDisk` (roles/src/agent/).
 #[derive(Debug, Serialize, Deserialize)]
 struct TableDisk {
     name: String,
@@ -49,7 +49,7 @@ struct TableDisk {
     hashes_le: Vec<u8>,
 }
 
-/// `roles/src/agent/mod.rs`: `Control`.
+/// The agent's private `Control` (roles/src/agent/).
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Control {
     protected: bool,
