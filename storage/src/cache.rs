@@ -82,6 +82,8 @@ pub const RECORD_VERSION: u8 = 1;
 pub const RECORD_HEADER_LEN: u64 = 32;
 /// Largest payload accepted by [`MachineCache::append`] and believed in a record header.
 pub const MAX_PAYLOAD: usize = 64 << 20;
+// A record header stores `payload_len` as a u32: a larger limit could not be written down.
+const _: () = assert!(MAX_PAYLOAD <= u32::MAX as usize);
 
 const LOCK_FILE: &str = "LOCK";
 /// Chunk size for checksumming payloads during recovery.

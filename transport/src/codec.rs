@@ -1,6 +1,7 @@
 //! The one module that knows rmp-serde.
 //!
-//! Configuration, chosen on purpose and pinned by the golden-bytes tests below:
+//! Configuration, chosen on purpose and pinned by the golden-bytes tests below (and every wire
+//! message by `roles/tests/golden.rs`):
 //! - structs are encoded as **maps keyed by field name** (`to_vec_named`), so a field added at
 //!   the end of a struct with `#[serde(default)]` is readable by old and new peers alike;
 //! - enums use serde's external tagging, which rmp-serde writes as a one-entry map

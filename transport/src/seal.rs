@@ -53,13 +53,39 @@ pub const SEAL_VERSION: u8 = 1;
 /// Largest plaintext batch accepted by [`seal`] and announced by a [`Sealed::raw_len`].
 pub const MAX_RAW_LEN: usize = 16 << 20;
 /// Largest [`Sealed::ciphertext`] accepted by [`open`]; checked before any decrypt or
-/// decompress. zstd never expands input by more than a few bytes per 128 KiB block, so a
-/// `MAX_RAW_LEN` batch always seals to less than this.
+/// decompress. zstd never expands input by more than a few bytes per 128 KiB block
+/// ([`zstd_frame_max`]), so a `MAX_RAW_LEN` batch always seals to less than this.
 pub const MAX_SEALED_LEN: usize = MAX_RAW_LEN + 4096;
 /// Default zstd level used by [`seal`].
 pub const DEFAULT_LEVEL: i32 = 1;
 
-const TAG_LEN: usize = 16;
+/// Length of the Poly1305 tag at the end of [`Sealed::ciphertext`].
+pub const TAG_LEN: usize = 16;
+
+/// zstd's format limits (RFC 8878): the largest frame header, the largest block, a block's
+/// header, and the optional content checksum.
+const ZSTD_FRAME_HEADER_MAX: usize = 18;
+const ZSTD_BLOCK_MAX: usize = 128 << 10;
+const ZSTD_BLOCK_HEADER: usize = 3;
+const ZSTD_CHECKSUM: usize = 4;
+
+/// The longest zstd frame of `n` bytes of input: zstd stores a block that would not shrink as
+/// a raw block, so a frame is never longer than the input stored raw, block by block.
+pub const fn zstd_frame_max(n: usize) -> usize {
+    let blocks = if n == 0 {
+        1
+    } else {
+        n.div_ceil(ZSTD_BLOCK_MAX)
+    };
+    n + ZSTD_FRAME_HEADER_MAX + blocks * ZSTD_BLOCK_HEADER + ZSTD_CHECKSUM
+}
+
+// `raw_len` travels as a u32 in the sealed batch and in its associated data.
+const _: () = assert!(MAX_RAW_LEN <= u32::MAX as usize);
+// `seal` refuses nothing that `open` would accept and vice versa: the largest raw batch, in
+// the longest zstd frame it can become, plus the tag, is within the sealed limit that `open`
+// checks before any work.
+const _: () = assert!(zstd_frame_max(MAX_RAW_LEN) + TAG_LEN <= MAX_SEALED_LEN);
 const AAD_DOMAIN: &[u8] = b"haven-seal";
 
 /// A machine's 256-bit data key. `Debug` never prints the key; the bytes are wiped on drop
@@ -470,6 +496,8 @@ mod tests {
     fn incompressible_stays_within_limit() {
         let data = random(MAX_RAW_LEN, 5);
         let s = seal(&key(), &ctx(), &data).unwrap();
+        // Within the bound the size assertions are built on, and so within the limit.
+        assert!(s.ciphertext.len() <= zstd_frame_max(MAX_RAW_LEN) + TAG_LEN);
         assert!(s.ciphertext.len() <= MAX_SEALED_LEN);
         assert_eq!(open(&key(), &ctx(), &s).unwrap(), data);
     }
