@@ -78,6 +78,12 @@ pub fn batch_body() -> BatchBody {
             },
         ],
         disk_sizes: vec![16 << 30, 2 << 30],
+        points: vec![PointMark {
+            seq: 1002,
+            time_ms: 1_767_225_600_000,
+            kind: PointKind::Named,
+            name: Some("before-upgrade".into()),
+        }],
     }
 }
 

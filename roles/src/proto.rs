@@ -317,6 +317,48 @@ pub struct BatchBody {
     /// travels in seq order with its data. Empty: unchanged (batches of older agents).
     #[serde(default)]
     pub disk_sizes: Vec<u64>,
+    /// Recovery points this batch carries (oldest first). Each owns a seq of the batch whose
+    /// record is a marker (empty `data`): the point is the state after every record up to
+    /// and including that seq. Empty for batches of older agents.
+    #[serde(default)]
+    pub points: Vec<PointMark>,
+}
+
+/// A recovery point as the source marks it in the stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PointMark {
+    pub seq: u64,
+    /// The source's clock when the point was taken (unix ms).
+    pub time_ms: u64,
+    pub kind: PointKind,
+    /// The operator's name for the point (`ctl mark --name`), if any.
+    pub name: Option<String>,
+}
+
+/// How consistent a recovery point is. Append-only, like every wire enum.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum PointKind {
+    /// A flush barrier of a tap, or a marker in a tap stream: a state the disks really had.
+    Crash,
+    /// Taken between the freeze and the thaw command: the application's state is consistent.
+    App,
+    /// Marked by the operator (`ctl mark --name`), crash-consistent.
+    Named,
+    /// During an initial sync, a dirty-region resync or a scan pass: not a state the disks
+    /// ever had as a whole.
+    NotConsistent,
+}
+
+impl PointKind {
+    /// The name `ctl recovery-points` shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PointKind::Crash => "crash",
+            PointKind::App => "app",
+            PointKind::Named => "named",
+            PointKind::NotConsistent => "not-consistent",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -226,6 +226,12 @@ fn batch_body() -> BatchBody {
             },
         ],
         disk_sizes: vec![16 << 30, 2 << 30],
+        points: vec![PointMark {
+            seq: 1002,
+            time_ms: 1_767_225_600_000,
+            kind: PointKind::Named,
+            name: Some("before-upgrade".into()),
+        }],
     }
 }
 
@@ -852,10 +858,12 @@ fn data_path() {
             last_seq: 1002,
             body: ByteBuf::from(encode(&batch_body()).unwrap()),
         },
-        "81a5426174636883a966697273745f736571cd03e9a86c6173745f736571cd03eaa4626f6479c472\
-        82a77265636f7264739284a3736571cd03e9a46469736b01a66f6666736574ce00100000a4646174\
+        "81a5426174636883a966697273745f736571cd03e9a86c6173745f736571cd03eaa4626f6479c4b2\
+        83a77265636f7264739284a3736571cd03e9a46469736b01a66f6666736574ce00100000a4646174\
         61c4103031323334353637383961626364656684a3736571cd03eaa46469736b00a66f6666736574\
-        00a464617461c400aa6469736b5f73697a657392cf0000000400000000ce80000000",
+        00a464617461c400aa6469736b5f73697a657392cf0000000400000000ce80000000a6706f696e74\
+        739184a3736571cd03eaa774696d655f6d73cf0000019b76daa800a46b696e64a54e616d6564a46e\
+        616d65ae6265666f72652d75706772616465",
     );
     check(
         "Ack",
@@ -882,12 +890,18 @@ fn data_path() {
         &Applied { applied_seq: 1002 },
         "81ab6170706c6965645f736571cd03ea",
     );
+    check("PointKind::Crash", &PointKind::Crash, "a54372617368");
+    check("PointKind::App", &PointKind::App, "a3417070");
+    check("PointKind::Named", &PointKind::Named, "a54e616d6564");
+    check("PointKind::NotConsistent", &PointKind::NotConsistent, "ad4e6f74436f6e73697374656e74");
     check(
         "BatchBody",
         &batch_body(),
-        "82a77265636f7264739284a3736571cd03e9a46469736b01a66f6666736574ce00100000a4646174\
+        "83a77265636f7264739284a3736571cd03e9a46469736b01a66f6666736574ce00100000a4646174\
         61c4103031323334353637383961626364656684a3736571cd03eaa46469736b00a66f6666736574\
-        00a464617461c400aa6469736b5f73697a657392cf0000000400000000ce80000000",
+        00a464617461c400aa6469736b5f73697a657392cf0000000400000000ce80000000a6706f696e74\
+        739184a3736571cd03eaa774696d655f6d73cf0000019b76daa800a46b696e64a54e616d6564a46e\
+        616d65ae6265666f72652d75706772616465",
     );
     check(
         "WriteRecord",
@@ -1290,6 +1304,7 @@ fn older_shapes_of_the_data_path() {
         body,
         BatchBody {
             disk_sizes: vec![],
+            points: vec![],
             ..batch_body()
         }
     );

@@ -70,6 +70,7 @@ fn one_extent_batch_is_within_the_bound() {
             data: ByteBuf::from(vec![0; EXTENT_BYTES_MAX]),
         }],
         disk_sizes: vec![u64::MAX; 16],
+        points: vec![],
     };
     let len = codec::encode(&body).unwrap().len();
     assert!(len - EXTENT_BYTES_MAX <= MAX_DATA_ENVELOPE, "{len}");

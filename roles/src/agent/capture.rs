@@ -138,6 +138,7 @@ impl CaptureSink {
             let body = BatchBody {
                 records,
                 disk_sizes: sizes.to_vec(),
+                points: Vec::new(),
             };
             batch_frame(first, first + n - 1, &body, raw as usize).unwrap_or_else(|e| {
                 encoded = Err(e);
@@ -504,6 +505,7 @@ mod tests {
             let batch = BatchBody {
                 records,
                 disk_sizes: vec![1 << 20, 7],
+                points: Vec::new(),
             };
             let frame = batch_frame(first, first + n - 1, &batch, size * n as usize).unwrap();
             let body = codec::encode(&batch).unwrap();

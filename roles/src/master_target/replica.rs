@@ -538,6 +538,7 @@ mod tests {
     fn body(seq0: u64, writes: &[(u64, &[u8])]) -> BatchBody {
         BatchBody {
             disk_sizes: vec![],
+            points: vec![],
             records: writes
                 .iter()
                 .enumerate()
