@@ -588,3 +588,58 @@ fn tokens_enrol_only_their_kind_and_expire_or_are_revoked() {
     }
     c.assert_no_unexpected_errors(&[]);
 }
+
+/// Every data directory is owner-only, and so is every file that holds a secret: keys,
+/// tokens, the state store (every machine's data key), the assignments (data keys too).
+#[test]
+fn every_data_dir_and_secret_file_is_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut c = Cluster::new();
+    let disk = c.path("d0.img");
+    protected(&mut c, "m1", &disk);
+
+    fn walk(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(&p, out);
+            }
+            out.push(p);
+        }
+    }
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let mut secrets = Vec::new();
+    for root in ["config", "agent-m1"] {
+        let root = c.path(root);
+        assert_eq!(mode(&root), 0o700, "data dir {}", root.display());
+        let mut all = Vec::new();
+        walk(&root, &mut all);
+        for p in all {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            let secret = name.ends_with("key.der")
+                || name.ends_with("-token")
+                || name == "state.redb"
+                || name == "assignments";
+            if secret {
+                assert_eq!(mode(&p), 0o600, "{} is {:o}", p.display(), mode(&p));
+                secrets.push(p.strip_prefix(c.path("")).unwrap().to_path_buf());
+            }
+        }
+    }
+    // The walk found what it must have (so it cannot pass by finding nothing).
+    let found: Vec<String> = secrets.iter().map(|p| p.display().to_string()).collect();
+    for must in [
+        "config/agent-token",
+        "config/node-token",
+        "config/admin-token",
+        "config/config/state.redb",
+        "config/config/ca-key.der",
+        "config/assignments",
+    ] {
+        assert!(found.iter().any(|f| f == must), "{must} not in {found:?}");
+    }
+    assert!(
+        found.iter().filter(|f| f.ends_with("key.der")).count() >= 3,
+        "the CA's, the node's and the agent's keys: {found:?}"
+    );
+}

@@ -226,17 +226,47 @@ fn assignments_path(dir: &Path) -> PathBuf {
     dir.join("assignments")
 }
 
+/// The assignments file's format version (checked on read). Version 0 is the bare list of
+/// older nodes.
+const ASSIGNMENTS_VERSION: u32 = 1;
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct AssignmentsFile {
+    version: u32,
+    assignments: Vec<Assignment>,
+}
+
+/// The last assignments this node was given, so its streams resume at once after a restart.
+/// They are a cache of the configuration node's truth (the next poll replaces them), so an
+/// unreadable or newer file is logged and ignored, never fatal.
 fn load_assignments(dir: &Path) -> Vec<Assignment> {
-    match read_optional(&assignments_path(dir)) {
-        Ok(Some(b)) => haven_transport::codec::decode(&b).unwrap_or_else(|e| {
-            tracing::warn!("ignoring unreadable assignments file: {e}");
-            vec![]
-        }),
-        Ok(None) => vec![],
+    let path = assignments_path(dir);
+    let bytes = match read_optional(&path) {
+        Ok(Some(b)) => b,
+        Ok(None) => return vec![],
         Err(e) => {
-            tracing::warn!("cannot read assignments: {e}");
+            tracing::warn!("cannot read {}: {e}", path.display());
+            return vec![];
+        }
+    };
+    match decode_assignments(&bytes) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!("ignoring {}: {e}", path.display());
             vec![]
         }
+    }
+}
+
+fn decode_assignments(bytes: &[u8]) -> Result<Vec<Assignment>, String> {
+    use haven_transport::codec::decode;
+    match decode::<AssignmentsFile>(bytes) {
+        Ok(f) if f.version <= ASSIGNMENTS_VERSION => Ok(f.assignments),
+        Ok(f) => Err(format!(
+            "format version {} is newer than this haven's {ASSIGNMENTS_VERSION}",
+            f.version
+        )),
+        Err(e) => decode::<Vec<Assignment>>(bytes).map_err(|_| format!("unreadable: {e}")),
     }
 }
 
@@ -399,7 +429,11 @@ async fn poll_loop(node: Arc<Node>) -> Result<(), TaskError> {
 /// The assignments carry the machines' data keys: owner-only from creation.
 fn persist_assignments(dir: &Path, assignments: &[Assignment]) {
     let path = assignments_path(dir);
-    let written = haven_transport::codec::encode(&assignments)
+    let file = AssignmentsFile {
+        version: ASSIGNMENTS_VERSION,
+        assignments: assignments.to_vec(),
+    };
+    let written = haven_transport::codec::encode(&file)
         .map_err(|e| e.to_string())
         .and_then(|bytes| write_private(&path, &bytes).map_err(|e| e.to_string()));
     if let Err(e) = written {
@@ -428,4 +462,56 @@ async fn retire(node: &Arc<Node>, r: &Retirement) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use haven_cluster::{DiskInfo, Epoch, Generation};
+
+    fn assignment() -> Assignment {
+        Assignment {
+            machine: "m1".into(),
+            epoch: Epoch(2),
+            generation: Generation(5),
+            disks: vec![DiskInfo::new("d0", 1 << 20)],
+            process_server: "ps".into(),
+            master_target: "mt".into(),
+            master_target_addr: "127.0.0.1:1".into(),
+            data_key: serde_bytes::ByteBuf::from(vec![7; 32]),
+            enrolment: "e1".into(),
+        }
+    }
+
+    #[test]
+    fn assignments_file_round_trips_and_checks_its_version() {
+        let dir = tempfile::tempdir().unwrap();
+        persist_assignments(dir.path(), &[assignment()]);
+        assert_eq!(load_assignments(dir.path()), vec![assignment()]);
+        // Owner-only: the file holds data keys.
+        let mode = std::fs::metadata(assignments_path(dir.path()))
+            .unwrap()
+            .permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
+
+        // The bare list an older node wrote still loads.
+        let bare = haven_transport::codec::encode(&vec![assignment()]).unwrap();
+        assert_eq!(decode_assignments(&bare).unwrap(), vec![assignment()]);
+
+        // A newer format is refused with the reason, not misread.
+        let newer = haven_transport::codec::encode(&AssignmentsFile {
+            version: ASSIGNMENTS_VERSION + 1,
+            assignments: vec![assignment()],
+        })
+        .unwrap();
+        let err = decode_assignments(&newer).unwrap_err();
+        assert!(err.contains("newer"), "{err}");
+        std::fs::write(assignments_path(dir.path()), &newer).unwrap();
+        assert!(load_assignments(dir.path()).is_empty());
+
+        assert!(decode_assignments(b"\xc1garbage").is_err());
+    }
 }
