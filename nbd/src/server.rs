@@ -1,6 +1,7 @@
 //! The tokio driver: a registry of exports, listeners on unix and TCP sockets, and per
-//! connection a reader (handshake, then request headers and write payloads), one task per
-//! request in flight (bounded by count and bytes), and one writer of replies.
+//! connection a reader (handshake, then request headers and write payloads; it starts each
+//! request) and one writer that drives the requests in flight (bounded by count and bytes)
+//! and writes their replies as they complete.
 use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
@@ -9,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
 use tokio::io::{
     AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
@@ -430,7 +433,7 @@ impl Server {
         let count = Arc::new(Semaphore::new(self.config.max_in_flight));
         let bytes = Arc::new(Semaphore::new(self.config.max_in_flight_bytes));
         // Never full: a reply is only sent under a count permit.
-        let (tx, rx) = mpsc::channel::<Reply>(self.config.max_in_flight);
+        let (tx, rx) = mpsc::channel::<Pending>(self.config.max_in_flight);
         let mut writer_task = tokio::spawn(write_replies(
             BufWriter::with_capacity(128 << 10, writer),
             rx,
@@ -453,7 +456,7 @@ impl Server {
                 Err(e) => break Err(e),
             }
         };
-        // Finish what is in flight: the request tasks hold the other senders.
+        // Finish what is in flight: the writer drives it to the end.
         drop(tx);
         let written = match writer_done {
             Some(r) => r,
@@ -464,40 +467,46 @@ impl Server {
         written.map_err(ConnError::from)
     }
 
-    fn dispatch(&self, job: Job, backend: &Arc<dyn Backend>, tx: &mpsc::Sender<Reply>) {
-        let tx = tx.clone();
+    /// Starts a request and hands it to the writer. The request's future is polled once
+    /// here, so the backend call (for `FileBackend`, the hand-off to a blocking thread) starts
+    /// before the writer task is even woken.
+    fn dispatch(&self, job: Job, backend: &Arc<dyn Backend>, tx: &mpsc::Sender<Pending>) {
         let Job {
             handle,
             work,
             permits,
         } = job;
-        let backend = backend.clone();
-        let work = match work {
-            Work::Reply(error) => {
-                // Cheap: reply from here, no task. `try_send` cannot fail for lack of room
-                // (the channel holds max_in_flight and this reply holds a count permit), only
-                // if the writer is gone, and then nobody reads the reply anyway.
-                let _ = tx.try_send(Reply::new(error, handle, None, permits));
-                return;
+        let pending = match work {
+            Work::Reply(error) => Pending::Ready(Reply::new(error, handle, None, permits)),
+            Work::Run(command, data) => {
+                let backend = backend.clone();
+                let mut fut: BoxFuture<'static, Reply> = Box::pin(async move {
+                    let run = AssertUnwindSafe(execute(&*backend, command, data)).catch_unwind();
+                    let (error, data) = match run.await {
+                        Ok(Ok(data)) => (0, data),
+                        Ok(Err(e)) => {
+                            debug!("nbd: {command:?} failed: {e}");
+                            (nbd_error(&e), None)
+                        }
+                        Err(_) => {
+                            warn!("nbd: backend panicked serving {command:?}");
+                            (proto::EIO, None)
+                        }
+                    };
+                    Reply::new(error, handle, data, permits)
+                });
+                // Polled again (with the writer's waker) by the writer: a wake-up meanwhile is
+                // not lost, the future re-registers on that poll.
+                match (&mut fut).now_or_never() {
+                    Some(reply) => Pending::Ready(reply),
+                    None => Pending::Running(fut),
+                }
             }
-            Work::Run(command, data) => (command, data),
         };
-        tokio::spawn(async move {
-            let (command, data) = work;
-            let run = AssertUnwindSafe(execute(&*backend, command, data)).catch_unwind();
-            let (error, data) = match run.await {
-                Ok(Ok(data)) => (0, data),
-                Ok(Err(e)) => {
-                    debug!("nbd: {command:?} failed: {e}");
-                    (nbd_error(&e), None)
-                }
-                Err(_) => {
-                    warn!("nbd: backend panicked serving {command:?}");
-                    (proto::EIO, None)
-                }
-            };
-            let _ = tx.send(Reply::new(error, handle, data, permits)).await;
-        });
+        // `try_send` cannot fail for lack of room (the channel holds max_in_flight and every
+        // entry holds a count permit), only when the writer is gone, and then nobody would
+        // read the reply anyway.
+        let _ = tx.try_send(pending);
     }
 }
 
@@ -720,16 +729,52 @@ async fn execute(
     }
 }
 
-/// The one writer of a connection's replies: writes what is queued, flushes when the queue
-/// is empty, releases each request's permits once its reply is written.
+/// A request handed to the writer: answered already, or still running.
+enum Pending {
+    Ready(Reply),
+    Running(BoxFuture<'static, Reply>),
+}
+
+/// The one writer of a connection's replies. It also drives the requests still running
+/// (so a completion wakes only this task), writes replies as they complete, flushes when
+/// nothing more is ready, and releases each request's permits once its reply is written.
+/// Ends when the reader is gone and every request is answered.
 async fn write_replies<W: AsyncWrite + Unpin>(
     mut w: BufWriter<W>,
-    mut rx: mpsc::Receiver<Reply>,
+    mut rx: mpsc::Receiver<Pending>,
 ) -> io::Result<()> {
-    while let Some(reply) = rx.recv().await {
-        write_reply(&mut w, reply).await?;
-        while let Ok(reply) = rx.try_recv() {
-            write_reply(&mut w, reply).await?;
+    let mut running = FuturesUnordered::new();
+    let mut open = true;
+    loop {
+        tokio::select! {
+            biased;
+            Some(reply) = running.next(), if !running.is_empty() => {
+                write_reply(&mut w, reply).await?;
+            }
+            pending = rx.recv(), if open => match pending {
+                Some(Pending::Ready(reply)) => write_reply(&mut w, reply).await?,
+                Some(Pending::Running(fut)) => running.push(fut),
+                None => open = false,
+            },
+            else => break,
+        }
+        // Everything that is ready now goes out in one flush.
+        loop {
+            if !running.is_empty() {
+                if let Some(Some(reply)) = running.next().now_or_never() {
+                    write_reply(&mut w, reply).await?;
+                    continue;
+                }
+            }
+            match rx.try_recv() {
+                Ok(Pending::Ready(reply)) => write_reply(&mut w, reply).await?,
+                Ok(Pending::Running(fut)) => running.push(fut),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+            }
         }
         w.flush().await?;
     }
