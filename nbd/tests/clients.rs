@@ -144,7 +144,8 @@ fn fio_random_writes_verified_four_jobs() {
         return;
     };
     let fx = Fixture::new(64 * MIB, false);
-    let out = run(Command::new(fio).args([
+    // In the tempdir, without verify state files (fio writes them to its cwd otherwise).
+    let out = run(Command::new(fio).current_dir(fx.dir.path()).args([
         "--name=nbd-verify",
         "--ioengine=nbd",
         &format!("--uri={}", fx.uri()),
@@ -157,6 +158,7 @@ fn fio_random_writes_verified_four_jobs() {
         "--verify=crc32c",
         "--do_verify=1",
         "--verify_fatal=1",
+        "--verify_state_save=0",
         "--randrepeat=1",
         "--group_reporting",
         "--output-format=terse",
