@@ -385,3 +385,38 @@ fn many_qemu_io_clients_at_once() {
         assert!(chunk.iter().all(|&b| b == i as u8 + 0x41), "MiB {i}");
     }
 }
+
+#[test]
+fn qemu_io_over_tcp() {
+    let Some(qemu_io) = tool("qemu-io", "qemu-utils") else {
+        return;
+    };
+    let fx = Fixture::new(4 * MIB, false);
+    let server = haven_nbd::Server::new(fx.exports.clone());
+    let handle = fx
+        .rt
+        .block_on(server.serve_tcp("127.0.0.1:0".parse().unwrap()))
+        .unwrap();
+    let addr = handle.tcp_addr().unwrap();
+    let uri = format!("nbd://{addr}/{NAME}");
+    let out = stdout(&run(Command::new(qemu_io).args([
+        "-f",
+        "raw",
+        &uri,
+        "-c",
+        "write -P 0x77 1M 1M",
+        "-c",
+        "read -P 0x77 1M 1M",
+        "-c",
+        "flush",
+    ])));
+    assert!(
+        !out.contains("failed") && !out.contains("verification"),
+        "{out}"
+    );
+    fx.rt.block_on(handle.shutdown());
+    let disk = std::fs::read(&fx.image).unwrap();
+    assert!(disk[MIB as usize..2 * MIB as usize]
+        .iter()
+        .all(|&b| b == 0x77));
+}
