@@ -5,6 +5,7 @@ mod cache;
 mod frame;
 mod identity;
 mod journal;
+mod nbd;
 mod seal;
 mod state;
 mod undo;
@@ -72,6 +73,15 @@ pub(crate) static ALL: &[Target] = &[
         seeds: state::seeds,
         alloc_base: 4 * MIB,
         alloc_per_byte: 256,
+    },
+    Target {
+        name: "nbd_proto",
+        fuzz: nbd::fuzz,
+        seeds: nbd::seeds,
+        // The handshake buffers at most one option's data (MAX_OPTION_DATA) and queues its
+        // replies, a small multiple of the input.
+        alloc_base: MIB,
+        alloc_per_byte: 64,
     },
     Target {
         name: "identity_text",
