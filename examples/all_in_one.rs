@@ -87,6 +87,7 @@ async fn run(dir: &Path) -> anyhow::Result<()> {
     admin
         .call(AdminCommand::Protect {
             machine: "example-vm".into(),
+            policy: Default::default(),
         })
         .await?;
     println!("example-vm protected; initial sync");

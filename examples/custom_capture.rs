@@ -154,6 +154,7 @@ async fn run(dir: &Path) -> anyhow::Result<()> {
     admin
         .call(AdminCommand::Protect {
             machine: "log-vm".into(),
+            policy: Default::default(),
         })
         .await?;
     match admin

@@ -145,3 +145,69 @@ pub fn print_events(events: &[haven_roles::view::EventView]) {
         );
     }
 }
+
+fn span_text(ms: u64) -> String {
+    humantime::format_duration(Duration::from_secs(ms / 1000)).to_string()
+}
+
+pub fn print_points(p: &haven_roles::view::RecoveryPointsView) {
+    println!(
+        "{:>12} {:>12} {:<24} {:<15} NAME",
+        "POINT", "SEQ", "TIME", "KIND"
+    );
+    for pt in &p.points {
+        println!(
+            "{:>12} {:>12} {:<24} {:<15} {}",
+            pt.point,
+            pt.seq,
+            humantime::format_rfc3339_millis(
+                std::time::UNIX_EPOCH + Duration::from_millis(pt.time_ms)
+            ),
+            pt.kind,
+            pt.name.as_deref().unwrap_or("")
+        );
+    }
+    println!(
+        "{}: {} points; history held {} of {} asked; journal {} of {} cap{}",
+        p.machine,
+        p.points.len(),
+        span_text(p.held_ms),
+        span_text(p.retention_ms),
+        size_text(p.journal_bytes),
+        size_text(p.journal_cap_bytes),
+        if p.cap_reached {
+            " (WARNING: the cap cut history short of the window)"
+        } else {
+            ""
+        }
+    );
+    if let Some(t) = &p.test_failover {
+        println!("test failover active at point {}", t.point.point);
+    }
+}
+
+pub fn print_drill(t: &haven_roles::view::TestFailoverView) {
+    println!(
+        "{}: test failover of point {} ({}, {}) ready in {} ms; replication goes on",
+        t.machine,
+        t.point.point,
+        time_text(t.point.time_ms),
+        t.point.kind,
+        t.elapsed_ms
+    );
+    for d in &t.disks {
+        match (&d.nbd_uri, &d.image) {
+            (Some(uri), _) => println!("  {}  {}", d.disk, uri),
+            (None, Some(img)) => println!("  {}  {}", d.disk, img),
+            _ => {}
+        }
+    }
+}
+
+fn size_text(b: u64) -> String {
+    if b >= 1 << 30 {
+        format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+    }
+}

@@ -295,6 +295,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
     match admin
         .call(haven_roles::proto::AdminCommand::Protect {
             machine: "demo-vm".into(),
+            policy: Default::default(),
         })
         .await
     {

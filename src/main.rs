@@ -5,7 +5,11 @@ mod demo;
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
-use haven_roles::{agent::AgentOptions, node::NodeOptions, proto::AdminCommand, proto::AdminReply};
+use haven_roles::{
+    agent::AgentOptions,
+    node::NodeOptions,
+    proto::{AdminCommand, AdminReply, PointSpec, RecoveryReply, RecoveryRequest},
+};
 
 #[derive(Parser)]
 #[command(
@@ -78,8 +82,15 @@ enum Command {
         /// Machine name (default: the host name).
         #[arg(long)]
         name: Option<String>,
-        #[arg(long, default_value = "scan", value_parser = ["scan"])]
+        /// How writes are captured: `scan` (any file or block device, periodic passes) or
+        /// `tap` (the workload writes through an NBD export per disk,
+        /// `<data-dir>/nbd/NAME.sock`; every flush is a crash-consistent recovery point).
+        #[arg(long, default_value = "scan", value_parser = ["scan", "tap"])]
         capture: String,
+        /// Tap capture: also serve every disk's NBD export on this TCP address.
+        #[arg(long)]
+        nbd_listen: Option<std::net::SocketAddr>,
+
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         scan_interval: Duration,
         /// Bytes of captured-but-unapplied data kept in memory; capture pauses beyond it.
@@ -108,9 +119,19 @@ enum CtlCommand {
     Status,
     Nodes,
     Machines,
-    /// Start replicating a discovered machine.
+    /// Start replicating a discovered machine (or change its recovery-point policy).
     Protect {
         machine: String,
+        /// Recovery-point history to keep (default 24h).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        retention: Option<Duration>,
+        /// Cap on the recovery-point journal (default 10% of the disks' size, at least
+        /// 64MiB); reaching it shortens history, with a warning.
+        #[arg(long, value_parser = parse_size)]
+        journal_size: Option<u64>,
+        /// A point this often when there were writes but no flush (default 10s).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        point_every: Option<Duration>,
     },
     Unprotect {
         machine: String,
@@ -158,6 +179,47 @@ enum CtlCommand {
         #[arg(long)]
         disk: String,
     },
+    /// Every recovery point in the retention window, oldest first, and the window held.
+    RecoveryPoints {
+        machine: String,
+    },
+    /// A DR drill: serve the disks as they were at a point as writable copy-on-write NBD
+    /// exports at the master target (writes go to a scratch overlay); replication goes on.
+    TestFailover {
+        machine: String,
+        /// A point id from `recovery-points`, `latest`, `latest-app`, or an RFC 3339 time
+        /// (the newest point at or before it).
+        #[arg(long, default_value = "latest", value_parser = parse_point)]
+        point: PointSpec,
+        /// Instead of serving, write each disk's view as a sparse image DIR/<disk>.img (on
+        /// the master target's host).
+        #[arg(long)]
+        export: Option<PathBuf>,
+    },
+    /// End a drill: its exports go, its overlay is discarded.
+    TestFailoverCleanup {
+        machine: String,
+    },
+}
+
+/// `--point`: `latest`, `latest-app`, a point id, or an RFC 3339 time.
+fn parse_point(s: &str) -> Result<PointSpec, String> {
+    match s {
+        "latest" => return Ok(PointSpec::Latest),
+        "latest-app" => return Ok(PointSpec::LatestApp),
+        _ => {}
+    }
+    if let Ok(seq) = s.parse::<u64>() {
+        return Ok(PointSpec::Seq(seq));
+    }
+    let t = humantime::parse_rfc3339_weak(s).map_err(|e| {
+        format!("{s:?} is not a point id, `latest`, `latest-app` or an RFC 3339 time: {e}")
+    })?;
+    let time_ms = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| format!("{s:?} is before 1970"))?
+        .as_millis() as u64;
+    Ok(PointSpec::AtOrBefore { time_ms })
 }
 
 #[derive(Subcommand)]
@@ -305,7 +367,8 @@ fn main() -> ExitCode {
             data_dir,
             disks,
             name,
-            capture: _,
+            capture,
+            nbd_listen,
             scan_interval,
             retention_size,
         } => {
@@ -319,7 +382,16 @@ fn main() -> ExitCode {
                 scan_interval,
                 retention_bytes: retention_size,
             };
-            finish(system().block_on(haven_roles::agent::run(opts)))
+            if capture == "tap" {
+                let tap = std::sync::Arc::new(haven_roles::agent::tap::TapCapture::new(nbd_listen));
+                finish(system().block_on(haven_roles::agent::run_with(opts, tap)))
+            } else {
+                if nbd_listen.is_some() {
+                    eprintln!("error: --nbd-listen needs --capture tap");
+                    std::process::exit(2);
+                }
+                finish(system().block_on(haven_roles::agent::run(opts)))
+            }
         }
         Command::Ctl {
             cluster,
@@ -399,6 +471,30 @@ async fn ctl_command(admin: &ctl::Admin, json: bool, command: CtlCommand) -> Exi
             delete_replica,
         },
         CtlCommand::Resync { machine, disk } => AdminCommand::Resync { machine, disk },
+        CtlCommand::RecoveryPoints { machine } => {
+            AdminCommand::Recovery(RecoveryRequest::Points { machine })
+        }
+        CtlCommand::TestFailover {
+            machine,
+            point,
+            export,
+        } => {
+            let export_dir = match export.map(|d| std::path::absolute(&d)).transpose() {
+                Ok(d) => d.map(|d| d.display().to_string()),
+                Err(e) => {
+                    eprintln!("error: --export: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            AdminCommand::Recovery(RecoveryRequest::TestFailover {
+                machine,
+                point,
+                export_dir,
+            })
+        }
+        CtlCommand::TestFailoverCleanup { machine } => {
+            AdminCommand::Recovery(RecoveryRequest::TestFailoverCleanup { machine })
+        }
         CtlCommand::Rebalance => AdminCommand::Rebalance,
         CtlCommand::Drain { node } => AdminCommand::Drain { node },
         CtlCommand::Undrain { node } => AdminCommand::Undrain { node },
@@ -406,7 +502,19 @@ async fn ctl_command(admin: &ctl::Admin, json: bool, command: CtlCommand) -> Exi
         CtlCommand::Status => AdminCommand::Status,
         CtlCommand::Nodes => AdminCommand::Nodes,
         CtlCommand::Machines => AdminCommand::Machines,
-        CtlCommand::Protect { machine } => AdminCommand::Protect { machine },
+        CtlCommand::Protect {
+            machine,
+            retention,
+            journal_size,
+            point_every,
+        } => AdminCommand::Protect {
+            machine,
+            policy: haven_cluster::ProtectPolicy {
+                retention_ms: retention.map(|d| d.as_millis() as u64),
+                journal_cap_bytes: journal_size,
+                point_every_ms: point_every.map(|d| d.as_millis() as u64),
+            },
+        },
         CtlCommand::Unprotect { machine } => AdminCommand::Unprotect { machine },
     };
     match admin.call(cmd).await {
@@ -440,6 +548,12 @@ async fn ctl_command(admin: &ctl::Admin, json: bool, command: CtlCommand) -> Exi
                 AdminReply::Rebalanced { moves } => ctl::print_events(&moves),
                 AdminReply::Tokens(t) if json => print_json(&t),
                 AdminReply::Tokens(t) => ctl::print_tokens(&t),
+                AdminReply::Recovery(RecoveryReply::Points(p)) if json => print_json(&p),
+                AdminReply::Recovery(RecoveryReply::Points(p)) => ctl::print_points(&p),
+                AdminReply::Recovery(RecoveryReply::TestFailover(t)) if json => print_json(&t),
+                AdminReply::Recovery(RecoveryReply::TestFailover(t)) => ctl::print_drill(&t),
+                AdminReply::Recovery(RecoveryReply::Cleaned(c)) if json => print_json(&c),
+                AdminReply::Recovery(RecoveryReply::Cleaned(c)) => println!("{}", c.message),
                 other => println!("{other:?}"),
             }
             ExitCode::SUCCESS

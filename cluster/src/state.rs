@@ -87,6 +87,52 @@ pub struct MachineRecord {
     /// once it has seen a number higher than the one it handled last.
     #[serde(default)]
     pub resync: std::collections::BTreeMap<String, u64>,
+    /// Recovery-point policy (`ctl protect --retention --journal-size --point-every`).
+    #[serde(default)]
+    pub policy: ProtectPolicy,
+}
+
+/// How recovery points are kept for a machine. `None`: the default.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProtectPolicy {
+    /// History to keep (default [`ProtectPolicy::RETENTION_MS`]).
+    #[serde(default)]
+    pub retention_ms: Option<u64>,
+    /// Cap on the journal's bytes (default: 10 % of the disks' size, at least 64 MiB).
+    #[serde(default)]
+    pub journal_cap_bytes: Option<u64>,
+    /// A point this often when there were writes but no flush (default 10 s).
+    #[serde(default)]
+    pub point_every_ms: Option<u64>,
+}
+
+impl ProtectPolicy {
+    pub const RETENTION_MS: u64 = 24 * 3600 * 1000;
+    pub const POINT_EVERY_MS: u64 = 10_000;
+    pub const CAP_MIN_BYTES: u64 = 64 << 20;
+
+    pub fn retention_ms(&self) -> u64 {
+        self.retention_ms.unwrap_or(Self::RETENTION_MS)
+    }
+
+    pub fn point_every_ms(&self) -> u64 {
+        self.point_every_ms.unwrap_or(Self::POINT_EVERY_MS)
+    }
+
+    /// The journal cap for disks of `total_bytes` in all.
+    pub fn journal_cap_bytes(&self, total_bytes: u64) -> u64 {
+        self.journal_cap_bytes
+            .unwrap_or_else(|| (total_bytes / 10).max(Self::CAP_MIN_BYTES))
+    }
+
+    /// Fields given in `other` replace ours.
+    pub fn merged(&self, other: &ProtectPolicy) -> ProtectPolicy {
+        ProtectPolicy {
+            retention_ms: other.retention_ms.or(self.retention_ms),
+            journal_cap_bytes: other.journal_cap_bytes.or(self.journal_cap_bytes),
+            point_every_ms: other.point_every_ms.or(self.point_every_ms),
+        }
+    }
 }
 
 /// Cluster identity and the admin secret, created once at bootstrap. (Enrolment tokens are

@@ -334,6 +334,7 @@ mod tests {
             data_key: vec![],
             enrolment: String::new(),
             resync: Default::default(),
+            policy: Default::default(),
         }
     }
 
@@ -390,6 +391,7 @@ mod tests {
             data_key: vec![9; 32],
             enrolment: "e1".into(),
             resync: Default::default(),
+            policy: Default::default(),
         };
         let t = TokenRecord {
             id: "0123456789ab".into(),

@@ -58,6 +58,11 @@ pub fn assignment() -> Assignment {
         master_target_addr: "10.0.0.2:7443".into(),
         data_key: ByteBuf::from(vec![0x11; 32]),
         enrolment: "e-4f2a".into(),
+        policy: haven_cluster::ProtectPolicy {
+            retention_ms: Some(86_400_000),
+            journal_cap_bytes: Some(1 << 30),
+            point_every_ms: None,
+        },
     }
 }
 
@@ -195,6 +200,7 @@ pub fn responses() -> Vec<Response> {
             process_server: Some(("ps-1".into(), "10.0.0.1:7443".into())),
             sync_request: Some(5),
             resync: [("data".to_string(), 2u64)].into(),
+            point_every_ms: Some(10_000),
         }),
         Response::NodePoll(NodePollReply {
             assignments: vec![assignment()],

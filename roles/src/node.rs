@@ -182,7 +182,7 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
         identity,
         endpoint: ep.clone(),
         assignments,
-        config: has(ROLE_CONFIGURATION).then(ConfigService::new),
+        config: has(ROLE_CONFIGURATION).then(|| ConfigService::new(link.dialer.clone())),
         process: has(ROLE_PROCESS)
             .then(|| ProcessService::new(&opts.data_dir, opts.cache_limit_bytes, link.clone())),
         master,
@@ -343,6 +343,17 @@ async fn route(
         Request::Probe => Response::Refused {
             reason: "probes go to agents".into(),
         },
+        Request::Recovery(request) => match (&node.master, &who) {
+            (Some(mt), Some(PeerIdentity::Node { roles, .. }))
+                if roles.iter().any(|r| r == ROLE_CONFIGURATION) =>
+            {
+                mt.recovery(request).await
+            }
+            (Some(_), _) => Response::Refused {
+                reason: "recovery requests are taken from configuration nodes only".into(),
+            },
+            (None, _) => not_here(&node.link.name, ROLE_MASTER_TARGET),
+        },
         request => match &node.config {
             Some(cfg) => cfg.handle(who, request).await,
             None => not_here(&node.link.name, ROLE_CONFIGURATION),
@@ -480,6 +491,7 @@ mod tests {
             master_target_addr: "127.0.0.1:1".into(),
             data_key: serde_bytes::ByteBuf::from(vec![7; 32]),
             enrolment: "e1".into(),
+            policy: Default::default(),
         }
     }
 

@@ -30,6 +30,9 @@ pub enum Request {
     /// A process server asks the agent at the other end of a live stream whether it is still
     /// there (a second agent claims the same machine); answered with `ProbeAck`.
     Probe,
+    /// The configuration node asks a master target about a machine's recovery points and
+    /// drills (forwarding an operator's command); only a configuration node may ask.
+    Recovery(RecoveryRequest),
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -53,6 +56,41 @@ pub enum Response {
     ProbeAck {
         instance: u64,
     },
+    Recovery(RecoveryReply),
+}
+
+/// Which recovery point (`--point`): an id from `recovery-points` (the point's seq),
+/// `latest`, `latest-app`, or the newest point at or before a time.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PointSpec {
+    Latest,
+    LatestApp,
+    Seq(u64),
+    AtOrBefore { time_ms: u64 },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum RecoveryRequest {
+    Points {
+        machine: String,
+    },
+    TestFailover {
+        machine: String,
+        point: PointSpec,
+        /// Write each disk's view as a sparse image `DIR/<disk>.img` (on the master target's
+        /// host) instead of serving it.
+        export_dir: Option<String>,
+    },
+    TestFailoverCleanup {
+        machine: String,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum RecoveryReply {
+    Points(crate::view::RecoveryPointsView),
+    TestFailover(crate::view::TestFailoverView),
+    Cleaned(crate::view::CleanupView),
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -175,6 +213,9 @@ pub struct AgentPollReply {
     /// `ctl resync` requests by disk name (see `MachineRecord::resync`).
     #[serde(default)]
     pub resync: std::collections::BTreeMap<String, u64>,
+    /// A recovery point this often when there were writes but no flush (tap capture).
+    #[serde(default)]
+    pub point_every_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -252,6 +293,9 @@ pub struct Assignment {
     /// The enrolment whose agent may stream for the machine (its certificate names it).
     #[serde(default)]
     pub enrolment: String,
+    /// How the master target keeps the machine's recovery points.
+    #[serde(default)]
+    pub policy: haven_cluster::ProtectPolicy,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -376,6 +420,9 @@ pub enum AdminCommand {
     Machines,
     Protect {
         machine: String,
+        /// Fields given replace the machine's policy (also for a protected machine).
+        #[serde(default)]
+        policy: haven_cluster::ProtectPolicy,
     },
     Unprotect {
         machine: String,
@@ -426,6 +473,8 @@ pub enum AdminCommand {
         machine: String,
         disk: String,
     },
+    /// Forwarded to the machine's master target (see [`RecoveryRequest`]).
+    Recovery(RecoveryRequest),
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -470,4 +519,12 @@ pub enum AdminReply {
         expires_ms: Option<u64>,
     },
     Tokens(Vec<crate::view::TokenView>),
+    /// The configuration node forwards this request to the master target at `addr` (`node`)
+    /// and answers with its reply. Never sent to `ctl`.
+    Forward {
+        node: String,
+        addr: String,
+        request: RecoveryRequest,
+    },
+    Recovery(RecoveryReply),
 }

@@ -105,3 +105,71 @@ pub struct TokenView {
     pub uses: u64,
     pub description: String,
 }
+
+/// One recovery point (`ctl recovery-points`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PointView {
+    /// The id to pass to `--point`.
+    pub point: String,
+    pub seq: u64,
+    /// When the source took it (unix ms).
+    pub time_ms: u64,
+    /// crash | app | named | not-consistent
+    pub kind: String,
+    pub name: Option<String>,
+}
+
+/// A machine's recovery points and the journal that holds them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RecoveryPointsView {
+    pub machine: String,
+    /// Oldest first.
+    pub points: Vec<PointView>,
+    /// The window asked for (`protect --retention`).
+    pub retention_ms: u64,
+    /// The window actually held: from the oldest point to now.
+    pub held_ms: u64,
+    pub journal_bytes: u64,
+    pub journal_cap_bytes: u64,
+    /// The cap cut history short of the window (a warning in status).
+    pub cap_reached: bool,
+    /// Seq the replica is applied through (the view `latest` shows).
+    pub applied_seq: u64,
+    /// A test failover is active.
+    pub test_failover: Option<TestFailoverView>,
+}
+
+/// A disk of a test failover: where its view is.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverDiskView {
+    pub disk: String,
+    /// `nbd+unix:///EXPORT?socket=PATH` (absent with `--export`).
+    pub nbd_uri: Option<String>,
+    /// The sparse image written with `--export`.
+    pub image: Option<String>,
+    pub size_bytes: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TestFailoverView {
+    pub machine: String,
+    pub point: PointView,
+    pub disks: Vec<FailoverDiskView>,
+    /// From the request to the view being served (or written).
+    pub elapsed_ms: u64,
+    pub started_ms: u64,
+}
+
+/// What a test-failover cleanup did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CleanupView {
+    pub machine: String,
+    /// Writes the drill made to its overlay (now discarded).
+    pub overlay_writes: u64,
+    /// Bytes of the overlay discarded.
+    pub overlay_bytes: u64,
+    /// The drill never wrote to the replica or its journal: every write of the test went to
+    /// the overlay, and the replica's apply cursor only moved by replication.
+    pub replica_untouched: bool,
+    pub message: String,
+}

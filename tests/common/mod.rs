@@ -290,6 +290,22 @@ impl Cluster {
         ]
     }
 
+    /// An agent with extra arguments (`--capture tap`, …).
+    pub fn start_agent_args(&mut self, machine: &str, disks: &[(&str, &Path)], extra: &[&str]) {
+        let mut args = self.agent_args(machine, &self.path(&format!("agent-{machine}")));
+        for (n, p) in disks {
+            args.extend(["--disk".to_string(), format!("{n}={}", p.display())]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.add_at(&format!("agent-{machine}"), &Host::default(), args, vec![]);
+        let m = machine.to_string();
+        wait_until(
+            &format!("machine {machine} enrolled"),
+            Duration::from_secs(30),
+            || self.machine(&m),
+        );
+    }
+
     pub fn start_agent(&mut self, machine: &str, disks: &[(&str, &Path)]) {
         self.start_agent_with_env(machine, disks, vec![])
     }

@@ -167,6 +167,11 @@ pub fn seeds() -> Vec<Vec<u8>> {
                 data_key: vec![0x11; 32],
                 enrolment: "e".into(),
                 resync: [("data".to_string(), 2u64)].into(),
+                policy: haven_cluster::ProtectPolicy {
+                    retention_ms: Some(3_600_000),
+                    journal_cap_bytes: None,
+                    point_every_ms: Some(5_000),
+                },
             }),
         ),
         tagged(

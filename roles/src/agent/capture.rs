@@ -31,7 +31,7 @@ use super::scan;
 use super::state::{lock, Agent, AgentError};
 use crate::{
     fsutil::unix_ms,
-    proto::{BatchBody, WriteRecord},
+    proto::{BatchBody, PointKind, PointMark, WriteRecord},
 };
 
 /// Raw bytes per batch a scan emits.
@@ -45,6 +45,27 @@ pub struct Write {
     pub offset: u64,
     pub data: Vec<u8>,
     pub updates: Vec<core::HashUpdate>,
+}
+
+impl Write {
+    /// A record that writes nothing: the seq a recovery point owns.
+    pub fn marker() -> Self {
+        Write {
+            disk: 0,
+            offset: 0,
+            data: Vec::new(),
+            updates: Vec::new(),
+        }
+    }
+}
+
+/// A recovery point in a batch: the state after the write at `index` (a [`Write::marker`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Point {
+    pub index: usize,
+    pub kind: PointKind,
+    pub name: Option<String>,
+    pub time_ms: u64,
 }
 
 /// A source of a machine's writes.
@@ -117,6 +138,38 @@ impl CaptureSink {
             }
             let _ = tokio::time::timeout(Duration::from_millis(500), a.room.notified()).await;
         }
+        self.number(writes, Vec::new())
+    }
+
+    /// Numbers and retains one batch of writes (and the recovery points among them) if the
+    /// retention buffer has room now (taking them out of the vectors); `Ok(false)` if it has
+    /// not (nothing was taken). For a
+    /// source that must not wait (the tap holds its writers while it decides).
+    pub fn try_emit(
+        &self,
+        writes: &mut Vec<Write>,
+        points: &mut Vec<Point>,
+        generation: u64,
+    ) -> Result<bool, EmitError> {
+        if !self.current(generation) {
+            return Err(EmitError::Reset);
+        }
+        let raw: u64 = writes.iter().map(|e| e.data.len() as u64).sum();
+        if !lock(&self.agent.core).has_room(raw) {
+            return Ok(false);
+        }
+        self.number(std::mem::take(writes), std::mem::take(points))?;
+        Ok(true)
+    }
+
+    /// Waits (at most `timeout`) until the retention buffer may have room again.
+    pub async fn room(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.agent.room.notified()).await;
+    }
+
+    fn number(&self, writes: Vec<Write>, points: Vec<Point>) -> Result<(), EmitError> {
+        let a = &self.agent;
+        let raw: u64 = writes.iter().map(|e| e.data.len() as u64).sum();
         let updates = writes
             .iter()
             .flat_map(|e| e.updates.iter().copied())
@@ -124,6 +177,16 @@ impl CaptureSink {
         let n = writes.len() as u64;
         let mut encoded: Result<(), codec::CodecError> = Ok(());
         lock(&a.core).emit(n, raw, updates, unix_ms(), |first, sizes| {
+            let points = points
+                .into_iter()
+                .filter(|p| p.index < writes.len())
+                .map(|p| PointMark {
+                    seq: first + p.index as u64,
+                    time_ms: p.time_ms,
+                    kind: p.kind,
+                    name: p.name,
+                })
+                .collect();
             let records: Vec<WriteRecord> = writes
                 .into_iter()
                 .enumerate()
@@ -138,7 +201,7 @@ impl CaptureSink {
             let body = BatchBody {
                 records,
                 disk_sizes: sizes.to_vec(),
-                points: Vec::new(),
+                points,
             };
             batch_frame(first, first + n - 1, &body, raw as usize).unwrap_or_else(|e| {
                 encoded = Err(e);
@@ -148,6 +211,17 @@ impl CaptureSink {
         encoded?;
         a.new_batch.notify_one();
         Ok(())
+    }
+
+    /// How often a source marks a point when there were writes but no flush (the machine's
+    /// policy).
+    pub fn point_every(&self) -> Duration {
+        Duration::from_millis(self.agent.point_every_ms.load(Ordering::Relaxed))
+    }
+
+    /// The agent's data directory (a source keeps its own durable state under it).
+    pub fn data_dir(&self) -> PathBuf {
+        self.agent.opts.data_dir.clone()
     }
 
     /// Everything the disks held when the capture started has been emitted: the initial copy

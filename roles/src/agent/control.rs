@@ -72,6 +72,10 @@ pub(super) async fn control_loop(a: Arc<Agent>) -> Result<(), TaskError> {
 }
 
 fn handle_poll_reply(a: &Agent, reply: AgentPollReply) -> Result<(), AgentError> {
+    if let Some(ms) = reply.point_every_ms {
+        a.point_every_ms
+            .store(ms.max(100), std::sync::atomic::Ordering::Relaxed);
+    }
     let new = Control {
         protected: reply.protected,
         epoch: reply.epoch,

@@ -18,6 +18,7 @@ pub mod core;
 pub mod disks;
 pub mod journal;
 pub mod scan;
+pub mod tap;
 
 mod control;
 mod state;
@@ -146,6 +147,7 @@ pub async fn run_with(opts: AgentOptions, source: Arc<dyn CaptureSource>) -> any
         scans: AtomicU64::new(0),
         stream_restarts: AtomicU64::new(0),
         report_seq: AtomicU64::new(0),
+        point_every_ms: AtomicU64::new(haven_cluster::ProtectPolicy::POINT_EVERY_MS),
         opts: opts.clone(),
     });
     let recorded = load_disks(&opts, control.epoch)?;

@@ -157,6 +157,8 @@ pub(super) struct Agent {
     pub scans: AtomicU64,
     pub stream_restarts: AtomicU64,
     pub report_seq: AtomicU64,
+    /// The machine's `--point-every` (ms), from the configuration node.
+    pub point_every_ms: AtomicU64,
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -25,22 +25,54 @@ use haven_transport::{
 
 use self::core::{ConfigCore, Persist};
 use crate::fsutil::unix_ms;
-use crate::proto::{AdminCommand, JoinReply, Request, Response};
+use crate::link::Dialer;
+use crate::proto::{AdminCommand, AdminReply, JoinReply, RecoveryRequest, Request, Response};
 
 pub type ConfigSlot = Slot<Addr<ConfigActor>>;
 
 /// The configuration role as the node's router sees it: the (restartable) actor's address,
 /// and the wake-up for held long polls.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct ConfigService {
     slot: ConfigSlot,
     /// Signalled by the actor when something agents and nodes long-poll for happens.
     events: Arc<tokio::sync::Notify>,
+    /// Reaches master targets, to forward recovery commands.
+    dialer: Dialer,
 }
 
+/// Longest a forwarded recovery command may take at the master target (writing a view as
+/// images with `--export` is the slow one).
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(600);
+
 impl ConfigService {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(dialer: Dialer) -> Self {
+        Self {
+            slot: ConfigSlot::default(),
+            events: Arc::default(),
+            dialer,
+        }
+    }
+
+    /// Sends a recovery command to the master target the core named, and answers with its
+    /// reply.
+    async fn forward(&self, node: &str, addr: &str, request: RecoveryRequest) -> Response {
+        let reply = async {
+            let conn = self.dialer.connect(addr, node).await?;
+            crate::client::call(&conn, &Request::Recovery(request), FORWARD_TIMEOUT).await
+        };
+        match reply.await {
+            Ok(Response::Recovery(r)) => Response::Admin(AdminReply::Recovery(r)),
+            Ok(Response::Refused { reason }) => Response::Refused {
+                reason: format!("master target {node}: {reason}"),
+            },
+            Ok(other) => Response::Refused {
+                reason: format!("master target {node} answered {other:?}"),
+            },
+            Err(e) => Response::Refused {
+                reason: format!("master target {node} at {addr} is unreachable: {e}"),
+            },
+        }
     }
 
     /// The `configuration` child: the [`ConfigActor`], loaded from the store at every start.
@@ -93,6 +125,14 @@ impl ConfigService {
         event.as_mut().enable();
         let again = (!wait.is_zero()).then(|| request.clone());
         let first = ask(&addr, who.clone(), request).await;
+        if let Response::Admin(AdminReply::Forward {
+            node,
+            addr,
+            request,
+        }) = first
+        {
+            return self.forward(&node, &addr, request).await;
+        }
         // Hold only if the answer would change nothing for the caller.
         let idle = match (&again, &first) {
             (Some(Request::AgentPoll(q)), Response::AgentPoll(r)) => {
@@ -298,6 +338,10 @@ impl Handler<HandleRequest> for ConfigActor {
                 vec![],
             ),
             (Request::Probe, _) => (refused("probes go to agents".into()), vec![]),
+            (Request::Recovery(_), _) => (
+                refused("recovery requests go to master targets".into()),
+                vec![],
+            ),
         };
         if let Err(e) = self.persist(persist) {
             // Answer nothing we could not make durable.

@@ -15,7 +15,9 @@
 //! it reaches the disks, the stream is closed with the reason, and the refusal is counted.
 pub mod apply;
 pub mod core;
+pub mod drill;
 pub mod owner;
+// pub mod recovery; (lands with the journal)
 pub mod replica;
 
 use std::{
@@ -36,6 +38,9 @@ use crate::proto::NodeMachineReport;
 /// The master-target role of a node: its replicas and the mailboxes of their owners.
 pub struct MasterState {
     pub dir: PathBuf,
+    /// The node's data dir (drills live in `drills/`).
+    pub data_dir: PathBuf,
+
     /// The live owner of each machine's replica.
     owners: DashMap<String, OwnerEntry>,
     /// The last figures of every replica owner that ever ran here (kept across its restarts,
@@ -51,6 +56,8 @@ impl MasterState {
     pub fn new(data_dir: &Path) -> Self {
         Self {
             dir: data_dir.join("replicas"),
+            data_dir: data_dir.to_path_buf(),
+
             owners: DashMap::new(),
             stats: DashMap::new(),
         }
@@ -153,6 +160,14 @@ impl MasterService {
         Self {
             state: Arc::new(MasterState::new(data_dir)),
             link,
+        }
+    }
+
+    /// A recovery command the configuration node forwarded (see [`recovery`]).
+    pub async fn recovery(&self, request: crate::proto::RecoveryRequest) -> crate::proto::Response {
+        let _ = request;
+        crate::proto::Response::Refused {
+            reason: "recovery points are not kept by this master target yet".into(),
         }
     }
 

@@ -251,6 +251,7 @@ impl ConfigCore {
             data_key: vec![],
             enrolment: enrolment.clone(),
             resync: Default::default(),
+            policy: Default::default(),
         };
         self.machines.insert(machine.to_string(), rec.clone());
         let id = PeerIdentity::Agent {
@@ -330,6 +331,7 @@ impl ConfigCore {
             process_server,
             sync_request,
             resync: m.resync.clone(),
+            point_every_ms: Some(m.policy.point_every_ms()),
         };
         (Response::AgentPoll(reply), persist)
     }
@@ -411,6 +413,7 @@ impl ConfigCore {
                     master_target_addr: mt.addr.clone(),
                     data_key: serde_bytes::ByteBuf::from(m.data_key.clone()),
                     enrolment: m.enrolment.clone(),
+                    policy: m.policy.clone(),
                 })
             })
             .collect();
@@ -419,6 +422,32 @@ impl ConfigCore {
             version: self.version,
             retired: self.retirements_for(node),
         }
+    }
+
+    /// A recovery command goes to the master target that holds the machine's replica (the
+    /// service forwards it; the core only says where).
+    fn forward_recovery(&self, request: RecoveryRequest) -> Outcome {
+        let machine = match &request {
+            RecoveryRequest::Points { machine }
+            | RecoveryRequest::TestFailover { machine, .. }
+            | RecoveryRequest::TestFailoverCleanup { machine } => machine,
+        };
+        let Some(m) = self.machines.get(machine) else {
+            return refused(format!("no machine named {machine:?}"));
+        };
+        let Some(mt) = m.master_target.as_deref().and_then(|n| self.nodes.get(n)) else {
+            return refused(format!(
+                "{machine} has no replica yet (protect it first: `ctl protect {machine}`)"
+            ));
+        };
+        (
+            Response::Admin(AdminReply::Forward {
+                node: mt.name.clone(),
+                addr: mt.addr.clone(),
+                request,
+            }),
+            vec![],
+        )
     }
 
     pub fn handle_admin(
@@ -452,7 +481,10 @@ impl ConfigCore {
                 delete_replica,
             } => return self.forget(now, now_ms, &machine, delete_replica),
             AdminCommand::Resync { machine, disk } => return self.resync(now, &machine, &disk),
-            AdminCommand::Protect { machine } => return self.protect(now, &machine, new_key),
+            AdminCommand::Recovery(request) => return self.forward_recovery(request),
+            AdminCommand::Protect { machine, policy } => {
+                return self.protect(now, &machine, &policy, new_key)
+            }
             AdminCommand::Unprotect { machine } => return self.unprotect(&machine),
             AdminCommand::RequestSync { machine } => {
                 match self.machines.get(&machine) {
@@ -558,21 +590,36 @@ impl ConfigCore {
         &mut self,
         now: Instant,
         machine: &str,
+        policy: &haven_cluster::ProtectPolicy,
         new_key: impl FnOnce() -> Vec<u8>,
     ) -> Outcome {
-        let Some(m) = self.machines.get(machine) else {
+        let Some(m) = self.machines.get_mut(machine) else {
             return refused(format!(
                 "no machine named {machine:?}; enroll it with `haven agent` first"
             ));
         };
+        let merged = m.policy.merged(policy);
         if m.protected {
+            if merged == m.policy {
+                return (
+                    Response::Admin(AdminReply::Done {
+                        message: format!("{machine} is already protected"),
+                    }),
+                    vec![],
+                );
+            }
+            m.policy = merged;
+            self.version += 1;
             return (
                 Response::Admin(AdminReply::Done {
-                    message: format!("{machine} is already protected"),
+                    message: format!(
+                        "{machine} is already protected; its recovery-point policy is updated"
+                    ),
                 }),
-                vec![],
+                vec![Persist::Machine(m.clone())],
             );
         }
+        m.policy = merged;
         let pick = |role: &str| {
             let cands: Vec<Candidate> = self
                 .nodes

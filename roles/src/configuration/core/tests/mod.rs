@@ -85,6 +85,7 @@ fn discovered(name: &str) -> MachineRecord {
         data_key: vec![],
         enrolment: String::new(),
         resync: Default::default(),
+        policy: Default::default(),
     }
 }
 
@@ -304,6 +305,7 @@ impl Cluster {
             ADMIN_SECRET,
             AdminCommand::Protect {
                 machine: machine.into(),
+                policy: Default::default(),
             },
             move || key.to_vec(),
         )
@@ -434,6 +436,7 @@ fn assignment(machine: &MachineRecord, mt_addr: &str) -> Assignment {
         master_target_addr: mt_addr.into(),
         data_key: serde_bytes::ByteBuf::from(machine.data_key.clone()),
         enrolment: machine.enrolment.clone(),
+        policy: machine.policy.clone(),
     }
 }
 
@@ -1373,6 +1376,7 @@ fn protect_refuses_an_unknown_machine() {
         ADMIN_SECRET,
         AdminCommand::Protect {
             machine: "zzz".into(),
+            policy: Default::default(),
         },
         key_never_issued,
     );
@@ -1392,6 +1396,7 @@ fn protect_needs_a_live_process_server_and_master_target() {
             ADMIN_SECRET,
             AdminCommand::Protect {
                 machine: "web".into(),
+                policy: Default::default(),
             },
             key_never_issued,
         )
@@ -1446,6 +1451,7 @@ fn protecting_twice_is_a_no_op() {
         ADMIN_SECRET,
         AdminCommand::Protect {
             machine: "web".into(),
+            policy: Default::default(),
         },
         key_never_issued,
     );
@@ -1531,6 +1537,7 @@ fn admin_commands_need_the_admin_secret() {
             AdminCommand::Machines,
             AdminCommand::Protect {
                 machine: "web".into(),
+                policy: Default::default(),
             },
             AdminCommand::Unprotect {
                 machine: "web".into(),

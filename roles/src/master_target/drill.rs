@@ -1,0 +1,371 @@
+//! Test failover (a DR drill): the view of a machine's disks at a recovery point, served as
+//! writable copy-on-write NBD exports at the master target while replication goes on.
+//!
+//! Writes of the drill go to a scratch overlay per disk (`<data>/drills/<machine>/<disk>.overlay`,
+//! sparse, with a bitmap of the 4 KiB blocks written, `<disk>.map`); reads take a block from
+//! the overlay where it was written and from the view everywhere else. The replica and its
+//! journal are only ever read: a view is a read-only handle that pins its point against
+//! pruning, and nothing here opens a replica file for writing.
+//!
+//! The drill is recorded in `<data>/drills/<machine>/drill` before it is served, so a master
+//! target that restarts serves it again (the overlay's bitmap is saved at every flush: like a
+//! disk, a drill keeps what was flushed); cleanup deletes the directory last, after the exports
+//! are gone, so a crash during cleanup leaves a drill that is cleaned again, never half there.
+use std::{
+    fs::{File, OpenOptions},
+    io,
+    os::unix::fs::FileExt,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+};
+
+use futures::future::BoxFuture;
+use haven_nbd::Backend;
+use serde::{Deserialize, Serialize};
+
+use crate::fsutil::{read_optional, write_atomic};
+
+/// Block size of the overlay's bitmap.
+pub const BLOCK: u64 = 4096;
+
+/// A point-in-time view of a machine's disks (the replica overlaid with its journal), as
+/// the drill reads it.
+pub trait DiskView: Send + Sync + 'static {
+    fn size(&self, disk: u16) -> u64;
+    /// Fills `buf` with the view's bytes at `offset` (within the disk's size).
+    fn read_at(&self, disk: u16, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+}
+
+/// The drill's record on disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrillRecord {
+    pub version: u32,
+    pub machine: String,
+    pub epoch: u32,
+    pub point_seq: u64,
+    pub point: crate::view::PointView,
+    pub disks: Vec<String>,
+    pub started_ms: u64,
+}
+
+pub const DRILL_VERSION: u32 = 1;
+
+pub fn drill_dir(data_dir: &Path, machine: &str) -> PathBuf {
+    data_dir.join("drills").join(machine)
+}
+
+pub fn load_record(dir: &Path) -> io::Result<Option<DrillRecord>> {
+    let Some(bytes) = read_optional(&dir.join("drill"))? else {
+        return Ok(None);
+    };
+    let r: DrillRecord = haven_transport::codec::decode(&bytes)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("drill record: {e}")))?;
+    if r.version > DRILL_VERSION {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "drill record version {} is newer than this haven's {DRILL_VERSION}",
+                r.version
+            ),
+        ));
+    }
+    Ok(Some(r))
+}
+
+pub fn save_record(dir: &Path, r: &DrillRecord) -> io::Result<()> {
+    crate::fsutil::create_private_dir(dir)?;
+    let bytes = haven_transport::codec::encode(r).map_err(io::Error::other)?;
+    write_atomic(&dir.join("drill"), &bytes)
+}
+
+/// One disk of a drill: the view below, the overlay above.
+pub struct CowDisk {
+    view: Arc<dyn DiskView>,
+    disk: u16,
+    size: u64,
+    overlay: File,
+    map_path: PathBuf,
+    /// Bit per block: written in the overlay.
+    map: Mutex<Vec<u64>>,
+    writes: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl CowDisk {
+    /// Opens (or creates) the overlay of `name` in `dir`; an existing bitmap is loaded, so a
+    /// restarted drill keeps what was flushed.
+    pub fn open(view: Arc<dyn DiskView>, disk: u16, dir: &Path, name: &str) -> io::Result<Self> {
+        let size = view.size(disk);
+        let overlay = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join(format!("{name}.overlay")))?;
+        overlay.set_len(size)?;
+        let words = size.div_ceil(BLOCK).div_ceil(64) as usize;
+        let map_path = dir.join(format!("{name}.map"));
+        let mut map = vec![0u64; words];
+        if let Some(bytes) = read_optional(&map_path)? {
+            if bytes.len() == words * 8 {
+                for (w, c) in map.iter_mut().zip(bytes.chunks_exact(8)) {
+                    *w = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+                }
+            } else {
+                tracing::warn!(path = %map_path.display(), "overlay bitmap of another size: the drill's earlier writes are dropped");
+            }
+        }
+        let written = map.iter().map(|w| w.count_ones() as u64).sum::<u64>();
+        Ok(Self {
+            view,
+            disk,
+            size,
+            overlay,
+            map_path,
+            map: Mutex::new(map),
+            writes: AtomicU64::new(0),
+            bytes: AtomicU64::new(written * BLOCK),
+        })
+    }
+
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of the overlay (blocks written).
+    pub fn overlay_bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    fn is_written(map: &[u64], block: u64) -> bool {
+        map[(block / 64) as usize] & (1 << (block % 64)) != 0
+    }
+
+    fn read_blocks(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        // Runs of blocks from the same source are read at once.
+        let mut at = 0usize;
+        while at < buf.len() {
+            let pos = offset + at as u64;
+            let block = pos / BLOCK;
+            let from_overlay = Self::is_written(&map, block);
+            let mut end = at;
+            while end < buf.len() {
+                let b = (offset + end as u64) / BLOCK;
+                if Self::is_written(&map, b) != from_overlay {
+                    break;
+                }
+                end = ((b + 1) * BLOCK - offset) as usize;
+            }
+            let end = end.min(buf.len());
+            if from_overlay {
+                self.overlay.read_exact_at(&mut buf[at..end], pos)?;
+            } else {
+                self.view.read_at(self.disk, pos, &mut buf[at..end])?;
+            }
+            at = end;
+        }
+        Ok(())
+    }
+
+    fn write_blocks(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let start = offset / BLOCK * BLOCK;
+        let end = ((offset + data.len() as u64).div_ceil(BLOCK) * BLOCK).min(self.size);
+        // Partial blocks at the edges take the rest of their block from where it is now.
+        let mut whole = vec![0u8; (end - start) as usize];
+        let head = (offset - start) as usize;
+        if head != 0 || (offset + data.len() as u64) < end {
+            self.read_blocks(start, &mut whole)?;
+        }
+        whole[head..head + data.len()].copy_from_slice(data);
+        self.overlay.write_all_at(&whole, start)?;
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut fresh = 0;
+        for b in start / BLOCK..end.div_ceil(BLOCK) {
+            let (w, bit) = ((b / 64) as usize, 1u64 << (b % 64));
+            if map[w] & bit == 0 {
+                map[w] |= bit;
+                fresh += 1;
+            }
+        }
+        self.bytes.fetch_add(fresh * BLOCK, Ordering::Relaxed);
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Makes the drill's writes so far durable: the overlay, then its bitmap.
+    fn sync(&self) -> io::Result<()> {
+        self.overlay.sync_data()?;
+        let bytes: Vec<u8> = {
+            let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+            map.iter().flat_map(|w| w.to_le_bytes()).collect()
+        };
+        write_atomic(&self.map_path, &bytes)
+    }
+}
+
+impl Backend for CowDisk {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, io::Result<Vec<u8>>> {
+        Box::pin(async move {
+            let mut buf = vec![0u8; len as usize];
+            self.read_blocks(offset, &mut buf)?;
+            Ok(buf)
+        })
+    }
+
+    fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> BoxFuture<'_, io::Result<()>> {
+        Box::pin(async move {
+            self.write_blocks(offset, &data)?;
+            if fua {
+                self.sync()?;
+            }
+            Ok(())
+        })
+    }
+
+    fn flush(&self) -> BoxFuture<'_, io::Result<()>> {
+        Box::pin(async move { self.sync() })
+    }
+
+    /// Advisory: the drill keeps what it had.
+    fn trim(&self, _offset: u64, _len: u32) -> BoxFuture<'_, io::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> BoxFuture<'_, io::Result<()>> {
+        Box::pin(async move {
+            let mut at = offset;
+            let end = offset + len as u64;
+            while at < end {
+                let n = (end - at).min(1 << 20) as usize;
+                self.write_blocks(at, &vec![0u8; n])?;
+                at += n as u64;
+            }
+            if fua {
+                self.sync()?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Writes `disk` of `view` as a sparse raw image at `path` (all-zero blocks stay holes).
+/// Returns the bytes written (not counting holes).
+pub fn export_image(view: &dyn DiskView, disk: u16, path: &Path) -> io::Result<u64> {
+    const CHUNK: usize = 1 << 20;
+    let size = view.size(disk);
+    let tmp = path.with_extension("img.partial");
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)?;
+    f.set_len(size)?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut written = 0;
+    let mut at = 0u64;
+    while at < size {
+        let n = ((size - at) as usize).min(CHUNK);
+        view.read_at(disk, at, &mut buf[..n])?;
+        for (i, block) in buf[..n].chunks(BLOCK as usize).enumerate() {
+            if block.iter().any(|&b| b != 0) {
+                f.write_all_at(block, at + (i as u64) * BLOCK)?;
+                written += block.len() as u64;
+            }
+        }
+        at += n as u64;
+    }
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A view that is a plain buffer per disk.
+    struct Mem(Vec<Vec<u8>>);
+    impl DiskView for Mem {
+        fn size(&self, disk: u16) -> u64 {
+            self.0[disk as usize].len() as u64
+        }
+        fn read_at(&self, disk: u16, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+            let d = &self.0[disk as usize];
+            buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+    }
+
+    fn base() -> Arc<Mem> {
+        let d: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
+        Arc::new(Mem(vec![d]))
+    }
+
+    #[tokio::test]
+    async fn writes_go_to_the_overlay_and_reads_merge_it_over_the_view() {
+        let dir = tempfile::tempdir().unwrap();
+        let view = base();
+        let cow = CowDisk::open(view.clone(), 0, dir.path(), "d0").unwrap();
+        let mut want = view.0[0].clone();
+        // Unaligned, spanning blocks.
+        cow.write(5000, vec![0xaa; 6000], false).await.unwrap();
+        want[5000..11000].fill(0xaa);
+        cow.write(0, vec![0xbb; 10], false).await.unwrap();
+        want[..10].fill(0xbb);
+        assert_eq!(cow.read(0, 64 * 1024).await.unwrap(), want);
+        assert_eq!(cow.read(4090, 20).await.unwrap(), want[4090..4110]);
+        assert_eq!(cow.writes(), 2);
+        // Blocks 0, 1 and 2 are in the overlay.
+        assert_eq!(cow.overlay_bytes(), 3 * BLOCK);
+        // The view itself is untouched.
+        assert_eq!(view.0[0][5000], (5000 % 251) as u8);
+
+        // Flushed writes survive a reopen (a master-target restart).
+        cow.flush().await.unwrap();
+        drop(cow);
+        let cow = CowDisk::open(view.clone(), 0, dir.path(), "d0").unwrap();
+        assert_eq!(cow.read(0, 64 * 1024).await.unwrap(), want);
+        assert_eq!(cow.overlay_bytes(), 3 * BLOCK);
+    }
+
+    #[test]
+    fn an_exported_image_equals_the_view_and_is_sparse() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = vec![0u8; 1 << 21];
+        d[4096 * 3] = 7;
+        d[(1 << 21) - 1] = 9;
+        let view = Mem(vec![d.clone()]);
+        let path = dir.path().join("d0.img");
+        let written = export_image(&view, 0, &path).unwrap();
+        assert_eq!(written, 2 * BLOCK);
+        assert_eq!(std::fs::read(&path).unwrap(), d);
+    }
+
+    #[test]
+    fn a_drill_record_checks_its_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = DrillRecord {
+            version: DRILL_VERSION,
+            machine: "m1".into(),
+            epoch: 1,
+            point_seq: 9,
+            point: Default::default(),
+            disks: vec!["d0".into()],
+            started_ms: 1,
+        };
+        save_record(dir.path(), &r).unwrap();
+        assert_eq!(load_record(dir.path()).unwrap(), Some(r.clone()));
+        r.version = DRILL_VERSION + 1;
+        save_record(dir.path(), &r).unwrap();
+        let e = load_record(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("newer"), "{e}");
+    }
+}
