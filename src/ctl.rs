@@ -87,6 +87,34 @@ pub fn print_machines(machines: &[MachineView]) {
         } else if let Some(reason) = &m.degraded_reason {
             println!("  degraded: {reason}");
         }
+        // Recovery: capture mode, the newest point, history held vs asked, warnings.
+        if m.state != "discovered" {
+            let mut parts = vec![format!("capture {}", m.capture.as_deref().unwrap_or("?"))];
+            match (&m.latest_point, m.latest_point_age_seconds) {
+                (Some(p), Some(age)) => parts.push(format!(
+                    "{} points, latest {p} ({age:.1}s ago)",
+                    m.recovery_points
+                )),
+                _ => parts.push("no recovery point yet".into()),
+            }
+            if let (Some(held), Some(asked)) = (m.history_held_seconds, m.history_asked_seconds) {
+                parts.push(format!(
+                    "history {} of {}",
+                    humantime::format_duration(Duration::from_secs(held as u64)),
+                    humantime::format_duration(Duration::from_secs(asked as u64))
+                ));
+            }
+            if let Some(p) = &m.test_failover {
+                parts.push(format!("test failover of point {p} active"));
+            }
+            println!("  {}", parts.join("; "));
+            if m.journal_cap_reached {
+                println!("  warning: the journal's size cap cut history short of the retention window (raise --journal-size)");
+            }
+            if let Some(why) = &m.points_not_consistent {
+                println!("  points are not crash-consistent now: {why}");
+            }
+        }
     }
 }
 

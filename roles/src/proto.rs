@@ -188,6 +188,13 @@ pub struct AgentStats {
     /// Disks whose changes are not replicated until the operator decides.
     #[serde(default)]
     pub blocked: Vec<DiskBlock>,
+    /// `scan` or `tap`.
+    #[serde(default)]
+    pub capture: String,
+    /// Why the points the source marks now are not crash-consistent (tap: the sync pass, an
+    /// overflow of the retention buffer).
+    #[serde(default)]
+    pub not_consistent: Option<String>,
 }
 
 /// What a move cost, as the agent saw it.
@@ -257,6 +264,25 @@ pub struct NodeMachineReport {
     /// Master target: why it refused a batch, until a later batch is applied.
     #[serde(default)]
     pub refusal: Option<String>,
+    /// Master target: the recovery points it holds for the machine.
+    #[serde(default)]
+    pub points: Option<PointsReport>,
+}
+
+/// What a master target holds of a machine's history.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PointsReport {
+    pub count: u64,
+    pub oldest_ms: Option<u64>,
+    pub latest_ms: Option<u64>,
+    pub latest: Option<String>,
+    pub retention_ms: u64,
+    pub journal_bytes: u64,
+    pub journal_cap_bytes: u64,
+    /// The cap shortened history below the window.
+    pub cap_reached: bool,
+    /// A test failover is being served (its point).
+    pub test_failover: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

@@ -88,6 +88,30 @@ pub struct MachineView {
     /// Disks the agent does not replicate until the operator decides.
     #[serde(default)]
     pub blocked_disks: Vec<crate::proto::DiskBlock>,
+    /// `scan` or `tap`.
+    #[serde(default)]
+    pub capture: Option<String>,
+    /// Why the points the source marks now are not crash-consistent.
+    #[serde(default)]
+    pub points_not_consistent: Option<String>,
+    /// The newest recovery point: its id and age (seconds).
+    #[serde(default)]
+    pub latest_point: Option<String>,
+    #[serde(default)]
+    pub latest_point_age_seconds: Option<f64>,
+    #[serde(default)]
+    pub recovery_points: u64,
+    /// History held (from the oldest point to now) vs asked (`--retention`), seconds.
+    #[serde(default)]
+    pub history_held_seconds: Option<f64>,
+    #[serde(default)]
+    pub history_asked_seconds: Option<f64>,
+    /// A warning: the journal's cap shortened history below the window.
+    #[serde(default)]
+    pub journal_cap_reached: bool,
+    /// The point a test failover serves, while one is active.
+    #[serde(default)]
+    pub test_failover: Option<String>,
 }
 
 /// An enrolment token, without its secret.

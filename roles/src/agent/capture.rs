@@ -162,6 +162,27 @@ impl CaptureSink {
         Ok(true)
     }
 
+    /// Marks a recovery point after everything emitted so far (a marker batch), waiting for
+    /// room like [`emit`](Self::emit).
+    pub async fn emit_point(
+        &self,
+        kind: PointKind,
+        name: Option<String>,
+        generation: u64,
+    ) -> Result<(), EmitError> {
+        let mut writes = vec![Write::marker()];
+        let mut points = vec![Point {
+            index: 0,
+            kind,
+            name,
+            time_ms: unix_ms(),
+        }];
+        while !self.try_emit(&mut writes, &mut points, generation)? {
+            self.room(Duration::from_millis(500)).await;
+        }
+        Ok(())
+    }
+
     /// Waits (at most `timeout`) until the retention buffer may have room again.
     pub async fn room(&self, timeout: Duration) {
         let _ = tokio::time::timeout(timeout, self.agent.room.notified()).await;
@@ -217,6 +238,11 @@ impl CaptureSink {
     /// policy).
     pub fn point_every(&self) -> Duration {
         Duration::from_millis(self.agent.point_every_ms.load(Ordering::Relaxed))
+    }
+
+    /// Why the points this source marks now are not crash-consistent (shown in status).
+    pub fn set_not_consistent(&self, why: Option<String>) {
+        *lock(&self.agent.capture_note) = why;
     }
 
     /// The agent's data directory (a source keeps its own durable state under it).
@@ -348,8 +374,19 @@ async fn scan_loop(scan: &ScanCapture, sink: &CaptureSink) -> Result<(), ScanErr
         }
         let barrier = sink.barrier();
         let tables = lock(&a.core).captured_tables();
+        let before = lock(&a.core).captured_seq();
         let completed = scan_pass(sink, tables, generation).await?;
         a.scans.fetch_add(1, Ordering::Relaxed);
+        if completed && lock(&a.core).captured_seq() != before {
+            // A pass read blocks at different moments: its point is not crash-consistent.
+            match sink
+                .emit_point(PointKind::NotConsistent, None, generation)
+                .await
+            {
+                Ok(()) | Err(EmitError::Reset) => {}
+                Err(EmitError::Encode(e)) => return Err(e.into()),
+            }
+        }
         if completed {
             sink.caught_up();
             if let Some(id) = barrier {

@@ -147,6 +147,8 @@ pub async fn run_with(opts: AgentOptions, source: Arc<dyn CaptureSource>) -> any
         scans: AtomicU64::new(0),
         stream_restarts: AtomicU64::new(0),
         report_seq: AtomicU64::new(0),
+        capture_name: source.name(),
+        capture_note: Mutex::new(None),
         point_every_ms: AtomicU64::new(haven_cluster::ProtectPolicy::POINT_EVERY_MS),
         opts: opts.clone(),
     });

@@ -157,6 +157,9 @@ pub(super) struct Agent {
     pub scans: AtomicU64,
     pub stream_restarts: AtomicU64,
     pub report_seq: AtomicU64,
+    /// The capture source's name, and why its points are not crash-consistent now.
+    pub capture_name: &'static str,
+    pub capture_note: Mutex<Option<String>>,
     /// The machine's `--point-every` (ms), from the configuration node.
     pub point_every_ms: AtomicU64,
 }
@@ -368,6 +371,8 @@ impl Agent {
                 stream_restarts: self.stream_restarts.load(Ordering::Relaxed),
                 last_move: core.last_move.clone(),
                 blocked,
+                capture: self.capture_name.to_string(),
+                not_consistent: lock(&self.capture_note).clone(),
             },
             sync_done: core.barrier_done(),
             wait_ms,

@@ -37,7 +37,7 @@ use std::{
     net::SocketAddr,
     os::unix::fs::FileExt,
     path::PathBuf,
-    sync::{Arc, Mutex as StdMutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -71,38 +71,11 @@ const RECORD_MAX: usize = 1 << 20;
 pub struct TapCapture {
     /// Also serve every export on this TCP address.
     pub listen: Option<SocketAddr>,
-    /// What the exports serve, by disk (filled in by `run`, read by status).
-    status: StdMutex<TapStatus>,
-}
-
-/// What `ctl status` says about the tap.
-#[derive(Clone, Debug, Default)]
-pub struct TapStatus {
-    /// Why points are not crash-consistent right now, if they are not.
-    pub not_consistent: Option<String>,
-    pub sockets: Vec<PathBuf>,
 }
 
 impl TapCapture {
     pub fn new(listen: Option<SocketAddr>) -> Self {
-        Self {
-            listen,
-            status: StdMutex::new(TapStatus::default()),
-        }
-    }
-
-    pub fn status(&self) -> TapStatus {
-        self.status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    fn set_not_consistent(&self, why: Option<String>) {
-        self.status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .not_consistent = why;
+        Self { listen }
     }
 }
 
@@ -499,10 +472,10 @@ async fn tap_loop(tap: &TapCapture, sink: CaptureSink) -> Result<(), TapError> {
             o.generation = Some(generation);
             o.syncing = true;
         }
-        tap.set_not_consistent(Some(
+        sink.set_not_consistent(Some(
             "the initial sync (or the resync after a restart) is running".into(),
         ));
-        match run_protected(tap, &sink, &shared, generation).await {
+        match run_protected(&sink, &shared, generation).await {
             Ok(()) | Err(TapError::Emit(EmitError::Reset)) => {}
             Err(e) => return Err(e),
         }
@@ -529,7 +502,6 @@ async fn serve(
     crate::fsutil::create_private_dir(&dir)?;
     let all = Arc::new(Exports::new());
     let mut handles = Vec::new();
-    let mut sockets = Vec::new();
     for (i, (name, _)) in disks.iter().enumerate() {
         let backend: Arc<dyn Backend> = Arc::new(TapDisk {
             shared: shared.clone(),
@@ -542,20 +514,17 @@ async fn serve(
         let _ = std::fs::remove_file(&path);
         handles.push(Server::new(one).serve_unix(&path).await?);
         tracing::info!(disk = %name, uri = %format!("nbd+unix:///{name}?socket={}", path.display()), "tap: serving the disk over NBD");
-        sockets.push(path);
     }
     if let Some(addr) = tap.listen {
         let h = Server::new(all).serve_tcp(addr).await?;
         tracing::info!(addr = ?h.tcp_addr(), "tap: serving every disk over NBD on TCP");
         handles.push(h);
     }
-    tap.status.lock().unwrap_or_else(|p| p.into_inner()).sockets = sockets;
     Ok(handles)
 }
 
 /// Captures one protection: the sync pass, then the steady state, until it is reset.
 async fn run_protected(
-    tap: &TapCapture,
     sink: &CaptureSink,
     shared: &Arc<Shared>,
     generation: u64,
@@ -615,7 +584,7 @@ async fn run_protected(
         } else {
             None
         };
-        tap.set_not_consistent(why);
+        sink.set_not_consistent(why);
         if o.unmarked && o.last_point.elapsed() >= sink.point_every() {
             shared.point(&mut o, PointKind::Crash, None).await?;
         }

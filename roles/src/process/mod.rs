@@ -214,6 +214,7 @@ impl ProcessState {
                 !m.draining.load(Ordering::Relaxed) || m.cache_bytes.load(Ordering::Relaxed) > 0
             })
             .map(|m| NodeMachineReport {
+                points: None,
                 machine: m.name.clone(),
                 role: haven_cluster::ROLE_PROCESS.into(),
                 cached_seq: *m.durable.borrow(),

@@ -785,6 +785,7 @@ impl ConfigCore {
         let ps = node_report(m.process_server.as_ref(), ROLE_PROCESS);
         let mt = node_report(m.master_target.as_ref(), ROLE_MASTER_TARGET);
         let applied_seq = self.applied_seq(&m.name);
+        let points = mt.and_then(|r| r.points.as_ref());
         let agent_age = agent.map(|o| now.duration_since(o.at));
         let agent_live = agent_age.is_some_and(|a| a < self.failure_timeout);
         let current = agent_live && stats.epoch == m.epoch.0;
@@ -879,6 +880,19 @@ impl ConfigCore {
             } else {
                 vec![]
             },
+            capture: (current && !stats.capture.is_empty()).then(|| stats.capture.clone()),
+            points_not_consistent: stats.not_consistent.clone().filter(|_| current),
+            latest_point: points.and_then(|p| p.latest.clone()),
+            latest_point_age_seconds: points
+                .and_then(|p| p.latest_ms)
+                .map(|t| now_ms.saturating_sub(t) as f64 / 1000.0),
+            recovery_points: points.map(|p| p.count).unwrap_or(0),
+            history_held_seconds: points
+                .and_then(|p| p.oldest_ms)
+                .map(|t| now_ms.saturating_sub(t) as f64 / 1000.0),
+            history_asked_seconds: m.protected.then(|| m.policy.retention_ms() as f64 / 1000.0),
+            journal_cap_reached: points.is_some_and(|p| p.cap_reached),
+            test_failover: points.and_then(|p| p.test_failover.clone()),
         }
     }
 }

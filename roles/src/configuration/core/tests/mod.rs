@@ -1765,6 +1765,8 @@ fn initial_sync_then_replicating_with_counters_from_agent_and_nodes() {
         scans: 3,
         stream_restarts: 2,
         blocked: vec![],
+        capture: "scan".into(),
+        not_consistent: None,
     };
     c.agent_poll(SEC, "web", agent_stats.clone(), None);
     let ps_says = NodeMachineReport {
