@@ -893,7 +893,11 @@ fn data_path() {
     check("PointKind::Crash", &PointKind::Crash, "a54372617368");
     check("PointKind::App", &PointKind::App, "a3417070");
     check("PointKind::Named", &PointKind::Named, "a54e616d6564");
-    check("PointKind::NotConsistent", &PointKind::NotConsistent, "ad4e6f74436f6e73697374656e74");
+    check(
+        "PointKind::NotConsistent",
+        &PointKind::NotConsistent,
+        "ad4e6f74436f6e73697374656e74",
+    );
     check(
         "BatchBody",
         &batch_body(),
