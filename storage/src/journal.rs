@@ -919,9 +919,8 @@ impl Journal {
         Ok(())
     }
 
-    /// Appends `buf` (whole records) to the active segment (a new one if it is full) and
-    /// fdatasyncs it. Returns the segment and where `buf` starts. On failure nothing counts.
-    fn write_synced(&mut self, idx: &mut Index, buf: &[u8]) -> io::Result<(u64, u64)> {
+    /// Makes sure there is an active segment with room (a new one if it is full).
+    fn ensure_active(&mut self, idx: &mut Index) -> io::Result<()> {
         if self
             .active
             .as_ref()
@@ -930,6 +929,13 @@ impl Journal {
             self.active = None;
             self.new_segment(idx)?;
         }
+        Ok(())
+    }
+
+    /// Appends `buf` (whole records) to the active segment and fdatasyncs it, without the
+    /// index lock (readers never look past what is indexed). Returns where `buf` starts. On
+    /// failure nothing counts.
+    fn write_unlocked(&mut self, buf: &[u8]) -> io::Result<(u64, u64)> {
         let a = self.active.as_mut().expect("an active segment");
         let at = a.len;
         let res = a
@@ -948,11 +954,23 @@ impl Journal {
             return Err(e);
         }
         a.len += buf.len() as u64;
-        let id = a.id;
-        let seg = idx.segs.get_mut(&id).expect("active segment indexed");
-        seg.bytes += buf.len() as u64;
-        idx.bytes += buf.len() as u64;
-        Ok((id, at))
+        Ok((a.id, at))
+    }
+
+    fn account(idx: &mut Index, seg: u64, n: u64) {
+        idx.segs
+            .get_mut(&seg)
+            .expect("active segment indexed")
+            .bytes += n;
+        idx.bytes += n;
+    }
+
+    /// [`write_unlocked`](Self::write_unlocked) with the lock held (prune, open).
+    fn write_synced(&mut self, idx: &mut Index, buf: &[u8]) -> io::Result<(u64, u64)> {
+        self.ensure_active(idx)?;
+        let (seg, at) = self.write_unlocked(buf)?;
+        Self::account(idx, seg, buf.len() as u64);
+        Ok((seg, at))
     }
 
     /// Journals a batch, durably, before it touches the images: the disk sizes it changes
@@ -1141,8 +1159,11 @@ impl Journal {
             return Ok(());
         }
         let shared = self.shared.clone();
+        self.ensure_active(&mut shared.write())?;
+        // The fdatasync runs without the lock: views keep reading meanwhile.
+        let (seg, at0) = self.write_unlocked(&buf)?;
         let mut idx = shared.write();
-        let (seg, at0) = self.write_synced(&mut idx, &buf)?;
+        Self::account(&mut idx, seg, buf.len() as u64);
         // Durable: index them (views see them from now on, before any image changes).
         for (rel, mut e) in built {
             e.seg = seg;

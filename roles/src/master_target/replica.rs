@@ -707,7 +707,7 @@ fn read_state(dir: &Path) -> Result<Option<ReplicaState>, ApplyError> {
         })
 }
 
-fn roll_back_logged(dir: &Path, machine: &str, s: &ReplicaState) -> Result<(), ApplyError> {
+fn roll_back_logged(dir: &Path, machine: &str, s: &ReplicaState) -> Result<usize, ApplyError> {
     let mut n = 0;
     // Upgrade path: the undo log of a previous version is rolled back once, then deleted.
     let undo_path = dir.join(undo::FILE_NAME);
@@ -758,7 +758,7 @@ fn roll_back_logged(dir: &Path, machine: &str, s: &ReplicaState) -> Result<(), A
             "rolled back a batch that was half applied when the master target stopped; the replica is at its durable cursor"
         );
     }
-    Ok(())
+    Ok(n)
 }
 
 /// Rolls every replica under `replicas_dir` back to its durable cursor (see `haven_storage::journal`), so
@@ -1177,6 +1177,11 @@ mod tests {
             let torn = pbody(7, &[Some((0, b"dd")), Some((100, b"ee")), None]);
             r.write_half_for_fault(7, 9, &torn, 8).unwrap();
         }
+        let state = read_state(&dir.path().join("m")).unwrap().unwrap();
+        assert_eq!(
+            roll_back_logged(&dir.path().join("m"), "m", &state).unwrap(),
+            3
+        );
         let r = Replica::open(dir.path(), "m", 1, &disks()).unwrap();
         assert_eq!(r.applied_seq(), 4);
         let img = image(dir.path());
