@@ -58,7 +58,8 @@ macro_rules! smoke_tests {
 
 smoke_tests! {
     frame wire_request wire_response wire_agent_frame wire_ship_frame wire_batch_body wire_misc
-    seal_open cache_open undo_roll_back journal_replay state_files nbd_proto identity_text
+    seal_open cache_open undo_roll_back replica_journal_open journal_replay state_files nbd_proto
+    identity_text
 }
 
 #[test]
@@ -74,6 +75,7 @@ fn every_target_has_a_smoke_test_and_a_binary() {
         "seal_open",
         "cache_open",
         "undo_roll_back",
+        "replica_journal_open",
         "journal_replay",
         "state_files",
         "nbd_proto",

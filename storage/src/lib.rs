@@ -7,6 +7,7 @@
 //! applied them, and recovered on open (a torn tail is cut; corruption elsewhere refuses to
 //! start). The on-disk format is documented in the [`cache`] module.
 pub mod cache;
+pub mod journal;
 pub mod undo;
 
 pub use cache::{CacheError, CacheOptions, MachineCache, Record, RecoveryReport};

@@ -149,7 +149,7 @@ impl UndoLog {
 }
 
 /// Whether `image[offset..offset+len]` holds no data (a hole of the sparse image).
-fn is_hole(image: &File, offset: u64, len: u64) -> bool {
+pub(crate) fn is_hole(image: &File, offset: u64, len: u64) -> bool {
     let Ok(off) = libc::off_t::try_from(offset) else {
         return false;
     };
@@ -255,7 +255,7 @@ pub fn roll_back(dir: &Path, epoch: u32, applied_seq: u64) -> io::Result<usize> 
 }
 
 /// Makes a range read as zeros again: punches a hole, or writes zeros where that is refused.
-fn zero_range(f: &File, offset: u64, len: u64) -> io::Result<()> {
+pub(crate) fn zero_range(f: &File, offset: u64, len: u64) -> io::Result<()> {
     if let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) {
         // SAFETY: fallocate on a valid, open descriptor has no memory-safety preconditions.
         let rc = unsafe {

@@ -6,6 +6,7 @@ mod frame;
 mod identity;
 mod journal;
 mod nbd;
+mod replica_journal;
 mod seal;
 mod state;
 mod undo;
@@ -56,6 +57,16 @@ pub(crate) static ALL: &[Target] = &[
         fuzz: undo::fuzz,
         seeds: undo::seeds,
         // The log is read whole; a hole is zeroed through a buffer of at most 1 MiB.
+        alloc_base: 4 * MIB,
+        alloc_per_byte: 16,
+    },
+    Target {
+        name: "replica_journal_open",
+        fuzz: replica_journal::fuzz,
+        seeds: replica_journal::seeds,
+        // The last segment is read whole; a view or a roll back reads one record body at a
+        // time (at most 256 KiB, checked against the header); a hole is zeroed through a
+        // buffer of at most 1 MiB.
         alloc_base: 4 * MIB,
         alloc_per_byte: 16,
     },

@@ -152,6 +152,9 @@ pub struct ReplicaStats {
     pub batches_refused: u64,
     /// Why a batch was refused, until a later batch is applied.
     pub refusal: Option<String>,
+    /// Set while the recovery-point journal's cap shortens history below the retention
+    /// window (the last prune's finding).
+    pub history_warning: Option<String>,
 }
 
 struct StreamState {
@@ -352,13 +355,17 @@ impl Owner {
         let machine = self.machine.clone();
         let stream_gens = self.stream_generations(&group);
         let result = tokio::task::spawn_blocking(move || {
+            // The journal's clock: injected here, the driver (the core never reads a clock).
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
             let mut outcomes = Vec::with_capacity(group.len());
             let mut failed = None;
             let mut bytes = 0u64;
             for ((stream, o), generation) in group.iter().zip(&stream_gens) {
                 if let Some((_, f)) = fault.filter(|(fs, _)| fs == stream) {
                     faults::fire(&machine, f);
-                    let half = replica.write_half_for_fault(o.first_seq, o.last_seq, &o.body);
+                    let half = replica.write_half_for_fault(o.first_seq, o.last_seq, &o.body, now_ms);
                     if half.is_ok() && f == Fault::ApplyAbort {
                         std::process::abort();
                     }
@@ -367,7 +374,7 @@ impl Owner {
                         faults::ENV
                     );
                 }
-                match replica.apply(*generation, o.first_seq, o.last_seq, &o.body) {
+                match replica.apply(*generation, o.first_seq, o.last_seq, &o.body, now_ms) {
                     Ok(replica::Applied::Applied) => {
                         bytes += o.raw_len;
                         outcomes.push((*stream, Outcome::Applied));
@@ -385,10 +392,33 @@ impl Owner {
             }
             // Make what was applied before a failure durable, so the cursor stays truthful.
             let committed = replica.commit();
-            (replica, outcomes, failed, committed, bytes)
+            // History beyond the window or the cap goes; the cap cutting into the window
+            // is an event, never silent.
+            let pruned = committed
+                .is_ok()
+                .then(|| replica.prune(now_ms, &replica.default_policy()));
+            let history = match pruned {
+                Some(Ok(r)) if r.cap_reached => {
+                    let msg = format!(
+                        "recovery-point journal at its cap ({} bytes): history holds {} s, less than the retention window{}",
+                        r.bytes,
+                        r.held_ms / 1000,
+                        r.pinned_by.map_or(String::new(), |p| format!("; a view pins point {p}"))
+                    );
+                    tracing::warn!(%machine, dropped_points = r.dropped_points, "{msg}");
+                    Some(Some(msg))
+                }
+                Some(Ok(_)) => Some(None),
+                Some(Err(e)) => {
+                    tracing::warn!(%machine, "pruning the recovery-point journal: {e}");
+                    None
+                }
+                None => None,
+            };
+            (replica, outcomes, failed, committed, bytes, history)
         })
         .await;
-        let (replica, outcomes, failed, committed, bytes) = match result {
+        let (replica, outcomes, failed, committed, bytes, history) = match result {
             Ok(r) => r,
             // A panic half-way through a batch: the replica in memory is torn; restarting
             // reopens it from disk, which rolls the batch back.
@@ -404,7 +434,12 @@ impl Owner {
         for (stream, outcome) in outcomes {
             self.core.handle_applied(stream, outcome);
         }
-        self.stats.send_modify(|s| s.bytes_applied += bytes);
+        self.stats.send_modify(|s| {
+            s.bytes_applied += bytes;
+            if let Some(h) = history {
+                s.history_warning = h;
+            }
+        });
         self.replica = Some(replica);
         if let Some(e) = failed {
             // Rolled back to the durable cursor: every stream resends from there.
