@@ -174,6 +174,7 @@ pub struct JournalStats {
     /// Journal (apply) times of the oldest and newest committed point.
     pub oldest_point_ms: Option<u64>,
     pub newest_point_ms: Option<u64>,
+    pub newest_point_seq: Option<u64>,
     /// Set while the cap has dropped points the retention window would have kept: since when.
     pub cap_shortened_since_ms: Option<u64>,
     /// Views open.
@@ -1283,6 +1284,7 @@ impl Journal {
             points: committed().count(),
             oldest_point_ms: committed().next().map(|p| p.point.journal_ms),
             newest_point_ms: committed().next_back().map(|p| p.point.journal_ms),
+            newest_point_seq: committed().next_back().map(|p| p.point.seq),
             cap_shortened_since_ms: idx.cap_since_ms,
             pinned: idx.pins.values().sum(),
         }

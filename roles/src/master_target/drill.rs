@@ -34,7 +34,7 @@ pub const BLOCK: u64 = 4096;
 /// A point-in-time view of a machine's disks (the replica overlaid with its journal), as
 /// the drill reads it.
 pub trait DiskView: Send + Sync + 'static {
-    fn size(&self, disk: u16) -> u64;
+    fn size(&self, disk: u16) -> io::Result<u64>;
     /// Fills `buf` with the view's bytes at `offset` (within the disk's size).
     fn read_at(&self, disk: u16, offset: u64, buf: &mut [u8]) -> io::Result<()>;
 }
@@ -98,7 +98,7 @@ impl CowDisk {
     /// Opens (or creates) the overlay of `name` in `dir`; an existing bitmap is loaded, so a
     /// restarted drill keeps what was flushed.
     pub fn open(view: Arc<dyn DiskView>, disk: u16, dir: &Path, name: &str) -> io::Result<Self> {
-        let size = view.size(disk);
+        let size = view.size(disk)?;
         let overlay = OpenOptions::new()
             .read(true)
             .write(true)
@@ -260,7 +260,7 @@ impl Backend for CowDisk {
 /// Returns the bytes written (not counting holes).
 pub fn export_image(view: &dyn DiskView, disk: u16, path: &Path) -> io::Result<u64> {
     const CHUNK: usize = 1 << 20;
-    let size = view.size(disk);
+    let size = view.size(disk)?;
     let tmp = path.with_extension("img.partial");
     let f = OpenOptions::new()
         .write(true)
@@ -294,8 +294,8 @@ mod tests {
     /// A view that is a plain buffer per disk.
     struct Mem(Vec<Vec<u8>>);
     impl DiskView for Mem {
-        fn size(&self, disk: u16) -> u64 {
-            self.0[disk as usize].len() as u64
+        fn size(&self, disk: u16) -> io::Result<u64> {
+            Ok(self.0[disk as usize].len() as u64)
         }
         fn read_at(&self, disk: u16, offset: u64, buf: &mut [u8]) -> io::Result<()> {
             let d = &self.0[disk as usize];

@@ -17,7 +17,7 @@ pub mod apply;
 pub mod core;
 pub mod drill;
 pub mod owner;
-// pub mod recovery; (lands with the journal)
+pub mod recovery;
 pub mod replica;
 
 use std::{
@@ -40,6 +40,8 @@ pub struct MasterState {
     pub dir: PathBuf,
     /// The node's data dir (drills live in `drills/`).
     pub data_dir: PathBuf,
+    /// Test failovers being served, by machine.
+    drills: std::sync::Mutex<std::collections::HashMap<String, recovery::Drill>>,
 
     /// The live owner of each machine's replica.
     owners: DashMap<String, OwnerEntry>,
@@ -57,6 +59,7 @@ impl MasterState {
         Self {
             dir: data_dir.join("replicas"),
             data_dir: data_dir.to_path_buf(),
+            drills: Default::default(),
 
             owners: DashMap::new(),
             stats: DashMap::new(),
@@ -82,6 +85,19 @@ impl MasterState {
                     batches_refused: s.batches_refused,
                     epoch: s.epoch,
                     refusal: s.refusal.clone(),
+                    points: {
+                        let drill = self.drill_view(e.key()).map(|d| d.point.point);
+                        match s.points.clone() {
+                            Some(p) => Some(crate::proto::PointsReport {
+                                test_failover: drill,
+                                ..p
+                            }),
+                            None => drill.map(|d| crate::proto::PointsReport {
+                                test_failover: Some(d),
+                                ..Default::default()
+                            }),
+                        }
+                    },
                     ..Default::default()
                 }
             })
@@ -101,6 +117,25 @@ impl MasterState {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    fn drills(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, recovery::Drill>> {
+        self.drills.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The test failover of `machine` being served, if any.
+    pub fn drill_view(&self, machine: &str) -> Option<crate::view::TestFailoverView> {
+        self.drills().get(machine).map(|d| d.view.clone())
+    }
+
+    fn insert_drill(&self, machine: &str, d: recovery::Drill) {
+        self.drills().insert(machine.to_string(), d);
+    }
+
+    fn take_drill(&self, machine: &str) -> Option<recovery::Drill> {
+        self.drills().remove(machine)
     }
 
     fn stats_for(&self, machine: &str) -> watch::Sender<ReplicaStats> {
@@ -165,10 +200,7 @@ impl MasterService {
 
     /// A recovery command the configuration node forwarded (see [`recovery`]).
     pub async fn recovery(&self, request: crate::proto::RecoveryRequest) -> crate::proto::Response {
-        let _ = request;
-        crate::proto::Response::Refused {
-            reason: "recovery points are not kept by this master target yet".into(),
-        }
+        recovery::handle(self, request).await
     }
 
     pub fn link(&self) -> &NodeLink {
@@ -204,12 +236,16 @@ async fn manage(svc: MasterService, sup: Addr<Supervisor>) -> Result<(), TaskErr
             .collect();
         for machine in mine.difference(&running).cloned().collect::<Vec<_>>() {
             let state = svc.state.clone();
+            let link = svc.link.clone();
             let m = machine.clone();
             let node = svc.link.name.clone();
             let spec = ChildSpec::task(format!("replica/{machine}"), move |_| {
                 let (tx, rx) = owner::mailbox();
                 state.owners.insert(m.clone(), OwnerEntry { mailbox: tx });
-                let owner = Owner::new(m.clone(), state.dir.clone(), state.stats_for(&m));
+                let (link, pm) = (link.clone(), m.clone());
+                let policy: owner::PolicySource =
+                    Arc::new(move || link.assignment(&pm).map(|a| a.policy));
+                let owner = Owner::new(m.clone(), state.dir.clone(), state.stats_for(&m), policy);
                 let span = tracing::info_span!("replica", node = %node, role = haven_cluster::ROLE_MASTER_TARGET, machine = %m);
                 tracing::Instrument::instrument(owner.run(rx), span)
             });
@@ -217,6 +253,8 @@ async fn manage(svc: MasterService, sup: Addr<Supervisor>) -> Result<(), TaskErr
                 .await
                 .map_err(TaskError::retry)?
                 .map_err(TaskError::retry)?;
+            // A drill recorded before a restart is served again once the owner is up.
+            tokio::spawn(recovery::resume(svc.clone(), machine.clone()));
             running.insert(machine);
         }
         for machine in running.difference(&mine).cloned().collect::<Vec<_>>() {

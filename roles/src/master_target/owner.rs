@@ -123,6 +123,85 @@ pub enum Msg {
     Closed {
         stream: StreamId,
     },
+    /// A recovery command's question (see `recovery.rs`). `disks` are the machine's (from
+    /// its assignment), to open the replica when no stream has.
+    Recovery {
+        ask: Ask,
+        disks: Vec<DiskInfo>,
+        reply: oneshot::Sender<Result<Answer, String>>,
+    },
+}
+
+/// What a recovery command asks the replica's owner.
+#[derive(Debug)]
+pub enum Ask {
+    /// The points held and the journal's figures.
+    Catalogue,
+    /// A view pinned at the point `--point` names.
+    View(crate::proto::PointSpec),
+}
+
+pub enum Answer {
+    Catalogue(Catalogue),
+    View(Picked),
+}
+
+impl std::fmt::Debug for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Answer::Catalogue(c) => write!(f, "Catalogue({} points)", c.points.len()),
+            Answer::View(p) => write!(f, "View({})", p.point.seq),
+        }
+    }
+}
+
+/// A replica's points (oldest first) and its journal.
+#[derive(Clone, Debug, Default)]
+pub struct Catalogue {
+    pub points: Vec<replica::RecoveryPoint>,
+    pub retention_ms: u64,
+    pub journal_bytes: u64,
+    pub journal_cap_bytes: u64,
+    pub cap_reached: bool,
+    pub applied_seq: u64,
+}
+
+/// A view at a point, and what it is of.
+pub struct Picked {
+    pub point: replica::RecoveryPoint,
+    pub view: std::sync::Arc<dyn super::drill::DiskView>,
+    pub disks: Vec<String>,
+    pub epoch: u32,
+}
+
+/// Asks the owner behind `mailbox`.
+pub async fn ask(mailbox: &Mailbox, ask: Ask, disks: Vec<DiskInfo>) -> Result<Answer, String> {
+    let (tx, rx) = oneshot::channel();
+    mailbox
+        .send(Msg::Recovery {
+            ask,
+            disks,
+            reply: tx,
+        })
+        .await
+        .map_err(|_| "the replica's owner stopped".to_string())?;
+    rx.await
+        .map_err(|_| "the replica's owner stopped before answering".to_string())?
+}
+
+impl super::drill::DiskView for replica::ReplicaView {
+    fn size(&self, disk: u16) -> std::io::Result<u64> {
+        replica::ReplicaView::size(self, disk).map_err(std::io::Error::other)
+    }
+
+    fn read_at(&self, disk: u16, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let n = self
+            .read(disk, offset, buf)
+            .map_err(std::io::Error::other)?;
+        // Past the end of the disk at the point (the export is its size): zeros.
+        buf[n..].fill(0);
+        Ok(())
+    }
 }
 
 /// Why the owner ended a stream.
@@ -155,6 +234,8 @@ pub struct ReplicaStats {
     /// Set while the recovery-point journal's cap shortens history below the retention
     /// window (the last prune's finding).
     pub history_warning: Option<String>,
+    /// The recovery points held (refreshed after every commit).
+    pub points: Option<crate::proto::PointsReport>,
 }
 
 struct StreamState {
@@ -174,10 +255,21 @@ pub struct Owner {
     stats: watch::Sender<ReplicaStats>,
     /// Applied seq when the current refusal happened.
     refusal_at: u64,
+    /// The machine's policy, from its assignment (None: the defaults).
+    policy: PolicySource,
 }
 
+/// Where an owner reads its machine's recovery-point policy.
+pub type PolicySource =
+    std::sync::Arc<dyn Fn() -> Option<haven_cluster::ProtectPolicy> + Send + Sync>;
+
 impl Owner {
-    pub fn new(machine: String, replicas_dir: PathBuf, stats: watch::Sender<ReplicaStats>) -> Self {
+    pub fn new(
+        machine: String,
+        replicas_dir: PathBuf,
+        stats: watch::Sender<ReplicaStats>,
+        policy: PolicySource,
+    ) -> Self {
         let applied = stats.borrow().applied_seq;
         Self {
             machine,
@@ -189,6 +281,7 @@ impl Owner {
             applied: watch::Sender::new(applied),
             stats,
             refusal_at: 0,
+            policy,
         }
     }
 
@@ -244,6 +337,13 @@ impl Owner {
                 self.core.handle_stream_closed(stream);
                 self.streams.remove(&stream);
             }
+            Msg::Recovery { ask, disks, reply } => {
+                // Asked between batches: what was queued before it is applied first.
+                let queued = std::mem::take(group);
+                self.apply_group(queued).await?;
+                let answer = self.answer(ask, disks).await?;
+                let _ = reply.send(answer);
+            }
         }
         Ok(())
     }
@@ -287,6 +387,83 @@ impl Owner {
             }
         }
         Ok(Err("the replica could not be opened".into()))
+    }
+
+    /// Answers a recovery question. The replica is opened at its stored epoch when no stream
+    /// has opened it (the source may be gone: that is when recovery matters).
+    async fn answer(
+        &mut self,
+        ask: Ask,
+        disks: Vec<DiskInfo>,
+    ) -> Result<Result<Answer, String>, TaskError> {
+        if self.replica.is_none() {
+            let dir = self.replicas_dir.join(&self.machine);
+            let stored = match replica::stored_epoch(&dir) {
+                Ok(Some(e)) => e,
+                Ok(None) => return Ok(Err(format!("{} has no replica here yet", self.machine))),
+                Err(e) => return Ok(Err(e.to_string())),
+            };
+            if let Err(reason) = self.open_replica(stored, &disks).await? {
+                return Ok(Err(reason));
+            }
+        }
+        let Some(r) = self.replica.as_ref() else {
+            return Ok(Err("the replica could not be opened".into()));
+        };
+        let points = r.points();
+        Ok(match ask {
+            Ask::Catalogue => {
+                let stats = r.journal_stats();
+                let policy = self.policy(r);
+                Ok(Answer::Catalogue(Catalogue {
+                    points,
+                    retention_ms: policy.retention_ms,
+                    journal_bytes: stats.bytes,
+                    journal_cap_bytes: policy.cap_bytes,
+                    cap_reached: stats.cap_shortened_since_ms.is_some(),
+                    applied_seq: r.applied_seq(),
+                }))
+            }
+            Ask::View(spec) => super::recovery::resolve(&points, &spec).and_then(|i| {
+                let point = points[i].clone();
+                let view = r.view(point.seq).map_err(|e| e.to_string())?;
+                Ok(Answer::View(Picked {
+                    point,
+                    view: std::sync::Arc::new(view),
+                    disks: self.disks.iter().map(|d| d.name.clone()).collect(),
+                    epoch: r.epoch(),
+                }))
+            }),
+        })
+    }
+
+    /// What the node reports of the replica's history.
+    fn points_report(&self, r: &Replica) -> crate::proto::PointsReport {
+        let st = r.journal_stats();
+        let policy = self.policy(r);
+        crate::proto::PointsReport {
+            count: st.points as u64,
+            oldest_ms: st.oldest_point_ms,
+            latest_ms: st.newest_point_ms,
+            latest: st.newest_point_seq.map(|s| s.to_string()),
+            retention_ms: policy.retention_ms,
+            journal_bytes: st.bytes,
+            journal_cap_bytes: policy.cap_bytes,
+            cap_reached: st.cap_shortened_since_ms.is_some(),
+            test_failover: None,
+        }
+    }
+
+    /// The machine's recovery-point policy (`ctl protect --retention --journal-size`).
+    fn policy(&self, r: &Replica) -> replica::RetentionPolicy {
+        let total: u64 = r.sizes().iter().fold(0u64, |a, s| a.saturating_add(*s));
+        match (self.policy)() {
+            Some(p) => replica::RetentionPolicy {
+                retention_ms: p.retention_ms(),
+                cap_bytes: p.journal_cap_bytes(total),
+            },
+            None => r.default_policy(),
+        }
     }
 
     /// Opens (creating or resetting) the replica for `epoch`. `Ok(Err)` refuses the stream.
@@ -354,6 +531,7 @@ impl Owner {
         };
         let machine = self.machine.clone();
         let stream_gens = self.stream_generations(&group);
+        let policy = self.policy(&replica);
         let result = tokio::task::spawn_blocking(move || {
             // The journal's clock: injected here, the driver (the core never reads a clock).
             let now_ms = std::time::SystemTime::now()
@@ -396,7 +574,7 @@ impl Owner {
             // is an event, never silent.
             let pruned = committed
                 .is_ok()
-                .then(|| replica.prune(now_ms, &replica.default_policy()));
+                .then(|| replica.prune(now_ms, &policy));
             let history = match pruned {
                 Some(Ok(r)) if r.cap_reached => {
                     let msg = format!(
@@ -434,11 +612,13 @@ impl Owner {
         for (stream, outcome) in outcomes {
             self.core.handle_applied(stream, outcome);
         }
+        let points = self.points_report(&replica);
         self.stats.send_modify(|s| {
             s.bytes_applied += bytes;
             if let Some(h) = history {
                 s.history_warning = h;
             }
+            s.points = Some(points);
         });
         self.replica = Some(replica);
         if let Some(e) = failed {

@@ -9,13 +9,12 @@ use std::{sync::Arc, time::Duration};
 use haven_nbd::{Backend, Exports, Server, ServerHandle};
 
 use super::drill::{self, CowDisk, DiskView, DrillRecord, DRILL_VERSION};
-use super::owner::{Ask, Catalogue, Picked};
+use super::owner::{Answer, Ask, Catalogue, Picked};
+use super::replica::RecoveryPoint;
 use super::MasterService;
 use crate::fsutil::unix_ms;
 use crate::proto::{PointSpec, RecoveryReply, RecoveryRequest, Response};
-use crate::view::{
-    CleanupView, FailoverDiskView, PointView, RecoveryPointsView, TestFailoverView,
-};
+use crate::view::{CleanupView, FailoverDiskView, PointView, RecoveryPointsView, TestFailoverView};
 
 /// A drill being served.
 pub struct Drill {
@@ -52,28 +51,33 @@ pub async fn handle(svc: &MasterService, request: RecoveryRequest) -> Response {
     }
 }
 
-async fn ask(svc: &MasterService, machine: &str, ask: Ask) -> Result<super::owner::Answer, String> {
+async fn ask(svc: &MasterService, machine: &str, ask: Ask) -> Result<Answer, String> {
+    let disks = svc
+        .link()
+        .assignment(machine)
+        .map(|a| a.disks)
+        .ok_or_else(|| format!("{machine} is not assigned to this master target"))?;
     let mailbox = svc
         .state
         .mailbox(machine, Duration::from_secs(2))
         .await
         .ok_or_else(|| format!("no replica of {machine} is open on this master target"))?;
-    super::owner::ask(&mailbox, ask).await
+    super::owner::ask(&mailbox, ask, disks).await
 }
 
 async fn catalogue(svc: &MasterService, machine: &str) -> Result<Catalogue, String> {
     match ask(svc, machine, Ask::Catalogue).await? {
-        super::owner::Answer::Catalogue(c) => Ok(c),
+        Answer::Catalogue(c) => Ok(c),
         other => Err(format!("unexpected answer {other:?}")),
     }
 }
 
-pub fn point_view(p: &haven_storage::journal::PointEntry) -> PointView {
+pub fn point_view(p: &RecoveryPoint) -> PointView {
     PointView {
         point: p.seq.to_string(),
         seq: p.seq,
         time_ms: p.time_ms,
-        kind: super::replica::point_kind(p).as_str().to_string(),
+        kind: p.kind.as_str().to_string(),
         name: p.name.clone(),
     }
 }
@@ -95,13 +99,8 @@ fn points_view(svc: &MasterService, machine: &str, c: Catalogue) -> RecoveryPoin
 }
 
 /// Resolves `--point` against the points held, oldest first.
-pub fn resolve(
-    points: &[haven_storage::journal::PointEntry],
-    spec: &PointSpec,
-) -> Result<usize, String> {
-    let app = |p: &haven_storage::journal::PointEntry| {
-        super::replica::point_kind(p) == crate::proto::PointKind::App
-    };
+pub fn resolve(points: &[RecoveryPoint], spec: &PointSpec) -> Result<usize, String> {
+    let app = |p: &RecoveryPoint| p.kind == crate::proto::PointKind::App;
     let found = match spec {
         PointSpec::Latest => points.len().checked_sub(1),
         PointSpec::LatestApp => points.iter().rposition(app),
@@ -138,7 +137,7 @@ async fn test_failover(
         }
     }
     let picked = match ask(svc, machine, Ask::View(spec)).await? {
-        super::owner::Answer::View(p) => p,
+        Answer::View(p) => p,
         other => return Err(format!("unexpected answer {other:?}")),
     };
     let point = point_view(&picked.point);
@@ -234,7 +233,7 @@ async fn export(
                     disk: name.clone(),
                     nbd_uri: None,
                     image: Some(path.display().to_string()),
-                    size_bytes: view.size(i as u16),
+                    size_bytes: view.size(i as u16).map_err(|e| e.to_string())?,
                 })
             })
             .collect::<Result<Vec<_>, String>>()
@@ -309,7 +308,7 @@ pub async fn resume(svc: MasterService, machine: String) {
     }
     let started = std::time::Instant::now();
     let picked = match ask(&svc, &machine, Ask::View(PointSpec::Seq(record.point_seq))).await {
-        Ok(super::owner::Answer::View(p)) if p.epoch == record.epoch => p,
+        Ok(Answer::View(p)) if p.epoch == record.epoch => p,
         other => {
             let why = match other {
                 Err(e) => e,
