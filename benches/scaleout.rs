@@ -283,11 +283,13 @@ fn strip_ansi(s: &str) -> String {
     out
 }
 
-/// `key=value` of a tracing line (value up to the next space).
+/// `key=value` of a tracing line (value up to the next space). The last occurrence: the
+/// event's own fields come after its spans' (`stream{… generation=5}: … generation=7`).
 fn log_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     let pat = format!("{key}=");
     line.split_whitespace()
-        .find_map(|w| w.strip_prefix(pat.as_str()))
+        .filter_map(|w| w.strip_prefix(pat.as_str()))
+        .next_back()
 }
 
 /// (machine, generation) -> unix time of the configuration node's decision (its event log
