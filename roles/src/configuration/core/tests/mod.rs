@@ -1741,6 +1741,15 @@ fn a_discovered_machine_view() {
             "cache_bytes": 0,
             "blocked_reason": null,
             "blocked_disks": [],
+            "capture": null,
+            "points_not_consistent": null,
+            "latest_point": null,
+            "latest_point_age_seconds": null,
+            "recovery_points": 0,
+            "history_held_seconds": null,
+            "history_asked_seconds": null,
+            "journal_cap_reached": false,
+            "test_failover": null,
         })
     );
 }
@@ -1809,6 +1818,15 @@ fn initial_sync_then_replicating_with_counters_from_agent_and_nodes() {
             "cache_bytes": 0,
             "blocked_reason": null,
             "blocked_disks": [],
+            "capture": "scan",
+            "points_not_consistent": null,
+            "latest_point": null,
+            "latest_point_age_seconds": null,
+            "recovery_points": 0,
+            "history_held_seconds": null,
+            "history_asked_seconds": 86400.0,
+            "journal_cap_reached": false,
+            "test_failover": null,
         })
     };
     assert_eq!(
