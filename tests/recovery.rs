@@ -14,28 +14,6 @@ use serde_json::Value;
 const MIB: u64 = 1 << 20;
 const SYNC: Duration = Duration::from_secs(120);
 
-fn qemu_io(uri: &str, cmds: &[&str]) -> String {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw", uri]);
-    for c in cmds {
-        cmd.args(["-c", c]);
-    }
-    let out = cmd
-        .output()
-        .expect("qemu-io (qemu-utils) must be installed");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "qemu-io {cmds:?}: {text}");
-    assert!(
-        !text.contains("Pattern verification failed"),
-        "qemu-io {cmds:?}: {text}"
-    );
-    text
-}
-
 fn tap_uri(c: &Cluster, m: &str) -> String {
     format!(
         "nbd+unix:///d0?socket={}",

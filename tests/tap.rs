@@ -32,26 +32,6 @@ fn wait_socket(c: &Cluster, m: &str, disk: &str) {
     });
 }
 
-/// Runs `qemu-io` with commands against the export; panics with its output on failure.
-fn qemu_io(uri: &str, cmds: &[&str]) -> String {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw", uri]);
-    for c in cmds {
-        cmd.args(["-c", c]);
-    }
-    let out = cmd
-        .output()
-        .expect("qemu-io (qemu-utils) must be installed");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "qemu-io {cmds:?}: {text}");
-    assert!(!text.contains("Pattern verification failed"), "{text}");
-    text
-}
-
 fn tap_agent(c: &mut Cluster, m: &str, disk: &Path, extra: &[&str]) {
     let mut args = vec!["--capture", "tap"];
     args.extend_from_slice(extra);

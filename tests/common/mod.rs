@@ -563,3 +563,27 @@ pub fn read_cursor(path: &Path) -> ReplicaCursor {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     haven_transport::codec::decode(&bytes).expect("replica cursor decodes")
 }
+
+/// Runs `qemu-io` (qemu-utils) with commands against an NBD URI; panics with its output on
+/// failure or a failed pattern check.
+pub fn qemu_io(uri: &str, cmds: &[&str]) -> String {
+    let mut cmd = std::process::Command::new("qemu-io");
+    cmd.args(["-f", "raw", uri]);
+    for c in cmds {
+        cmd.args(["-c", c]);
+    }
+    let out = cmd
+        .output()
+        .expect("qemu-io (qemu-utils) must be installed");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "qemu-io {cmds:?}: {text}");
+    assert!(
+        !text.contains("Pattern verification failed"),
+        "qemu-io {cmds:?}: {text}"
+    );
+    text
+}
