@@ -54,8 +54,10 @@
 //! # Ok(()) }
 //! ```
 pub mod backend;
+pub mod client;
 pub mod proto;
 pub mod server;
 
 pub use backend::{nbd_error, Backend, FileBackend};
+pub use client::Client;
 pub use server::{export_info, ConnError, Exports, ListenAddr, Server, ServerConfig, ServerHandle};

@@ -353,3 +353,30 @@ fn exports_change_at_runtime_and_shutdown_removes_the_socket() {
     fx.rt.block_on(h.shutdown());
     assert!(!fx.socket.exists());
 }
+
+/// haven's own blocking client against the server: writes (with and without FUA) land in the
+/// file, reads return them, a request larger than one chunk is split, an unknown export is a
+/// clear error.
+#[test]
+fn the_blocking_client_writes_reads_and_flushes() {
+    let fx = Fixture::new(80 << 20, false);
+    let uri = fx.uri();
+    let mut c = haven_nbd::Client::connect(&uri).unwrap();
+    assert_eq!(c.size(), 80 << 20);
+    assert!(!c.read_only());
+    let big: Vec<u8> = (0..(40u32 << 20)).map(|i| (i % 251) as u8).collect();
+    c.write_at(&big, 4096, false).unwrap();
+    c.write_at(b"fua", 1, true).unwrap();
+    c.flush().unwrap();
+    let mut back = vec![0u8; big.len()];
+    c.read_at(&mut back, 4096).unwrap();
+    assert!(back == big, "read back what was written");
+    let file = std::fs::read(&fx.image).unwrap();
+    assert_eq!(&file[1..4], b"fua");
+    assert!(file[4096..4096 + big.len()] == big[..]);
+    c.disconnect().unwrap();
+    let err = haven_nbd::Client::connect(&fx.uri_of("nope"))
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("\"nope\" refused"), "{err}");
+}
