@@ -178,12 +178,14 @@ fn span_text(ms: u64) -> String {
     humantime::format_duration(Duration::from_secs(ms / 1000)).to_string()
 }
 
-pub fn print_points(p: &haven_roles::view::RecoveryPointsView) {
+/// The points table and a summary; `newest`: only that many of the newest rows.
+pub fn print_points(p: &haven_roles::view::RecoveryPointsView, newest: Option<usize>) {
     println!(
         "{:>12} {:>12} {:<24} {:<15} NAME",
         "POINT", "SEQ", "TIME", "KIND"
     );
-    for pt in &p.points {
+    let skip = newest.map_or(0, |n| p.points.len().saturating_sub(n));
+    for pt in &p.points[skip..] {
         println!(
             "{:>12} {:>12} {:<24} {:<15} {}",
             pt.point,

@@ -1,15 +1,19 @@
-//! `haven demo`: an all-in-one node and an agent on a generated disk, in a temporary
-//! directory: initial sync with progress, random writes while replicating, a sync barrier,
-//! a byte-for-byte check of replica against source, the status table, and the commands to do
-//! the same by hand.
+//! `haven demo`: an all-in-one node and an agent whose disk is served through the tap (an NBD
+//! export; every flush is a recovery point), in a temporary directory: initial sync with
+//! progress, random writes through NBD while replicating, a sync barrier, a byte-for-byte
+//! check of replica against source, the recovery points, a test failover of a point from a
+//! few seconds back verified against the disk as it was then, its cleanup, the status table,
+//! and the commands to do the same by hand.
 use std::{
-    io::{Read, Seek, SeekFrom},
+    io::Read,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
+
+use haven_roles::proto::{AdminCommand, AdminReply, PointSpec, RecoveryReply, RecoveryRequest};
 
 use crate::ctl::{self, Admin};
 
@@ -75,7 +79,7 @@ fn free_udp_port() -> Result<u16, String> {
 /// zero regions, in 1 MiB extents.
 pub fn generate_disk(path: &Path, size: u64, seed: u64) -> Result<(), String> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut f = std::fs::File::create(path).map_err(|e| e.to_string())?;
+    let f = std::fs::File::create(path).map_err(|e| e.to_string())?;
     f.set_len(size).map_err(|e| e.to_string())?;
     const WORDS: &[&str] = &[
         "the",
@@ -136,42 +140,41 @@ pub fn generate_disk(path: &Path, size: u64, seed: u64) -> Result<(), String> {
                 continue; // a hole: stays zero
             }
         }
-        f.write_all_at_pos(chunk, off)?;
+        std::os::unix::fs::FileExt::write_all_at(&f, chunk, off).map_err(|e| e.to_string())?;
         off += n as u64;
     }
     f.sync_all().map_err(|e| e.to_string())
 }
 
-trait WriteAt {
-    fn write_all_at_pos(&mut self, buf: &[u8], off: u64) -> Result<(), String>;
-}
-impl WriteAt for std::fs::File {
-    fn write_all_at_pos(&mut self, buf: &[u8], off: u64) -> Result<(), String> {
-        use std::os::unix::fs::FileExt;
-        self.write_all_at(buf, off).map_err(|e| e.to_string())
-    }
-}
-
-/// Random writes of mixed sizes (4 KiB to 256 KiB) for `duration`. Returns bytes written.
-pub fn random_writes(path: &Path, duration: Duration, rng: &mut StdRng) -> Result<u64, String> {
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| e.to_string())?;
-    let size = f.seek(SeekFrom::End(0)).map_err(|e| e.to_string())?;
+/// Random writes of mixed sizes (4 KiB to 256 KiB) through NBD for `duration`, a flush
+/// after every few (each flush is a crash-consistent recovery point at the tap), ending with
+/// a flush. Returns bytes written.
+pub fn random_writes(
+    nbd: &mut haven_nbd::Client,
+    duration: Duration,
+    rng: &mut StdRng,
+) -> Result<u64, String> {
+    let size = nbd.size();
     let start = Instant::now();
     let mut written = 0u64;
     let mut buf = vec![0u8; 256 << 10];
+    let mut n = 0u64;
     while start.elapsed() < duration {
         let len = 4096usize << rng.gen_range(0..7);
         let off = rng.gen_range(0..(size - len as u64) / 512) * 512;
         rng.fill(&mut buf[..len]);
-        f.write_all_at_pos(&buf[..len], off)?;
+        nbd.write_at(&buf[..len], off, false)
+            .map_err(|e| format!("write through the tap: {e}"))?;
         written += len as u64;
+        n += 1;
+        if n % 8 == 0 {
+            nbd.flush()
+                .map_err(|e| format!("flush through the tap: {e}"))?;
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
-    f.sync_all().map_err(|e| e.to_string())?;
+    nbd.flush()
+        .map_err(|e| format!("flush through the tap: {e}"))?;
     Ok(written)
 }
 
@@ -273,8 +276,8 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         &disk_arg,
         "--name",
         "demo-vm",
-        "--scan-interval",
-        "2s",
+        "--capture",
+        "tap",
     ];
     procs
         .0
@@ -332,14 +335,29 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    let (disk2, dur, seed) = (disk.clone(), args.write_for, args.seed);
-    let written = tokio::task::spawn_blocking(move || {
-        random_writes(&disk2, dur, &mut StdRng::seed_from_u64(seed + 1))
+    // The workload writes through the tap: the agent's NBD export of the disk. Half the
+    // writes, then the disk as it is at that moment is kept aside (the writer has flushed, so
+    // the newest recovery point at or before now is exactly this state), then the rest.
+    let sock = agent_dir.join("nbd").join("root.sock");
+    let uri = format!("nbd+unix:///root?socket={}", sock.display());
+    let (half, seed) = (args.write_for / 2, args.seed);
+    let at_point = dir.join("disk-at-point.img");
+    let (uri2, disk2, at_point2) = (uri.clone(), disk.clone(), at_point.clone());
+    let (written, point_ms) = tokio::task::spawn_blocking(move || {
+        let mut nbd = haven_nbd::Client::connect(&uri2).map_err(|e| e.to_string())?;
+        let mut rng = StdRng::seed_from_u64(seed + 1);
+        let mut written = random_writes(&mut nbd, half, &mut rng)?;
+        std::fs::copy(&disk2, &at_point2).map_err(|e| e.to_string())?;
+        let point_ms = unix_ms();
+        std::thread::sleep(Duration::from_millis(1100));
+        written += random_writes(&mut nbd, half, &mut rng)?;
+        nbd.disconnect().map_err(|e| e.to_string())?;
+        Ok::<_, String>((written, point_ms))
     })
     .await
     .map_err(|e| e.to_string())??;
     println!(
-        "5. wrote {} of random changes (4 KiB-256 KiB writes) for {}s while replicating",
+        "5. wrote {} of random changes (4 KiB-256 KiB) for {}s through the tap ({uri}), a flush every 8 writes: each flush is a crash-consistent recovery point",
         ctl::human_bytes(written),
         args.write_for.as_secs()
     );
@@ -366,6 +384,89 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         ),
         Some(off) => return Err(format!("replica differs from the source at byte {off}")),
     }
+
+    let points = match recovery(
+        &admin,
+        RecoveryRequest::Points {
+            machine: "demo-vm".into(),
+        },
+    )
+    .await?
+    {
+        RecoveryReply::Points(p) => p,
+        other => return Err(format!("recovery-points: unexpected reply {other:?}")),
+    };
+    println!("8. recovery points of demo-vm (the newest of them):");
+    ctl::print_points(&points, Some(4));
+
+    let drill = match recovery(
+        &admin,
+        RecoveryRequest::TestFailover {
+            machine: "demo-vm".into(),
+            point: PointSpec::AtOrBefore { time_ms: point_ms },
+            export_dir: None,
+        },
+    )
+    .await?
+    {
+        RecoveryReply::TestFailover(t) => t,
+        other => return Err(format!("test-failover: unexpected reply {other:?}")),
+    };
+    let back = (unix_ms().saturating_sub(drill.point.time_ms)) as f64 / 1000.0;
+    println!(
+        "9. test failover of point {} ({back:.1}s back, mid-way through the writes), served in {} ms while replication goes on:",
+        drill.point.point, drill.elapsed_ms
+    );
+    ctl::print_drill(&drill);
+    let view_uri = drill
+        .disks
+        .first()
+        .and_then(|d| d.nbd_uri.clone())
+        .ok_or("the test failover served no disk")?;
+    let view_copy = dir.join("view.img");
+    let (u, vc) = (view_uri.clone(), view_copy.clone());
+    tokio::task::spawn_blocking(move || copy_from_nbd(&u, &vc))
+        .await
+        .map_err(|e| e.to_string())??;
+    match first_difference(&at_point, &view_copy)? {
+        None => {
+            println!("   verified: the view is byte-identical to the disk as it was at that point")
+        }
+        Some(off) => {
+            return Err(format!(
+                "the view of point {} differs from the disk at that point at byte {off}",
+                drill.point.point
+            ))
+        }
+    }
+    match first_difference(&at_point, &replica)? {
+        Some(_) => println!("   (the replica itself stays at the latest state: failover to `latest` copies nothing)"),
+        None => return Err("the writes after the point did not change the disk".into()),
+    }
+    match recovery(
+        &admin,
+        RecoveryRequest::TestFailoverCleanup {
+            machine: "demo-vm".into(),
+        },
+    )
+    .await?
+    {
+        RecoveryReply::Cleaned(c) => println!("10. test-failover-cleanup: {}", c.message),
+        other => return Err(format!("test-failover-cleanup: unexpected reply {other:?}")),
+    }
+    for f in [&at_point, &view_copy] {
+        let _ = std::fs::remove_file(f);
+    }
+    // The status table below shows what the master target last reported: wait for it to
+    // report the drill gone, so the table does not show a drill that was just cleaned.
+    wait_for(
+        &admin,
+        "status without the drill",
+        Duration::from_secs(30),
+        &mut procs,
+        |m| m.is_some_and(|m| m.test_failover.is_none()),
+    )
+    .await?;
     println!();
     let status = admin.status().await?;
     ctl::print_nodes(&status.nodes);
@@ -374,9 +475,41 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
     admin.close().await;
     drop(procs);
     println!(
-        "\nTo do this by hand:\n  haven node --data-dir /var/lib/haven --listen 0.0.0.0:7400\n  haven agent --join HOST:7400 --token-file /var/lib/haven/agent-token --data-dir /var/lib/haven-agent --disk root=/dev/vda --name web01\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token protect web01\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token status\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token wait-sync web01\n  cmp /dev/vda /var/lib/haven/replicas/web01/root.img\n\ndemo OK"
+        "\nTo do this by hand:\n  haven node --data-dir /var/lib/haven --listen 0.0.0.0:7400\n  haven agent --join HOST:7400 --token-file /var/lib/haven/agent-token --data-dir /var/lib/haven-agent --disk root=/dev/vda --name web01\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token protect web01\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token status\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token wait-sync web01\n  cmp /dev/vda /var/lib/haven/replicas/web01/root.img\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token recovery-points web01\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token test-failover web01 --point latest\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token test-failover-cleanup web01\n(with `haven agent ... --capture tap`, the workload's disk is the NBD export the agent prints, and every flush is a recovery point)\n\ndemo OK"
     );
     Ok(())
+}
+
+async fn recovery(admin: &Admin, request: RecoveryRequest) -> Result<RecoveryReply, String> {
+    match admin.call(AdminCommand::Recovery(request)).await {
+        Ok(AdminReply::Recovery(r)) => Ok(r),
+        Ok(other) => Err(format!("unexpected reply {other:?}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Reads a whole NBD export into a file.
+fn copy_from_nbd(uri: &str, to: &Path) -> Result<(), String> {
+    use std::io::Write;
+    let mut c = haven_nbd::Client::connect(uri).map_err(|e| format!("{uri}: {e}"))?;
+    let mut out = std::fs::File::create(to).map_err(|e| format!("{}: {e}", to.display()))?;
+    let mut buf = vec![0u8; 4 << 20];
+    let mut off = 0u64;
+    while off < c.size() {
+        let n = (c.size() - off).min(buf.len() as u64) as usize;
+        c.read_at(&mut buf[..n], off)
+            .map_err(|e| format!("read the view: {e}"))?;
+        out.write_all(&buf[..n]).map_err(|e| e.to_string())?;
+        off += n as u64;
+    }
+    c.disconnect().map_err(|e| e.to_string())
 }
 
 fn done_message(r: &haven_roles::proto::AdminReply) -> String {

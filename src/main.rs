@@ -549,7 +549,7 @@ async fn ctl_command(admin: &ctl::Admin, json: bool, command: CtlCommand) -> Exi
                 AdminReply::Tokens(t) if json => print_json(&t),
                 AdminReply::Tokens(t) => ctl::print_tokens(&t),
                 AdminReply::Recovery(RecoveryReply::Points(p)) if json => print_json(&p),
-                AdminReply::Recovery(RecoveryReply::Points(p)) => ctl::print_points(&p),
+                AdminReply::Recovery(RecoveryReply::Points(p)) => ctl::print_points(&p, None),
                 AdminReply::Recovery(RecoveryReply::TestFailover(t)) if json => print_json(&t),
                 AdminReply::Recovery(RecoveryReply::TestFailover(t)) => ctl::print_drill(&t),
                 AdminReply::Recovery(RecoveryReply::Cleaned(c)) if json => print_json(&c),
