@@ -8,7 +8,11 @@
 //! the flush's time window; and a later point's prefix contains an earlier one's.
 mod common;
 
-use std::{path::Path, time::Duration};
+use std::{
+    path::Path,
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
 
 use common::*;
 use haven_testkit::wait_until;
@@ -79,13 +83,20 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// The sequential writer: a few writes of 1-4 blocks, a flush, again, `FLUSHES` times.
-fn write_history(uri: &str, seed: u64) -> (Vec<Write>, Vec<Flush>) {
+/// The sequential writer: a few writes of 1-4 blocks, a flush, again, `flushes` times,
+/// pausing `pace` after each flush; `progress` counts the flushes done.
+fn write_history(
+    uri: &str,
+    seed: u64,
+    flushes_wanted: usize,
+    pace: Duration,
+    progress: &AtomicUsize,
+) -> (Vec<Write>, Vec<Flush>) {
     let mut c = haven_nbd::Client::connect(uri).expect("connect to the tap");
     assert_eq!(c.size(), BLOCKS * BS as u64);
     let mut rng = StdRng::seed_from_u64(seed);
     let (mut writes, mut flushes) = (vec![], vec![]);
-    for _ in 0..FLUSHES {
+    for _ in 0..flushes_wanted {
         for _ in 0..rng.gen_range(1..=5) {
             let blocks = rng.gen_range(1..=4u64);
             let start = rng.gen_range(0..=BLOCKS - blocks);
@@ -103,6 +114,8 @@ fn write_history(uri: &str, seed: u64) -> (Vec<Write>, Vec<Flush>) {
             sent_ms,
             answered_ms: now_ms(),
         });
+        progress.fetch_add(1, Ordering::Relaxed);
+        std::thread::sleep(pace);
     }
     c.disconnect().unwrap();
     (writes, flushes)
@@ -166,10 +179,9 @@ fn check_view(
     k
 }
 
-#[test]
-fn fifty_random_points_each_hold_exactly_the_writes_before_their_flush() {
-    let mut c = Cluster::new();
-    c.start_config(&[], vec![]);
+/// A cluster with a tap agent `m1` on a zeroed disk, protected so that only flushes make
+/// points and history is never cut, initial sync done. Returns the tap's URI.
+fn protected_tap(c: &mut Cluster) -> (std::path::PathBuf, String) {
     let disk = c.path("d0.img");
     std::fs::File::create(&disk)
         .unwrap()
@@ -182,7 +194,6 @@ fn fifty_random_points_each_hold_exactly_the_writes_before_their_flush() {
             .ok()
             .map(|_| ())
     });
-    // Only flushes make points here (no periodic ones), and history is never cut.
     c.ctl(&[
         "protect",
         "m1",
@@ -192,24 +203,19 @@ fn fifty_random_points_each_hold_exactly_the_writes_before_their_flush() {
         "1GiB",
     ]);
     c.wait_sync("m1", SYNC);
+    (disk, format!("nbd+unix:///d0?socket={}", sock.display()))
+}
 
-    phase("a traceable sequential writer: 300 flushes through the tap");
-    let uri = format!("nbd+unix:///d0?socket={}", sock.display());
-    let started_ms = now_ms();
-    let (writes, flushes) = write_history(&uri, 7);
-    eprintln!("{} writes, {} flushes", writes.len(), flushes.len());
-    c.wait_sync("m1", SYNC);
-    c.assert_replica("m1", &disk, &c.replica("config", "m1", "d0"));
-
+/// The points made since `since_ms`: one per flush and nothing else, all crash-consistent.
+fn flush_points(c: &Cluster, since_ms: u64, flushes: &[Flush]) -> Vec<Value> {
     let listed = c.ctl(&["recovery-points", "m1"]);
     let points: Vec<Value> = listed["points"]
         .as_array()
         .unwrap()
         .iter()
-        .filter(|p| p["time_ms"].as_u64().unwrap() >= started_ms)
+        .filter(|p| p["time_ms"].as_u64().unwrap() >= since_ms)
         .cloned()
         .collect();
-    // Every flush is a crash-consistent point, and nothing else made one.
     assert_eq!(
         points.len(),
         flushes.len(),
@@ -220,66 +226,156 @@ fn fifty_random_points_each_hold_exactly_the_writes_before_their_flush() {
         points.iter().all(|p| p["kind"] == "crash"),
         "every flush point is crash-consistent"
     );
+    points
+}
+
+/// Reads a whole NBD export.
+fn read_all(uri: &str) -> Vec<u8> {
+    let mut v = haven_nbd::Client::connect(uri).expect("connect to the view");
+    let mut out = vec![0u8; v.size() as usize];
+    v.read_at(&mut out, 0).unwrap();
+    v.disconnect().unwrap();
+    out
+}
+
+/// The view of `point` via `--export` and via a test failover over NBD (then cleaned):
+/// both equal, and exactly a flush-ended prefix of the history. Returns its length.
+fn check_point(c: &Cluster, p: &Value, writes: &[Write], flushes: &[Flush]) -> usize {
+    let id = p["point"].as_str().unwrap();
+    let dir = c.path("export");
+    let out = c.ctl(&[
+        "test-failover",
+        "m1",
+        "--point",
+        id,
+        "--export",
+        dir.to_str().unwrap(),
+    ]);
+    let img = out["disks"][0]["image"].as_str().unwrap().to_string();
+    let exported = std::fs::read(Path::new(&img)).unwrap();
+    let k = check_view(&exported, p, writes, flushes, "--export");
+    let drill = c.ctl(&["test-failover", "m1", "--point", id]);
+    let served = read_all(drill["disks"][0]["nbd_uri"].as_str().unwrap());
+    assert!(
+        served == exported,
+        "point {id}: the NBD view and the exported image differ"
+    );
+    let cleaned = c.ctl(&["test-failover-cleanup", "m1"]);
+    assert_eq!(cleaned["overlay_bytes"].as_u64(), Some(0), "{cleaned}");
+    k
+}
+
+/// `n` of `0..len` chosen at random, in order.
+fn choose(len: usize, n: usize, seed: u64) -> Vec<usize> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut all: Vec<usize> = (0..len).collect();
+    for i in 0..n.min(len) {
+        let j = rng.gen_range(i..all.len());
+        all.swap(i, j);
+    }
+    all.truncate(n);
+    all.sort_unstable();
+    all
+}
+
+#[test]
+fn fifty_random_points_each_hold_exactly_the_writes_before_their_flush() {
+    let mut c = Cluster::new();
+    c.start_config(&[], vec![]);
+    let (disk, uri) = protected_tap(&mut c);
+
+    phase("a traceable sequential writer: 300 flushes through the tap");
+    let started_ms = now_ms();
+    let (writes, flushes) = write_history(&uri, 7, FLUSHES, Duration::ZERO, &AtomicUsize::new(0));
+    eprintln!("{} writes, {} flushes", writes.len(), flushes.len());
+    c.wait_sync("m1", SYNC);
+    c.assert_replica("m1", &disk, &c.replica("config", "m1", "d0"));
+    let points = flush_points(&c, started_ms, &flushes);
 
     phase("50 random points: --export and an NBD view each hold exactly their prefix");
-    let mut rng = StdRng::seed_from_u64(8);
-    let mut chosen: Vec<usize> = (0..points.len()).collect();
-    for i in 0..CHECKED {
-        let j = rng.gen_range(i..chosen.len());
-        chosen.swap(i, j);
-    }
-    chosen.truncate(CHECKED);
-    chosen.sort_unstable();
-    let dir = c.path("export");
-    let mut prefixes = vec![];
-    for &i in &chosen {
-        let p = &points[i];
-        let id = p["point"].as_str().unwrap();
-        let out = c.ctl(&[
-            "test-failover",
-            "m1",
-            "--point",
-            id,
-            "--export",
-            dir.to_str().unwrap(),
-        ]);
-        let img = out["disks"][0]["image"].as_str().unwrap().to_string();
-        let exported = std::fs::read(Path::new(&img)).unwrap();
-        let k = check_view(&exported, p, &writes, &flushes, "--export");
-
-        let drill = c.ctl(&["test-failover", "m1", "--point", id]);
-        let view_uri = drill["disks"][0]["nbd_uri"].as_str().unwrap().to_string();
-        let mut v = haven_nbd::Client::connect(&view_uri).expect("connect to the view");
-        let mut served = vec![0u8; BLOCKS as usize * BS];
-        v.read_at(&mut served, 0).unwrap();
-        v.disconnect().unwrap();
-        assert!(
-            served == exported,
-            "point {id}: the NBD view and the exported image differ"
-        );
-        let cleaned = c.ctl(&["test-failover-cleanup", "m1"]);
-        assert_eq!(cleaned["overlay_bytes"].as_u64(), Some(0), "{cleaned}");
-        prefixes.push(k);
-    }
+    let prefixes: Vec<usize> = choose(points.len(), CHECKED, 8)
+        .into_iter()
+        .map(|i| check_point(&c, &points[i], &writes, &flushes))
+        .collect();
     // Later points contain earlier ones: the prefixes grow with the points.
     assert!(
         prefixes.windows(2).all(|w| w[0] < w[1]),
         "prefixes of later points are longer: {prefixes:?}"
     );
     // The newest point is the disk as the writer left it: every write.
-    let last = points.last().unwrap();
-    let out = c.ctl(&[
-        "test-failover",
-        "m1",
-        "--point",
-        last["point"].as_str().unwrap(),
-        "--export",
-        dir.to_str().unwrap(),
-    ]);
-    let img = std::fs::read(out["disks"][0]["image"].as_str().unwrap()).unwrap();
-    assert_eq!(
-        check_view(&img, last, &writes, &flushes, "newest"),
-        writes.len()
-    );
+    let last = check_point(&c, points.last().unwrap(), &writes, &flushes);
+    assert_eq!(last, writes.len());
     c.assert_no_unexpected_errors(&[]);
+}
+
+#[test]
+fn sigkill_of_the_process_server_and_the_master_target_during_tap_writes_and_a_drill() {
+    let mut c = Cluster::new();
+    c.start_config(&["configuration"], vec![]);
+    c.start_node("ps1", &["process"], vec![]);
+    c.start_node("mt1", &["master-target"], vec![]);
+    let (disk, uri) = protected_tap(&mut c);
+
+    let started_ms = now_ms();
+    let progress = std::sync::Arc::new(AtomicUsize::new(0));
+    let writer = {
+        let (uri, progress) = (uri.clone(), progress.clone());
+        std::thread::spawn(move || {
+            write_history(&uri, 9, 400, Duration::from_millis(15), &progress)
+        })
+    };
+    let reach = |n: usize| {
+        wait_until(
+            &format!("the writer at {n} flushes"),
+            Duration::from_secs(60),
+            || (progress.load(Ordering::Relaxed) >= n).then_some(()),
+        )
+    };
+    phase("SIGKILL of the process server while the tap is written; it comes back");
+    reach(60);
+    c.kill("ps1");
+    reach(100); // writes and flushes go on: the tap keeps them until they are applied
+    c.restart("ps1");
+
+    phase("a drill of the newest point, then SIGKILL of the master target during it");
+    reach(180);
+    let listed = c.ctl(&["recovery-points", "m1"]);
+    let p = listed["points"].as_array().unwrap().last().unwrap().clone();
+    let id = p["point"].as_str().unwrap().to_string();
+    let drill = c.ctl(&["test-failover", "m1", "--point", &id]);
+    let view_uri = drill["disks"][0]["nbd_uri"].as_str().unwrap().to_string();
+    let before = read_all(&view_uri);
+    c.kill("mt1");
+    reach(240);
+    c.restart("mt1");
+    wait_until("the drill served again", Duration::from_secs(60), || {
+        let m = c.machine("m1")?;
+        (m["test_failover"] == id.as_str()).then_some(())
+    });
+    let after = read_all(&view_uri);
+    assert!(
+        before == after,
+        "the drill's view of point {id} changed across the master target's SIGKILL"
+    );
+
+    let (writes, flushes) = writer.join().unwrap();
+    eprintln!("{} writes, {} flushes", writes.len(), flushes.len());
+    check_view(&before, &p, &writes, &flushes, "drill across the kill");
+    let cleaned = c.ctl(&["test-failover-cleanup", "m1"]);
+    assert_eq!(cleaned["overlay_bytes"].as_u64(), Some(0), "{cleaned}");
+
+    phase("nothing lost: the replica is the disk, every flush is one point, points are exact");
+    c.wait_sync("m1", SYNC);
+    c.assert_replica("m1", &disk, &c.replica("mt1", "m1", "d0"));
+    let points = flush_points(&c, started_ms, &flushes);
+    let prefixes: Vec<usize> = choose(points.len() - 1, 12, 10)
+        .into_iter()
+        .chain([points.len() - 1])
+        .map(|i| check_point(&c, &points[i], &writes, &flushes))
+        .collect();
+    assert!(
+        prefixes.windows(2).all(|w| w[0] < w[1]),
+        "prefixes of later points are longer: {prefixes:?}"
+    );
+    assert_eq!(*prefixes.last().unwrap(), writes.len());
 }
