@@ -602,13 +602,23 @@ async fn run_protected(
     }
 }
 
-/// Resends the dirty regions of an overflow (read and captured under the order lock).
+/// Dirty regions resent per hold of the order lock: writers wait at most for this much to be
+/// read and captured (a few milliseconds from the page cache), not for the whole backlog.
+const RESYNC_REGIONS_PER_LOCK: usize = 4;
+
+/// Resends some of the dirty regions of an overflow (read and captured under the order lock,
+/// [`RESYNC_REGIONS_PER_LOCK`] at a time; the loop calls again on its next tick). A write to a
+/// region still dirty is captured as usual and the region is read again later, so the stream
+/// ends with the region's newest content either way; points stay `not-consistent` until no
+/// region is dirty.
 async fn resync_dirty(shared: &Shared, o: &mut Order, generation: u64) -> Result<(), TapError> {
-    while let Some(&(disk, region)) = o.dirty.iter().next() {
+    for _ in 0..RESYNC_REGIONS_PER_LOCK {
         if o.overflow {
             return Ok(());
         }
-        o.dirty.remove(&(disk, region));
+        let Some((disk, region)) = o.dirty.pop_first() else {
+            break;
+        };
         let size = shared.sizes[disk as usize];
         let at = region * REGION_BYTES;
         if at >= size {
@@ -617,6 +627,6 @@ async fn resync_dirty(shared: &Shared, o: &mut Order, generation: u64) -> Result
         let n = (size - at).min(REGION_BYTES);
         shared.capture_range(o, disk, at, n, None).await?;
     }
-    shared.close(o, generation, true).await?;
+    shared.close(o, generation, false).await?;
     Ok(())
 }
