@@ -16,6 +16,9 @@ use crate::{
     proto::{AgentPollReply, Request, Response},
 };
 
+/// The long poll's hold while data is unapplied (see `control_loop`).
+const BUSY_POLL_MS: u32 = 250;
+
 pub(super) async fn control_loop(a: Arc<Agent>) -> Result<(), TaskError> {
     let addr = a.identity.config_socket_addr().map_err(TaskError::fatal)?;
     let mut poll = LongPoll::new(a.dialer.clone(), addr, format!("agent {}", a.opts.machine));
@@ -30,7 +33,15 @@ pub(super) async fn control_loop(a: Arc<Agent>) -> Result<(), TaskError> {
             throughput = ((applied_bytes - last_rate.1) as f64 / dt) as u64;
             last_rate = (now, applied_bytes);
         }
-        let report = a.report(throughput, LONG_POLL_MS);
+        // `rpo_seconds` is computed from the last report: while writes wait to be applied,
+        // report about three times a second so it is never more than ~0.35 s stale; idle,
+        // once a second (the long poll).
+        let hold = if lock(&a.core).oldest_unapplied_ms() != 0 {
+            BUSY_POLL_MS
+        } else {
+            LONG_POLL_MS
+        };
+        let report = a.report(throughput, hold);
         let request = Request::AgentPoll(Box::new(report));
         let result = tokio::select! {
             r = poll.call(&request) => Some(r),
