@@ -14,8 +14,9 @@
 //! # Layout
 //!
 //! `<replica dir>/journal/<id:016x>.seg`, ids increasing; records are appended to the newest
-//! segment and a new one is started once it holds [`JournalOptions::segment_bytes`]. History
-//! is pruned ([`Journal::prune`]) a whole oldest segment at a time.
+//! segment and a new one is started once it holds [`JournalOptions::segment_bytes`], or an
+//! eighth of the cap if that is less ([`SEGMENTS_PER_CAP`]). History is pruned
+//! ([`Journal::prune`]) a whole oldest segment at a time, so the cap drops the oldest part.
 //!
 //! ```text
 //! segment = header | record*
@@ -123,9 +124,18 @@ pub struct Resize {
 
 #[derive(Clone, Copy, Debug)]
 pub struct JournalOptions {
-    /// A new segment is started once the newest holds this much.
+    /// A new segment is started once the newest holds this much (or less under a small cap:
+    /// [`SEGMENTS_PER_CAP`]).
     pub segment_bytes: u64,
 }
+
+/// Pruning for the cap drops a whole oldest segment at a time, so a segment is at most this
+/// fraction of the cap (but at least [`MIN_CAP_SEGMENT_BYTES`]): reaching the cap then drops
+/// the oldest eighth or so of history, not all of it. (With 64 MiB segments and the minimum
+/// cap of 64 MiB, the first prune for the cap dropped the one full segment, i.e. every point.)
+pub const SEGMENTS_PER_CAP: u64 = 8;
+/// The smallest segment [`SEGMENTS_PER_CAP`] makes.
+pub const MIN_CAP_SEGMENT_BYTES: u64 = 64 << 10;
 
 impl Default for JournalOptions {
     fn default() -> Self {
@@ -920,13 +930,20 @@ impl Journal {
         Ok(())
     }
 
+    /// How much a segment holds before the next is started: `segment_bytes`, or a
+    /// [`SEGMENTS_PER_CAP`]th of the cap of the last prune if that is smaller.
+    fn segment_limit(&self, idx: &Index) -> u64 {
+        let by_cap = match idx.cap_bytes {
+            0 => u64::MAX, // no prune yet: the cap is not known
+            cap => (cap / SEGMENTS_PER_CAP).max(MIN_CAP_SEGMENT_BYTES),
+        };
+        self.opts.segment_bytes.min(by_cap)
+    }
+
     /// Makes sure there is an active segment with room (a new one if it is full).
     fn ensure_active(&mut self, idx: &mut Index) -> io::Result<()> {
-        if self
-            .active
-            .as_ref()
-            .is_none_or(|a| a.len >= self.opts.segment_bytes)
-        {
+        let limit = self.segment_limit(idx);
+        if self.active.as_ref().is_none_or(|a| a.len >= limit) {
             self.active = None;
             self.new_segment(idx)?;
         }

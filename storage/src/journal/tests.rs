@@ -461,6 +461,43 @@ fn prune_by_cap_is_reported_and_remembered() {
 }
 
 #[test]
+fn reaching_the_cap_drops_the_oldest_part_of_history_not_all_of_it() {
+    // Default (large) segments and a cap far below them: segments follow the cap, so each
+    // prune for the cap drops about an eighth of the history.
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Sim::new(dir.path(), JournalOptions::default());
+    let cap: u64 = 1 << 20;
+    let mut reached = 0;
+    for t in 0..600u64 {
+        s.batch(
+            t * 1000,
+            &[],
+            &[
+                Op::Write(0, (t % 16) * 4096, vec![(t % 250) as u8 + 1; 4096]),
+                Op::Point(0),
+            ],
+        );
+        let r = s.j().prune(t * 1000, 24 * 3_600_000, cap).unwrap();
+        assert!(r.bytes <= cap, "{r:?}");
+        if r.cap_reached {
+            reached += 1;
+            // What is left is most of the cap: whole segments of at most cap / 8 went.
+            assert!(
+                r.bytes + cap / SEGMENTS_PER_CAP + (8 << 10) >= cap,
+                "the cap dropped too much: {r:?}"
+            );
+            let held = s.j().points().len() as u64;
+            assert!(held * 4096 * 8 >= cap * 6, "only {held} points held: {r:?}");
+        }
+    }
+    assert!(reached >= 5, "the cap was reached {reached} times");
+    assert!(s.j().stats().segments >= SEGMENTS_PER_CAP as usize / 2);
+    s.check_views();
+    s.reopen();
+    s.check_views();
+}
+
+#[test]
 fn a_view_pins_its_point_against_pruning() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = Sim::new(
