@@ -138,6 +138,16 @@ fn agent_report() -> AgentReport {
         known_generation: 7,
         held: true,
         instance: 0x1234_5678_9abc_def1,
+        marks_done: vec![MarkDone {
+            request: 0x0a00_0001,
+            id: 1_700_000_000_123_999,
+            seq: Some(1041),
+            kind: Some(PointKind::Crash),
+            name: Some("before-upgrade".into()),
+            time_ms: 1_700_000_000_123,
+            warnings: vec!["freeze failed (exit status: 1)".into()],
+            error: Some("the protection was reset".into()),
+        }],
     }
 }
 
@@ -195,6 +205,7 @@ fn assignment() -> Assignment {
             retention_ms: Some(86_400_000),
             journal_cap_bytes: Some(1 << 30),
             point_every_ms: None,
+            app_consistent_every_ms: Some(900_000),
         },
     }
 }
@@ -474,6 +485,12 @@ fn response() {
             sync_request: Some(5),
             resync: BTreeMap::from([("data".to_string(), 2u64)]),
             point_every_ms: Some(10_000),
+            marks: vec![MarkRequest {
+                id: 0x0a00_0001,
+                app: true,
+                name: Some("before-upgrade".into()),
+            }],
+            app_consistent_every_ms: Some(900_000),
         }),
         "81a94167656e74506f6c6c87a970726f746563746564c3a565706f636803aa67656e65726174696f\
         6e07ae70726f636573735f73657276657292a470732d31ad31302e302e302e313a37343433ac7379\
@@ -556,6 +573,7 @@ fn admin_command() {
                     retention_ms: Some(3_600_000),
                     journal_cap_bytes: None,
                     point_every_ms: Some(5_000),
+                    app_consistent_every_ms: Some(60_000),
                 },
             },
             "81a750726f7465637482a76d616368696e65a67765622d3031a6706f6c69637983ac726574656e74\
@@ -649,6 +667,23 @@ fn admin_command() {
                 disk: "data".into(),
             },
             "81a6526573796e6382a76d616368696e65a67765622d3031a46469736ba464617461",
+        ),
+        (
+            "AdminCommand::Mark",
+            AdminCommand::Mark {
+                machine: m(),
+                app: true,
+                name: Some("before-upgrade".into()),
+            },
+            "",
+        ),
+        (
+            "AdminCommand::MarkState",
+            AdminCommand::MarkState {
+                machine: m(),
+                id: 0x0a00_0001,
+            },
+            "",
         ),
     ];
     for (name, value, golden) in cases {
@@ -799,6 +834,26 @@ fn admin_reply() {
             "81a6546f6b656e739188a26964ac303132333435363738396162a46b696e64a56167656e74aa6372\
             65617465645f6d73cf0000018bcfe56800aa657870697265735f6d73cf0000018bd50bc400a76578\
             7069726564c3a77265766f6b6564c3a47573657303ab6465736372697074696f6ea67261636b2034",
+        ),
+        (
+            "AdminReply::MarkRequested",
+            AdminReply::MarkRequested { id: 0x0a00_0001 },
+            "",
+        ),
+        (
+            "AdminReply::MarkState",
+            AdminReply::MarkState {
+                done: Some(haven_roles::view::MarkView {
+                    machine: "web-01".into(),
+                    point: "1041".into(),
+                    seq: 1041,
+                    kind: "app".into(),
+                    name: Some("before-upgrade".into()),
+                    time_ms: 1_700_000_000_123,
+                    warnings: vec!["thaw failed (exit status: 2)".into()],
+                }),
+            },
+            "",
         ),
     ];
     for (name, value, golden) in cases {
