@@ -404,13 +404,14 @@ fn main() -> ExitCode {
             freeze_timeout,
         } => {
             init_logging("info,quinn=warn");
-            let hooks = freeze_cmd.zip(thaw_cmd).map(|(freeze, thaw)| {
-                haven_roles::agent::freeze::Hooks {
-                    freeze,
-                    thaw,
-                    timeout: freeze_timeout,
-                }
-            });
+            let hooks =
+                freeze_cmd
+                    .zip(thaw_cmd)
+                    .map(|(freeze, thaw)| haven_roles::agent::freeze::Hooks {
+                        freeze,
+                        thaw,
+                        timeout: freeze_timeout,
+                    });
             if hooks.is_some() && capture != "tap" {
                 eprintln!("error: --freeze-cmd needs --capture tap (app-consistent points are barriers in the tap's stream)");
                 std::process::exit(2);

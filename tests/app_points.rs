@@ -170,7 +170,10 @@ fn app_consistent_points_freeze_flush_barrier_and_always_thaw() {
     let failed = c.ctl(&["mark", "m1", "--app"]);
     assert_eq!(failed["kind"], "crash", "{failed}");
     let w = failed["warnings"][0].as_str().unwrap_or_default();
-    assert!(w.contains("freeze failed") && w.contains("cannot freeze"), "{failed}");
+    assert!(
+        w.contains("freeze failed") && w.contains("cannot freeze"),
+        "{failed}"
+    );
     assert_eq!(hooks_log(&c)[4..], ["freeze", "thaw"]);
     let p = wait_point(&c, "m1", failed["seq"].as_u64().unwrap());
     assert_eq!(p["kind"], "crash", "{p}");
@@ -186,7 +189,11 @@ fn app_consistent_points_freeze_flush_barrier_and_always_thaw() {
     set_mode(&c, "ok");
     let named = c.ctl(&["mark", "m1", "--name", "plain"]);
     assert_eq!(named["kind"], "named", "{named}");
-    assert_eq!(hooks_log(&c).len(), 6, "no freeze for a point without --app");
+    assert_eq!(
+        hooks_log(&c).len(),
+        6,
+        "no freeze for a point without --app"
+    );
 
     phase("a freeze that times out (m2, --freeze-timeout 1s): killed, a named point, an event, the thaw ran");
     let disk2 = c.path("d2.img");
@@ -216,18 +223,28 @@ fn app_consistent_points_freeze_flush_barrier_and_always_thaw() {
     assert_eq!(hung["kind"], "named", "{hung}");
     assert_eq!(hung["name"], "hung", "{hung}");
     assert!(
-        hung["warnings"][0].as_str().unwrap_or("").contains("timed out after 1s"),
+        hung["warnings"][0]
+            .as_str()
+            .unwrap_or("")
+            .contains("timed out after 1s"),
         "{hung}"
     );
     let log2_lines = std::fs::read_to_string(&log2).unwrap();
     assert_eq!(log2_lines.lines().collect::<Vec<_>>(), ["freeze", "thaw"]);
     let p = wait_point(&c, "m2", hung["seq"].as_u64().unwrap());
-    assert_eq!((p["kind"].as_str(), p["name"].as_str()), (Some("named"), Some("hung")));
-    wait_until("the timed-out freeze's event", Duration::from_secs(10), || {
-        events_of(&c, "m2", "app-point")
-            .into_iter()
-            .find(|e| e["reason"].as_str().unwrap_or("").contains("timed out"))
-    });
+    assert_eq!(
+        (p["kind"].as_str(), p["name"].as_str()),
+        (Some("named"), Some("hung"))
+    );
+    wait_until(
+        "the timed-out freeze's event",
+        Duration::from_secs(10),
+        || {
+            events_of(&c, "m2", "app-point")
+                .into_iter()
+                .find(|e| e["reason"].as_str().unwrap_or("").contains("timed out"))
+        },
+    );
     assert!(c.log("agent-m2").contains("freeze command failed"));
 
     phase("--app-consistent-every 2s: app points come by themselves");

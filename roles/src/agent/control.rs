@@ -59,7 +59,10 @@ fn handle_marks(a: &Agent, reply: &AgentPollReply) {
                 Ok(false) => {}
                 Err(r) => refused.push((
                     r,
-                    format!("{} marks already wait at the agent", super::marks::QUEUE_MAX),
+                    format!(
+                        "{} marks already wait at the agent",
+                        super::marks::QUEUE_MAX
+                    ),
                 )),
             }
         }

@@ -138,10 +138,7 @@ impl MarkBox {
 /// The kind of point a job gives, given how its freeze went (`None`: no freeze was asked
 /// for), and the warning to report. A freeze that failed gives a crash-consistent point (or a
 /// named one), never no point.
-pub fn point_kind(
-    job: &Job,
-    freeze: Option<&Result<(), String>>,
-) -> (PointKind, Option<String>) {
+pub fn point_kind(job: &Job, freeze: Option<&Result<(), String>>) -> (PointKind, Option<String>) {
     let crash = if job.name.is_some() {
         PointKind::Named
     } else {
@@ -261,10 +258,7 @@ mod tests {
             [1, 2]
         );
         b.reported(a);
-        assert_eq!(
-            b.report().iter().map(|d| d.id).collect::<Vec<_>>(),
-            [1_002]
-        );
+        assert_eq!(b.report().iter().map(|d| d.id).collect::<Vec<_>>(), [1_002]);
         for i in 0..(UNREPORTED_MAX as u64 + 5) {
             b.finish(MarkDone::default(), 2_000 + i);
         }
@@ -283,7 +277,10 @@ mod tests {
             ..app.clone()
         };
         assert_eq!(point_kind(&app, Some(&Ok(()))), (PointKind::App, None));
-        assert_eq!(point_kind(&named_app, Some(&Ok(()))), (PointKind::App, None));
+        assert_eq!(
+            point_kind(&named_app, Some(&Ok(()))),
+            (PointKind::App, None)
+        );
         let failed = Err("exit status 1".to_string());
         let (k, w) = point_kind(&app, Some(&failed));
         assert_eq!(k, PointKind::Crash);
@@ -299,7 +296,10 @@ mod tests {
             ..named_app
         };
         assert_eq!(point_kind(&plain, None), (PointKind::Named, None));
-        let plain = Job { name: None, ..plain };
+        let plain = Job {
+            name: None,
+            ..plain
+        };
         assert_eq!(point_kind(&plain, None), (PointKind::Crash, None));
     }
 }

@@ -581,7 +581,10 @@ async fn mark_loop(
             continue;
         };
         let task = tokio::spawn(make_point(sink.clone(), shared.clone(), generation, job));
-        if let Some(done) = task.await.map_err(|e| TapError::Io(std::io::Error::other(e)))? {
+        if let Some(done) = task
+            .await
+            .map_err(|e| TapError::Io(std::io::Error::other(e)))?
+        {
             sink.mark_done(done);
         }
     }

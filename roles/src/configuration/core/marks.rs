@@ -88,7 +88,9 @@ impl ConfigCore {
             ));
         }
         self.next_mark += 1;
-        marks.pending.push_back((now, MarkRequest { id, app, name }));
+        marks
+            .pending
+            .push_back((now, MarkRequest { id, app, name }));
         (Response::Admin(AdminReply::MarkRequested { id }), vec![])
     }
 

@@ -60,7 +60,11 @@ fn poll_done(c: &mut Cluster, at: Duration, done: Vec<MarkDone>) -> AgentPollRep
         marks_done: done,
         ..Default::default()
     };
-    agent_reply(c.core.handle_agent_poll(c.t0 + at, &agent_id("web"), report)).0
+    agent_reply(
+        c.core
+            .handle_agent_poll(c.t0 + at, &agent_id("web"), report),
+    )
+    .0
 }
 
 #[test]
@@ -192,7 +196,15 @@ fn a_point_the_agent_could_not_make_refuses_the_waiting_mark() {
 fn marks_are_refused_without_tap_capture_or_protection() {
     let mut c = protected_web();
     // The agent reported scan capture (stats' default: "" from an older agent is scan too).
-    c.agent_poll(SEC, "web", AgentStats { capture: "scan".into(), ..stats(1, 0, 0) }, None);
+    c.agent_poll(
+        SEC,
+        "web",
+        AgentStats {
+            capture: "scan".into(),
+            ..stats(1, 0, 0)
+        },
+        None,
+    );
     refused_with(
         mark(&mut c, SEC, true, None),
         "ctl mark needs --capture tap: the agent of web captures by scan (its points are not \
