@@ -74,6 +74,7 @@ async fn run(dir: &Path) -> anyhow::Result<()> {
         machine_defaulted: false,
         scan_interval: Duration::from_secs(1),
         retention_bytes: 64 << 20,
+        hooks: None,
     };
     actix::spawn(async move {
         if let Err(e) = agent::run(agent).await {

@@ -96,6 +96,17 @@ enum Command {
         /// Bytes of captured-but-unapplied data kept in memory; capture pauses beyond it.
         #[arg(long, default_value = "256MiB", value_parser = parse_size)]
         retention_size: u64,
+        /// Tap capture: run before an app-consistent point (`sh -c CMD`), e.g. `fsfreeze -f
+        /// /srv` or a database's backup mode. A failure or timeout gives a crash-consistent
+        /// point and an event instead.
+        #[arg(long, requires = "thaw_cmd")]
+        freeze_cmd: Option<String>,
+        /// Run after every freeze, also a failed or timed-out one (`sh -c CMD`).
+        #[arg(long, requires = "freeze_cmd")]
+        thaw_cmd: Option<String>,
+        /// The freeze (and the thaw) is killed after this long.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        freeze_timeout: Duration,
     },
     /// The operator's command line.
     Ctl {
@@ -132,6 +143,10 @@ enum CtlCommand {
         /// A point this often when there were writes but no flush (default 10s).
         #[arg(long, value_parser = humantime::parse_duration)]
         point_every: Option<Duration>,
+        /// An app-consistent point this often (the agent's --freeze-cmd, a flush, a barrier,
+        /// --thaw-cmd; tap capture). Default off; 0s turns it off again.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        app_consistent_every: Option<Duration>,
     },
     Unprotect {
         machine: String,
@@ -178,6 +193,19 @@ enum CtlCommand {
         machine: String,
         #[arg(long)]
         disk: String,
+    },
+    /// A recovery point now (tap capture): crash-consistent, `--app` app-consistent (the
+    /// agent's freeze and thaw commands), `--name` names it. Waits until the agent has
+    /// inserted it and prints its id, seq and kind.
+    Mark {
+        machine: String,
+        #[arg(long)]
+        app: bool,
+        #[arg(long)]
+        name: Option<String>,
+        /// How long to wait for the agent.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
     },
     /// Every recovery point in the retention window, oldest first, and the window held.
     RecoveryPoints {
@@ -371,8 +399,23 @@ fn main() -> ExitCode {
             nbd_listen,
             scan_interval,
             retention_size,
+            freeze_cmd,
+            thaw_cmd,
+            freeze_timeout,
         } => {
             init_logging("info,quinn=warn");
+            let hooks =
+                freeze_cmd
+                    .zip(thaw_cmd)
+                    .map(|(freeze, thaw)| haven_roles::agent::freeze::Hooks {
+                        freeze,
+                        thaw,
+                        timeout: freeze_timeout,
+                    });
+            if hooks.is_some() && capture != "tap" {
+                eprintln!("error: --freeze-cmd needs --capture tap (app-consistent points are barriers in the tap's stream)");
+                std::process::exit(2);
+            }
             let opts = AgentOptions {
                 data_dir,
                 join: Some((join, token_file)),
@@ -381,6 +424,7 @@ fn main() -> ExitCode {
                 machine: name.unwrap_or_else(hostname),
                 scan_interval,
                 retention_bytes: retention_size,
+                hooks,
             };
             if capture == "tap" {
                 let tap = std::sync::Arc::new(haven_roles::agent::tap::TapCapture::new(nbd_listen));
@@ -449,6 +493,12 @@ async fn ctl_command(admin: &ctl::Admin, json: bool, command: CtlCommand) -> Exi
             return ctl_wait_sync(admin, json, machine, timeout).await
         }
         CtlCommand::Move { machine, to } => return ctl_move(admin, json, machine, to).await,
+        CtlCommand::Mark {
+            machine,
+            app,
+            name,
+            timeout,
+        } => return ctl_mark(admin, json, machine, app, name, timeout).await,
         CtlCommand::Token {
             command:
                 TokenCommand::Create {
@@ -507,12 +557,14 @@ async fn ctl_command(admin: &ctl::Admin, json: bool, command: CtlCommand) -> Exi
             retention,
             journal_size,
             point_every,
+            app_consistent_every,
         } => AdminCommand::Protect {
             machine,
             policy: haven_cluster::ProtectPolicy {
                 retention_ms: retention.map(|d| d.as_millis() as u64),
                 journal_cap_bytes: journal_size,
                 point_every_ms: point_every.map(|d| d.as_millis() as u64),
+                app_consistent_every_ms: app_consistent_every.map(|d| d.as_millis() as u64),
             },
         },
         CtlCommand::Unprotect { machine } => AdminCommand::Unprotect { machine },
@@ -633,6 +685,49 @@ async fn ctl_wait_sync(
             )
         }
         Err(e) => fail(e.exit_code(), e.to_string()),
+    }
+}
+
+/// `ctl mark`: request the point, then wait (bounded) until the agent reports it inserted.
+async fn ctl_mark(
+    admin: &ctl::Admin,
+    json: bool,
+    machine: String,
+    app: bool,
+    name: Option<String>,
+    timeout: Duration,
+) -> ExitCode {
+    match admin.mark(&machine, app, name, timeout).await {
+        Ok(Some(p)) => {
+            for w in &p.warnings {
+                eprintln!("warning: {w}");
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&p).unwrap_or_default());
+            } else {
+                let name = p
+                    .name
+                    .as_ref()
+                    .map(|n| format!(" {n:?}"))
+                    .unwrap_or_default();
+                println!(
+                    "{machine}: {} point{name} at seq {} (point id {})",
+                    p.kind, p.seq, p.point
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(None) => {
+            eprintln!(
+                "error: the agent of {machine} did not report the point within {}",
+                humantime::format_duration(timeout)
+            );
+            ExitCode::from(ctl::EXIT_TIMEOUT)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
     }
 }
 

@@ -87,7 +87,8 @@ pub struct MachineRecord {
     /// once it has seen a number higher than the one it handled last.
     #[serde(default)]
     pub resync: std::collections::BTreeMap<String, u64>,
-    /// Recovery-point policy (`ctl protect --retention --journal-size --point-every`).
+    /// Recovery-point policy (`ctl protect --retention --journal-size --point-every
+    /// --app-consistent-every`).
     #[serde(default)]
     pub policy: ProtectPolicy,
 }
@@ -104,6 +105,10 @@ pub struct ProtectPolicy {
     /// A point this often when there were writes but no flush (default 10 s).
     #[serde(default)]
     pub point_every_ms: Option<u64>,
+    /// An app-consistent point (the agent's freeze, flush, barrier, thaw) this often, with
+    /// tap capture. `None` or `Some(0)`: off (the default).
+    #[serde(default)]
+    pub app_consistent_every_ms: Option<u64>,
 }
 
 impl ProtectPolicy {
@@ -119,6 +124,11 @@ impl ProtectPolicy {
         self.point_every_ms.unwrap_or(Self::POINT_EVERY_MS)
     }
 
+    /// The app-consistent period, if on.
+    pub fn app_consistent_every_ms(&self) -> Option<u64> {
+        self.app_consistent_every_ms.filter(|&ms| ms > 0)
+    }
+
     /// The journal cap for disks of `total_bytes` in all.
     pub fn journal_cap_bytes(&self, total_bytes: u64) -> u64 {
         self.journal_cap_bytes
@@ -131,6 +141,9 @@ impl ProtectPolicy {
             retention_ms: other.retention_ms.or(self.retention_ms),
             journal_cap_bytes: other.journal_cap_bytes.or(self.journal_cap_bytes),
             point_every_ms: other.point_every_ms.or(self.point_every_ms),
+            app_consistent_every_ms: other
+                .app_consistent_every_ms
+                .or(self.app_consistent_every_ms),
         }
     }
 }

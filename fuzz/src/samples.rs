@@ -44,6 +44,16 @@ pub fn agent_report() -> AgentReport {
         known_generation: 7,
         held: true,
         instance: 3,
+        marks_done: vec![MarkDone {
+            request: 1,
+            id: 2,
+            seq: Some(40),
+            kind: Some(PointKind::App),
+            name: Some("n".into()),
+            time_ms: 1,
+            warnings: vec!["w".into()],
+            error: None,
+        }],
     }
 }
 
@@ -62,6 +72,7 @@ pub fn assignment() -> Assignment {
             retention_ms: Some(86_400_000),
             journal_cap_bytes: Some(1 << 30),
             point_every_ms: None,
+            app_consistent_every_ms: None,
         },
     }
 }
@@ -201,6 +212,12 @@ pub fn responses() -> Vec<Response> {
             sync_request: Some(5),
             resync: [("data".to_string(), 2u64)].into(),
             point_every_ms: Some(10_000),
+            marks: vec![MarkRequest {
+                id: 1,
+                app: true,
+                name: Some("n".into()),
+            }],
+            app_consistent_every_ms: Some(60_000),
         }),
         Response::NodePoll(NodePollReply {
             assignments: vec![assignment()],

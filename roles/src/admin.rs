@@ -17,7 +17,7 @@ use crate::{
     client::{self, CallError},
     enroll,
     proto::{AdminCommand, AdminReply, Request, Response},
-    view::{ClusterStatus, MachineView},
+    view::{ClusterStatus, MachineView, MarkView},
 };
 
 pub struct Admin {
@@ -186,6 +186,45 @@ impl Admin {
             };
             if Instant::now() >= deadline {
                 return Ok(WaitEnd::TimedOut(degraded));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `ctl mark`: asks for a point now and waits (at most `timeout`) until the machine's
+    /// agent reports it inserted. `Ok(None)`: not in time.
+    pub async fn mark(
+        &self,
+        machine: &str,
+        app: bool,
+        name: Option<String>,
+        timeout: Duration,
+    ) -> Result<Option<MarkView>, CtlError> {
+        let deadline = Instant::now() + timeout;
+        let AdminReply::MarkRequested { id } = self
+            .call(AdminCommand::Mark {
+                machine: machine.into(),
+                app,
+                name,
+            })
+            .await?
+        else {
+            return Err(CtlError::Failed("unexpected reply to a mark".into()));
+        };
+        loop {
+            match self
+                .call(AdminCommand::MarkState {
+                    machine: machine.into(),
+                    id,
+                })
+                .await?
+            {
+                AdminReply::MarkState { done: Some(p) } => return Ok(Some(p)),
+                AdminReply::MarkState { done: None } => {}
+                other => return Err(CtlError::Failed(format!("unexpected reply: {other:?}"))),
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

@@ -152,6 +152,41 @@ pub struct AgentReport {
     /// one machine (a clone).
     #[serde(default)]
     pub instance: u64,
+    /// Recovery points the agent made on request (`ctl mark`) or on its app-consistent period
+    /// and has not yet seen the configuration node take (oldest first, bounded).
+    #[serde(default)]
+    pub marks_done: Vec<MarkDone>,
+}
+
+/// `ctl mark`: a recovery point now, through the agent's poll.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MarkRequest {
+    /// Issued by the configuration node; the agent makes each id's point once.
+    pub id: u64,
+    /// App-consistent: freeze, flush, barrier, thaw.
+    pub app: bool,
+    pub name: Option<String>,
+}
+
+/// A point the agent made (or could not make) on request or on its app-consistent period.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MarkDone {
+    /// The [`MarkRequest::id`], or 0 for a periodic app-consistent point.
+    pub request: u64,
+    /// Increases with every outcome an agent reports (and across its restarts): the
+    /// configuration node takes each once.
+    pub id: u64,
+    /// The point's seq in the stream; None when no point was inserted (`error` says why).
+    pub seq: Option<u64>,
+    pub kind: Option<PointKind>,
+    pub name: Option<String>,
+    /// The agent's clock when the point was taken (unix ms).
+    pub time_ms: u64,
+    /// What went wrong without preventing the point: a freeze that failed or timed out (the
+    /// point is then crash-consistent), a thaw that failed.
+    pub warnings: Vec<String>,
+    /// Why no point was inserted.
+    pub error: Option<String>,
 }
 
 /// A protected disk the agent does not replicate until the operator decides: it shrank, or
@@ -223,6 +258,12 @@ pub struct AgentPollReply {
     /// A recovery point this often when there were writes but no flush (tap capture).
     #[serde(default)]
     pub point_every_ms: Option<u64>,
+    /// `ctl mark` requests the agent has not reported done yet (bounded).
+    #[serde(default)]
+    pub marks: Vec<MarkRequest>,
+    /// An app-consistent point this often (tap capture; None: off).
+    #[serde(default)]
+    pub app_consistent_every_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -501,6 +542,17 @@ pub enum AdminCommand {
     },
     /// Forwarded to the machine's master target (see [`RecoveryRequest`]).
     Recovery(RecoveryRequest),
+    /// A recovery point now (`ctl mark`): answered with `MarkRequested{id}`.
+    Mark {
+        machine: String,
+        app: bool,
+        name: Option<String>,
+    },
+    /// Poll a mark: answered with `MarkState`.
+    MarkState {
+        machine: String,
+        id: u64,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -553,4 +605,11 @@ pub enum AdminReply {
         request: RecoveryRequest,
     },
     Recovery(RecoveryReply),
+    MarkRequested {
+        id: u64,
+    },
+    /// `done`: the agent inserted the point (None: not yet).
+    MarkState {
+        done: Option<crate::view::MarkView>,
+    },
 }

@@ -197,3 +197,20 @@ pub struct CleanupView {
     pub replica_untouched: bool,
     pub message: String,
 }
+
+/// A recovery point made by `ctl mark` (`ctl --json mark`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MarkView {
+    pub machine: String,
+    /// The id to pass to `--point` (the point's seq).
+    pub point: String,
+    pub seq: u64,
+    /// `app`, `crash`, `named` or `not-consistent` (during an initial sync or a resync).
+    pub kind: String,
+    pub name: Option<String>,
+    /// The agent's clock when the point was taken (unix ms).
+    pub time_ms: u64,
+    /// A freeze that failed or timed out (the point is then crash-consistent), a thaw that
+    /// failed.
+    pub warnings: Vec<String>,
+}

@@ -171,6 +171,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
                     retention_ms: Some(3_600_000),
                     journal_cap_bytes: None,
                     point_every_ms: Some(5_000),
+                    app_consistent_every_ms: None,
                 },
             }),
         ),

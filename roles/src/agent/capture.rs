@@ -31,7 +31,7 @@ use super::scan;
 use super::state::{lock, Agent, AgentError};
 use crate::{
     fsutil::unix_ms,
-    proto::{BatchBody, PointKind, PointMark, WriteRecord},
+    proto::{BatchBody, MarkDone, PointKind, PointMark, WriteRecord},
 };
 
 /// Raw bytes per batch a scan emits.
@@ -72,6 +72,12 @@ pub struct Point {
 pub trait CaptureSource: Send + Sync + 'static {
     /// For logs: `scan`, `tap`, ….
     fn name(&self) -> &'static str;
+
+    /// Whether the source makes recovery points on request (`ctl mark`, app-consistent
+    /// points: see [`CaptureSink::next_mark`]). A source that does not has them refused.
+    fn takes_marks(&self) -> bool {
+        false
+    }
 
     /// Captures into `sink` until it fails; it does not return while the agent runs. An
     /// error restarts it (under the agent's supervisor), so it must rebuild what it needs
@@ -238,6 +244,38 @@ impl CaptureSink {
     /// policy).
     pub fn point_every(&self) -> Duration {
         Duration::from_millis(self.agent.point_every_ms.load(Ordering::Relaxed))
+    }
+
+    /// The point to make now (`ctl mark`, or the app-consistent period when due), if any.
+    pub fn next_mark(&self) -> Option<super::marks::Job> {
+        lock(&self.agent.marks).next(std::time::Instant::now())
+    }
+
+    /// Waits until a point may be due: a mark was requested, the period is due, or at most
+    /// `max`.
+    pub async fn mark_wanted(&self, max: Duration) {
+        let a = &self.agent;
+        let notified = a.mark_now.notified();
+        let wait = {
+            let m = lock(&a.marks);
+            if m.has_queued() {
+                return;
+            }
+            m.until_due(std::time::Instant::now())
+                .map_or(max, |d| d.min(max))
+        };
+        let _ = tokio::time::timeout(wait, notified).await;
+    }
+
+    /// Reports what became of a point (made, or why not); the report goes out at once.
+    pub fn mark_done(&self, done: MarkDone) {
+        lock(&self.agent.marks).finish(done, unix_ms() * 1000);
+        self.agent.report_now.notify_one();
+    }
+
+    /// The agent's freeze and thaw commands, if it has them.
+    pub fn hooks(&self) -> Option<super::freeze::Hooks> {
+        self.agent.opts.hooks.clone()
     }
 
     /// Why the points this source marks now are not crash-consistent (shown in status).

@@ -10,14 +10,84 @@ use std::{
 use haven_actors::TaskError;
 
 use super::state::{lock, Agent, AgentError, Control, CONTROL_VERSION};
+use crate::fsutil::unix_ms;
 use crate::{
     client::CallError,
     poll::{LongPoll, LONG_POLL_MS, POLL_INTERVAL},
-    proto::{AgentPollReply, Request, Response},
+    proto::{AgentPollReply, MarkDone, Request, Response},
 };
 
 /// The long poll's hold while data is unapplied (see `control_loop`).
 const BUSY_POLL_MS: u32 = 250;
+
+/// `ctl mark` requests and the app-consistent period, for the capture source.
+fn handle_marks(a: &Agent, reply: &AgentPollReply) {
+    let now = Instant::now();
+    let mut wake = false;
+    let mut refused = vec![];
+    {
+        let mut m = lock(&a.marks);
+        let every = reply
+            .app_consistent_every_ms
+            .filter(|_| a.takes_marks && reply.protected)
+            .map(|ms| Duration::from_millis(ms.max(100)));
+        if every.is_some() && a.opts.hooks.is_none() && m.until_due(now).is_none() {
+            tracing::warn!(
+                "the machine's policy asks for app-consistent points but this agent has no \
+                 --freeze-cmd: they are crash-consistent"
+            );
+        }
+        if m.until_due(now).map(|_| ()) != every.map(|_| ()) {
+            wake = true;
+        }
+        m.set_app_every(every, now);
+        for r in &reply.marks {
+            if !a.takes_marks {
+                if m.take(r.id) {
+                    refused.push((
+                        r.clone(),
+                        format!(
+                            "ctl mark needs --capture tap; this agent captures by {}",
+                            a.capture_name
+                        ),
+                    ));
+                }
+                continue;
+            }
+            match m.offer(r.clone()) {
+                Ok(true) => {
+                    tracing::info!(id = r.id, app = r.app, name = ?r.name, "recovery point requested");
+                    wake = true;
+                }
+                Ok(false) => {}
+                Err(r) => refused.push((
+                    r,
+                    format!(
+                        "{} marks already wait at the agent",
+                        super::marks::QUEUE_MAX
+                    ),
+                )),
+            }
+        }
+    }
+    for (r, reason) in refused {
+        tracing::warn!(id = r.id, "recovery point not made: {reason}");
+        lock(&a.marks).finish(
+            MarkDone {
+                request: r.id,
+                name: r.name,
+                time_ms: unix_ms(),
+                error: Some(reason),
+                ..Default::default()
+            },
+            unix_ms() * 1000,
+        );
+        a.report_now.notify_one();
+    }
+    if wake {
+        a.mark_now.notify_one();
+    }
+}
 
 pub(super) async fn control_loop(a: Arc<Agent>) -> Result<(), TaskError> {
     let addr = a.identity.config_socket_addr().map_err(TaskError::fatal)?;
@@ -42,6 +112,7 @@ pub(super) async fn control_loop(a: Arc<Agent>) -> Result<(), TaskError> {
             LONG_POLL_MS
         };
         let report = a.report(throughput, hold);
+        let marks_sent = report.marks_done.iter().map(|d| d.id).max();
         let request = Request::AgentPoll(Box::new(report));
         let result = tokio::select! {
             r = poll.call(&request) => Some(r),
@@ -53,6 +124,10 @@ pub(super) async fn control_loop(a: Arc<Agent>) -> Result<(), TaskError> {
                 if refused.take().is_some() {
                     tracing::info!("the configuration node accepts this agent again");
                     lock(&a.core).degraded_reason = None;
+                }
+                // The configuration node has the outcomes this report carried.
+                if let Some(id) = marks_sent {
+                    lock(&a.marks).reported(id);
                 }
                 handle_poll_reply(&a, reply)?;
                 Duration::from_millis(100)
@@ -87,6 +162,7 @@ fn handle_poll_reply(a: &Agent, reply: AgentPollReply) -> Result<(), AgentError>
         a.point_every_ms
             .store(ms.max(100), std::sync::atomic::Ordering::Relaxed);
     }
+    handle_marks(a, &reply);
     let new = Control {
         protected: reply.protected,
         epoch: reply.epoch,

@@ -4,7 +4,7 @@
 //! ```text
 //! Supervisor "agent/<machine>"
 //!  ├─ control   task (control.rs): long-polls the configuration node (protection, epoch,
-//!  │            process server, sync barriers, resyncs)
+//!  │            process server, sync barriers, resyncs, `ctl mark` requests → marks.rs)
 //!  ├─ journal   task: makes the applied hash tables durable (journal, snapshots)
 //!  ├─ capture   task (capture.rs): a CaptureSource — scan passes — writing into the core
 //!  └─ stream    task (stream.rs): sends retained batches to the process server, folds acks
@@ -16,7 +16,9 @@
 pub mod capture;
 pub mod core;
 pub mod disks;
+pub mod freeze;
 pub mod journal;
+pub mod marks;
 pub mod scan;
 pub mod tap;
 
@@ -66,6 +68,8 @@ pub struct AgentOptions {
     pub machine_defaulted: bool,
     pub scan_interval: Duration,
     pub retention_bytes: u64,
+    /// `--freeze-cmd`, `--thaw-cmd`, `--freeze-timeout`: app-consistent points (tap capture).
+    pub hooks: Option<freeze::Hooks>,
 }
 
 /// Runs the agent with scan capture until SIGINT/SIGTERM (inside an actix System with a
@@ -150,6 +154,9 @@ pub async fn run_with(opts: AgentOptions, source: Arc<dyn CaptureSource>) -> any
         capture_name: source.name(),
         capture_note: Mutex::new(None),
         point_every_ms: AtomicU64::new(haven_cluster::ProtectPolicy::POINT_EVERY_MS),
+        takes_marks: source.takes_marks(),
+        marks: Mutex::new(marks::MarkBox::default()),
+        mark_now: Notify::new(),
         opts: opts.clone(),
     });
     let recorded = load_disks(&opts, control.epoch)?;

@@ -162,6 +162,12 @@ pub(super) struct Agent {
     pub capture_note: Mutex<Option<String>>,
     /// The machine's `--point-every` (ms), from the configuration node.
     pub point_every_ms: AtomicU64,
+    /// The capture source makes points on request (`ctl mark`; the tap).
+    pub takes_marks: bool,
+    /// Requested and periodic points to make, and their outcomes to report.
+    pub marks: Mutex<super::marks::MarkBox>,
+    /// A mark was queued, or the app-consistent period changed.
+    pub mark_now: Notify,
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -380,6 +386,7 @@ impl Agent {
             known_generation: self.control.borrow().generation,
             held: false,
             instance: self.instance,
+            marks_done: lock(&self.marks).report(),
         }
     }
 }

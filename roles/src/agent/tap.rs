@@ -29,6 +29,12 @@
 //!   regions dirty instead, and once there is room again it resends those regions (read under
 //!   the order lock, like the sync pass). Points in that window are `not-consistent` and
 //!   status says why. A write is never dropped and a writer never waits longer than the hold.
+//! - **App-consistent and requested points** (`ctl mark`, `ctl protect
+//!   --app-consistent-every`; see [`super::marks`]): a mark loop next to the capture runs the
+//!   freeze command, then under the order lock fdatasyncs every disk and puts a barrier tagged
+//!   `App` (or `Crash`/`Named` when the freeze failed or timed out, or none was asked for),
+//!   and always runs the thaw. Writes keep being accepted during the freeze; the barrier
+//!   follows every write acknowledged before the lock was taken.
 //! - **TRIM** is advisory in NBD: the tap accepts it and changes nothing (so nothing needs
 //!   capturing). **WRITE_ZEROES** writes zeros and is captured like a write.
 use std::{
@@ -49,8 +55,13 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use super::capture::{CaptureSink, CaptureSource, EmitError, Point, Write};
 use super::core::BLOCK_BYTES;
+use super::freeze;
+use super::marks::{self, Job};
 use super::state::lock;
-use crate::{fsutil::unix_ms, proto::PointKind};
+use crate::{
+    fsutil::unix_ms,
+    proto::{MarkDone, PointKind},
+};
 
 /// An open batch is closed (numbered into the stream) when it holds this many bytes…
 const BATCH_BYTES: u64 = 1 << 20;
@@ -185,17 +196,19 @@ impl Shared {
     }
 
     /// Puts a recovery point after everything captured so far, and closes the batch.
+    /// Returns the point's seq and kind once numbered (None: not protected, or the buffer
+    /// overflowed and the point was dropped with the batch).
     async fn point(
         &self,
         o: &mut Order,
         kind: PointKind,
         name: Option<String>,
-    ) -> Result<(), EmitError> {
+    ) -> Result<Option<(u64, PointKind)>, EmitError> {
         let Some(generation) = o.generation else {
-            return Ok(());
+            return Ok(None);
         };
         if o.overflow {
-            return Ok(()); // no consistent place in the stream to put it
+            return Ok(None); // no consistent place in the stream to put it
         }
         let kind = o.kind(kind);
         o.points.push(Point {
@@ -208,8 +221,21 @@ impl Shared {
         o.open_since.get_or_insert_with(Instant::now);
         o.unmarked = false;
         o.last_point = Instant::now();
-        self.close(o, generation, true).await?;
-        Ok(())
+        if self.close(o, generation, true).await? {
+            // Every emission happens under the order lock: the marker is the last seq.
+            let seq = lock(&self.sink.agent.core).captured_seq();
+            return Ok(Some((seq, kind)));
+        }
+        Ok(None)
+    }
+
+    /// fdatasync of every disk under the order lock: every write acknowledged before is on
+    /// PATH (and, being acknowledged, captured).
+    async fn sync_all(&self) -> std::io::Result<()> {
+        let files = self.files.clone();
+        tokio::task::spawn_blocking(move || files.iter().try_for_each(|f| f.sync_data()))
+            .await
+            .map_err(std::io::Error::other)?
     }
 
     /// Reads `disk[offset..offset+len]` and captures the blocks whose hash differs from
@@ -426,6 +452,10 @@ impl CaptureSource for TapCapture {
         "tap"
     }
 
+    fn takes_marks(&self) -> bool {
+        true
+    }
+
     fn run(self: Arc<Self>, sink: CaptureSink) -> BoxFuture<'static, Result<(), TaskError>> {
         Box::pin(async move { tap_loop(&self, sink).await.map_err(TaskError::retry) })
     }
@@ -523,8 +553,127 @@ async fn serve(
     Ok(handles)
 }
 
-/// Captures one protection: the sync pass, then the steady state, until it is reset.
+/// Captures one protection, and makes the points asked for meanwhile, until it is reset.
 async fn run_protected(
+    sink: &CaptureSink,
+    shared: &Arc<Shared>,
+    generation: u64,
+) -> Result<(), TapError> {
+    tokio::select! {
+        r = capture_protected(sink, shared, generation) => r,
+        r = mark_loop(sink, shared, generation) => r,
+    }
+}
+
+/// Makes requested (`ctl mark`) and periodic app-consistent points, one at a time. Each runs
+/// in a task of its own, so the thaw runs even if the protection is reset meanwhile.
+async fn mark_loop(
+    sink: &CaptureSink,
+    shared: &Arc<Shared>,
+    generation: u64,
+) -> Result<(), TapError> {
+    loop {
+        sink.mark_wanted(Duration::from_secs(1)).await;
+        if !sink.current(generation) {
+            return Err(EmitError::Reset.into());
+        }
+        let Some(job) = sink.next_mark() else {
+            continue;
+        };
+        let task = tokio::spawn(make_point(sink.clone(), shared.clone(), generation, job));
+        if let Some(done) = task
+            .await
+            .map_err(|e| TapError::Io(std::io::Error::other(e)))?
+        {
+            sink.mark_done(done);
+        }
+    }
+}
+
+/// One point: for an app-consistent one the freeze command (killed at its timeout), then,
+/// under the order lock, an fdatasync of every disk and the barrier (after every write
+/// acknowledged so far; writes arriving meanwhile wait for the lock and follow it), then
+/// always the thaw command. A freeze that fails or times out gives a crash-consistent (or
+/// named) point and a warning, not an error.
+async fn make_point(
+    sink: CaptureSink,
+    shared: Arc<Shared>,
+    generation: u64,
+    job: Job,
+) -> Option<MarkDone> {
+    let hooks = sink.hooks();
+    if job.request == 0 && hooks.is_none() {
+        return None; // the periodic point needs a freeze command (said once, at the policy)
+    }
+    let frozen = job.app && hooks.is_some();
+    let freeze = match (&hooks, job.app) {
+        (Some(h), true) => {
+            let r = freeze::run(&h.freeze, h.timeout)
+                .await
+                .map_err(|e| e.to_string());
+            if let Err(e) = &r {
+                tracing::warn!(
+                    request = job.request,
+                    "freeze command failed ({e}): the point is crash-consistent, not app-consistent"
+                );
+            }
+            Some(r)
+        }
+        _ => None,
+    };
+    let (kind, warning) = marks::point_kind(&job, freeze.as_ref());
+    let mut warnings: Vec<String> = warning.into_iter().collect();
+    let time_ms = unix_ms();
+    let made: Result<Option<(u64, PointKind)>, String> = async {
+        let mut o = shared.order.lock().await;
+        if !sink.current(generation) {
+            return Err("the protection was reset".to_string());
+        }
+        shared
+            .sync_all()
+            .await
+            .map_err(|e| format!("flushing the disks failed: {e}"))?;
+        shared
+            .point(&mut o, kind, job.name.clone())
+            .await
+            .map_err(|e| e.to_string())
+    }
+    .await;
+    if frozen {
+        let h = hooks.as_ref().expect("frozen");
+        if let Err(e) = freeze::run(&h.thaw, h.timeout).await {
+            tracing::warn!(request = job.request, "thaw command failed: {e}");
+            warnings.push(format!("thaw failed ({e})"));
+        }
+    }
+    let mut done = MarkDone {
+        request: job.request,
+        name: job.name,
+        time_ms,
+        warnings,
+        ..Default::default()
+    };
+    match made {
+        Ok(Some((seq, kind))) => {
+            tracing::info!(seq, kind = kind.as_str(), name = ?done.name, "recovery point inserted");
+            done.seq = Some(seq);
+            done.kind = Some(kind);
+        }
+        Ok(None) => {
+            done.error = Some(
+                "the retention buffer overflowed: there is no consistent place in the stream for a point until the dirty regions are resent; retry".into(),
+            )
+        }
+        Err(e) => done.error = Some(e),
+    }
+    if let Some(e) = &done.error {
+        tracing::warn!(request = done.request, "no recovery point inserted: {e}");
+    }
+    Some(done)
+}
+
+/// Captures one protection: the sync pass, then the steady state, until it is reset.
+async fn capture_protected(
     sink: &CaptureSink,
     shared: &Arc<Shared>,
     generation: u64,

@@ -136,7 +136,9 @@ impl ConfigService {
         // Hold only if the answer would change nothing for the caller.
         let idle = match (&again, &first) {
             (Some(Request::AgentPoll(q)), Response::AgentPoll(r)) => {
-                r.sync_request.is_none() && r.generation.0 == q.known_generation
+                r.sync_request.is_none()
+                    && r.marks.is_empty()
+                    && r.generation.0 == q.known_generation
             }
             (Some(Request::NodePoll(q)), Response::NodePoll(r)) => q.version == r.version,
             _ => false,
@@ -312,6 +314,7 @@ impl Handler<HandleRequest> for ConfigActor {
                         | AdminCommand::Machines
                         | AdminCommand::Events
                         | AdminCommand::SyncState { .. }
+                        | AdminCommand::MarkState { .. }
                 );
                 let (r, p) = self
                     .core

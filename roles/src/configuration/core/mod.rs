@@ -43,6 +43,9 @@ pub struct ConfigCore {
     agent_reports: HashMap<String, Observed<AgentReport>>,
     barriers: HashMap<String, Barrier>,
     next_barrier: u64,
+    /// `ctl mark` requests and outcomes per machine (see `marks.rs`).
+    marks: HashMap<String, marks::Marks>,
+    next_mark: u64,
     pub(super) failure_timeout: Duration,
     pub(super) policy: scaleout::RebalancePolicy,
     /// When this core started judging liveness (first tick).
@@ -74,6 +77,8 @@ pub mod scaleout;
 
 pub mod enrolment;
 
+pub mod marks;
+
 pub type Outcome = (Response, Vec<Persist>);
 
 fn refused(reason: impl Into<String>) -> Outcome {
@@ -103,6 +108,8 @@ impl ConfigCore {
         // Barrier ids must not repeat across restarts of the configuration node: an agent
         // may still report a barrier id of the previous incarnation as done.
         let next_barrier = (rng.gen::<u32>() as u64) << 24 | 1;
+        // Likewise mark ids: an agent makes each id's point once.
+        let next_mark = (rng.gen::<u32>() as u64) << 24 | 1;
         Self {
             meta,
             nodes: nodes.into_iter().map(|n| (n.name.clone(), n)).collect(),
@@ -122,6 +129,8 @@ impl ConfigCore {
             version,
             barriers: HashMap::new(),
             next_barrier,
+            marks: HashMap::new(),
+            next_mark,
             tokens: BTreeMap::new(),
             retired: BTreeMap::new(),
             sightings: HashMap::new(),
@@ -299,6 +308,9 @@ impl ConfigCore {
             let stats = stats.clone();
             self.record_move_figures(machine, &stats);
         }
+        if !report.marks_done.is_empty() {
+            self.handle_marks_done(now, machine, &report.marks_done);
+        }
         if let (Some((id, seq)), Some(b)) = (report.sync_done, self.barriers.get_mut(machine)) {
             if b.id == id && b.barrier_seq.is_none() {
                 b.barrier_seq = Some(seq);
@@ -313,6 +325,11 @@ impl ConfigCore {
             self.agent_reports
                 .insert(machine.clone(), Observed { at: now, report });
         }
+        let marks = if self.machines[machine].protected {
+            self.pending_marks(now, machine)
+        } else {
+            vec![]
+        };
         let m = &self.machines[machine];
         let process_server = m
             .process_server
@@ -332,6 +349,8 @@ impl ConfigCore {
             sync_request,
             resync: m.resync.clone(),
             point_every_ms: Some(m.policy.point_every_ms()),
+            marks,
+            app_consistent_every_ms: m.policy.app_consistent_every_ms(),
         };
         (Response::AgentPoll(reply), persist)
     }
@@ -486,6 +505,10 @@ impl ConfigCore {
                 return self.protect(now, &machine, &policy, new_key)
             }
             AdminCommand::Unprotect { machine } => return self.unprotect(&machine),
+            AdminCommand::Mark { machine, app, name } => {
+                return self.request_mark(now, &machine, app, name)
+            }
+            AdminCommand::MarkState { machine, id } => return self.mark_state(now, &machine, id),
             AdminCommand::RequestSync { machine } => {
                 match self.machines.get(&machine) {
                     None => return refused(format!("no machine named {machine:?}")),
@@ -689,10 +712,9 @@ impl ConfigCore {
             "{machine} unprotected; its replica stays on {}",
             m.master_target.as_deref().unwrap_or("?")
         );
-        (
-            Response::Admin(AdminReply::Done { message }),
-            vec![Persist::Machine(m.clone())],
-        )
+        let persist = vec![Persist::Machine(m.clone())];
+        self.drop_marks(machine);
+        (Response::Admin(AdminReply::Done { message }), persist)
     }
 
     /// What the machine's current master target (or its agent) says is applied in the

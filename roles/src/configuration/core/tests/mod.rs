@@ -2198,3 +2198,4 @@ fn a_held_node_poll_does_not_keep_a_dead_node_alive() {
         .unwrap();
     assert!(!ps.alive, "a held re-ask is not a sign of life");
 }
+mod marks;
