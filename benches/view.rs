@@ -110,6 +110,9 @@ fn build(dir: &Path, size: u64, seconds: u64) -> Res<Replica> {
     Ok(r)
 }
 
+/// Checks bytes a drill read at an offset.
+type Check = dyn Fn(u64, &[u8]);
+
 struct Ttfb {
     view: Duration,
     overlay: Duration,
@@ -122,7 +125,7 @@ fn drill_first_byte(
     r: &Replica,
     seq: u64,
     dir: &Path,
-    check: Option<&dyn Fn(u64, &[u8])>,
+    check: Option<&Check>,
 ) -> Res<Ttfb> {
     let t = Instant::now();
     let view: Arc<dyn DiskView> = Arc::new(r.view(seq)?);
@@ -194,7 +197,7 @@ fn ttfb(root: &Path, seconds: u64) -> Res<()> {
             }
         };
         for (label, seq, chk) in [
-            ("1 h", oldest, Some(&check as &dyn Fn(u64, &[u8]))),
+            ("1 h", oldest, Some(&check as &Check)),
             ("30 min", mid, None),
             ("newest", newest, None),
         ] {
