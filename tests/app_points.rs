@@ -4,7 +4,8 @@
 //! and, on a second agent with `--freeze-timeout 1s`, one that times out — crash-consistent
 //! points, events, the thaw always run), writes
 //! during a freeze that are not lost, `ctl test-failover --point latest-app`, the periodic
-//! `ctl protect --app-consistent-every`, and `ctl mark` refused with scan capture.
+//! `ctl protect --app-consistent-every`, `ctl mark` refused with scan capture, and an agent
+//! SIGKILLed during a freeze that runs the thaw when it starts again.
 mod common;
 
 use std::{
@@ -301,4 +302,72 @@ fn a_mark_is_refused_with_scan_capture_and_freeze_needs_tap() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!Path::new(&c.path("agent-m3/identity")).exists());
+}
+
+/// An agent SIGKILLed between a freeze and its thaw: the application would stay frozen. The
+/// freeze is recorded durably before it runs, and the agent, started again, runs the thaw.
+#[test]
+fn an_agent_killed_during_a_freeze_thaws_when_it_starts_again() {
+    let mut c = Cluster::new();
+    c.start_config(&[], vec![]);
+    let disk = c.path("d0.img");
+    make_disk(&disk, 4 * MIB, 44);
+    let log = c.path("hooks.log");
+    let freeze = format!("echo freeze >> {}; sleep 20", log.display());
+    let thaw = format!("echo thaw >> {}", log.display());
+    c.start_agent_args(
+        "m1",
+        &[("d0", &disk)],
+        &[
+            "--capture",
+            "tap",
+            "--freeze-cmd",
+            &freeze,
+            "--thaw-cmd",
+            &thaw,
+            "--freeze-timeout",
+            "60s",
+        ],
+    );
+    c.ctl(&["protect", "m1"]);
+    c.wait_sync("m1", SYNC);
+
+    phase("a mark whose freeze takes 20 s; the agent is SIGKILLed while it runs");
+    let mut mark = c
+        .client()
+        .command(&["mark", "m1", "--app", "--timeout", "60s"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let marker = c.path("agent-m1/agent/frozen");
+    wait_until("the freeze is running", Duration::from_secs(30), || {
+        (hooks_log(&c) == ["freeze"] && marker.exists()).then_some(())
+    });
+    c.kill("agent-m1");
+    let _ = mark.kill();
+    let _ = mark.wait();
+    assert_eq!(
+        hooks_log(&c),
+        ["freeze"],
+        "no thaw ran: the agent was killed"
+    );
+
+    phase("the agent starts again: it runs the thaw at once");
+    c.restart("agent-m1");
+    wait_until(
+        "the thaw after the restart",
+        Duration::from_secs(30),
+        || (hooks_log(&c) == ["freeze", "thaw"]).then_some(()),
+    );
+    wait_until("the marker removed", Duration::from_secs(10), || {
+        (!marker.exists()).then_some(())
+    });
+    assert!(
+        c.log("agent-m1").contains("stopped during a freeze"),
+        "the restart says why it thaws"
+    );
+    // Replication goes on after it.
+    c.wait_sync("m1", SYNC);
+    c.assert_replica("m1", &disk, &c.replica("config", "m1", "d0"));
 }

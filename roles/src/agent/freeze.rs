@@ -1,7 +1,13 @@
 //! The freeze and thaw commands of app-consistent points (`haven agent --freeze-cmd CMD
 //! --thaw-cmd CMD [--freeze-timeout DUR]`): each runs as `sh -c CMD` in a process group of its
 //! own, with stdin and stdout closed, and is killed (the whole group) at the timeout.
-use std::{process::Stdio, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use crate::fsutil::unix_ms;
 
 /// Default of `--freeze-timeout` (the thaw gets the same).
 pub const FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -68,6 +74,50 @@ pub async fn run(cmd: &str, timeout: Duration) -> Result<(), HookError> {
             Err(HookError::TimedOut(timeout))
         }
     }
+}
+
+/// Where the agent records that a freeze is in effect (`<data dir>/agent/frozen`).
+pub fn marker_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("agent").join("frozen")
+}
+
+/// Records, durably, that the freeze of point request `request` is about to run.
+pub fn mark_frozen(marker: &Path, request: u64) -> std::io::Result<()> {
+    crate::fsutil::write_atomic(marker, format!("{request} {}\n", unix_ms()).as_bytes())
+}
+
+/// The thaw ran (or was tried): nothing is frozen by this agent any more.
+pub fn clear_frozen(marker: &Path) {
+    if let Err(e) = std::fs::remove_file(marker) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!("cannot remove {}: {e}", marker.display());
+        }
+    }
+}
+
+/// At start: if the agent stopped (killed, crashed, power lost) between a freeze and its
+/// thaw, the application may still be frozen; run the thaw now. Without a thaw command (the
+/// agent was restarted without `--thaw-cmd`) say so loudly at every start until one runs.
+pub async fn thaw_after_restart(data_dir: &Path, hooks: Option<&Hooks>) {
+    let marker = marker_path(data_dir);
+    let Ok(Some(what)) = crate::fsutil::read_optional(&marker) else {
+        return;
+    };
+    let what = String::from_utf8_lossy(&what).trim().to_string();
+    let Some(h) = hooks else {
+        tracing::error!(
+            marker = %marker.display(),
+            "the agent stopped during a freeze ({what}) and has no --thaw-cmd now: the \
+             application may still be frozen; thaw it by hand, then remove the marker"
+        );
+        return;
+    };
+    tracing::warn!("the agent stopped during a freeze ({what}): running the thaw command now");
+    match run(&h.thaw, h.timeout).await {
+        Ok(()) => tracing::info!("thawed after the restart"),
+        Err(e) => tracing::warn!("thaw command after the restart failed: {e}"),
+    }
+    clear_frozen(&marker);
 }
 
 #[cfg(test)]

@@ -492,6 +492,7 @@ async fn tap_loop(tap: &TapCapture, sink: CaptureSink) -> Result<(), TapError> {
             overflow: false,
         }),
     });
+    freeze::thaw_after_restart(&sink.data_dir(), sink.hooks().as_ref()).await;
     // Serve at once: writes before the machine is protected reach PATH, and the sync pass
     // that starts with the protection picks them up.
     let _servers = serve(tap, &sink, &shared, &disks).await?;
@@ -606,8 +607,14 @@ async fn make_point(
         return None; // the periodic point needs a freeze command (said once, at the policy)
     }
     let frozen = job.app && hooks.is_some();
+    let marker = freeze::marker_path(&sink.data_dir());
     let freeze = match (&hooks, job.app) {
         (Some(h), true) => {
+            // Durable before the freeze: an agent killed while the application is frozen
+            // runs the thaw when it starts again (`freeze::thaw_after_restart`).
+            if let Err(e) = freeze::mark_frozen(&marker, job.request) {
+                tracing::warn!("cannot record the freeze in {}: {e}", marker.display());
+            }
             let r = freeze::run(&h.freeze, h.timeout)
                 .await
                 .map_err(|e| e.to_string());
@@ -645,6 +652,7 @@ async fn make_point(
             tracing::warn!(request = job.request, "thaw command failed: {e}");
             warnings.push(format!("thaw failed ({e})"));
         }
+        freeze::clear_frozen(&marker);
     }
     let mut done = MarkDone {
         request: job.request,
