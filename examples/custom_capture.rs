@@ -115,6 +115,7 @@ async fn run(dir: &Path) -> anyhow::Result<()> {
         cache_limit_bytes: 256 << 20,
         failure_timeout: Duration::from_secs(5),
         rebalance: Default::default(),
+        site: haven_cluster::default_site(),
     };
     actix::spawn(async move {
         if let Err(e) = node::run(node).await {
@@ -139,6 +140,7 @@ async fn run(dir: &Path) -> anyhow::Result<()> {
         scan_interval: Duration::from_secs(1),
         retention_bytes: 64 << 20,
         hooks: None,
+        site: haven_cluster::default_site(),
     };
     actix::spawn(async move {
         if let Err(e) = agent::run_with(opts, source).await {

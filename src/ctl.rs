@@ -21,8 +21,17 @@ pub fn human_bytes(b: u64) -> String {
 
 pub fn print_nodes(nodes: &[NodeView]) {
     println!(
-        "{:<16} {:<36} {:<22} {:<6} {:>8} {:>8} {:>10} {:>10} {:>10}",
-        "NODE", "ROLES", "ADDRESS", "ALIVE", "MACHINES", "CAPACITY", "IN/s", "OUT/s", "CACHE"
+        "{:<16} {:<10} {:<36} {:<22} {:<6} {:>8} {:>8} {:>10} {:>10} {:>10}",
+        "NODE",
+        "SITE",
+        "ROLES",
+        "ADDRESS",
+        "ALIVE",
+        "MACHINES",
+        "CAPACITY",
+        "IN/s",
+        "OUT/s",
+        "CACHE"
     );
     for n in nodes {
         let alive = match (n.alive, n.drained) {
@@ -31,8 +40,9 @@ pub fn print_nodes(nodes: &[NodeView]) {
             (false, _) => "no",
         };
         println!(
-            "{:<16} {:<36} {:<22} {:<6} {:>8} {:>8} {:>10} {:>10} {:>10}",
+            "{:<16} {:<10} {:<36} {:<22} {:<6} {:>8} {:>8} {:>10} {:>10} {:>10}",
             n.name,
+            n.site,
             n.roles.join(","),
             n.addr,
             alive,
@@ -47,8 +57,9 @@ pub fn print_nodes(nodes: &[NodeView]) {
 
 pub fn print_machines(machines: &[MachineView]) {
     println!(
-        "{:<14} {:<20} {:<12} {:<12} {:>10} {:>10} {:>8} {:>10} {:>10} {:>10}",
+        "{:<14} {:<10} {:<20} {:<12} {:<12} {:>10} {:>10} {:>8} {:>10} {:>10} {:>10}",
         "MACHINE",
+        "SITE",
         "STATE",
         "PROCESS",
         "TARGET",
@@ -70,8 +81,9 @@ pub fn print_machines(machines: &[MachineView]) {
             .map(|r| format!("{r:.1}"))
             .unwrap_or_else(|| "-".into());
         println!(
-            "{:<14} {:<20} {:<12} {:<12} {:>10} {:>10} {:>8} {:>10} {:>10} {:>10}",
+            "{:<14} {:<10} {:<20} {:<12} {:<12} {:>10} {:>10} {:>8} {:>10} {:>10} {:>10}",
             m.name,
+            m.site,
             state,
             m.process_server.as_deref().unwrap_or("-"),
             m.master_target.as_deref().unwrap_or("-"),

@@ -26,6 +26,10 @@ struct Cli {
 enum Command {
     /// Run a server node (configuration, process, master-target; all three by default).
     Node {
+        /// The site this node runs at: a machine's process server is placed at the machine's
+        /// site, its master target at another site when there is one.
+        #[arg(long, default_value = haven_cluster::DEFAULT_SITE)]
+        site: String,
         /// Role to run; repeat for several. Default: all three.
         #[arg(long = "role", value_parser = ["configuration", "process", "master-target", "all"])]
         roles: Vec<String>,
@@ -70,6 +74,9 @@ enum Command {
     },
     /// Run the agent on a protected machine.
     Agent {
+        /// The site this machine runs at (its master target goes to another site).
+        #[arg(long, default_value = haven_cluster::DEFAULT_SITE)]
+        site: String,
         #[arg(long)]
         join: String,
         #[arg(long)]
@@ -358,6 +365,7 @@ fn main() -> ExitCode {
             max_moves_per_minute,
             no_auto_rebalance,
             rebalance_cooldown,
+            site,
         } => {
             init_logging("info,quinn=warn");
             let roles = if roles.is_empty() || roles.iter().any(|r| r == "all") {
@@ -386,6 +394,7 @@ fn main() -> ExitCode {
                     max_moves_per_minute,
                     cooldown: rebalance_cooldown,
                 },
+                site: site.clone(),
             };
             finish(system().block_on(haven_roles::node::run(opts)))
         }
@@ -402,6 +411,7 @@ fn main() -> ExitCode {
             freeze_cmd,
             thaw_cmd,
             freeze_timeout,
+            site,
         } => {
             init_logging("info,quinn=warn");
             let hooks =
@@ -425,6 +435,7 @@ fn main() -> ExitCode {
                 scan_interval,
                 retention_bytes: retention_size,
                 hooks,
+                site: site.clone(),
             };
             if capture == "tap" {
                 let tap = std::sync::Arc::new(haven_roles::agent::tap::TapCapture::new(nbd_listen));

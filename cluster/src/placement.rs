@@ -24,6 +24,33 @@ pub fn pick<'a>(candidates: &[Candidate<'a>]) -> Option<&'a NodeRecord> {
         .map(|c| c.node)
 }
 
+/// [`pick`] among the candidates `prefer` accepts, else among all. Placement keeps a
+/// machine's process server at the machine's own site and its master target at another site
+/// when it can ([`process_server_site`], [`master_target_site`]), and falls back rather than
+/// leave the machine unplaced (a single-site cluster works as before sites existed).
+pub fn pick_preferring<'a>(
+    candidates: &[Candidate<'a>],
+    prefer: impl Fn(&NodeRecord) -> bool,
+) -> Option<&'a NodeRecord> {
+    let preferred: Vec<Candidate<'a>> = candidates
+        .iter()
+        .filter(|c| prefer(c.node))
+        .cloned()
+        .collect();
+    pick(&preferred).or_else(|| pick(candidates))
+}
+
+/// The forward stream's process server: at the machine's site.
+pub fn process_server_site(machine_site: &str) -> impl Fn(&NodeRecord) -> bool + '_ {
+    move |n| n.site == machine_site
+}
+
+/// The forward stream's master target: at another site than the machine's (the recovery
+/// site), so a disaster at the machine's site leaves its replica.
+pub fn master_target_site(machine_site: &str) -> impl Fn(&NodeRecord) -> bool + '_ {
+    move |n| n.site != machine_site
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -35,7 +62,46 @@ mod tests {
             addr: String::new(),
             capacity,
             drained: false,
+            site: crate::state::default_site(),
         }
+    }
+
+    fn cand(node: &NodeRecord, machines: u32, alive: bool) -> Candidate<'_> {
+        Candidate {
+            node,
+            machines,
+            alive,
+        }
+    }
+
+    #[test]
+    fn sites_are_preferred_and_fall_back_when_none_is_live() {
+        let (a, mut b, mut c) = (node("a", 10), node("b", 10), node("c", 10));
+        b.site = "dr".into();
+        c.site = "dr".into();
+        // a has more headroom, but the master target goes to the other site.
+        let cands = [cand(&a, 0, true), cand(&b, 5, true), cand(&c, 3, true)];
+        let mt = pick_preferring(&cands, master_target_site("primary")).unwrap();
+        assert_eq!(mt.name, "c");
+        let ps = pick_preferring(&cands, process_server_site("primary")).unwrap();
+        assert_eq!(ps.name, "a");
+        // The dr site down: the master target falls back to the machine's own site.
+        let cands = [cand(&a, 0, true), cand(&b, 5, false), cand(&c, 3, false)];
+        assert_eq!(
+            pick_preferring(&cands, master_target_site("primary"))
+                .unwrap()
+                .name,
+            "a"
+        );
+        // A machine at dr: its process server at dr even with less headroom.
+        let cands = [cand(&a, 0, true), cand(&b, 9, true), cand(&c, 3, true)];
+        assert_eq!(
+            pick_preferring(&cands, process_server_site("dr"))
+                .unwrap()
+                .name,
+            "c"
+        );
+        assert!(pick_preferring(&[], process_server_site("dr")).is_none());
     }
 
     #[test]

@@ -57,6 +57,16 @@ pub struct NodeRecord {
     pub capacity: u32,
     #[serde(default)]
     pub drained: bool,
+    /// The site it runs at (`haven node --site`, default [`DEFAULT_SITE`]).
+    #[serde(default = "default_site")]
+    pub site: String,
+}
+
+/// The site of nodes and machines that name none: one site, as before sites existed.
+pub const DEFAULT_SITE: &str = "primary";
+
+pub fn default_site() -> String {
+    DEFAULT_SITE.to_string()
 }
 
 impl NodeRecord {
@@ -91,6 +101,9 @@ pub struct MachineRecord {
     /// --app-consistent-every`).
     #[serde(default)]
     pub policy: ProtectPolicy,
+    /// The site the machine runs at (`haven agent --site`, default [`DEFAULT_SITE`]).
+    #[serde(default = "default_site")]
+    pub site: String,
 }
 
 /// How recovery points are kept for a machine. `None`: the default.

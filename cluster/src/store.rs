@@ -335,6 +335,7 @@ mod tests {
             enrolment: String::new(),
             resync: Default::default(),
             policy: Default::default(),
+            site: crate::state::default_site(),
         }
     }
 
@@ -392,6 +393,7 @@ mod tests {
             enrolment: "e1".into(),
             resync: Default::default(),
             policy: Default::default(),
+            site: crate::state::default_site(),
         };
         let t = TokenRecord {
             id: "0123456789ab".into(),
@@ -419,6 +421,7 @@ mod tests {
                 addr: "127.0.0.1:1".into(),
                 capacity: 10,
                 drained: false,
+                site: crate::state::default_site(),
             })
             .unwrap();
         }

@@ -54,6 +54,7 @@ pub fn agent_report() -> AgentReport {
             warnings: vec!["w".into()],
             error: None,
         }],
+        site: Some("dr".into()),
     }
 }
 
@@ -112,6 +113,7 @@ pub fn requests() -> Vec<Request> {
                 roles: vec!["process".into()],
                 addr: "10.0.0.1:7443".into(),
                 capacity: 10,
+                site: "dr".into(),
             },
         }),
         Request::Join(JoinRequest {
@@ -150,6 +152,7 @@ pub fn requests() -> Vec<Request> {
             wait_ms: 1,
             held: true,
             retired_done: vec!["old".into()],
+            site: Some("dr".into()),
         }),
         Request::OpenStream(StreamOpen {
             machine: "web-01".into(),

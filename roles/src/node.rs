@@ -49,6 +49,9 @@ use crate::{
 #[derive(Clone, Debug)]
 pub struct NodeOptions {
     pub data_dir: PathBuf,
+    /// The site the node runs at (`--site`; placement keeps a machine's process server at its
+    /// site and its master target at another).
+    pub site: String,
     pub roles: Vec<String>,
     pub listen: SocketAddr,
     /// Address others use to reach this node; defaults to `listen` (0.0.0.0 → 127.0.0.1).
@@ -72,6 +75,8 @@ struct Node {
     config: Option<ConfigService>,
     process: Option<ProcessService>,
     master: Option<MasterService>,
+    /// `--site`, reported in every poll (a restart may change it).
+    site: String,
 }
 
 fn advertise_addr(opts: &NodeOptions, bound: SocketAddr) -> String {
@@ -105,6 +110,7 @@ async fn ensure_identity(
             addr: addr.to_string(),
             capacity: opts.capacity,
             drained: false,
+            site: opts.site.clone(),
         };
         let (ca, meta) = configuration::bootstrap(&opts.data_dir, &record)
             .map_err(anyhow::Error::msg)
@@ -140,6 +146,7 @@ async fn ensure_identity(
         roles: opts.roles.clone(),
         addr: addr.to_string(),
         capacity: opts.capacity,
+        site: opts.site.clone(),
     };
     let identity = enroll::join(join_addr, &token, kind).await?;
     identity.save(&opts.data_dir)?;
@@ -186,6 +193,7 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
         process: has(ROLE_PROCESS)
             .then(|| ProcessService::new(&opts.data_dir, opts.cache_limit_bytes, link.clone())),
         master,
+        site: opts.site.clone(),
     });
     tracing::info!(node = %opts.name, roles = ?opts.roles, %addr, "node listening on {bound}");
 
@@ -398,6 +406,7 @@ async fn poll_loop(node: Arc<Node>) -> Result<(), TaskError> {
             wait_ms: LONG_POLL_MS,
             held: false,
             retired_done: retired_done.clone(),
+            site: Some(node.site.clone()),
         };
         match poll.call(&Request::NodePoll(report)).await {
             Ok(Response::NodePoll(NodePollReply {

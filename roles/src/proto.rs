@@ -106,6 +106,9 @@ pub enum JoinKind {
         roles: Vec<String>,
         addr: String,
         capacity: u32,
+        /// `haven node --site` (absent from older nodes: the default site).
+        #[serde(default = "haven_cluster::default_site")]
+        site: String,
     },
     Agent {
         machine: String,
@@ -156,6 +159,9 @@ pub struct AgentReport {
     /// and has not yet seen the configuration node take (oldest first, bounded).
     #[serde(default)]
     pub marks_done: Vec<MarkDone>,
+    /// `haven agent --site`; None from older agents.
+    #[serde(default)]
+    pub site: Option<String>,
 }
 
 /// `ctl mark`: a recovery point now, through the agent's poll.
@@ -282,6 +288,10 @@ pub struct NodeReport {
     /// Forgotten machines (see `NodePollReply::retired`) this node has acted on.
     #[serde(default)]
     pub retired_done: Vec<String>,
+    /// `haven node --site` as the node runs now (a restart may change it); None from older
+    /// nodes.
+    #[serde(default)]
+    pub site: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

@@ -12,6 +12,9 @@ pub struct ClusterStatus {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct NodeView {
     pub name: String,
+    /// `haven node --site`.
+    #[serde(default = "haven_cluster::default_site")]
+    pub site: String,
     pub roles: Vec<String>,
     pub addr: String,
     pub alive: bool,
@@ -54,6 +57,9 @@ pub struct EventView {
 pub struct MachineView {
     pub name: String,
     pub hostname: String,
+    /// `haven agent --site`.
+    #[serde(default = "haven_cluster::default_site")]
+    pub site: String,
     /// discovered | initial-sync | replicating | degraded
     pub state: String,
     pub initial_sync_percent: Option<f64>,

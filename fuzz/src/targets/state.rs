@@ -151,6 +151,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
                 addr: "10.0.0.1:7443".into(),
                 capacity: 10,
                 drained: true,
+                site: haven_cluster::default_site(),
             }),
         ),
         tagged(
@@ -173,6 +174,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
                     point_every_ms: Some(5_000),
                     app_consistent_every_ms: None,
                 },
+                site: haven_cluster::default_site(),
             }),
         ),
         tagged(

@@ -61,6 +61,8 @@ const JOURNAL_BYTES_MAX: u64 = 16 << 20;
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
     pub data_dir: PathBuf,
+    /// The site the machine runs at (`--site`).
+    pub site: String,
     pub join: Option<(String, PathBuf)>,
     pub disks: Vec<(String, PathBuf)>,
     pub machine: String,

@@ -387,6 +387,7 @@ impl Agent {
             held: false,
             instance: self.instance,
             marks_done: lock(&self.marks).report(),
+            site: Some(self.opts.site.clone()),
         }
     }
 }

@@ -184,6 +184,7 @@ impl ConfigCore {
                 roles,
                 addr,
                 capacity,
+                site,
             } => {
                 valid_name(name)?;
                 if roles.is_empty() {
@@ -195,6 +196,7 @@ impl ConfigCore {
                     addr: addr.clone(),
                     capacity: *capacity,
                     drained: self.nodes.get(name).map(|n| n.drained).unwrap_or(false),
+                    site: site.clone(),
                 };
                 self.nodes.insert(name.clone(), node.clone());
                 let id = PeerIdentity::Node {
@@ -261,6 +263,7 @@ impl ConfigCore {
             enrolment: enrolment.clone(),
             resync: Default::default(),
             policy: Default::default(),
+            site: haven_cluster::default_site(),
         };
         self.machines.insert(machine.to_string(), rec.clone());
         let id = PeerIdentity::Agent {
@@ -303,6 +306,14 @@ impl ConfigCore {
         if !report.held {
             self.sighted(now, machine, &report);
             persist.extend(self.handle_inventory(now, machine, &report));
+            if let Some(site) = &report.site {
+                // Placement of the next protect uses it; a running protection stays put.
+                let m = self.machines.get_mut(machine).expect("checked above");
+                if m.site != *site {
+                    m.site = site.clone();
+                    persist.push(Persist::Machine(m.clone()));
+                }
+            }
         }
         if let Some(stats) = &report.stats.last_move {
             let stats = stats.clone();
@@ -375,7 +386,14 @@ impl ConfigCore {
             // not keep a node that died meanwhile looking alive.
             return (Response::NodePoll(self.assignments_for(name)), vec![]);
         }
-        let persist = self.handle_retired_done(name, &report.retired_done);
+        let mut persist = self.handle_retired_done(name, &report.retired_done);
+        if let Some(site) = &report.site {
+            let n = self.nodes.get_mut(name).expect("checked above");
+            if n.site != *site {
+                n.site = site.clone();
+                persist.push(Persist::Node(n.clone()));
+            }
+        }
         let (raw, wire) = report
             .machines
             .iter()
@@ -666,7 +684,13 @@ impl ConfigCore {
                     alive: self.alive(now, &n.name),
                 })
                 .collect();
-            placement::pick(&cands).map(|n| n.name.clone())
+            let site = self.machines[machine].site.as_str();
+            if role == ROLE_PROCESS {
+                placement::pick_preferring(&cands, placement::process_server_site(site))
+            } else {
+                placement::pick_preferring(&cands, placement::master_target_site(site))
+            }
+            .map(|n| n.name.clone())
         };
         let Some(ps) = pick(ROLE_PROCESS) else {
             return refused("no live process server to place the machine on");
@@ -748,6 +772,7 @@ impl ConfigCore {
             .values()
             .map(|n| NodeView {
                 name: n.name.clone(),
+                site: n.site.clone(),
                 roles: n.roles.clone(),
                 addr: n.addr.clone(),
                 alive: self.alive(now, &n.name),
@@ -869,6 +894,7 @@ impl ConfigCore {
         MachineView {
             name: m.name.clone(),
             hostname: m.hostname.clone(),
+            site: m.site.clone(),
             state: state.to_string(),
             initial_sync_percent: if m.protected {
                 stats.initial_sync_percent

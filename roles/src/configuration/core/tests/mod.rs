@@ -68,6 +68,7 @@ fn node_record(name: &str, roles: &[&str], capacity: u32) -> NodeRecord {
         addr: format!("{name}.example:7400"),
         capacity,
         drained: false,
+        site: haven_cluster::default_site(),
     }
 }
 
@@ -86,6 +87,7 @@ fn discovered(name: &str) -> MachineRecord {
         enrolment: String::new(),
         resync: Default::default(),
         policy: Default::default(),
+        site: haven_cluster::default_site(),
     }
 }
 
@@ -110,6 +112,7 @@ fn node_join(name: &str, roles: &[&str], capacity: u32) -> JoinRequest {
             roles: roles.iter().map(|r| r.to_string()).collect(),
             addr: format!("{name}.example:7400"),
             capacity,
+            site: haven_cluster::default_site(),
         },
     }
 }
@@ -1363,6 +1366,51 @@ fn protect_picks_the_process_server_with_most_headroom() {
     assert_eq!(
         persist,
         vec![Persist::Machine(placed("web", "ps-b", "mt-b"))]
+    );
+}
+
+#[test]
+fn protect_places_the_process_server_at_the_machine_site_and_the_master_target_at_another() {
+    let at = |mut n: NodeRecord, site: &str| {
+        n.site = site.into();
+        n
+    };
+    // The primary site's nodes have the most headroom; the master target still goes to dr.
+    let mut web = discovered("web");
+    web.site = "primary".into();
+    let mut c = Cluster::new(
+        vec![
+            at(node_record("ps-p", &[ROLE_PROCESS], 100), "primary"),
+            at(node_record("ps-dr", &[ROLE_PROCESS], 10), "dr"),
+            at(node_record("mt-p", &[ROLE_MASTER_TARGET], 100), "primary"),
+            at(node_record("mt-dr", &[ROLE_MASTER_TARGET], 10), "dr"),
+        ],
+        vec![web],
+    );
+    c.all_nodes_poll(Duration::ZERO);
+    done_with(
+        c.protect(SEC, "web", KEY),
+        "web protected: process server ps-p, master target mt-dr, epoch 1",
+    );
+    // With the dr site's master target dead, one at the machine's own site is better than
+    // none.
+    let mut db = discovered("db");
+    db.site = "primary".into();
+    let mut c = Cluster::new(
+        vec![
+            at(node_record("ps-p", &[ROLE_PROCESS], 10), "primary"),
+            at(node_record("mt-p", &[ROLE_MASTER_TARGET], 10), "primary"),
+            at(node_record("mt-dr", &[ROLE_MASTER_TARGET], 10), "dr"),
+        ],
+        vec![db],
+    );
+    c.node_poll(Duration::ZERO, "mt-dr", vec![]);
+    for n in ["ps-p", "mt-p"] {
+        c.node_poll(DEAD, n, vec![]);
+    }
+    done_with(
+        c.protect(DEAD, "db", KEY),
+        "db protected: process server ps-p, master target mt-p, epoch 1",
     );
 }
 
