@@ -1767,6 +1767,7 @@ fn a_discovered_machine_view() {
         json!({
             "name": "web",
             "hostname": "web-host",
+            "site": "primary",
             "state": "discovered",
             "initial_sync_percent": null,
             "degraded_reason": null,
@@ -1844,6 +1845,7 @@ fn initial_sync_then_replicating_with_counters_from_agent_and_nodes() {
         json!({
             "name": "web",
             "hostname": "web-host",
+            "site": "primary",
             "state": state,
             "initial_sync_percent": percent,
             "degraded_reason": null,
@@ -2079,13 +2081,13 @@ fn node_views_report_liveness_load_and_capacity() {
     assert_eq!(
         views,
         json!([
-            {"name": "mt-a", "roles": ["master-target"], "addr": "mt-a.example:7400", "alive": false,
+            {"name": "mt-a", "site": "primary", "roles": ["master-target"], "addr": "mt-a.example:7400", "alive": false,
              "last_seen_ms_ago": DEAD.as_millis() as u64 + 250, "machines": 2, "capacity": 20, "drained": false,
              "bytes_in_per_sec": 0, "bytes_out_per_sec": 0, "cache_bytes": 0},
-            {"name": "ps-a", "roles": ["process"], "addr": "ps-a.example:7400", "alive": true,
+            {"name": "ps-a", "site": "primary", "roles": ["process"], "addr": "ps-a.example:7400", "alive": true,
              "last_seen_ms_ago": 250, "machines": 2, "capacity": 10, "drained": false,
              "bytes_in_per_sec": 0, "bytes_out_per_sec": 0, "cache_bytes": 0},
-            {"name": "ps-b", "roles": ["process"], "addr": "ps-b.example:7400", "alive": false,
+            {"name": "ps-b", "site": "primary", "roles": ["process"], "addr": "ps-b.example:7400", "alive": false,
              "last_seen_ms_ago": null, "machines": 0, "capacity": 10, "drained": true,
              "bytes_in_per_sec": 0, "bytes_out_per_sec": 0, "cache_bytes": 0},
         ])
