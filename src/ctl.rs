@@ -246,6 +246,48 @@ pub fn print_drill(t: &haven_roles::view::TestFailoverView) {
     }
 }
 
+pub fn print_failover(f: &haven_roles::view::FailoverView) {
+    match (&f.point, f.stage.as_str()) {
+        (_, "cancelled") => println!(
+            "{}: failover cancelled; the recovery-site writes are discarded and forward replication resumes",
+            f.machine
+        ),
+        (Some(p), _) => {
+            println!(
+                "{}: {} at point {} ({}, {}){}; served in {:.2} s (master target {} ms)",
+                f.machine,
+                f.state,
+                p.point,
+                time_text(p.time_ms),
+                p.kind,
+                if f.planned { ", planned: no write lost" } else { "" },
+                f.elapsed_ms as f64 / 1000.0,
+                f.serve_ms.unwrap_or(0)
+            );
+            for d in &f.disks {
+                if let Some(uri) = &d.nbd_uri {
+                    println!("  {}  {}", d.disk, uri);
+                }
+            }
+            if f.state == "failover-pending" {
+                println!(
+                    "  commit with `haven ctl failover-commit {m}`, or `failover-change-point {m} --point P`, `failover-cancel {m}`",
+                    m = f.machine
+                );
+            }
+        }
+        (None, stage) => println!(
+            "{}: {} ({stage}): {}",
+            f.machine,
+            f.state,
+            f.error
+                .as_deref()
+                .or(f.waiting_for.as_deref())
+                .unwrap_or("")
+        ),
+    }
+}
+
 fn size_text(b: u64) -> String {
     if b >= 1 << 30 {
         format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)

@@ -235,6 +235,36 @@ enum CtlCommand {
     TestFailoverCleanup {
         machine: String,
     },
+    /// Fail the machine over to the recovery site: the forward stream is fenced and the
+    /// master target serves the disks at the point as writable NBD exports. Planned when the
+    /// source is up (tap capture, `--point latest`): its tap stops taking writes and its
+    /// final point is applied first. Waits until the exports are served and prints them.
+    Failover {
+        machine: String,
+        /// A point id from `recovery-points`, `latest`, `latest-app`, or an RFC 3339 time.
+        #[arg(long, default_value = "latest", value_parser = parse_point)]
+        point: PointSpec,
+        /// How long to wait for the exports.
+        #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Before commit: serve another point instead (writes made at the earlier one are
+    /// discarded).
+    FailoverChangePoint {
+        machine: String,
+        #[arg(long, value_parser = parse_point)]
+        point: PointSpec,
+        #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Fix the failover's point: the machine is failed over.
+    FailoverCommit {
+        machine: String,
+    },
+    /// Before commit: back to protected; the replica was only read, replication resumes.
+    FailoverCancel {
+        machine: String,
+    },
 }
 
 /// `--point`: `latest`, `latest-app`, a point id, or an RFC 3339 time.
@@ -556,6 +586,30 @@ async fn ctl_command(admin: &ctl::Admin, json: bool, command: CtlCommand) -> Exi
         CtlCommand::TestFailoverCleanup { machine } => {
             AdminCommand::Recovery(RecoveryRequest::TestFailoverCleanup { machine })
         }
+        CtlCommand::Failover {
+            machine,
+            point,
+            timeout,
+        } => {
+            let cmd = AdminCommand::Failover {
+                machine: machine.clone(),
+                point,
+            };
+            return ctl_failover(admin, json, machine, cmd, timeout).await;
+        }
+        CtlCommand::FailoverChangePoint {
+            machine,
+            point,
+            timeout,
+        } => {
+            let cmd = AdminCommand::FailoverChangePoint {
+                machine: machine.clone(),
+                point,
+            };
+            return ctl_failover(admin, json, machine, cmd, timeout).await;
+        }
+        CtlCommand::FailoverCommit { machine } => AdminCommand::FailoverCommit { machine },
+        CtlCommand::FailoverCancel { machine } => AdminCommand::FailoverCancel { machine },
         CtlCommand::Rebalance => AdminCommand::Rebalance,
         CtlCommand::Drain { node } => AdminCommand::Drain { node },
         CtlCommand::Undrain { node } => AdminCommand::Undrain { node },
@@ -617,11 +671,48 @@ async fn ctl_command(admin: &ctl::Admin, json: bool, command: CtlCommand) -> Exi
                 AdminReply::Recovery(RecoveryReply::TestFailover(t)) => ctl::print_drill(&t),
                 AdminReply::Recovery(RecoveryReply::Cleaned(c)) if json => print_json(&c),
                 AdminReply::Recovery(RecoveryReply::Cleaned(c)) => println!("{}", c.message),
+                AdminReply::Failover(f) if json => print_json(&f),
+                AdminReply::Failover(f) => ctl::print_failover(&f),
                 other => println!("{other:?}"),
             }
             ExitCode::SUCCESS
         }
     }
+}
+
+/// `ctl failover` and `failover-change-point`: the request, then its progress until the
+/// master target serves the point (what it waits for is shown as it changes).
+async fn ctl_failover(
+    admin: &ctl::Admin,
+    json: bool,
+    machine: String,
+    cmd: AdminCommand,
+    timeout: Duration,
+) -> ExitCode {
+    let mut said = None;
+    let r = admin
+        .failover(&machine, cmd, timeout, |v| {
+            let now = v.error.clone().or(v.waiting_for.clone());
+            if now != said {
+                if let Some(w) = &now {
+                    eprintln!("{machine}: {}: {w}", v.stage);
+                }
+                said = now;
+            }
+        })
+        .await;
+    match r {
+        Ok(view) if json => println!(
+            "{}",
+            serde_json::to_string_pretty(&view).unwrap_or_default()
+        ),
+        Ok(view) => ctl::print_failover(&view),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(e.exit_code());
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 /// `ctl wait-sync`: the barrier, with progress and the reason the machine is degraded while

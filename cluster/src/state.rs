@@ -104,6 +104,72 @@ pub struct MachineRecord {
     /// The site the machine runs at (`haven agent --site`, default [`DEFAULT_SITE`]).
     #[serde(default = "default_site")]
     pub site: String,
+    /// Where the machine stands in the failover cycle (DESIGN.md §5).
+    #[serde(default)]
+    pub recovery: Recovery,
+}
+
+/// Which recovery point (`--point`): an id from `recovery-points` (the point's seq),
+/// `latest`, `latest-app`, or the newest point at or before a time.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PointSpec {
+    Latest,
+    LatestApp,
+    Seq(u64),
+    AtOrBefore { time_ms: u64 },
+}
+
+/// A machine's place in the failover cycle, persisted on the configuration node. Every
+/// transition is also an event (`ctl events`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Recovery {
+    /// Replicating forward (or not protected at all).
+    #[default]
+    Protected,
+    /// `ctl failover`: the forward stream is fenced (or being quiesced first) and the master
+    /// target serves the disks at the point; `failover-change-point` and `failover-cancel`
+    /// are still safe.
+    FailoverPending(Failover),
+    /// `ctl failover-commit`: the recovery site runs the machine at the chosen point.
+    FailedOver(Failover),
+}
+
+impl Recovery {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Recovery::Protected => "protected",
+            Recovery::FailoverPending(_) => "failover-pending",
+            Recovery::FailedOver(_) => "failed-over",
+        }
+    }
+
+    pub fn failover(&self) -> Option<&Failover> {
+        match self {
+            Recovery::Protected => None,
+            Recovery::FailoverPending(f) | Recovery::FailedOver(f) => Some(f),
+        }
+    }
+}
+
+/// One failover of a machine.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failover {
+    /// Unique per choice of point: `failover-change-point` issues a new one, and the master
+    /// target serves the order with this id (a new id replaces what it served).
+    pub id: u64,
+    /// The point asked for (resolved by the master target).
+    pub point: PointSpec,
+    /// Planned: the source was up, so its tap stopped taking writes and put a final point,
+    /// and the failover waits until that point is applied (zero data loss).
+    pub planned: bool,
+    /// Planned: the id of the final-point request sent to the agent.
+    pub final_mark: Option<u64>,
+    /// Planned: the seq of the final point, once the agent made it.
+    pub final_seq: Option<u64>,
+    pub started_ms: u64,
+    /// The master target has been told to fence and serve (unplanned at once; planned once
+    /// the final point is applied); the process server is out of the assignment from then.
+    pub ordered: bool,
 }
 
 /// How recovery points are kept for a machine. `None`: the default.

@@ -336,6 +336,7 @@ mod tests {
             resync: Default::default(),
             policy: Default::default(),
             site: crate::state::default_site(),
+            recovery: Default::default(),
         }
     }
 
@@ -394,6 +395,16 @@ mod tests {
             resync: Default::default(),
             policy: Default::default(),
             site: crate::state::default_site(),
+            // The failover state is what a restarted configuration node resumes from.
+            recovery: Recovery::FailoverPending(Failover {
+                id: 5,
+                point: PointSpec::Seq(40),
+                planned: true,
+                final_mark: Some(3),
+                final_seq: Some(40),
+                started_ms: 1_700_000_000_000,
+                ordered: true,
+            }),
         };
         let t = TokenRecord {
             id: "0123456789ab".into(),

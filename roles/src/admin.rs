@@ -17,7 +17,7 @@ use crate::{
     client::{self, CallError},
     enroll,
     proto::{AdminCommand, AdminReply, Request, Response},
-    view::{ClusterStatus, MachineView, MarkView},
+    view::{ClusterStatus, FailoverView, MachineView, MarkView},
 };
 
 pub struct Admin {
@@ -227,6 +227,44 @@ impl Admin {
                 return Ok(None);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `ctl failover` / `failover-change-point` (`cmd`), then its progress until the master
+    /// target serves the point: `Ok(view)` with stage `served`, or `Err(TimedOut)`-like
+    /// [`CtlError::Failed`] after `timeout` (the failover goes on). `progress` sees every
+    /// view polled.
+    pub async fn failover(
+        &self,
+        machine: &str,
+        cmd: AdminCommand,
+        timeout: Duration,
+        mut progress: impl FnMut(&FailoverView),
+    ) -> Result<FailoverView, CtlError> {
+        let deadline = Instant::now() + timeout;
+        let mut reply = self.call(cmd).await?;
+        loop {
+            let AdminReply::Failover(view) = reply else {
+                return Err(CtlError::Failed(format!("unexpected reply: {reply:?}")));
+            };
+            progress(&view);
+            if view.stage == "served" {
+                return Ok(view);
+            }
+            if Instant::now() >= deadline {
+                return Err(CtlError::Failed(format!(
+                    "the failover of {machine} is not served after {}s ({}); it goes on: \
+                     `ctl failover {machine}` shows it again, `ctl failover-cancel {machine}` ends it",
+                    timeout.as_secs(),
+                    view.error.or(view.waiting_for).unwrap_or(view.stage)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            reply = self
+                .call(AdminCommand::FailoverState {
+                    machine: machine.into(),
+                })
+                .await?;
         }
     }
 

@@ -34,6 +34,11 @@ fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()
         f.sync_all()?;
     }
     fs::rename(&tmp, path)?;
+    sync_dir(dir)
+}
+
+/// Makes a directory's entries (a created, renamed or removed file) durable.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
     fs::File::open(dir)?.sync_all()
 }
 

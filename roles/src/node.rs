@@ -501,6 +501,7 @@ mod tests {
             data_key: serde_bytes::ByteBuf::from(vec![7; 32]),
             enrolment: "e1".into(),
             policy: Default::default(),
+            failover: None,
         }
     }
 

@@ -59,15 +59,7 @@ pub enum Response {
     Recovery(RecoveryReply),
 }
 
-/// Which recovery point (`--point`): an id from `recovery-points` (the point's seq),
-/// `latest`, `latest-app`, or the newest point at or before a time.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum PointSpec {
-    Latest,
-    LatestApp,
-    Seq(u64),
-    AtOrBefore { time_ms: u64 },
-}
+pub use haven_cluster::PointSpec;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum RecoveryRequest {
@@ -270,6 +262,10 @@ pub struct AgentPollReply {
     /// An app-consistent point this often (tap capture; None: off).
     #[serde(default)]
     pub app_consistent_every_ms: Option<u64>,
+    /// The machine is failed over (or failing over): the source's tap takes no writes, for
+    /// this reason, until it is protected from its own site again.
+    #[serde(default)]
+    pub read_only: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -318,6 +314,9 @@ pub struct NodeMachineReport {
     /// Master target: the recovery points it holds for the machine.
     #[serde(default)]
     pub points: Option<PointsReport>,
+    /// Master target: the failover it serves (or failed to serve) for the machine.
+    #[serde(default)]
+    pub failover: Option<FailoverReport>,
 }
 
 /// What a master target holds of a machine's history.
@@ -373,6 +372,33 @@ pub struct Assignment {
     /// How the master target keeps the machine's recovery points.
     #[serde(default)]
     pub policy: haven_cluster::ProtectPolicy,
+    /// The master target fences the forward stream and serves the disks at this point
+    /// (`ctl failover`); None: replicate forward (a failover it served is cancelled).
+    #[serde(default)]
+    pub failover: Option<FailoverOrder>,
+}
+
+/// What a master target does for a failover (see `master_target/failover.rs`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverOrder {
+    /// [`haven_cluster::Failover::id`]: a new id replaces what was served.
+    pub id: u64,
+    pub point: PointSpec,
+    /// `ctl failover-commit` fixed the choice.
+    pub committed: bool,
+}
+
+/// A master target's failover of a machine, as it serves it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverReport {
+    /// The [`FailoverOrder::id`] this is about.
+    pub id: u64,
+    /// Served at this point (None: not served, see `error`).
+    pub point: Option<crate::view::PointView>,
+    pub disks: Vec<crate::view::FailoverDiskView>,
+    pub writes: u64,
+    pub serve_ms: u64,
+    pub error: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -563,6 +589,24 @@ pub enum AdminCommand {
         machine: String,
         id: u64,
     },
+    /// `ctl failover M [--point P]`: answered with `Failover` (poll with `FailoverState`).
+    Failover {
+        machine: String,
+        point: PointSpec,
+    },
+    FailoverState {
+        machine: String,
+    },
+    FailoverChangePoint {
+        machine: String,
+        point: PointSpec,
+    },
+    FailoverCommit {
+        machine: String,
+    },
+    FailoverCancel {
+        machine: String,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -622,4 +666,5 @@ pub enum AdminReply {
     MarkState {
         done: Option<crate::view::MarkView>,
     },
+    Failover(crate::view::FailoverView),
 }

@@ -118,6 +118,12 @@ pub struct MachineView {
     /// The point a test failover serves, while one is active.
     #[serde(default)]
     pub test_failover: Option<String>,
+    /// protected | failover-pending | failed-over (see `haven_cluster::Recovery`).
+    #[serde(default)]
+    pub recovery_state: String,
+    /// The failover under way or done, while the machine is not `protected`.
+    #[serde(default)]
+    pub failover: Option<FailoverView>,
 }
 
 /// An enrolment token, without its secret.
@@ -188,6 +194,35 @@ pub struct TestFailoverView {
     /// From the request to the view being served (or written).
     pub elapsed_ms: u64,
     pub started_ms: u64,
+}
+
+/// A failover (`ctl failover`, `ctl status`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverView {
+    pub machine: String,
+    /// failover-pending | failed-over | protected (after a cancel)
+    pub state: String,
+    /// quiescing (planned: the source's tap stops taking writes and puts a final point),
+    /// draining (planned: waiting until the final point is applied), serving (the master
+    /// target was told to serve the point), served (the exports are up), cancelled
+    pub stage: String,
+    pub planned: bool,
+    /// The point asked for, as `--point` takes it.
+    pub point_asked: String,
+    /// The point served, once the master target serves it.
+    pub point: Option<PointView>,
+    /// One writable export per disk at the recovery site, once served.
+    pub disks: Vec<FailoverDiskView>,
+    /// Writes made through the exports since the point was served.
+    pub writes: u64,
+    /// What the failover waits for, or why it cannot go on.
+    pub waiting_for: Option<String>,
+    pub error: Option<String>,
+    pub master_target: Option<String>,
+    /// Since `ctl failover`.
+    pub elapsed_ms: u64,
+    /// From the master target's order to its exports being served (its share of the RTO).
+    pub serve_ms: Option<u64>,
 }
 
 /// What a test-failover cleanup did.

@@ -162,14 +162,27 @@ fn handle_poll_reply(a: &Agent, reply: AgentPollReply) -> Result<(), AgentError>
         a.point_every_ms
             .store(ms.max(100), std::sync::atomic::Ordering::Relaxed);
     }
-    handle_marks(a, &reply);
     let new = Control {
         protected: reply.protected,
         epoch: reply.epoch,
         generation: reply.generation.0,
-        process_server: reply.process_server,
+        process_server: reply.process_server.clone(),
         version: CONTROL_VERSION,
+        read_only: reply.read_only.clone(),
     };
+    // Read-only (a failover) takes effect before the marks of this reply are offered: a
+    // planned failover's final point then follows every write the tap accepted.
+    if a.control.borrow().read_only != new.read_only {
+        match &new.read_only {
+            Some(why) => tracing::warn!("the tap takes no writes: {why}"),
+            None => tracing::info!("the tap takes writes again"),
+        }
+        let mut now = a.control.borrow().clone();
+        now.read_only = new.read_only.clone();
+        a.save_control(&now)?;
+        a.control.send_replace(now);
+    }
+    handle_marks(a, &reply);
     if new.protected && new.epoch != lock(&a.core).epoch {
         tracing::info!(
             epoch = new.epoch,

@@ -78,6 +78,10 @@ pub(super) struct Control {
     /// Format version of `<data>/agent/control` (absent, 0, in files of earlier versions).
     #[serde(default)]
     pub version: u32,
+    /// The machine is failed over: the tap takes no writes, for this reason (kept across
+    /// restarts, so the original disks stay untouched while the configuration node is away).
+    #[serde(default)]
+    pub read_only: Option<String>,
 }
 
 pub(super) const CONTROL_VERSION: u32 = 1;

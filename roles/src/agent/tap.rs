@@ -349,6 +349,14 @@ impl TapDisk {
 
     async fn write_and_capture(&self, offset: u64, data: &[u8], fua: bool) -> std::io::Result<()> {
         let mut o = self.shared.order.lock().await;
+        // Checked under the order lock: a point taken after read-only was set follows every
+        // write accepted (a planned failover's final point).
+        if let Some(why) = self.shared.sink.agent.control.borrow().read_only.as_deref() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                why.to_string(),
+            ));
+        }
         self.file().write_all_at(data, offset)?;
         if o.generation.is_some() {
             let aligned = offset % BLOCK_BYTES == 0 && data.len() as u64 % BLOCK_BYTES == 0;

@@ -16,6 +16,7 @@
 pub mod apply;
 pub mod core;
 pub mod drill;
+pub mod failover;
 pub mod owner;
 pub mod recovery;
 pub mod replica;
@@ -42,6 +43,9 @@ pub struct MasterState {
     pub data_dir: PathBuf,
     /// Test failovers being served, by machine.
     drills: std::sync::Mutex<std::collections::HashMap<String, recovery::Drill>>,
+    /// Failovers being served, by machine, and why one could not be (order id, reason).
+    failovers: std::sync::Mutex<std::collections::HashMap<String, failover::Served>>,
+    failover_errors: std::sync::Mutex<std::collections::HashMap<String, (u64, String)>>,
 
     /// The live owner of each machine's replica.
     owners: DashMap<String, OwnerEntry>,
@@ -60,6 +64,8 @@ impl MasterState {
             dir: data_dir.join("replicas"),
             data_dir: data_dir.to_path_buf(),
             drills: Default::default(),
+            failovers: Default::default(),
+            failover_errors: Default::default(),
 
             owners: DashMap::new(),
             stats: DashMap::new(),
@@ -85,6 +91,7 @@ impl MasterState {
                     batches_refused: s.batches_refused,
                     epoch: s.epoch,
                     refusal: s.refusal.clone(),
+                    failover: failover::report(self, e.key()),
                     points: {
                         let drill = self.drill_view(e.key()).map(|d| d.point.point);
                         match s.points.clone() {
@@ -123,6 +130,20 @@ impl MasterState {
         &self,
     ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, recovery::Drill>> {
         self.drills.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn failovers(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, failover::Served>> {
+        self.failovers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn failover_errors(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (u64, String)>> {
+        self.failover_errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// The test failover of `machine` being served, if any.
@@ -262,8 +283,20 @@ async fn manage(svc: MasterService, sup: Addr<Supervisor>) -> Result<(), TaskErr
             svc.state.owners.remove(&machine);
             running.remove(&machine);
         }
-        rx.changed()
-            .await
-            .map_err(|_| TaskError::fatal("the node's assignments are gone"))?;
+        // Failovers: fence and serve what is asked, end what is no longer (see failover.rs).
+        let orders: Vec<(String, Option<crate::proto::FailoverOrder>)> = rx
+            .borrow()
+            .iter()
+            .filter(|a| a.master_target == svc.link.name)
+            .map(|a| (a.machine.clone(), a.failover.clone()))
+            .collect();
+        let mut retry = false;
+        for (machine, order) in &orders {
+            retry |= !failover::reconcile(&svc, machine, order.as_ref()).await;
+        }
+        tokio::select! {
+            r = rx.changed() => r.map_err(|_| TaskError::fatal("the node's assignments are gone"))?,
+            _ = tokio::time::sleep(Duration::from_secs(1)), if retry => {}
+        }
     }
 }

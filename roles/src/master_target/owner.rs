@@ -139,11 +139,15 @@ pub enum Ask {
     Catalogue,
     /// A view pinned at the point `--point` names.
     View(crate::proto::PointSpec),
+    /// Fence (true) or unfence the forward stream: once answered, no batch is applied until
+    /// unfenced (failover; see `failover.rs`). Persisted at `fence_path` first.
+    Fence(bool),
 }
 
 pub enum Answer {
     Catalogue(Catalogue),
     View(Picked),
+    Fenced(bool),
 }
 
 impl std::fmt::Debug for Answer {
@@ -151,6 +155,7 @@ impl std::fmt::Debug for Answer {
         match self {
             Answer::Catalogue(c) => write!(f, "Catalogue({} points)", c.points.len()),
             Answer::View(p) => write!(f, "View({})", p.point.seq),
+            Answer::Fenced(on) => write!(f, "Fenced({on})"),
         }
     }
 }
@@ -257,6 +262,9 @@ pub struct Owner {
     refusal_at: u64,
     /// The machine's policy, from its assignment (None: the defaults).
     policy: PolicySource,
+    /// Failed over: the forward stream is refused whole (see [`Ask::Fence`]).
+    fenced: bool,
+    fence_path: PathBuf,
 }
 
 /// Where an owner reads its machine's recovery-point policy.
@@ -271,7 +279,14 @@ impl Owner {
         policy: PolicySource,
     ) -> Self {
         let applied = stats.borrow().applied_seq;
+        let fence_path = super::failover::fence_path(&replicas_dir, &machine);
+        let fenced = fence_path.exists();
+        if fenced {
+            tracing::info!(%machine, "the forward stream is fenced (the machine is failed over)");
+        }
         Self {
+            fenced,
+            fence_path,
             machine,
             replicas_dir,
             core: ApplyCore::new(),
@@ -315,8 +330,21 @@ impl Owner {
                 // Admission is decided with the batches queued before it applied.
                 let queued = std::mem::take(group);
                 self.apply_group(queued).await?;
+                if self.fenced {
+                    let _ = reply.send(Err(self.fence_reason()));
+                    return Ok(());
+                }
                 let admitted = self.open(generation, epoch, disks).await?;
                 let _ = reply.send(admitted);
+            }
+            Msg::Batch { stream, .. } if self.fenced => {
+                // Admitted before the fence: nothing of it is applied after.
+                let reason = self.fence_reason();
+                self.stats.send_modify(|s| {
+                    s.batches_refused += 1;
+                    s.refusal = Some(reason.clone());
+                });
+                self.end(stream, End::Refused(reason));
             }
             Msg::Batch { stream, batch } => {
                 let refused = batch.as_ref().err().cloned();
@@ -396,6 +424,9 @@ impl Owner {
         ask: Ask,
         disks: Vec<DiskInfo>,
     ) -> Result<Result<Answer, String>, TaskError> {
+        if let Ask::Fence(on) = ask {
+            return Ok(self.fence(on).map(Answer::Fenced));
+        }
         if self.replica.is_none() {
             let dir = self.replicas_dir.join(&self.machine);
             let stored = match replica::stored_epoch(&dir) {
@@ -434,7 +465,50 @@ impl Owner {
                     epoch: r.epoch(),
                 }))
             }),
+            Ask::Fence(_) => unreachable!("answered above"),
         })
+    }
+
+    fn fence_reason(&self) -> String {
+        format!(
+            "{} is failed over: the forward stream is fenced (no batch of it is applied until the failover is cancelled)",
+            self.machine
+        )
+    }
+
+    /// Persists the fence (or its removal) before acting on it: a restarted owner refuses
+    /// the stream as this one did.
+    fn fence(&mut self, on: bool) -> Result<bool, String> {
+        let path = &self.fence_path;
+        let dir = path.parent().expect("the fence lives in a directory");
+        let done = if on {
+            crate::fsutil::create_private_dir(dir)
+                .and_then(|()| crate::fsutil::write_atomic(path, b"fenced\n"))
+        } else {
+            match std::fs::remove_file(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                Err(_) => Ok(()),
+                Ok(()) => crate::fsutil::sync_dir(dir),
+            }
+        };
+        done.map_err(|e| {
+            format!(
+                "{} the fence at {}: {e}",
+                if on { "write" } else { "remove" },
+                path.display()
+            )
+        })?;
+        if on && !self.fenced {
+            let reason = self.fence_reason();
+            for stream in self.streams.keys().copied().collect::<Vec<_>>() {
+                self.end(stream, End::Refused(reason.clone()));
+            }
+            tracing::info!(machine = %self.machine, applied_seq = *self.applied.borrow(), "forward stream fenced");
+        } else if !on && self.fenced {
+            tracing::info!(machine = %self.machine, "forward stream unfenced: replication resumes");
+        }
+        self.fenced = on;
+        Ok(on)
     }
 
     /// What the node reports of the replica's history.

@@ -51,7 +51,7 @@ pub async fn handle(svc: &MasterService, request: RecoveryRequest) -> Response {
     }
 }
 
-async fn ask(svc: &MasterService, machine: &str, ask: Ask) -> Result<Answer, String> {
+pub async fn ask(svc: &MasterService, machine: &str, ask: Ask) -> Result<Answer, String> {
     let disks = svc
         .link()
         .assignment(machine)
@@ -156,26 +156,26 @@ async fn test_failover(
     let dir = drill::drill_dir(&svc.state.data_dir, machine);
     drill::save_record(&dir, &record)
         .map_err(|e| format!("record the test failover in {}: {e}", dir.display()))?;
-    let drill = serve(svc, record, picked.view, started).await?;
+    let drill = serve(&dir, record, picked.view, started).await?;
     let view = drill.view.clone();
     svc.state.insert_drill(machine, drill);
     tracing::info!(%machine, point = %view.point.point, elapsed_ms = view.elapsed_ms, "test failover: the view is served; replication goes on");
     Ok(view)
 }
 
-/// Serves a recorded drill: one copy-on-write export per disk, each on its own unix socket.
-async fn serve(
-    svc: &MasterService,
+/// Serves a recorded drill (or failover) from `dir`: one copy-on-write export per disk, each
+/// on its own unix socket there.
+pub async fn serve(
+    dir: &std::path::Path,
     record: DrillRecord,
     view: Arc<dyn DiskView>,
     started: std::time::Instant,
 ) -> Result<Drill, String> {
-    let dir = drill::drill_dir(&svc.state.data_dir, &record.machine);
     let mut disks = Vec::new();
     let mut servers = Vec::new();
     let mut views = Vec::new();
     for (i, name) in record.disks.iter().enumerate() {
-        let cow = CowDisk::open(view.clone(), i as u16, &dir, name)
+        let cow = CowDisk::open(view.clone(), i as u16, dir, name)
             .map(Arc::new)
             .map_err(|e| format!("open the overlay of {name}: {e}"))?;
         let exports = Arc::new(Exports::new());
@@ -259,14 +259,7 @@ async fn cleanup(svc: &MasterService, machine: &str) -> Result<CleanupView, Stri
     }
     let (mut writes, mut bytes) = (0, 0);
     if let Some(d) = drill {
-        for s in d.servers {
-            s.shutdown().await;
-        }
-        for c in &d.disks {
-            writes += c.writes();
-            bytes += c.overlay_bytes();
-        }
-        drop(d.disks);
+        (writes, bytes) = d.shutdown().await;
     }
     // Last: a crash before this leaves a drill that is served again, or cleaned again.
     std::fs::remove_dir_all(&dir)
@@ -319,7 +312,7 @@ pub async fn resume(svc: MasterService, machine: String) {
             return;
         }
     };
-    match serve(&svc, record, picked.view, started).await {
+    match serve(&dir, record, picked.view, started).await {
         Ok(d) => {
             tracing::info!(%machine, point = %d.view.point.point, "test failover served again after a restart");
             svc.state.insert_drill(&machine, d);
@@ -331,5 +324,22 @@ pub async fn resume(svc: MasterService, machine: String) {
 impl Drill {
     pub fn record(&self) -> &DrillRecord {
         &self.record
+    }
+
+    /// Writes made through the exports (since they were served) and the overlay's bytes.
+    pub fn writes(&self) -> (u64, u64) {
+        self.disks
+            .iter()
+            .fold((0, 0), |(w, b), c| (w + c.writes(), b + c.overlay_bytes()))
+    }
+
+    /// Stops the exports (their connections end) and closes the overlays: returns
+    /// [`Drill::writes`].
+    pub async fn shutdown(self) -> (u64, u64) {
+        let writes = self.writes();
+        for s in self.servers {
+            s.shutdown().await;
+        }
+        writes
     }
 }

@@ -227,6 +227,7 @@ impl ProcessState {
                 epoch: m.assignment.borrow().epoch.0,
                 ship_error: m.ship_error.lock().ok().and_then(|e| e.clone()),
                 refusal: None,
+                failover: None,
             })
             .collect()
     }

@@ -94,6 +94,45 @@ impl ConfigCore {
         (Response::Admin(AdminReply::MarkRequested { id }), vec![])
     }
 
+    /// A named point for the orchestration (a planned failover's final point), queued like
+    /// `ctl mark`; None when the machine's queue is full (the caller asks again later).
+    pub(super) fn queue_mark(&mut self, now: Instant, machine: &str, name: &str) -> Option<u64> {
+        let id = self.next_mark;
+        let marks = self.marks.entry(machine.to_string()).or_default();
+        marks.expire(now);
+        if marks.pending.len() >= MARKS_PENDING_MAX {
+            return None;
+        }
+        self.next_mark += 1;
+        marks.pending.push_back((
+            now,
+            MarkRequest {
+                id,
+                app: false,
+                name: Some(name.to_string()),
+            },
+        ));
+        Some(id)
+    }
+
+    /// Where mark `id` of `machine` stands.
+    pub(super) fn mark_outcome(&mut self, now: Instant, machine: &str, id: u64) -> MarkOutcome {
+        let Some(marks) = self.marks.get_mut(machine) else {
+            return MarkOutcome::Unknown;
+        };
+        marks.expire(now);
+        if let Some((_, _, outcome)) = marks.done.iter().find(|(_, r, _)| *r == id) {
+            return match outcome {
+                Ok(v) => MarkOutcome::Done(v.seq),
+                Err(e) => MarkOutcome::Failed(e.clone()),
+            };
+        }
+        if marks.pending.iter().any(|(_, r)| r.id == id) {
+            return MarkOutcome::Pending;
+        }
+        MarkOutcome::Unknown
+    }
+
     /// `ctl mark` polling: the point once the agent reported it; refused when the agent
     /// could not make it, or the mark is unknown (expired).
     pub(super) fn mark_state(&mut self, now: Instant, machine: &str, id: u64) -> Outcome {
@@ -211,6 +250,16 @@ impl ConfigCore {
             m.pending.clear();
         }
     }
+}
+
+/// Where a mark stands (see [`ConfigCore::mark_outcome`]).
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum MarkOutcome {
+    Pending,
+    Done(u64),
+    Failed(String),
+    /// Expired, or never known here (this node restarted since).
+    Unknown,
 }
 
 impl Marks {

@@ -79,6 +79,8 @@ pub mod enrolment;
 
 pub mod marks;
 
+pub mod failover;
+
 pub type Outcome = (Response, Vec<Persist>);
 
 fn refused(reason: impl Into<String>) -> Outcome {
@@ -264,6 +266,7 @@ impl ConfigCore {
             resync: Default::default(),
             policy: Default::default(),
             site: haven_cluster::default_site(),
+            recovery: Default::default(),
         };
         self.machines.insert(machine.to_string(), rec.clone());
         let id = PeerIdentity::Agent {
@@ -341,10 +344,14 @@ impl ConfigCore {
         } else {
             vec![]
         };
+        persist.extend(self.failover_progress(now));
         let m = &self.machines[machine];
+        // Failed over: the forward stream is fenced; the agent sends to nobody.
+        let fenced = Self::failover_order(m).is_some();
         let process_server = m
             .process_server
             .as_ref()
+            .filter(|_| !fenced)
             .and_then(|ps| self.nodes.get(ps))
             .map(|n| (n.name.clone(), n.addr.clone()));
         let sync_request = self
@@ -362,6 +369,7 @@ impl ConfigCore {
             point_every_ms: Some(m.policy.point_every_ms()),
             marks,
             app_consistent_every_ms: m.policy.app_consistent_every_ms(),
+            read_only: Self::read_only_reason(m),
         };
         (Response::AgentPoll(reply), persist)
     }
@@ -425,6 +433,7 @@ impl ConfigCore {
         }
         self.node_reports
             .insert(name.clone(), Observed { at: now, report });
+        persist.extend(self.failover_progress(now));
         (Response::NodePoll(self.assignments_for(name)), persist)
     }
 
@@ -434,23 +443,30 @@ impl ConfigCore {
             .machines
             .values()
             .filter(|m| m.protected)
-            .filter(|m| {
-                m.process_server.as_deref() == Some(node)
-                    || m.master_target.as_deref() == Some(node)
-            })
             .filter_map(|m| {
+                let failover = Self::failover_order(m);
+                // Failed over: the process server is out of the assignment (it ships
+                // nothing more; the master target fences whatever still arrives).
+                let process_server = match &failover {
+                    Some(_) => String::new(),
+                    None => m.process_server.clone()?,
+                };
+                if process_server != node && m.master_target.as_deref() != Some(node) {
+                    return None;
+                }
                 let mt = self.nodes.get(m.master_target.as_deref()?)?;
                 Some(Assignment {
                     machine: m.name.clone(),
                     epoch: m.epoch,
                     generation: m.generation,
                     disks: m.disks.clone(),
-                    process_server: m.process_server.clone()?,
+                    process_server,
                     master_target: mt.name.clone(),
                     master_target_addr: mt.addr.clone(),
                     data_key: serde_bytes::ByteBuf::from(m.data_key.clone()),
                     enrolment: m.enrolment.clone(),
                     policy: m.policy.clone(),
+                    failover,
                 })
             })
             .collect();
@@ -527,6 +543,21 @@ impl ConfigCore {
                 return self.request_mark(now, &machine, app, name)
             }
             AdminCommand::MarkState { machine, id } => return self.mark_state(now, &machine, id),
+            AdminCommand::Failover { machine, point } => {
+                return self.start_failover(now, now_ms, &machine, point)
+            }
+            AdminCommand::FailoverState { machine } => {
+                return self.failover_reply(now, now_ms, &machine)
+            }
+            AdminCommand::FailoverChangePoint { machine, point } => {
+                return self.failover_change_point(now, now_ms, &machine, point)
+            }
+            AdminCommand::FailoverCommit { machine } => {
+                return self.failover_commit(now, now_ms, &machine)
+            }
+            AdminCommand::FailoverCancel { machine } => {
+                return self.failover_cancel(now, now_ms, &machine)
+            }
             AdminCommand::RequestSync { machine } => {
                 match self.machines.get(&machine) {
                     None => return refused(format!("no machine named {machine:?}")),
@@ -728,6 +759,12 @@ impl ConfigCore {
                 vec![],
             );
         }
+        if m.recovery.failover().is_some() {
+            return refused(format!(
+                "{machine} is {}: cancel the failover first (`ctl failover-cancel {machine}`),                  or bring it home with reprotect and failback",
+                m.recovery.name()
+            ));
+        }
         m.protected = false;
         m.generation = Generation(m.generation.0 + 1);
         self.version += 1;
@@ -878,13 +915,24 @@ impl ConfigCore {
             (true, None, Some(_)) => "initial-sync",
             (true, None, None) => "replicating",
         };
+        // Failed over, the machine's state is its place in the failover cycle.
+        let failover = self.failover_view(now, now_ms, &m.name);
+        let state = if failover.is_some() {
+            m.recovery.name()
+        } else {
+            state
+        };
         // Nothing is recoverable before the first full pass is applied, and nothing is known
         // of a protection whose agent does not report in it.
         // A blocked disk's changes are not replicated since `since_ms`: the agent counts that
         // in `oldest_unapplied_ms`, whatever the seqs say.
         let in_sync = stats.blocked.is_empty()
             && (stats.captured_seq <= applied_seq || stats.oldest_unapplied_ms == 0);
-        let rpo_seconds = if !m.protected || !current || stats.initial_sync_percent.is_some() {
+        let rpo_seconds = if !m.protected
+            || !current
+            || stats.initial_sync_percent.is_some()
+            || failover.is_some()
+        {
             None
         } else if in_sync {
             Some(0.0)
@@ -941,6 +989,8 @@ impl ConfigCore {
             history_asked_seconds: m.protected.then(|| m.policy.retention_ms() as f64 / 1000.0),
             journal_cap_reached: points.is_some_and(|p| p.cap_reached),
             test_failover: points.and_then(|p| p.test_failover.clone()),
+            recovery_state: m.recovery.name().to_string(),
+            failover,
         }
     }
 }

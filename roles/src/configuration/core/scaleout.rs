@@ -86,11 +86,13 @@ impl ConfigCore {
         }
     }
 
-    /// Machines placed on `node` as process server.
+    /// Machines placed on `node` as process server (a failed-over machine sends nothing
+    /// through it, so it is neither load nor moved).
     pub(super) fn machines_on(&self, node: &str) -> Vec<String> {
         self.machines
             .values()
             .filter(|m| m.protected && m.process_server.as_deref() == Some(node))
+            .filter(|m| m.recovery.failover().is_none())
             .map(|m| m.name.clone())
             .collect()
     }
@@ -125,6 +127,12 @@ impl ConfigCore {
             .ok_or_else(|| format!("no machine named {machine:?}"))?;
         if !m.protected {
             return Err(format!("{machine} is not protected"));
+        }
+        if m.recovery.failover().is_some() {
+            return Err(format!(
+                "{machine} is {}: it has no forward stream to move",
+                m.recovery.name()
+            ));
         }
         let from = m.process_server.clone();
         if from.as_deref() == Some(to) {

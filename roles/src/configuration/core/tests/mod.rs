@@ -88,6 +88,7 @@ fn discovered(name: &str) -> MachineRecord {
         resync: Default::default(),
         policy: Default::default(),
         site: haven_cluster::default_site(),
+        recovery: Default::default(),
     }
 }
 
@@ -440,6 +441,7 @@ fn assignment(machine: &MachineRecord, mt_addr: &str) -> Assignment {
         data_key: serde_bytes::ByteBuf::from(machine.data_key.clone()),
         enrolment: machine.enrolment.clone(),
         policy: machine.policy.clone(),
+        failover: None,
     }
 }
 
@@ -1799,6 +1801,8 @@ fn a_discovered_machine_view() {
             "history_asked_seconds": null,
             "journal_cap_reached": false,
             "test_failover": null,
+            "recovery_state": "protected",
+            "failover": null,
         })
     );
 }
@@ -1877,6 +1881,8 @@ fn initial_sync_then_replicating_with_counters_from_agent_and_nodes() {
             "history_asked_seconds": 86400.0,
             "journal_cap_reached": false,
             "test_failover": null,
+            "recovery_state": "protected",
+            "failover": null,
         })
     };
     assert_eq!(
@@ -2248,4 +2254,5 @@ fn a_held_node_poll_does_not_keep_a_dead_node_alive() {
         .unwrap();
     assert!(!ps.alive, "a held re-ask is not a sign of life");
 }
+mod failover;
 mod marks;

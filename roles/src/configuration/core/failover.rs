@@ -1,0 +1,459 @@
+//! Failover orchestration (`ctl failover`, `failover-change-point`, `failover-commit`,
+//! `failover-cancel`): the persisted [`Recovery`] state of a machine and what the agent and
+//! the master target are told, without I/O.
+//!
+//! ```text
+//!              ctl failover M (agent up, --point latest, tap)         agent down / older point
+//!  protected ─────────────────────────────────────────▶ quiescing ─────────────┐
+//!      ▲          agent: tap read-only, final point (a mark)  │ final point made │
+//!      │                                                      ▼                  │
+//!      │                               draining: until the MT applied it         │
+//!      │                                                      │                  ▼
+//!      │ failover-cancel            serving: Assignment.failover = order, the PS is out of
+//!      └──────────────────────────── the assignment; the MT fences and serves the point
+//!                                    │  failover-change-point: a new order id, same stage
+//!                                    ▼  failover-commit (once served)
+//!                                failed-over
+//! ```
+//! The intent is persisted on the machine's record before anyone acts on it, and every
+//! process converges on it by polling (the agent's tap turns read-only, the process server
+//! drops the machine, the master target fences and serves): a SIGKILL of any process at any
+//! moment resumes where it was. Nothing in the path needs the source's site once the point is
+//! chosen: an unplanned failover needs only this node and the master target.
+use std::time::Instant;
+
+use haven_cluster::{Failover, PointSpec, Recovery};
+use rand::Rng;
+
+use super::Persist;
+use super::{refused, ConfigCore, Outcome};
+use crate::proto::{AdminReply, FailoverOrder, Response};
+use crate::view::{EventView, FailoverView};
+
+/// The name of the final point a planned failover asks the source for.
+pub const FINAL_POINT_NAME: &str = "planned failover";
+
+impl ConfigCore {
+    /// `ctl failover M [--point P]`. Idempotent: asking again for the same point answers with
+    /// the failover under way.
+    pub(super) fn start_failover(
+        &mut self,
+        now: Instant,
+        now_ms: u64,
+        machine: &str,
+        point: PointSpec,
+    ) -> Outcome {
+        let Some(m) = self.machines.get(machine) else {
+            return refused(format!("no machine named {machine:?}"));
+        };
+        if let Some(f) = m.recovery.failover() {
+            if f.point == point || (f.planned && point == PointSpec::Latest) {
+                return self.failover_reply(now, now_ms, machine);
+            }
+            return refused(format!(
+                "{machine} is {} (point {}); change the point with `ctl failover-change-point {machine} --point P`{}",
+                m.recovery.name(),
+                spec_text(&f.point),
+                if matches!(m.recovery, Recovery::FailoverPending(_)) {
+                    format!(" or cancel with `ctl failover-cancel {machine}`")
+                } else {
+                    String::new()
+                }
+            ));
+        }
+        if !m.protected {
+            return refused(format!(
+                "{machine} is not protected: there is no replica to fail over to"
+            ));
+        }
+        let Some(mt) = m.master_target.clone() else {
+            return refused(format!("{machine} has no master target yet"));
+        };
+        if !self.alive(now, &mt) {
+            return refused(format!(
+                "the master target {mt} of {machine} is not reporting: the failover needs it \
+                 (it holds the replica); start it again, then retry"
+            ));
+        }
+        // Planned when the source is up and the newest state is asked for: its tap stops
+        // taking writes and puts a final point, applied before the failover (zero loss).
+        let source_up = self.agent_alive(now, machine);
+        let tap = self
+            .agent_reports
+            .get(machine)
+            .is_some_and(|o| o.report.stats.capture == "tap");
+        let planned = source_up && tap && point == PointSpec::Latest;
+        let mut f = Failover {
+            id: self.rng.gen::<u64>() | 1,
+            point: point.clone(),
+            planned,
+            final_mark: None,
+            final_seq: None,
+            started_ms: now_ms,
+            ordered: !planned,
+        };
+        let how = if planned {
+            "planned: the source's tap stops taking writes; its final point is applied first"
+                .to_string()
+        } else if source_up && !tap {
+            format!(
+                "unplanned: the source captures by scan, which cannot hold its writes; failing over to {}",
+                spec_text(&point)
+            )
+        } else if source_up {
+            format!(
+                "the source is up; its tap stops taking writes; failing over to {}",
+                spec_text(&point)
+            )
+        } else {
+            format!(
+                "unplanned: the source is not reporting; failing over to {}",
+                spec_text(&point)
+            )
+        };
+        if planned {
+            f.final_mark = self.final_mark(now, machine);
+        }
+        let m = self.machines.get_mut(machine).expect("checked above");
+        m.recovery = Recovery::FailoverPending(f);
+        let record = m.clone();
+        self.version += 1;
+        self.failover_event(now, machine, format!("failover started ({how})"));
+        let (reply, _) = self.failover_reply(now, now_ms, machine);
+        (reply, vec![Persist::Machine(record)])
+    }
+
+    /// `ctl failover-change-point M --point P2`: before commit, the master target serves P2
+    /// instead (the writes made through the exports at the earlier point are discarded).
+    pub(super) fn failover_change_point(
+        &mut self,
+        now: Instant,
+        now_ms: u64,
+        machine: &str,
+        point: PointSpec,
+    ) -> Outcome {
+        let Some(m) = self.machines.get_mut(machine) else {
+            return refused(format!("no machine named {machine:?}"));
+        };
+        let f = match &mut m.recovery {
+            Recovery::FailoverPending(f) => f,
+            Recovery::FailedOver(_) => {
+                return refused(format!(
+                    "the failover of {machine} is committed: its point can no longer change"
+                ))
+            }
+            Recovery::Protected => {
+                return refused(format!(
+                    "{machine} is not failed over: start with `ctl failover {machine} --point P`"
+                ))
+            }
+        };
+        if !f.ordered {
+            return refused(format!(
+                "the planned failover of {machine} is still waiting for the source's final point; \
+                 retry once it is served"
+            ));
+        }
+        if f.point == point {
+            return self.failover_reply(now, now_ms, machine);
+        }
+        let from = spec_text(&f.point);
+        f.point = point.clone();
+        f.id = self.rng.gen::<u64>() | 1;
+        let record = m.clone();
+        self.version += 1;
+        self.failover_event(
+            now,
+            machine,
+            format!(
+                "failover point changed from {from} to {}",
+                spec_text(&point)
+            ),
+        );
+        let (reply, _) = self.failover_reply(now, now_ms, machine);
+        (reply, vec![Persist::Machine(record)])
+    }
+
+    /// `ctl failover-commit M`: fixes the point served (once the master target serves it).
+    pub(super) fn failover_commit(&mut self, now: Instant, now_ms: u64, machine: &str) -> Outcome {
+        let served = self.failover_report(machine).cloned();
+        let Some(m) = self.machines.get_mut(machine) else {
+            return refused(format!("no machine named {machine:?}"));
+        };
+        let f = match &m.recovery {
+            Recovery::FailoverPending(f) => f.clone(),
+            Recovery::FailedOver(_) => return self.failover_reply(now, now_ms, machine),
+            Recovery::Protected => return refused(format!("{machine} is not failed over")),
+        };
+        match served {
+            Some(r) if r.id == f.id && r.point.is_some() => {}
+            _ => {
+                return refused(format!(
+                    "the master target does not serve the failover of {machine} yet; \
+                     `ctl failover {machine}` shows what it waits for"
+                ))
+            }
+        }
+        m.recovery = Recovery::FailedOver(f);
+        let record = m.clone();
+        self.version += 1;
+        self.failover_event(
+            now,
+            machine,
+            "failover committed: the recovery site runs it".into(),
+        );
+        let (reply, _) = self.failover_reply(now, now_ms, machine);
+        (reply, vec![Persist::Machine(record)])
+    }
+
+    /// `ctl failover-cancel M`: back to protected before commit. The replica and its journal
+    /// were only read (the exports wrote to an overlay), the source's retained data is
+    /// intact: forward replication resumes where it was.
+    pub(super) fn failover_cancel(&mut self, now: Instant, now_ms: u64, machine: &str) -> Outcome {
+        let Some(m) = self.machines.get_mut(machine) else {
+            return refused(format!("no machine named {machine:?}"));
+        };
+        match &m.recovery {
+            Recovery::FailoverPending(_) => {}
+            Recovery::FailedOver(_) => {
+                return refused(format!(
+                    "the failover of {machine} is committed: reprotect and failback bring it home"
+                ))
+            }
+            Recovery::Protected => {
+                return refused(format!("{machine} is not failed over: nothing to cancel"))
+            }
+        }
+        m.recovery = Recovery::Protected;
+        let record = m.clone();
+        self.version += 1;
+        self.failover_event(
+            now,
+            machine,
+            "failover cancelled: the writes made at the recovery site are discarded; forward replication resumes".into(),
+        );
+        let mut view = self.failover_view(now, now_ms, machine).unwrap_or_default();
+        view.stage = "cancelled".into();
+        (
+            Response::Admin(AdminReply::Failover(view)),
+            vec![Persist::Machine(record)],
+        )
+    }
+
+    /// Moves planned failovers on: the final point made → its seq; applied at the master
+    /// target → the order goes out. A source that stops reporting meanwhile turns the
+    /// failover unplanned (to the newest point held). Called on every poll.
+    pub(super) fn failover_progress(&mut self, now: Instant) -> Vec<Persist> {
+        let waiting: Vec<String> = self
+            .machines
+            .values()
+            .filter(|m| matches!(&m.recovery, Recovery::FailoverPending(f) if !f.ordered))
+            .map(|m| m.name.clone())
+            .collect();
+        let mut persist = vec![];
+        // Liveness is judged only once this core has been up for a failure timeout: a
+        // restarted configuration node has heard from no agent yet.
+        let up_since = *self.up_since.get_or_insert(now);
+        let judging = now.duration_since(up_since) >= self.failure_timeout;
+        for machine in waiting {
+            let Recovery::FailoverPending(mut f) = self.machines[&machine].recovery.clone() else {
+                continue;
+            };
+            let before = f.clone();
+            let mut reason = None;
+            if f.final_seq.is_none() {
+                match f.final_mark.map(|id| self.mark_outcome(now, &machine, id)) {
+                    Some(super::marks::MarkOutcome::Done(seq)) => f.final_seq = Some(seq),
+                    Some(super::marks::MarkOutcome::Pending) => {}
+                    Some(super::marks::MarkOutcome::Failed(e)) => {
+                        reason = Some(format!(
+                            "the source's final point failed ({e}); asking again"
+                        ));
+                        f.final_mark = self.final_mark(now, &machine);
+                    }
+                    // Unknown: this node restarted since (marks live in memory). The tap is
+                    // read-only, so a new final point is as good.
+                    Some(super::marks::MarkOutcome::Unknown) | None => {
+                        f.final_mark = self.final_mark(now, &machine);
+                    }
+                }
+            }
+            if judging && !self.agent_alive(now, &machine) && f.final_seq.is_none() {
+                f.planned = false;
+                f.ordered = true;
+                reason = Some(
+                    "the source stopped reporting before its final point: failing over unplanned to the latest point held".into(),
+                );
+            }
+            if let Some(seq) = f.final_seq {
+                if self.applied_seq(&machine) >= seq {
+                    f.point = PointSpec::Seq(seq);
+                    f.ordered = true;
+                    reason = Some(format!(
+                        "the source's final point {seq} is applied: the master target serves it (no write lost)"
+                    ));
+                }
+            }
+            if f == before {
+                continue;
+            }
+            let ordered = f.ordered;
+            let m = self.machines.get_mut(&machine).expect("listed above");
+            m.recovery = Recovery::FailoverPending(f);
+            persist.push(Persist::Machine(m.clone()));
+            if ordered {
+                self.version += 1;
+            }
+            if let Some(r) = reason {
+                self.failover_event(now, &machine, r);
+            }
+        }
+        persist
+    }
+
+    /// What the master target is to serve for `m` (the Assignment's `failover`).
+    pub(super) fn failover_order(m: &haven_cluster::MachineRecord) -> Option<FailoverOrder> {
+        let (f, committed) = match &m.recovery {
+            Recovery::Protected => return None,
+            Recovery::FailoverPending(f) => (f, false),
+            Recovery::FailedOver(f) => (f, true),
+        };
+        f.ordered.then(|| FailoverOrder {
+            id: f.id,
+            point: f.point.clone(),
+            committed,
+        })
+    }
+
+    /// Why the source's tap takes no writes (the agent poll's `read_only`).
+    pub(super) fn read_only_reason(m: &haven_cluster::MachineRecord) -> Option<String> {
+        m.recovery.failover().map(|_| {
+            format!(
+                "{} is {} to the recovery site: the original disks take no writes until it is protected from here again",
+                m.name,
+                m.recovery.name()
+            )
+        })
+    }
+
+    pub(super) fn failover_view(
+        &self,
+        now: Instant,
+        now_ms: u64,
+        machine: &str,
+    ) -> Option<FailoverView> {
+        let m = self.machines.get(machine)?;
+        let f = m.recovery.failover()?;
+        let report = self.failover_report(machine).filter(|r| r.id == f.id);
+        let served = report.is_some_and(|r| r.point.is_some());
+        let stage = if !f.ordered && f.final_seq.is_none() {
+            "quiescing"
+        } else if !f.ordered {
+            "draining"
+        } else if served {
+            "served"
+        } else {
+            "serving"
+        };
+        let mt = m.master_target.clone();
+        let waiting_for = match stage {
+            "quiescing" => Some(format!(
+                "the source's tap to stop taking writes and make its final point{}",
+                if self.agent_alive(now, machine) {
+                    ""
+                } else {
+                    " (the agent is not reporting)"
+                }
+            )),
+            "draining" => Some(format!(
+                "the master target to apply the final point {} (applied {})",
+                f.final_seq.unwrap_or(0),
+                self.applied_seq(machine)
+            )),
+            "serving" => Some(format!(
+                "the master target {} to fence the forward stream and serve the point{}",
+                mt.as_deref().unwrap_or("?"),
+                if mt.as_deref().is_some_and(|n| self.alive(now, n)) {
+                    ""
+                } else {
+                    " (it is not reporting)"
+                }
+            )),
+            _ => None,
+        };
+        Some(FailoverView {
+            machine: machine.to_string(),
+            state: m.recovery.name().to_string(),
+            stage: stage.to_string(),
+            planned: f.planned,
+            point_asked: spec_text(&f.point),
+            point: report.and_then(|r| r.point.clone()),
+            disks: report.map(|r| r.disks.clone()).unwrap_or_default(),
+            writes: report.map(|r| r.writes).unwrap_or(0),
+            waiting_for,
+            error: report.and_then(|r| r.error.clone()),
+            master_target: mt,
+            elapsed_ms: now_ms.saturating_sub(f.started_ms),
+            serve_ms: report.filter(|r| r.point.is_some()).map(|r| r.serve_ms),
+        })
+    }
+
+    /// `ctl failover` polling.
+    pub(super) fn failover_reply(&self, now: Instant, now_ms: u64, machine: &str) -> Outcome {
+        match self.failover_view(now, now_ms, machine) {
+            Some(v) => (Response::Admin(AdminReply::Failover(v)), vec![]),
+            None => refused(format!("{machine} is not failed over")),
+        }
+    }
+
+    /// The failover the machine's master target reports serving.
+    fn failover_report(&self, machine: &str) -> Option<&crate::proto::FailoverReport> {
+        let mt = self.machines.get(machine)?.master_target.as_deref()?;
+        self.node_reports
+            .get(mt)?
+            .report
+            .machines
+            .iter()
+            .find(|r| r.machine == machine && r.role == haven_cluster::ROLE_MASTER_TARGET)?
+            .failover
+            .as_ref()
+    }
+
+    fn final_mark(&mut self, now: Instant, machine: &str) -> Option<u64> {
+        self.queue_mark(now, machine, FINAL_POINT_NAME)
+    }
+
+    fn agent_alive(&self, now: Instant, machine: &str) -> bool {
+        self.agent_reports
+            .get(machine)
+            .is_some_and(|o| now.duration_since(o.at) < self.failure_timeout)
+    }
+
+    fn failover_event(&mut self, now: Instant, machine: &str, reason: String) {
+        let generation = self
+            .machines
+            .get(machine)
+            .map(|m| m.generation.0)
+            .unwrap_or(0);
+        self.record_event(
+            now,
+            EventView {
+                kind: "recovery".into(),
+                machine: machine.to_string(),
+                generation,
+                reason,
+                ..Default::default()
+            },
+        );
+    }
+}
+
+/// A point as `--point` takes it.
+pub fn spec_text(p: &PointSpec) -> String {
+    match p {
+        PointSpec::Latest => "latest".into(),
+        PointSpec::LatestApp => "latest-app".into(),
+        PointSpec::Seq(s) => s.to_string(),
+        PointSpec::AtOrBefore { time_ms } => format!("the newest point at or before {time_ms} ms"),
+    }
+}

@@ -1,0 +1,226 @@
+//! Failover at the master target: the replica's owner fences the forward stream, and the
+//! disks at the chosen point are served as writable NBD exports at the recovery site.
+//!
+//! The configuration node's intent arrives in the machine's assignment
+//! ([`FailoverOrder`]); [`reconcile`] makes this node match it, in an order that a SIGKILL at
+//! any step leaves resumable:
+//!
+//! ```text
+//!  order id N, nothing served  ─▶ fence (persisted: <data>/failovers/<m>/fence) ─▶ view at P
+//!                                 ─▶ record (failover) ─▶ serve <data>/failovers/<m>/<disk>.sock
+//!  order id N, record of N      ─▶ serve the record's point again (its overlay kept)
+//!  order id M ≠ N (change point) ─▶ stop serving N, drop its overlay, then as above
+//!  no order (cancelled)         ─▶ stop serving, drop the overlay, unfence, remove the dir
+//! ```
+//! The exports are copy-on-write over the view (as a drill's, see [`super::drill`]): the
+//! replica and its journal are only read, so the view is served at once whatever the disk's
+//! size or the point's age (the RTO is the time to open a view), and a cancel leaves the
+//! replica exactly as replication made it. The overlay's bitmap is the record of every block
+//! written at the recovery site since the failover, which the way back starts from.
+use std::{
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::drill::{DrillRecord, DRILL_VERSION};
+use super::owner::{Answer, Ask};
+use super::recovery::{self, Drill};
+use super::MasterService;
+use crate::fsutil::{read_optional, unix_ms, write_atomic};
+use crate::proto::{FailoverOrder, FailoverReport, PointSpec};
+
+/// Where a machine's failover lives on the master target.
+pub fn failover_dir(data_dir: &Path, machine: &str) -> PathBuf {
+    data_dir.join("failovers").join(machine)
+}
+
+/// The owner's fence file (see [`super::owner::Ask::Fence`]); `replicas_dir` is
+/// `<data>/replicas`.
+pub fn fence_path(replicas_dir: &Path, machine: &str) -> PathBuf {
+    failover_dir(replicas_dir.parent().unwrap_or(Path::new(".")), machine).join("fence")
+}
+
+/// A failover served here.
+pub struct Served {
+    pub order: u64,
+    pub drill: Drill,
+    pub serve_ms: u64,
+}
+
+/// The record of what is served, saved before it is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Record {
+    order: u64,
+    drill: DrillRecord,
+}
+
+fn load(dir: &Path) -> Result<Option<Record>, String> {
+    let Some(bytes) = read_optional(&dir.join("failover")).map_err(|e| e.to_string())? else {
+        return Ok(None);
+    };
+    haven_transport::codec::decode(&bytes)
+        .map(Some)
+        .map_err(|e| format!("failover record in {}: {e}", dir.display()))
+}
+
+fn save(dir: &Path, r: &Record) -> Result<(), String> {
+    let bytes = haven_transport::codec::encode(r).map_err(|e| e.to_string())?;
+    crate::fsutil::create_private_dir(dir)
+        .and_then(|()| write_atomic(&dir.join("failover"), &bytes))
+        .map_err(|e| format!("record the failover in {}: {e}", dir.display()))
+}
+
+/// What this node reports of `machine`'s failover.
+pub fn report(state: &super::MasterState, machine: &str) -> Option<FailoverReport> {
+    if let Some(s) = state.failovers().get(machine) {
+        return Some(FailoverReport {
+            id: s.order,
+            point: Some(s.drill.view.point.clone()),
+            disks: s.drill.view.disks.clone(),
+            writes: s.drill.writes().0,
+            serve_ms: s.serve_ms,
+            error: None,
+        });
+    }
+    state
+        .failover_errors()
+        .get(machine)
+        .map(|(id, e)| FailoverReport {
+            id: *id,
+            error: Some(e.clone()),
+            ..Default::default()
+        })
+}
+
+/// Makes this node serve what `order` asks for `machine` (None: nothing). Errors are kept
+/// for the report and the caller retries.
+pub async fn reconcile(svc: &MasterService, machine: &str, order: Option<&FailoverOrder>) -> bool {
+    let result = match order {
+        Some(o) => ensure(svc, machine, o).await,
+        None => end(svc, machine).await,
+    };
+    match result {
+        Ok(()) => {
+            svc.state.failover_errors().remove(machine);
+            true
+        }
+        Err(e) => {
+            tracing::warn!(%machine, "failover: {e}");
+            if let Some(o) = order {
+                svc.state
+                    .failover_errors()
+                    .insert(machine.to_string(), (o.id, e));
+            }
+            false
+        }
+    }
+}
+
+async fn ensure(svc: &MasterService, machine: &str, order: &FailoverOrder) -> Result<(), String> {
+    if svc
+        .state
+        .failovers()
+        .get(machine)
+        .is_some_and(|s| s.order == order.id)
+    {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let dir = failover_dir(&svc.state.data_dir, machine);
+    // Another point was served (failover-change-point): it goes first, with its overlay.
+    let old = svc.state.failovers().remove(machine);
+    if let Some(old) = old {
+        let (writes, _) = old.drill.shutdown().await;
+        tracing::info!(%machine, order = old.order, writes, "failover: the earlier point is no longer served; its writes are discarded");
+    }
+    let recorded = load(&dir)?;
+    let point = match &recorded {
+        Some(r) if r.order == order.id => PointSpec::Seq(r.drill.point_seq),
+        Some(_) => {
+            remove_overlays(&dir)?;
+            order.point.clone()
+        }
+        None => order.point.clone(),
+    };
+    // The fence first: from its answer on, no batch of the forward stream is applied.
+    match recovery::ask(svc, machine, Ask::Fence(true)).await? {
+        Answer::Fenced(true) => {}
+        other => return Err(format!("unexpected answer {other:?}")),
+    }
+    let picked = match recovery::ask(svc, machine, Ask::View(point)).await? {
+        Answer::View(p) => p,
+        other => return Err(format!("unexpected answer {other:?}")),
+    };
+    let record = match recorded.filter(|r| r.order == order.id) {
+        Some(r) => r,
+        None => {
+            let r = Record {
+                order: order.id,
+                drill: DrillRecord {
+                    version: DRILL_VERSION,
+                    machine: machine.to_string(),
+                    epoch: picked.epoch,
+                    point_seq: picked.point.seq,
+                    point: recovery::point_view(&picked.point),
+                    disks: picked.disks.clone(),
+                    started_ms: unix_ms(),
+                },
+            };
+            save(&dir, &r)?;
+            r
+        }
+    };
+    let drill = recovery::serve(&dir, record.drill, picked.view, started).await?;
+    let serve_ms = started.elapsed().as_millis() as u64;
+    tracing::info!(%machine, point = %drill.view.point.point, serve_ms, "failover: the forward stream is fenced and the disks are served at the point");
+    svc.state.failovers().insert(
+        machine.to_string(),
+        Served {
+            order: order.id,
+            drill,
+            serve_ms,
+        },
+    );
+    Ok(())
+}
+
+/// No failover is asked for: whatever was served stops, the overlay goes, the fence is
+/// lifted, and the directory is removed last (a crash before leaves it to be ended again).
+async fn end(svc: &MasterService, machine: &str) -> Result<(), String> {
+    let dir = failover_dir(&svc.state.data_dir, machine);
+    let served = svc.state.failovers().remove(machine);
+    if served.is_none() && !dir.exists() {
+        return Ok(());
+    }
+    if let Some(s) = served {
+        let (writes, _) = s.drill.shutdown().await;
+        tracing::info!(%machine, writes, "failover cancelled: the exports are gone and their writes discarded");
+    }
+    remove_overlays(&dir)?;
+    match recovery::ask(svc, machine, Ask::Fence(false)).await? {
+        Answer::Fenced(false) => {}
+        other => return Err(format!("unexpected answer {other:?}")),
+    }
+    match std::fs::remove_dir_all(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(format!("remove {}: {e}", dir.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Removes a failover's record and overlays (not its fence).
+fn remove_overlays(dir: &Path) -> Result<(), String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        if e.file_name() != "fence" {
+            std::fs::remove_file(e.path())
+                .map_err(|err| format!("remove {}: {err}", e.path().display()))?;
+        }
+    }
+    Ok(())
+}

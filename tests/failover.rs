@@ -1,0 +1,342 @@
+//! Failover (`ctl failover`, `failover-change-point`, `failover-commit`, `failover-cancel`)
+//! through the README commands, against real processes: the master target fences the forward
+//! stream and serves the disks at the point as writable NBD exports; a planned failover loses
+//! no acknowledged write; a cancel resumes forward replication without a resync; a process
+//! server that comes back from a partition after the failover has nothing of its stream
+//! applied; a committed failover is served again after a master-target restart.
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use haven_testkit::{make_disk, wait_until};
+use serde_json::Value;
+use xxhash_rust::xxh3::xxh3_128;
+
+const MIB: u64 = 1 << 20;
+const SYNC: Duration = Duration::from_secs(120);
+
+fn sock(c: &Cluster, m: &str, disk: &str) -> PathBuf {
+    c.path(&format!("agent-{m}/nbd/{disk}.sock"))
+}
+
+fn tap_uri(c: &Cluster, m: &str, disk: &str) -> String {
+    format!("nbd+unix:///{disk}?socket={}", sock(c, m, disk).display())
+}
+
+fn tap_agent(c: &mut Cluster, m: &str, disk: &Path, extra: &[&str]) {
+    let mut args = vec!["--capture", "tap"];
+    args.extend_from_slice(extra);
+    c.start_agent_args(m, &[("d0", disk)], &args);
+    let s = sock(c, m, "d0");
+    // Connect, not just look: a killed agent leaves its socket file behind.
+    wait_until("the tap's socket", Duration::from_secs(30), || {
+        std::os::unix::net::UnixStream::connect(&s).ok().map(|_| ())
+    });
+}
+
+fn nbd(uri: &str) -> haven_nbd::Client {
+    haven_nbd::Client::connect(uri).unwrap_or_else(|e| panic!("connect to {uri}: {e}"))
+}
+
+fn read_all(uri: &str, size: u64) -> Vec<u8> {
+    let mut c = nbd(uri);
+    let mut out = vec![0u8; size as usize];
+    for (i, chunk) in out.chunks_mut(4 * MIB as usize).enumerate() {
+        c.read_at(chunk, i as u64 * 4 * MIB)
+            .expect("read the export");
+    }
+    out
+}
+
+/// A hash of the whole replica image: it must not change while failed over.
+fn sha(path: &Path) -> u128 {
+    xxh3_128(&std::fs::read(path).expect("read the replica"))
+}
+
+fn block(fill: u8) -> Vec<u8> {
+    vec![fill; 64 << 10]
+}
+
+fn export_uri(f: &Value) -> String {
+    f["disks"][0]["nbd_uri"]
+        .as_str()
+        .unwrap_or_else(|| panic!("an NBD URI per disk: {f}"))
+        .to_string()
+}
+
+#[test]
+fn a_planned_failover_loses_no_write_and_a_cancel_resumes_forward_replication() {
+    let mut c = Cluster::new();
+    c.start_config(&[], vec![]);
+    let disk = c.path("d0.img");
+    make_disk(&disk, 16 * MIB, 61);
+    tap_agent(&mut c, "m1", &disk, &[]);
+    c.ctl(&["protect", "m1"]);
+    c.wait_sync("m1", SYNC);
+    let replica = c.replica("config", "m1", "d0");
+
+    phase("writes through the tap, the last ones acknowledged but never flushed");
+    let u = tap_uri(&c, "m1", "d0");
+    let mut w = nbd(&u);
+    w.write_at(&block(0x11), 0, false).unwrap();
+    w.flush().unwrap();
+    for i in 1..16u64 {
+        w.write_at(&block(0x20 + i as u8), i * MIB, false).unwrap();
+    }
+
+    phase("ctl failover: planned (the source is up), the tap goes read-only first");
+    let f = c.ctl(&["failover", "m1"]);
+    assert_eq!(f["stage"], "served", "{f}");
+    assert_eq!(f["planned"], true, "the source was up: {f}");
+    assert_eq!(f["state"], "failover-pending", "{f}");
+    assert_eq!(f["point"]["name"], "planned failover", "{f}");
+    let err = w
+        .write_at(&block(0x99), 8 * MIB, false)
+        .expect_err("the original disk takes no writes once failed over");
+    eprintln!("a write to the source's tap now: {err}");
+    drop(w);
+    let m = c.machine("m1").unwrap();
+    assert_eq!(m["state"], "failover-pending", "{m}");
+    assert_eq!(m["recovery_state"], "failover-pending", "{m}");
+    assert!(
+        m["rpo_seconds"].is_null(),
+        "no forward RPO while failed over: {m}"
+    );
+
+    phase("the export at the recovery site holds every acknowledged write, flushed or not");
+    let uri = export_uri(&f);
+    let source = std::fs::read(&disk).unwrap();
+    assert!(
+        read_all(&uri, 16 * MIB) == source,
+        "the failover view equals the source disk byte for byte (zero data loss)"
+    );
+
+    phase("writes at the recovery site go to the export's overlay, never to the replica");
+    let before = sha(&replica);
+    let mut e = nbd(&uri);
+    e.write_at(&block(0xee), 4 * MIB, false).unwrap();
+    e.flush().unwrap();
+    let mut back = block(0);
+    e.read_at(&mut back, 4 * MIB).unwrap();
+    assert_eq!(back, block(0xee));
+    drop(e);
+    assert_eq!(
+        sha(&replica),
+        before,
+        "the replica is untouched by the export's writes"
+    );
+
+    phase(
+        "failover-change-point to the first point: its view is served, the earlier writes are gone",
+    );
+    let points = c.ctl(&["recovery-points", "m1"]);
+    let first = points["points"][0]["point"].as_str().unwrap().to_string();
+    let f2 = c.ctl(&["failover-change-point", "m1", "--point", &first]);
+    assert_eq!(f2["stage"], "served", "{f2}");
+    assert_eq!(f2["point"]["point"], first.as_str(), "{f2}");
+    let mut e = nbd(&export_uri(&f2));
+    let mut back = block(0);
+    e.read_at(&mut back, 4 * MIB).unwrap();
+    assert_ne!(
+        back,
+        block(0xee),
+        "the writes made at the earlier point are discarded"
+    );
+    drop(e);
+
+    phase("failover-cancel: back to protected; the tap takes writes; forward replication resumes");
+    let done = c.ctl(&["failover-cancel", "m1"]);
+    assert_eq!(done["stage"], "cancelled", "{done}");
+    assert_eq!(
+        sha(&replica),
+        before,
+        "the replica is as replication left it"
+    );
+    let mut w = wait_until(
+        "the tap takes writes again",
+        Duration::from_secs(20),
+        || {
+            let mut w = nbd(&u);
+            w.write_at(&block(0x77), 9 * MIB, false).ok().map(|()| w)
+        },
+    );
+    w.flush().unwrap();
+    drop(w);
+    c.wait_sync("m1", SYNC);
+    c.assert_replica("m1", &disk, &replica);
+    let m = c.machine("m1").unwrap();
+    assert_eq!(m["state"], "replicating", "{m}");
+    c.assert_no_resync("m1", &m);
+    let events = c.ctl(&["events"]).to_string();
+    for what in [
+        "failover started",
+        "failover point changed",
+        "failover cancelled",
+    ] {
+        assert!(
+            events.contains(what),
+            "`ctl events` lists {what:?}: {events}"
+        );
+    }
+}
+
+/// Makes `peers` the exact set `process` cuts both ways (its control file, replaced
+/// atomically), and waits until it logs applying it.
+fn cut(c: &Cluster, control: &Path, process: &str, peers: &[String]) {
+    let text: String = peers.iter().map(|p| format!("{p} both\n")).collect();
+    let tmp = control.with_extension("tmp");
+    std::fs::write(&tmp, format!("# tests/failover.rs\n{text}")).unwrap();
+    std::fs::rename(&tmp, control).unwrap();
+    let mut sorted: Vec<String> = peers.iter().map(|p| format!("{p} both")).collect();
+    sorted.sort();
+    let expected = if sorted.is_empty() {
+        "none".to_string()
+    } else {
+        sorted.join(", ")
+    };
+    wait_until(
+        &format!("{process} applies partitions [{expected}]"),
+        Duration::from_secs(10),
+        || {
+            const MARK: &str = "control file partitions now: ";
+            let log = c.log(process);
+            let line = log.lines().rev().find(|l| l.contains(MARK))?;
+            let set = &line[line.find(MARK)? + MARK.len()..];
+            (set.split(" path=").next()? == expected).then_some(())
+        },
+    );
+}
+
+#[test]
+fn an_unplanned_failover_fences_a_process_server_that_comes_back_and_survives_a_restart() {
+    let mut c = Cluster::new();
+    phase("the recovery site: configuration and a master target; the primary: a process server (own partition file) and the agent");
+    c.start_config_with(&["configuration"], &["--site", "dr"], vec![]);
+    c.start_node_with("mt1", &["master-target"], &["--site", "dr"], vec![]);
+    let control = c.path("ps1.partitions");
+    c.start_node_with(
+        "ps1",
+        &["process"],
+        &["--site", "primary"],
+        vec![(
+            "HAVEN_NET_FAULTS".into(),
+            format!("seed=7,control={}", control.display()),
+        )],
+    );
+    let disk = c.path("d0.img");
+    make_disk(&disk, 16 * MIB, 62);
+    tap_agent(&mut c, "m1", &disk, &[]);
+    c.ctl(&["protect", "m1"]);
+    let m = c.machine("m1").unwrap();
+    assert_eq!(m["master_target"], "mt1", "{m}");
+    assert_eq!(m["process_server"], "ps1", "{m}");
+    c.wait_sync("m1", SYNC);
+    let replica = c.replica("mt1", "m1", "d0");
+
+    phase("W1 flushed and applied: a recovery point");
+    let u = tap_uri(&c, "m1", "d0");
+    let mut w = nbd(&u);
+    w.write_at(&block(0x31), 2 * MIB, false).unwrap();
+    w.flush().unwrap();
+    drop(w);
+    c.wait_sync("m1", SYNC);
+
+    phase("the process server is cut from the master target and the configuration node; W2 reaches only its cache");
+    cut(&c, &control, "ps1", &[c.addr("config"), c.addr("mt1")]);
+    let mut w = nbd(&u);
+    w.write_at(&block(0x42), 6 * MIB, false).unwrap();
+    w.flush().unwrap();
+    drop(w);
+    // The agent's report says what the process server holds durably.
+    wait_until(
+        "the process server caches W2",
+        Duration::from_secs(20),
+        || {
+            let m = c.machine("m1")?;
+            (m["cached_seq"].as_u64()? > m["applied_seq"].as_u64()?).then_some(())
+        },
+    );
+
+    phase("the primary site's agent dies; ctl failover turns unplanned once it stops reporting");
+    c.kill("agent-m1");
+    let f = c.ctl(&["failover", "m1", "--timeout", "60s"]);
+    assert_eq!(f["stage"], "served", "{f}");
+    assert_eq!(f["planned"], false, "{f}");
+    let events = c.ctl(&["events"]).to_string();
+    eprintln!("events: {events}");
+    assert!(
+        events.contains("unplanned"),
+        "the failover says it is unplanned: {events}"
+    );
+    let uri = export_uri(&f);
+    let view = read_all(&uri, 16 * MIB);
+    assert_eq!(
+        view[2 * MIB as usize],
+        0x31,
+        "W1 (applied before the failover) is in the view"
+    );
+    assert_ne!(
+        view[6 * MIB as usize],
+        0x42,
+        "W2 never reached the recovery site"
+    );
+
+    phase("the process server comes back to the master target (still cut from the configuration node, so it ships): fenced");
+    let before = sha(&replica);
+    cut(&c, &control, "ps1", &[c.addr("config")]);
+    wait_until(
+        "the master target refuses the returning stream",
+        Duration::from_secs(60),
+        || {
+            c.log("ps1")
+                .contains("the forward stream is fenced")
+                .then_some(())
+        },
+    );
+    assert_eq!(
+        sha(&replica),
+        before,
+        "nothing of the fenced stream was applied"
+    );
+    let view = read_all(&uri, 16 * MIB);
+    assert_ne!(view[6 * MIB as usize], 0x42, "the view is unchanged");
+
+    phase("writes at the recovery site, commit, then a master-target restart serves it again");
+    let mut e = nbd(&uri);
+    e.write_at(&block(0x5e), 10 * MIB, false).unwrap();
+    e.flush().unwrap();
+    drop(e);
+    let done = c.ctl(&["failover-commit", "m1"]);
+    assert_eq!(done["state"], "failed-over", "{done}");
+    let out = c.ctl_output(&["failover-cancel", "m1"]);
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "a committed failover cannot be cancelled: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.kill("mt1");
+    c.restart("mt1");
+    let f = wait_until(
+        "the failover is served again",
+        Duration::from_secs(60),
+        || {
+            let f = c.try_ctl(&["failover", "m1"]).ok()?;
+            let served = f["stage"] == "served"
+                && std::os::unix::net::UnixStream::connect(export_uri(&f).split("socket=").nth(1)?)
+                    .is_ok();
+            served.then_some(f)
+        },
+    );
+    assert_eq!(f["state"], "failed-over", "{f}");
+    let view = read_all(&export_uri(&f), 16 * MIB);
+    assert_eq!(
+        view[10 * MIB as usize],
+        0x5e,
+        "the flushed recovery-site write survived the restart"
+    );
+    assert_eq!(view[2 * MIB as usize], 0x31);
+    assert_eq!(sha(&replica), before, "the replica is still only read");
+}
