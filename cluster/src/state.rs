@@ -129,9 +129,9 @@ pub enum Recovery {
     /// `ctl failover`: the forward stream is fenced (or being quiesced first) and the master
     /// target serves the disks at the point; `failover-change-point` and `failover-cancel`
     /// are still safe.
-    FailoverPending(Failover),
+    FailoverPending(Box<Failover>),
     /// `ctl failover-commit`: the recovery site runs the machine at the chosen point.
-    FailedOver(Failover),
+    FailedOver(Box<Failover>),
 }
 
 impl Recovery {

@@ -396,7 +396,7 @@ mod tests {
             policy: Default::default(),
             site: crate::state::default_site(),
             // The failover state is what a restarted configuration node resumes from.
-            recovery: Recovery::FailoverPending(Failover {
+            recovery: Recovery::FailoverPending(Box::new(Failover {
                 id: 5,
                 point: PointSpec::Seq(40),
                 planned: true,
@@ -404,7 +404,7 @@ mod tests {
                 final_seq: Some(40),
                 started_ms: 1_700_000_000_000,
                 ordered: true,
-            }),
+            })),
         };
         let t = TokenRecord {
             id: "0123456789ab".into(),

@@ -75,6 +75,11 @@ pub fn assignment() -> Assignment {
             point_every_ms: None,
             app_consistent_every_ms: None,
         },
+        failover: Some(FailoverOrder {
+            id: 9,
+            point: PointSpec::Seq(40),
+            committed: false,
+        }),
     }
 }
 
@@ -221,6 +226,7 @@ pub fn responses() -> Vec<Response> {
                 name: Some("n".into()),
             }],
             app_consistent_every_ms: Some(60_000),
+            read_only: Some("failed over".into()),
         }),
         Response::NodePoll(NodePollReply {
             assignments: vec![assignment()],

@@ -175,6 +175,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
                     app_consistent_every_ms: None,
                 },
                 site: haven_cluster::default_site(),
+                recovery: Default::default(),
             }),
         ),
         tagged(

@@ -115,7 +115,7 @@ impl ConfigCore {
             f.final_mark = self.final_mark(now, machine);
         }
         let m = self.machines.get_mut(machine).expect("checked above");
-        m.recovery = Recovery::FailoverPending(f);
+        m.recovery = Recovery::FailoverPending(Box::new(f));
         let record = m.clone();
         self.version += 1;
         self.failover_event(now, machine, format!("failover started ({how})"));

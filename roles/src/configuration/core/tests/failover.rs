@@ -440,9 +440,10 @@ fn a_restarted_configuration_node_resumes_a_planned_failover_from_its_record() {
     };
     let (r, p) = poll_agent(&mut c, SEC, vec![]);
     assert!(r.read_only.is_some(), "still read-only after the restart");
-    let Recovery::FailoverPending(Failover { final_mark, .. }) = recovery(&p) else {
+    let Recovery::FailoverPending(f) = recovery(&p) else {
         panic!("pending")
     };
+    let Failover { final_mark, .. } = *f;
     let asked = final_mark.expect("a new final point is asked for");
     let (r, _) = poll_agent(&mut c, SEC, vec![]);
     assert_eq!(
