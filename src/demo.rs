@@ -467,6 +467,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         |m| m.is_some_and(|m| m.test_failover.is_none()),
     )
     .await?;
+    failover_and_cancel(&admin, &mut procs, &dir, &disk, &replica, &uri).await?;
     println!();
     let status = admin.status().await?;
     ctl::print_nodes(&status.nodes);
@@ -475,8 +476,112 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
     admin.close().await;
     drop(procs);
     println!(
-        "\nTo do this by hand:\n  haven node --data-dir /var/lib/haven --listen 0.0.0.0:7400\n  haven agent --join HOST:7400 --token-file /var/lib/haven/agent-token --data-dir /var/lib/haven-agent --disk root=/dev/vda --name web01\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token protect web01\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token status\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token wait-sync web01\n  cmp /dev/vda /var/lib/haven/replicas/web01/root.img\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token recovery-points web01\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token test-failover web01 --point latest\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token test-failover-cleanup web01\n(with `haven agent ... --capture tap`, the workload's disk is the NBD export the agent prints, and every flush is a recovery point)\n\ndemo OK"
+        "\nTo do this by hand:\n  haven node --data-dir /var/lib/haven --listen 0.0.0.0:7400\n  haven agent --join HOST:7400 --token-file /var/lib/haven/agent-token --data-dir /var/lib/haven-agent --disk root=/dev/vda --name web01\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token protect web01\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token status\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token wait-sync web01\n  cmp /dev/vda /var/lib/haven/replicas/web01/root.img\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token recovery-points web01\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token test-failover web01 --point latest\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token test-failover-cleanup web01\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token failover web01   (then failover-commit or failover-cancel)\n(with `haven agent ... --capture tap`, the workload's disk is the NBD export the agent prints, and every flush is a recovery point)\n\ndemo OK"
     );
+    Ok(())
+}
+
+/// Steps 11-12: a planned failover (the tap turns read-only, its final point is applied,
+/// the recovery-site export equals the source byte for byte), a write at the recovery site
+/// that leaves the replica alone, and a cancel after which forward replication resumes.
+async fn failover_and_cancel(
+    admin: &Admin,
+    procs: &mut Procs,
+    dir: &Path,
+    disk: &Path,
+    replica: &Path,
+    tap_uri: &str,
+) -> Result<(), String> {
+    let f = admin
+        .failover(
+            "demo-vm",
+            AdminCommand::Failover {
+                machine: "demo-vm".into(),
+                point: PointSpec::Latest,
+            },
+            Duration::from_secs(60),
+            |_| {},
+        )
+        .await?;
+    println!("11. failover (planned: the source is up, so its tap stopped taking writes and its final point was applied first):");
+    ctl::print_failover(&f);
+    let export = f
+        .disks
+        .first()
+        .and_then(|d| d.nbd_uri.clone())
+        .ok_or("the failover served no disk")?;
+    let copy = dir.join("failover.img");
+    let (u, c) = (export.clone(), copy.clone());
+    tokio::task::spawn_blocking(move || copy_from_nbd(&u, &c))
+        .await
+        .map_err(|e| e.to_string())??;
+    match first_difference(disk, &copy)? {
+        None => println!("   verified: the recovery-site export is byte-identical to the source disk (no write lost)"),
+        Some(off) => return Err(format!("the failover export differs from the source at byte {off}")),
+    }
+    let _ = std::fs::remove_file(&copy);
+    let u = export.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut c = haven_nbd::Client::connect(&u).map_err(|e| e.to_string())?;
+        c.write_at(&[0xd5; 4096], 0, false)
+            .map_err(|e| e.to_string())?;
+        c.flush().map_err(|e| e.to_string())?;
+        c.disconnect().map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    match first_difference(disk, replica)? {
+        None => println!("   a write at the recovery site went to the export's overlay: the replica is unchanged"),
+        Some(off) => return Err(format!("the replica changed at byte {off} during the failover")),
+    }
+    match admin
+        .call(AdminCommand::FailoverCancel {
+            machine: "demo-vm".into(),
+        })
+        .await?
+    {
+        AdminReply::Failover(v) => ctl::print_failover(&v),
+        other => return Err(format!("failover-cancel: unexpected reply {other:?}")),
+    }
+    // Forward again once the agent's next poll lifts read-only: a write through the tap
+    // reaches the replica.
+    let t = Instant::now();
+    let u = tap_uri.to_string();
+    loop {
+        let u = u.clone();
+        let wrote = tokio::task::spawn_blocking(move || {
+            let mut c = haven_nbd::Client::connect(&u).map_err(|e| e.to_string())?;
+            let r = c
+                .write_at(&[0x6b; 4096], 4096, false)
+                .and_then(|()| c.flush());
+            let _ = c.disconnect();
+            Ok::<_, String>(r.is_ok())
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        if wrote {
+            break;
+        }
+        check_alive(procs)?;
+        if t.elapsed() > Duration::from_secs(30) {
+            return Err("the tap did not take writes again within 30 s of the cancel".into());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    match admin
+        .wait_sync("demo-vm", Duration::from_secs(120), |_, _, _| {})
+        .await?
+    {
+        ctl::WaitEnd::Synced => {}
+        ctl::WaitEnd::TimedOut(why) => {
+            return Err(format!("wait-sync after the cancel timed out ({why:?})"))
+        }
+        ctl::WaitEnd::Blocked(why) => return Err(format!("wait-sync after the cancel: {why}")),
+    }
+    match first_difference(disk, replica)? {
+        None => println!("12. after the cancel the tap takes writes again and a new write reached the replica: forward replication resumed, no resync (reprotect and failback are not built yet)"),
+        Some(off) => return Err(format!("after the cancel the replica differs at byte {off}")),
+    }
     Ok(())
 }
 

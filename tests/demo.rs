@@ -24,6 +24,9 @@ fn the_demo_replicates_lists_points_drills_one_and_cleans_up() {
         "recovery points of demo-vm",
         "verified: the view is byte-identical to the disk as it was at that point",
         "test-failover-cleanup: demo-vm: test failover ended",
+        "verified: the recovery-site export is byte-identical to the source disk",
+        "the replica is unchanged",
+        "forward replication resumed",
         "demo OK",
     ] {
         assert!(

@@ -40,7 +40,8 @@ pub struct NodeView {
 pub struct EventView {
     /// Milliseconds since the event (configuration node's clock).
     pub age_ms: u64,
-    /// move | failover | rebalance | drain
+    /// move | failover (of a process server) | rebalance | drain | app-point | recovery (a
+    /// machine's failover cycle)
     pub kind: String,
     pub machine: String,
     pub from: Option<String>,

@@ -97,8 +97,19 @@ impl ConfigCore {
             .collect()
     }
 
-    /// The process server a machine should go to, other than `exclude`.
-    fn pick_process_server(&self, now: Instant, exclude: Option<&str>) -> Option<String> {
+    /// The process server `machine` should go to, other than `exclude`: one at the
+    /// machine's site when one is live (its data should not cross sites twice), else any.
+    fn pick_process_server(
+        &self,
+        now: Instant,
+        machine: &str,
+        exclude: Option<&str>,
+    ) -> Option<String> {
+        let site = self
+            .machines
+            .get(machine)
+            .map(|m| m.site.as_str())
+            .unwrap_or(haven_cluster::DEFAULT_SITE);
         let cands: Vec<placement::Candidate> = self
             .nodes
             .values()
@@ -109,7 +120,8 @@ impl ConfigCore {
                 alive: self.alive(now, &n.name),
             })
             .collect();
-        placement::pick(&cands).map(|n| n.name.clone())
+        placement::pick_preferring(&cands, placement::process_server_site(site))
+            .map(|n| n.name.clone())
     }
 
     /// Reassigns `machine` to process server `to` with the next generation.
@@ -216,7 +228,7 @@ impl ConfigCore {
                 self.last_failed.insert(node.clone(), now);
             }
             for machine in machines {
-                let Some(to) = self.pick_process_server(now, Some(&node)) else {
+                let Some(to) = self.pick_process_server(now, &machine, Some(&node)) else {
                     continue; // nowhere to go; the machine shows as degraded
                 };
                 let secs = self.failure_timeout.as_secs_f64();
@@ -244,7 +256,7 @@ impl ConfigCore {
         let mut persist = vec![];
         for node in drained {
             for machine in self.machines_on(&node) {
-                let Some(to) = self.pick_process_server(now, Some(&node)) else {
+                let Some(to) = self.pick_process_server(now, &machine, Some(&node)) else {
                     continue;
                 };
                 if let Ok((p, _)) =
@@ -291,6 +303,22 @@ impl ConfigCore {
             self.last_failed.remove(&n);
         }
         let mut out = vec![];
+        // Within each site only: a machine's data should not cross sites to reach its
+        // process server.
+        let sites: std::collections::BTreeSet<String> = self
+            .nodes
+            .values()
+            .filter(|n| n.has_role(ROLE_PROCESS))
+            .map(|n| n.site.clone())
+            .collect();
+        for site in sites {
+            self.rebalance_site(now, &site, &mut out);
+        }
+        out
+    }
+
+    fn rebalance_site(&mut self, now: Instant, site: &str, out: &mut Vec<(Persist, EventView)>) {
+        let cooldown = self.policy.cooldown;
         loop {
             if self.recent_moves.len() >= self.policy.max_moves_per_minute as usize {
                 break;
@@ -298,6 +326,7 @@ impl ConfigCore {
             let mut loads: Vec<(String, i64)> = self
                 .nodes
                 .values()
+                .filter(|n| n.site == site)
                 .filter(|n| n.has_role(ROLE_PROCESS) && !n.drained && self.alive(now, &n.name))
                 .filter(|n| !self.last_failed.contains_key(&n.name))
                 .map(|n| {
@@ -341,6 +370,5 @@ impl ConfigCore {
                 Err(_) => break,
             }
         }
-        out
     }
 }

@@ -426,6 +426,36 @@ fn failover_moves_the_machines_of_a_silent_process_server_to_the_live_ones_with_
 }
 
 #[test]
+fn failover_of_a_process_server_prefers_one_at_the_machines_site() {
+    // ps-a and ps-b at the primary site, ps-dr (most headroom) at the recovery site: the
+    // rebalancer, within each site too, moves nothing across.
+    let mut ps_dr = process("ps-dr", 50);
+    ps_dr.site = "dr".into();
+    let mut c = Cluster::new(
+        vec![process("ps-a", 10), process("ps-b", 9), ps_dr, mt()],
+        on("ps-a", &["m1", "m2"]),
+    );
+    assert_eq!(c.all_poll_tick(Duration::ZERO), vec![]);
+    assert_eq!(c.all_poll_tick(SEC), vec![]);
+    // ps-a dies: both go to ps-b, at their site, not to the roomier ps-dr across the sites.
+    assert_eq!(
+        c.poll_tick(DEAD, &["ps-b", "ps-dr", "mt-a"]),
+        vec![
+            machine_persist("m1", "ps-b", 2),
+            machine_persist("m2", "ps-b", 2)
+        ]
+    );
+    // With no live process server left at the site, one elsewhere beats none.
+    assert_eq!(
+        c.poll_tick(DEAD + DEAD, &["ps-dr", "mt-a"]),
+        vec![
+            machine_persist("m1", "ps-dr", 3),
+            machine_persist("m2", "ps-dr", 3)
+        ]
+    );
+}
+
+#[test]
 fn no_failover_before_the_core_has_been_up_for_a_failure_timeout() {
     // ps-a never reports to this (just restarted) configuration node.
     let mut c = Cluster::new(
