@@ -108,13 +108,8 @@ fn app_consistent_points_freeze_flush_barrier_and_always_thaw() {
             &thaw,
         ],
     );
-    let sock = c.path("agent-m1/nbd/d0.sock");
-    wait_until("the tap", Duration::from_secs(30), || {
-        std::os::unix::net::UnixStream::connect(&sock)
-            .ok()
-            .map(|_| ())
-    });
-    let u = format!("nbd+unix:///d0?socket={}", sock.display());
+    c.wait_tap("m1", "d0");
+    let u = c.tap_uri("m1", "d0");
     c.ctl(&["protect", "m1"]);
     c.wait_sync("m1", SYNC);
     assert!(hooks_log(&c).is_empty(), "no point asked for yet");

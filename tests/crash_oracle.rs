@@ -187,13 +187,7 @@ fn protected_tap(c: &mut Cluster) -> (std::path::PathBuf, String) {
         .unwrap()
         .set_len(BLOCKS * BS as u64)
         .unwrap();
-    c.start_agent_args("m1", &[("d0", &disk)], &["--capture", "tap"]);
-    let sock = c.path("agent-m1/nbd/d0.sock");
-    wait_until("the tap", Duration::from_secs(30), || {
-        std::os::unix::net::UnixStream::connect(&sock)
-            .ok()
-            .map(|_| ())
-    });
+    c.start_tap_agent("m1", &disk, &[]);
     c.ctl(&[
         "protect",
         "m1",
@@ -203,7 +197,8 @@ fn protected_tap(c: &mut Cluster) -> (std::path::PathBuf, String) {
         "1GiB",
     ]);
     c.wait_sync("m1", SYNC);
-    (disk, format!("nbd+unix:///d0?socket={}", sock.display()))
+    let uri = c.tap_uri("m1", "d0");
+    (disk, uri)
 }
 
 /// The points made since `since_ms`: one per flush and nothing else, all crash-consistent.

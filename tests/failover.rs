@@ -6,7 +6,7 @@
 //! applied; a committed failover is served again after a master-target restart.
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use common::*;
@@ -16,25 +16,6 @@ use xxhash_rust::xxh3::xxh3_128;
 
 const MIB: u64 = 1 << 20;
 const SYNC: Duration = Duration::from_secs(120);
-
-fn sock(c: &Cluster, m: &str, disk: &str) -> PathBuf {
-    c.path(&format!("agent-{m}/nbd/{disk}.sock"))
-}
-
-fn tap_uri(c: &Cluster, m: &str, disk: &str) -> String {
-    format!("nbd+unix:///{disk}?socket={}", sock(c, m, disk).display())
-}
-
-fn tap_agent(c: &mut Cluster, m: &str, disk: &Path, extra: &[&str]) {
-    let mut args = vec!["--capture", "tap"];
-    args.extend_from_slice(extra);
-    c.start_agent_args(m, &[("d0", disk)], &args);
-    let s = sock(c, m, "d0");
-    // Connect, not just look: a killed agent leaves its socket file behind.
-    wait_until("the tap's socket", Duration::from_secs(30), || {
-        std::os::unix::net::UnixStream::connect(&s).ok().map(|_| ())
-    });
-}
 
 fn nbd(uri: &str) -> haven_nbd::Client {
     haven_nbd::Client::connect(uri).unwrap_or_else(|e| panic!("connect to {uri}: {e}"))
@@ -72,13 +53,13 @@ fn a_planned_failover_loses_no_write_and_a_cancel_resumes_forward_replication() 
     c.start_config(&[], vec![]);
     let disk = c.path("d0.img");
     make_disk(&disk, 16 * MIB, 61);
-    tap_agent(&mut c, "m1", &disk, &[]);
+    c.start_tap_agent("m1", &disk, &[]);
     c.ctl(&["protect", "m1"]);
     c.wait_sync("m1", SYNC);
     let replica = c.replica("config", "m1", "d0");
 
     phase("writes through the tap, the last ones acknowledged but never flushed");
-    let u = tap_uri(&c, "m1", "d0");
+    let u = c.tap_uri("m1", "d0");
     let mut w = nbd(&u);
     w.write_at(&block(0x11), 0, false).unwrap();
     w.flush().unwrap();
@@ -227,7 +208,7 @@ fn an_unplanned_failover_fences_a_process_server_that_comes_back_and_survives_a_
     );
     let disk = c.path("d0.img");
     make_disk(&disk, 16 * MIB, 62);
-    tap_agent(&mut c, "m1", &disk, &[]);
+    c.start_tap_agent("m1", &disk, &[]);
     c.ctl(&["protect", "m1"]);
     let m = c.machine("m1").unwrap();
     assert_eq!(m["master_target"], "mt1", "{m}");
@@ -236,7 +217,7 @@ fn an_unplanned_failover_fences_a_process_server_that_comes_back_and_survives_a_
     let replica = c.replica("mt1", "m1", "d0");
 
     phase("W1 flushed and applied: a recovery point");
-    let u = tap_uri(&c, "m1", "d0");
+    let u = c.tap_uri("m1", "d0");
     let mut w = nbd(&u);
     w.write_at(&block(0x31), 2 * MIB, false).unwrap();
     w.flush().unwrap();

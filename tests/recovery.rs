@@ -14,13 +14,6 @@ use serde_json::Value;
 const MIB: u64 = 1 << 20;
 const SYNC: Duration = Duration::from_secs(120);
 
-fn tap_uri(c: &Cluster, m: &str) -> String {
-    format!(
-        "nbd+unix:///d0?socket={}",
-        c.path(&format!("agent-{m}/nbd/d0.sock")).display()
-    )
-}
-
 fn points(c: &Cluster, m: &str) -> Value {
     c.ctl(&["recovery-points", m])
 }
@@ -42,16 +35,10 @@ fn a_test_failover_serves_a_point_while_replication_goes_on_and_never_touches_th
     c.start_config(&[], vec![]);
     let disk = c.path("d0.img");
     make_disk(&disk, 32 * MIB, 31);
-    c.start_agent_args("m1", &[("d0", &disk)], &["--capture", "tap"]);
-    let sock = c.path("agent-m1/nbd/d0.sock");
-    haven_testkit::wait_until("the tap", Duration::from_secs(30), || {
-        std::os::unix::net::UnixStream::connect(&sock)
-            .ok()
-            .map(|_| ())
-    });
+    c.start_tap_agent("m1", &disk, &[]);
     c.ctl(&["protect", "m1"]);
     c.wait_sync("m1", SYNC);
-    let u = tap_uri(&c, "m1");
+    let u = c.tap_uri("m1", "d0");
 
     phase("point A: a write and a flush; the disk as it was then is kept aside");
     qemu_io(&u, &["write -P 0xa1 0 1M", "flush"]);

@@ -4,11 +4,7 @@
 //! full retention buffer.
 mod common;
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
 use common::*;
 use haven_testkit::make_disk;
@@ -16,37 +12,14 @@ use haven_testkit::make_disk;
 const MIB: u64 = 1 << 20;
 const SYNC: Duration = Duration::from_secs(120);
 
-fn sock(c: &Cluster, m: &str, disk: &str) -> PathBuf {
-    c.path(&format!("agent-{m}/nbd/{disk}.sock"))
-}
-
-fn uri(c: &Cluster, m: &str, disk: &str) -> String {
-    format!("nbd+unix:///{disk}?socket={}", sock(c, m, disk).display())
-}
-
-fn wait_socket(c: &Cluster, m: &str, disk: &str) {
-    let s = sock(c, m, disk);
-    // Connect, not just look: a killed agent leaves its socket file behind.
-    haven_testkit::wait_until("the tap's socket", Duration::from_secs(30), || {
-        std::os::unix::net::UnixStream::connect(&s).ok().map(|_| ())
-    });
-}
-
-fn tap_agent(c: &mut Cluster, m: &str, disk: &Path, extra: &[&str]) {
-    let mut args = vec!["--capture", "tap"];
-    args.extend_from_slice(extra);
-    c.start_agent_args(m, &[("d0", disk)], &args);
-    wait_socket(c, m, "d0");
-}
-
 #[test]
 fn qemu_io_writes_through_the_tap_during_and_after_the_initial_sync_reach_the_replica() {
     let mut c = Cluster::new();
     c.start_config(&[], vec![]);
     let disk = c.path("d0.img");
     make_disk(&disk, 64 * MIB, 21);
-    tap_agent(&mut c, "m1", &disk, &[]);
-    let u = uri(&c, "m1", "d0");
+    c.start_tap_agent("m1", &disk, &[]);
+    let u = c.tap_uri("m1", "d0");
 
     phase("writes before protection reach the disk; the sync pass sends them");
     qemu_io(&u, &["write -P 0x5a 0 64k", "flush"]);
@@ -84,7 +57,7 @@ fn fio_random_writes_of_mixed_sizes_with_several_jobs_replicate_exactly() {
     c.start_config(&[], vec![]);
     let disk = c.path("d0.img");
     make_disk(&disk, 64 * MIB, 22);
-    tap_agent(&mut c, "m1", &disk, &[]);
+    c.start_tap_agent("m1", &disk, &[]);
     c.ctl(&["protect", "m1"]);
     c.wait_sync("m1", SYNC);
 
@@ -93,7 +66,7 @@ fn fio_random_writes_of_mixed_sizes_with_several_jobs_replicate_exactly() {
         .args([
             "--name=tap",
             "--ioengine=nbd",
-            &format!("--uri={}", uri(&c, "m1", "d0")),
+            &format!("--uri={}", c.tap_uri("m1", "d0")),
             "--rw=randwrite",
             "--bsrange=4k-64k",
             "--iodepth=8",
@@ -123,22 +96,22 @@ fn a_killed_tap_agent_loses_no_acknowledged_write() {
     c.start_config(&[], vec![]);
     let disk = c.path("d0.img");
     make_disk(&disk, 32 * MIB, 23);
-    tap_agent(&mut c, "m1", &disk, &[]);
+    c.start_tap_agent("m1", &disk, &[]);
     c.ctl(&["protect", "m1"]);
     c.wait_sync("m1", SYNC);
 
     phase("acknowledged writes, then SIGKILL of the agent before they can be applied");
     for i in 0..8u64 {
         qemu_io(
-            &uri(&c, "m1", "d0"),
+            &c.tap_uri("m1", "d0"),
             &[&format!("write -P {} {} 256k", 0x40 + i, i * 3 * MIB)],
         );
     }
     c.kill("agent-m1");
     phase("the restarted agent resends what may not have been applied");
     c.restart("agent-m1");
-    wait_socket(&c, "m1", "d0");
-    qemu_io(&uri(&c, "m1", "d0"), &["write -P 0x99 31M 64k", "flush"]);
+    c.wait_tap("m1", "d0");
+    qemu_io(&c.tap_uri("m1", "d0"), &["write -P 0x99 31M 64k", "flush"]);
     c.wait_sync("m1", SYNC);
     c.assert_replica("m1", &disk, &c.replica("config", "m1", "d0"));
 }
@@ -150,7 +123,7 @@ fn a_full_retention_buffer_holds_writers_briefly_then_resyncs_dirty_regions() {
     let disk = c.path("d0.img");
     make_disk(&disk, 64 * MIB, 24);
     // A buffer of 2 MiB overflows at once under 32 MiB of writes.
-    tap_agent(&mut c, "m1", &disk, &["--retention-size", "2MiB"]);
+    c.start_tap_agent("m1", &disk, &["--retention-size", "2MiB"]);
     c.ctl(&["protect", "m1"]);
     c.wait_sync("m1", SYNC);
 
@@ -160,7 +133,7 @@ fn a_full_retention_buffer_holds_writers_briefly_then_resyncs_dirty_regions() {
     // the order lock for the whole backlog).
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let latencies = {
-        let (u, stop) = (uri(&c, "m1", "d0"), stop.clone());
+        let (u, stop) = (c.tap_uri("m1", "d0"), stop.clone());
         std::thread::spawn(move || {
             let mut nbd = haven_nbd::Client::connect(&u).unwrap();
             let mut worst = vec![];
@@ -182,7 +155,7 @@ fn a_full_retention_buffer_holds_writers_briefly_then_resyncs_dirty_regions() {
     c.kill("config");
     let started = std::time::Instant::now();
     qemu_io(
-        &uri(&c, "m1", "d0"),
+        &c.tap_uri("m1", "d0"),
         &["write -P 0x61 0 16M", "write -P 0x62 40M 16M", "flush"],
     );
     let took = started.elapsed();

@@ -242,18 +242,12 @@ fn sparse_disk(path: &Path, size: u64) {
 /// A tap agent for `m` with disk d0 = `disk`, protected (with `protect_args`) and initially
 /// synced.
 fn protected_tap_agent(c: &mut Cluster, m: &str, disk: &Path, protect_args: &[&str]) -> String {
-    c.start_agent_args(m, &[("d0", disk)], &["--capture", "tap"]);
-    let sock = c.path(&format!("agent-{m}/nbd/d0.sock"));
-    haven_testkit::wait_until("the tap's socket", Duration::from_secs(30), || {
-        std::os::unix::net::UnixStream::connect(&sock)
-            .ok()
-            .map(|_| ())
-    });
+    c.start_tap_agent(m, disk, &[]);
     let mut args = vec!["protect", m];
     args.extend_from_slice(protect_args);
     c.ctl(&args);
     c.wait_sync(m, SYNC);
-    format!("nbd+unix:///d0?socket={}", sock.display())
+    c.tap_uri(m, "d0")
 }
 
 /// ext4 without lazy initialisation, so nothing writes in the background once it is mounted.

@@ -306,6 +306,37 @@ impl Cluster {
         );
     }
 
+    /// The socket agent `machine`'s tap serves `disk` on (`haven agent --capture tap`).
+    pub fn tap_socket(&self, machine: &str, disk: &str) -> PathBuf {
+        self.path(&format!("agent-{machine}/nbd/{disk}.sock"))
+    }
+
+    /// The NBD URI of agent `machine`'s tap export `disk`.
+    pub fn tap_uri(&self, machine: &str, disk: &str) -> String {
+        format!(
+            "nbd+unix:///{disk}?socket={}",
+            self.tap_socket(machine, disk).display()
+        )
+    }
+
+    /// Waits until agent `machine`'s tap serves `disk`: a connect, not a look (a killed agent
+    /// leaves its socket file behind).
+    pub fn wait_tap(&self, machine: &str, disk: &str) {
+        let s = self.tap_socket(machine, disk);
+        wait_until("the tap's socket", Duration::from_secs(30), || {
+            std::os::unix::net::UnixStream::connect(&s).ok().map(|_| ())
+        });
+    }
+
+    /// Agent `machine` with tap capture of its one disk `d0` = `disk` (and `extra`
+    /// arguments), once its tap serves it.
+    pub fn start_tap_agent(&mut self, machine: &str, disk: &Path, extra: &[&str]) {
+        let mut args = vec!["--capture", "tap"];
+        args.extend_from_slice(extra);
+        self.start_agent_args(machine, &[("d0", disk)], &args);
+        self.wait_tap(machine, "d0");
+    }
+
     pub fn start_agent(&mut self, machine: &str, disks: &[(&str, &Path)]) {
         self.start_agent_with_env(machine, disks, vec![])
     }
