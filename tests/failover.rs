@@ -161,6 +161,59 @@ fn a_planned_failover_loses_no_write_and_a_cancel_resumes_forward_replication() 
             "`ctl events` lists {what:?}: {events}"
         );
     }
+    c.assert_no_unexpected_errors(&[]);
+}
+
+#[test]
+fn a_configuration_node_killed_during_a_planned_failover_resumes_it_without_losing_a_write() {
+    let mut c = Cluster::new();
+    c.start_config(&[], vec![]);
+    let disk = c.path("d0.img");
+    make_disk(&disk, 16 * MIB, 63);
+    c.start_tap_agent("m1", &disk, &[]);
+    c.ctl(&["protect", "m1"]);
+    c.wait_sync("m1", SYNC);
+
+    phase(
+        "acknowledged writes, not flushed; ctl failover returns at once (no wait for the exports)",
+    );
+    let u = c.tap_uri("m1", "d0");
+    let mut w = nbd(&u);
+    for i in 0..8u64 {
+        w.write_at(&block(0x60 + i as u8), i * MIB, false).unwrap();
+    }
+    drop(w);
+    let out = c.ctl_output(&["failover", "m1", "--timeout", "0s"]);
+    eprintln!(
+        "ctl failover --timeout 0s: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    phase("SIGKILL of the configuration node (all roles) mid-failover, then a restart");
+    c.kill("config");
+    c.restart("config");
+    let f = wait_until(
+        "the failover completes after the restart",
+        Duration::from_secs(60),
+        || {
+            let f = c.try_ctl(&["failover", "m1", "--timeout", "5s"]).ok()?;
+            (f["stage"] == "served").then_some(f)
+        },
+    );
+    assert_eq!(
+        f["planned"], true,
+        "still planned: the source kept reporting: {f}"
+    );
+    assert!(
+        read_all(&export_uri(&f), 16 * MIB) == std::fs::read(&disk).unwrap(),
+        "after the restart the export still holds every acknowledged write"
+    );
+    let err = nbd(&u).write_at(&block(1), 0, false);
+    assert!(err.is_err(), "the source's tap stays read-only");
+    let done = c.ctl(&["failover-cancel", "m1"]);
+    assert_eq!(done["stage"], "cancelled", "{done}");
+    c.wait_sync("m1", SYNC);
+    c.assert_replica("m1", &disk, &c.replica("config", "m1", "d0"));
 }
 
 /// Makes `peers` the exact set `process` cuts both ways (its control file, replaced
