@@ -269,6 +269,16 @@ pub fn print_failover(f: &haven_roles::view::FailoverView) {
                     println!("  {}  {}", d.disk, uri);
                 }
             }
+            if let Some(r) = f.reverse.as_ref().filter(|r| r.done_pass > 0) {
+                println!(
+                    "  reprotect pass {}: compared {} by hash ({} of hashes sent), rewrote {} blocks ({}) of the original disks",
+                    r.done_pass,
+                    size_text(r.bytes_compared),
+                    size_text(r.hash_bytes),
+                    r.blocks_written,
+                    size_text(r.bytes_received)
+                );
+            }
             if f.state == "failover-pending" {
                 println!(
                     "  commit with `haven ctl failover-commit {m}`, or `failover-change-point {m} --point P`, `failover-cancel {m}`",

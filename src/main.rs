@@ -265,6 +265,14 @@ enum CtlCommand {
     FailoverCancel {
         machine: String,
     },
+    /// After commit, with the original site's agent back: make its disks equal to the
+    /// recovery disks, comparing every block's hash and sending only the blocks that differ.
+    /// Waits until the agent has done it and prints the bytes compared and sent.
+    Reprotect {
+        machine: String,
+        #[arg(long, default_value = "600s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
 }
 
 /// `--point`: `latest`, `latest-app`, a point id, or an RFC 3339 time.
@@ -609,6 +617,9 @@ async fn ctl_command(admin: &ctl::Admin, json: bool, command: CtlCommand) -> Exi
             return ctl_failover(admin, json, machine, cmd, timeout).await;
         }
         CtlCommand::FailoverCommit { machine } => AdminCommand::FailoverCommit { machine },
+        CtlCommand::Reprotect { machine, timeout } => {
+            return ctl_reprotect(admin, json, machine, timeout).await
+        }
         CtlCommand::FailoverCancel { machine } => AdminCommand::FailoverCancel { machine },
         CtlCommand::Rebalance => AdminCommand::Rebalance,
         CtlCommand::Drain { node } => AdminCommand::Drain { node },
@@ -696,6 +707,44 @@ async fn ctl_failover(
             if now != said {
                 if let Some(w) = &now {
                     eprintln!("{machine}: {}: {w}", v.stage);
+                }
+                said = now;
+            }
+        })
+        .await;
+    match r {
+        Ok(view) if json => println!(
+            "{}",
+            serde_json::to_string_pretty(&view).unwrap_or_default()
+        ),
+        Ok(view) => ctl::print_failover(&view),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(e.exit_code());
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// `ctl reprotect`: the request, then the agent's reverse pass (what it waits for is shown
+/// as it changes).
+async fn ctl_reprotect(
+    admin: &ctl::Admin,
+    json: bool,
+    machine: String,
+    timeout: Duration,
+) -> ExitCode {
+    let mut said = None;
+    let r = admin
+        .reprotect(&machine, timeout, |v| {
+            let now = v
+                .reverse
+                .as_ref()
+                .and_then(|r| r.error.clone())
+                .or(v.waiting_for.clone());
+            if now != said {
+                if let Some(w) = &now {
+                    eprintln!("{machine}: {}: {w}", v.state);
                 }
                 said = now;
             }

@@ -17,6 +17,11 @@ use xxhash_rust::xxh3::xxh3_128;
 const MIB: u64 = 1 << 20;
 const SYNC: Duration = Duration::from_secs(120);
 
+fn tail_of(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
 fn nbd(uri: &str) -> haven_nbd::Client {
     haven_nbd::Client::connect(uri).unwrap_or_else(|e| panic!("connect to {uri}: {e}"))
 }
@@ -373,4 +378,92 @@ fn an_unplanned_failover_fences_a_process_server_that_comes_back_and_survives_a_
     );
     assert_eq!(view[2 * MIB as usize], 0x31);
     assert_eq!(sha(&replica), before, "the replica is still only read");
+}
+
+#[test]
+fn reprotect_makes_the_original_disk_equal_to_the_recovery_disk_sending_only_what_differs() {
+    let mut c = Cluster::new();
+    c.start_config(&[], vec![]);
+    let disk = c.path("d0.img");
+    make_disk(&disk, 32 * MIB, 64);
+    c.start_tap_agent("m1", &disk, &[]);
+    c.ctl(&["protect", "m1"]);
+    c.wait_sync("m1", SYNC);
+    let u = c.tap_uri("m1", "d0");
+    let mut w = nbd(&u);
+    w.write_at(&block(0x31), 2 * MIB, false).unwrap();
+    w.flush().unwrap();
+    drop(w);
+    c.wait_sync("m1", SYNC);
+    let points = c.ctl(&["recovery-points", "m1"]);
+    let p = points["points"]
+        .as_array()
+        .and_then(|a| a.last())
+        .and_then(|p| p["point"].as_str())
+        .unwrap_or_else(|| panic!("a point: {points}"))
+        .to_string();
+
+    phase("the original site goes down, with 256 KiB on its disk that never reached the replica");
+    c.kill("agent-m1");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        f.write_all_at(&vec![0x77; 256 << 10], 8 * MIB).unwrap();
+        f.sync_all().unwrap();
+    }
+
+    phase("failover to the point, commit; 516 KiB written at the recovery site");
+    let f = c
+        .try_ctl(&["failover", "m1", "--point", &p, "--timeout", "30s"])
+        .unwrap_or_else(|e| panic!("failover: {e}\n{}", tail_of(&c.log("config"))));
+    assert_eq!(f["planned"], false, "{f}");
+    c.ctl(&["failover-commit", "m1"]);
+    let uri = export_uri(&f);
+    let mut e = nbd(&uri);
+    e.write_at(&vec![0xee; 512 << 10], 16 * MIB, false).unwrap();
+    e.write_at(&vec![0xef; 4096], 2 * MIB, false).unwrap();
+    e.flush().unwrap();
+    drop(e);
+    // Once the agent is seen gone (silent past the failure timeout), reprotect is refused.
+    wait_until("the agent seen gone", Duration::from_secs(30), || {
+        let m = c.machine("m1")?;
+        (m["agent_last_seen_ms_ago"].as_u64()? > 5_500).then_some(())
+    });
+    let out = c.ctl_output(&["reprotect", "m1", "--timeout", "5s"]);
+    assert_eq!(out.status.code(), Some(5), "refused without the agent");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("agent for m1 is not connected"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    phase("the original site's agent is back: its disk stays read-only; ctl reprotect");
+    c.restart("agent-m1");
+    c.wait_tap("m1", "d0");
+    assert!(
+        nbd(&u).write_at(&block(1), 0, false).is_err(),
+        "the original disk takes no writes while failed over (persisted across the restart)"
+    );
+    let r = wait_until("reprotect", Duration::from_secs(60), || {
+        c.try_ctl(&["reprotect", "m1", "--timeout", "60s"]).ok()
+    });
+    assert_eq!(r["state"], "reprotected", "{r}");
+    let rev = &r["reverse"];
+    assert_eq!(rev["bytes_compared"], 32 * MIB, "every block compared: {r}");
+    // Exactly the differing blocks: 64 the original site wrote after the point (back to the
+    // point's content), 128 + 1 written at the recovery site.
+    assert_eq!(rev["blocks_written"], 64 + 128 + 1, "{r}");
+    assert_eq!(rev["bytes_received"], (64 + 128 + 1) * 4096, "{r}");
+    assert!(
+        std::fs::read(&disk).unwrap() == read_all(&uri, 32 * MIB),
+        "the original disk equals the recovery disk byte for byte"
+    );
+    let events = c.ctl(&["events"]).to_string();
+    assert!(events.contains("reprotected: pass 1"), "{events}");
+
+    phase("another pass finds nothing to send");
+    let r = c.ctl(&["reprotect", "m1"]);
+    assert_eq!(r["reverse"]["pass"], 2, "{r}");
+    assert_eq!(r["reverse"]["blocks_written"], 0, "{r}");
+    c.assert_no_unexpected_errors(&[]);
 }

@@ -132,6 +132,11 @@ pub enum Recovery {
     FailoverPending(Box<Failover>),
     /// `ctl failover-commit`: the recovery site runs the machine at the chosen point.
     FailedOver(Box<Failover>),
+    /// `ctl reprotect`: the original site's agent makes its disks equal to the recovery
+    /// disks, block by block where the hashes differ.
+    Reprotecting(Box<Failover>),
+    /// The last reverse pass made the original disks equal to the recovery disks.
+    Reprotected(Box<Failover>),
 }
 
 impl Recovery {
@@ -140,14 +145,27 @@ impl Recovery {
             Recovery::Protected => "protected",
             Recovery::FailoverPending(_) => "failover-pending",
             Recovery::FailedOver(_) => "failed-over",
+            Recovery::Reprotecting(_) => "reprotecting",
+            Recovery::Reprotected(_) => "reprotected",
         }
     }
 
     pub fn failover(&self) -> Option<&Failover> {
         match self {
             Recovery::Protected => None,
-            Recovery::FailoverPending(f) | Recovery::FailedOver(f) => Some(f),
+            Recovery::FailoverPending(f)
+            | Recovery::FailedOver(f)
+            | Recovery::Reprotecting(f)
+            | Recovery::Reprotected(f) => Some(f),
         }
+    }
+
+    /// Committed: the recovery site runs the machine (failed over, or on the way back).
+    pub fn committed(&self) -> bool {
+        matches!(
+            self,
+            Recovery::FailedOver(_) | Recovery::Reprotecting(_) | Recovery::Reprotected(_)
+        )
     }
 }
 
@@ -170,6 +188,25 @@ pub struct Failover {
     /// The master target has been told to fence and serve (unplanned at once; planned once
     /// the final point is applied); the process server is out of the assignment from then.
     pub ordered: bool,
+    /// Reprotect: the reverse passes asked for and the last one done.
+    #[serde(default)]
+    pub reverse: Option<ReversePass>,
+}
+
+/// The reverse passes of a reprotect (see [`Recovery::Reprotecting`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReversePass {
+    /// The pass the agent is asked for.
+    pub pass: u64,
+    /// The last pass the agent finished, and its figures.
+    pub done_pass: u64,
+    pub bytes_compared: u64,
+    pub hash_bytes: u64,
+    pub bytes_received: u64,
+    pub blocks_written: u64,
+    pub started_ms: u64,
+    /// Why the last attempt failed (the agent retries).
+    pub error: Option<String>,
 }
 
 /// How recovery points are kept for a machine. `None`: the default.

@@ -404,6 +404,12 @@ mod tests {
                 final_seq: Some(40),
                 started_ms: 1_700_000_000_000,
                 ordered: true,
+                reverse: Some(ReversePass {
+                    pass: 2,
+                    done_pass: 1,
+                    bytes_compared: 1 << 30,
+                    ..Default::default()
+                }),
             })),
         };
         let t = TokenRecord {

@@ -55,6 +55,15 @@ pub fn agent_report() -> AgentReport {
             error: None,
         }],
         site: Some("dr".into()),
+        reverse_done: Some(ReverseDone {
+            order: 9,
+            pass: 2,
+            bytes_compared: 1 << 30,
+            hash_bytes: 2 << 20,
+            bytes_received: 4096,
+            blocks_written: 1,
+            error: None,
+        }),
     }
 }
 
@@ -173,6 +182,14 @@ pub fn requests() -> Vec<Request> {
             disks: disks(),
         }),
         Request::Probe,
+        Request::ReverseDiff(ReverseDiffRequest {
+            machine: "web-01".into(),
+            order: 9,
+            disk: 0,
+            offset: 4096,
+            size: 1 << 30,
+            hashes: vec![1, 2, 3],
+        }),
     ]
 }
 
@@ -227,6 +244,11 @@ pub fn responses() -> Vec<Response> {
             }],
             app_consistent_every_ms: Some(60_000),
             read_only: Some("failed over".into()),
+            reverse: Some(ReverseOrder {
+                order: 9,
+                pass: 2,
+                master_target: ("mt-1".into(), "10.0.0.2:7400".into()),
+            }),
         }),
         Response::NodePoll(NodePollReply {
             assignments: vec![assignment()],
@@ -246,6 +268,9 @@ pub fn responses() -> Vec<Response> {
             reason: "no".into(),
         },
         Response::ProbeAck { instance: 3 },
+        Response::ReverseDiff(ReverseDiffReply {
+            runs: vec![(8192, ByteBuf::from(vec![7u8; 16]))],
+        }),
     ]
 }
 

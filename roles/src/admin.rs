@@ -239,7 +239,36 @@ impl Admin {
         machine: &str,
         cmd: AdminCommand,
         timeout: Duration,
+        progress: impl FnMut(&FailoverView),
+    ) -> Result<FailoverView, CtlError> {
+        self.failover_until(machine, cmd, timeout, progress, |v| v.stage == "served")
+            .await
+    }
+
+    /// `ctl reprotect`: the request, then its progress until the original site's agent has
+    /// finished the pass it asked for.
+    pub async fn reprotect(
+        &self,
+        machine: &str,
+        timeout: Duration,
+        progress: impl FnMut(&FailoverView),
+    ) -> Result<FailoverView, CtlError> {
+        let cmd = AdminCommand::Reprotect {
+            machine: machine.into(),
+        };
+        self.failover_until(machine, cmd, timeout, progress, |v| {
+            v.state == "reprotected" && v.reverse.as_ref().is_some_and(|r| r.done_pass == r.pass)
+        })
+        .await
+    }
+
+    async fn failover_until(
+        &self,
+        machine: &str,
+        cmd: AdminCommand,
+        timeout: Duration,
         mut progress: impl FnMut(&FailoverView),
+        done: impl Fn(&FailoverView) -> bool,
     ) -> Result<FailoverView, CtlError> {
         let deadline = Instant::now() + timeout;
         let mut reply = self.call(cmd).await?;
@@ -248,13 +277,13 @@ impl Admin {
                 return Err(CtlError::Failed(format!("unexpected reply: {reply:?}")));
             };
             progress(&view);
-            if view.stage == "served" {
+            if done(&view) {
                 return Ok(view);
             }
             if Instant::now() >= deadline {
                 return Err(CtlError::Failed(format!(
-                    "the failover of {machine} is not served after {}s ({}); it goes on: \
-                     `ctl failover {machine}` shows it again, `ctl failover-cancel {machine}` ends it",
+                    "{machine} is not there after {}s ({}); it goes on: \
+                     `ctl failover {machine}` shows where it stands",
                     timeout.as_secs(),
                     view.error.or(view.waiting_for).unwrap_or(view.stage)
                 )));

@@ -362,6 +362,17 @@ async fn route(
             },
             (None, _) => not_here(&node.link.name, ROLE_MASTER_TARGET),
         },
+        Request::ReverseDiff(req) => match (&node.master, &who) {
+            (Some(mt), Some(PeerIdentity::Agent { machine, enrolment }))
+                if *machine == req.machine =>
+            {
+                mt.reverse_diff(enrolment, req).await
+            }
+            (Some(_), _) => Response::Refused {
+                reason: "a reverse diff is asked by the machine's own agent only".into(),
+            },
+            (None, _) => not_here(&node.link.name, ROLE_MASTER_TARGET),
+        },
         request => match &node.config {
             Some(cfg) => cfg.handle(who, request).await,
             None => not_here(&node.link.name, ROLE_CONFIGURATION),

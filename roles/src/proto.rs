@@ -33,6 +33,56 @@ pub enum Request {
     /// The configuration node asks a master target about a machine's recovery points and
     /// drills (forwarding an operator's command); only a configuration node may ask.
     Recovery(RecoveryRequest),
+    /// Reprotect: the agent of a failed-over machine, back at the original site, asks its
+    /// master target for the blocks of the recovery disk that differ from its own disk;
+    /// answered with `ReverseDiff`. Only the machine's own agent may ask.
+    ReverseDiff(ReverseDiffRequest),
+}
+
+/// A range of the agent's disk, as block hashes (see [`Request::ReverseDiff`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReverseDiffRequest {
+    pub machine: String,
+    /// The failover ([`FailoverOrder::id`]) the recovery disk belongs to.
+    pub order: u64,
+    pub disk: u16,
+    /// Where the range starts (a multiple of 4 KiB).
+    pub offset: u64,
+    /// The agent disk's size (it must be the recovery disk's).
+    pub size: u64,
+    /// xxh3-64 of each 4 KiB block from `offset` (the disk's last block may be short).
+    pub hashes: Vec<u64>,
+}
+
+/// The blocks of the range that differ, coalesced into runs (offset, data).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReverseDiffReply {
+    pub runs: Vec<(u64, serde_bytes::ByteBuf)>,
+}
+
+/// Reprotect: the agent makes its disks equal to the recovery disks of failover `order`,
+/// by block-hash comparison with the master target (`pass` counts the passes asked for).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReverseOrder {
+    pub order: u64,
+    pub pass: u64,
+    /// (node name, QUIC address) of the master target serving the recovery disks.
+    pub master_target: (String, String),
+}
+
+/// A reverse pass the agent finished (or gave up on, `error`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReverseDone {
+    pub order: u64,
+    pub pass: u64,
+    /// Bytes of the disks compared (by hash).
+    pub bytes_compared: u64,
+    /// Bytes of block hashes sent to the master target.
+    pub hash_bytes: u64,
+    /// Bytes of differing blocks received and written.
+    pub bytes_received: u64,
+    pub blocks_written: u64,
+    pub error: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -57,6 +107,7 @@ pub enum Response {
         instance: u64,
     },
     Recovery(RecoveryReply),
+    ReverseDiff(ReverseDiffReply),
 }
 
 pub use haven_cluster::PointSpec;
@@ -154,6 +205,9 @@ pub struct AgentReport {
     /// `haven agent --site`; None from older agents.
     #[serde(default)]
     pub site: Option<String>,
+    /// The last reverse pass (reprotect) the agent finished.
+    #[serde(default)]
+    pub reverse_done: Option<ReverseDone>,
 }
 
 /// `ctl mark`: a recovery point now, through the agent's poll.
@@ -266,6 +320,9 @@ pub struct AgentPollReply {
     /// this reason, until it is protected from its own site again.
     #[serde(default)]
     pub read_only: Option<String>,
+    /// Reprotect: make the disks equal to the recovery disks (a pass not done yet).
+    #[serde(default)]
+    pub reverse: Option<ReverseOrder>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -605,6 +662,10 @@ pub enum AdminCommand {
         machine: String,
     },
     FailoverCancel {
+        machine: String,
+    },
+    /// `ctl reprotect M`: answered with `Failover` (poll with `FailoverState`).
+    Reprotect {
         machine: String,
     },
 }

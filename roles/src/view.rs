@@ -224,6 +224,9 @@ pub struct FailoverView {
     pub elapsed_ms: u64,
     /// From the master target's order to its exports being served (its share of the RTO).
     pub serve_ms: Option<u64>,
+    /// Reprotect: the reverse passes asked for and the last one's figures.
+    #[serde(default)]
+    pub reverse: Option<haven_cluster::ReversePass>,
 }
 
 /// What a test-failover cleanup did.

@@ -130,6 +130,7 @@ pub(super) async fn control_loop(a: Arc<Agent>) -> Result<(), TaskError> {
                     lock(&a.marks).reported(id);
                 }
                 handle_poll_reply(&a, reply)?;
+                a.heard.send_replace(true);
                 Duration::from_millis(100)
             }
             Some(Ok(other)) => {
@@ -157,7 +158,7 @@ pub(super) async fn control_loop(a: Arc<Agent>) -> Result<(), TaskError> {
     }
 }
 
-fn handle_poll_reply(a: &Agent, reply: AgentPollReply) -> Result<(), AgentError> {
+fn handle_poll_reply(a: &Arc<Agent>, reply: AgentPollReply) -> Result<(), AgentError> {
     if let Some(ms) = reply.point_every_ms {
         a.point_every_ms
             .store(ms.max(100), std::sync::atomic::Ordering::Relaxed);
@@ -183,6 +184,9 @@ fn handle_poll_reply(a: &Agent, reply: AgentPollReply) -> Result<(), AgentError>
         a.control.send_replace(now);
     }
     handle_marks(a, &reply);
+    if let Some(order) = reply.reverse.clone() {
+        super::reverse::offer(a, order);
+    }
     if new.protected && new.epoch != lock(&a.core).epoch {
         tracing::info!(
             epoch = new.epoch,

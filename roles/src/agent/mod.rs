@@ -19,6 +19,7 @@ pub mod disks;
 pub mod freeze;
 pub mod journal;
 pub mod marks;
+pub mod reverse;
 pub mod scan;
 pub mod tap;
 
@@ -143,6 +144,7 @@ pub async fn run_with(opts: AgentOptions, source: Arc<dyn CaptureSource>) -> any
         journal: Mutex::new(None),
         snapshot_sizes: Mutex::new(vec![]),
         control: watch::Sender::new(control.clone()),
+        heard: watch::Sender::new(false),
         reset: watch::Sender::new(0),
         new_batch: Notify::new(),
         room: Notify::new(),
@@ -159,6 +161,7 @@ pub async fn run_with(opts: AgentOptions, source: Arc<dyn CaptureSource>) -> any
         takes_marks: source.takes_marks(),
         marks: Mutex::new(marks::MarkBox::default()),
         mark_now: Notify::new(),
+        reverse: Mutex::new(Default::default()),
         opts: opts.clone(),
     });
     let recorded = load_disks(&opts, control.epoch)?;

@@ -145,6 +145,10 @@ pub(super) struct Agent {
     /// The applied sizes the last snapshot recorded: a resize snapshots at once.
     pub snapshot_sizes: Mutex<Vec<u64>>,
     pub control: watch::Sender<Control>,
+    /// Set once this process has had a poll reply: until then the tap holds writes (briefly,
+    /// see `tap::STARTUP_HOLD`), since the machine may have been failed over while the agent
+    /// was down and the original disks must then take no write.
+    pub heard: watch::Sender<bool>,
     /// Bumped whenever the core is reset for a new epoch.
     pub reset: watch::Sender<u64>,
     /// A batch was numbered and retained (the stream sends it).
@@ -170,6 +174,8 @@ pub(super) struct Agent {
     pub takes_marks: bool,
     /// Requested and periodic points to make, and their outcomes to report.
     pub marks: Mutex<super::marks::MarkBox>,
+    /// Reprotect: the reverse pass running and the last one done (see `reverse.rs`).
+    pub reverse: Mutex<super::reverse::ReverseState>,
     /// A mark was queued, or the app-consistent period changed.
     pub mark_now: Notify,
 }
@@ -361,6 +367,7 @@ impl Agent {
             .min()
             .unwrap_or(0);
         AgentReport {
+            reverse_done: lock(&self.reverse).done.clone(),
             machine: self.opts.machine.clone(),
             hostname: self.hostname.clone(),
             disks,

@@ -70,6 +70,10 @@ const BATCH_AGE: Duration = Duration::from_millis(10);
 /// Longest a writer is held back while the retention buffer is full, before the tap switches
 /// to dirty regions.
 pub const HOLD_MAX: Duration = Duration::from_millis(500);
+/// Longest a write waits, after the agent starts, for the configuration node's first answer
+/// (which says whether the machine was failed over meanwhile, and the disks are read-only);
+/// with the configuration node unreachable longer, the last state it gave (persisted) holds.
+pub const STARTUP_HOLD: Duration = Duration::from_secs(10);
 /// Granularity of the dirty-region map.
 const REGION_BYTES: u64 = 1 << 20;
 /// Bytes read (and captured) under the order lock at a time by the sync pass and the
@@ -348,6 +352,11 @@ impl TapDisk {
     }
 
     async fn write_and_capture(&self, offset: u64, data: &[u8], fua: bool) -> std::io::Result<()> {
+        let agent = &self.shared.sink.agent;
+        if !*agent.heard.borrow() {
+            let mut heard = agent.heard.subscribe();
+            let _ = tokio::time::timeout(STARTUP_HOLD, heard.wait_for(|h| *h)).await;
+        }
         let mut o = self.shared.order.lock().await;
         // Checked under the order lock: a point taken after read-only was set follows every
         // write accepted (a planned failover's final point).

@@ -144,6 +144,16 @@ impl CowDisk {
         map[(block / 64) as usize] & (1 << (block % 64)) != 0
     }
 
+    /// Reads the disk as the drill (or failover) sees it: the overlay where written, the
+    /// view elsewhere.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.read_blocks(offset, buf)
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
     fn read_blocks(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         // Runs of blocks from the same source are read at once.

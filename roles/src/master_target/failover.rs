@@ -29,7 +29,9 @@ use super::owner::{Answer, Ask};
 use super::recovery::{self, Drill};
 use super::MasterService;
 use crate::fsutil::{read_optional, unix_ms, write_atomic};
-use crate::proto::{FailoverOrder, FailoverReport, PointSpec};
+use crate::proto::{
+    FailoverOrder, FailoverReport, PointSpec, ReverseDiffReply, ReverseDiffRequest,
+};
 
 /// Where a machine's failover lives on the master target.
 pub fn failover_dir(data_dir: &Path, machine: &str) -> PathBuf {
@@ -211,6 +213,77 @@ async fn end(svc: &MasterService, machine: &str) -> Result<(), String> {
     }
 }
 
+/// Reprotect: the blocks of the recovery disk in the agent's range whose hashes differ from
+/// the agent's (see `agent/reverse.rs`).
+pub async fn reverse_diff(
+    state: &super::MasterState,
+    req: ReverseDiffRequest,
+) -> Result<ReverseDiffReply, String> {
+    let disk = {
+        let served = state.failovers();
+        let s = served
+            .get(&req.machine)
+            .ok_or_else(|| format!("{} is not failed over to this master target", req.machine))?;
+        if s.order != req.order {
+            return Err(format!(
+                "the failover of {} changed since (order {} is served, not {})",
+                req.machine, s.order, req.order
+            ));
+        }
+        s.drill
+            .disk(req.disk)
+            .ok_or_else(|| format!("{} has no disk {}", req.machine, req.disk))?
+    };
+    let size = disk.size();
+    if req.size != size {
+        return Err(format!(
+            "the original disk {} is {} bytes but the recovery disk is {size}: resize it to match first",
+            req.disk, req.size
+        ));
+    }
+    let len = (req.hashes.len() as u64 * BLOCK).min(size.saturating_sub(req.offset));
+    if req.offset % BLOCK != 0 || req.hashes.len() as u64 > CHUNK_BLOCKS_MAX || len == 0 {
+        return Err(format!(
+            "a reverse diff covers at most {CHUNK_BLOCKS_MAX} whole blocks inside the disk"
+        ));
+    }
+    let offset = req.offset;
+    let buf = tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; len as usize];
+        disk.read_at(offset, &mut buf).map(|()| buf)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| format!("read the recovery disk: {e}"))?;
+    Ok(ReverseDiffReply {
+        runs: diff_runs(offset, &req.hashes, &buf)
+            .into_iter()
+            .map(|(o, d)| (o, serde_bytes::ByteBuf::from(d)))
+            .collect(),
+    })
+}
+
+/// Largest reverse diff request, in blocks (its reply fits a control frame).
+pub const CHUNK_BLOCKS_MAX: u64 = 128;
+const BLOCK: u64 = 4096;
+
+/// The runs of `ours` (the range at `offset`) whose 4 KiB blocks hash otherwise than
+/// `theirs`, adjacent blocks coalesced. A block `theirs` lacks differs.
+pub fn diff_runs(offset: u64, theirs: &[u64], ours: &[u8]) -> Vec<(u64, Vec<u8>)> {
+    let mut runs: Vec<(u64, Vec<u8>)> = vec![];
+    for (i, block) in ours.chunks(BLOCK as usize).enumerate() {
+        if theirs.get(i) == Some(&xxhash_rust::xxh3::xxh3_64(block)) {
+            continue;
+        }
+        let at = offset + i as u64 * BLOCK;
+        match runs.last_mut() {
+            Some((o, d)) if *o + d.len() as u64 == at => d.extend_from_slice(block),
+            _ => runs.push((at, block.to_vec())),
+        }
+    }
+    runs
+}
+
 /// Removes a failover's record and overlays (not its fence).
 fn remove_overlays(dir: &Path) -> Result<(), String> {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -223,4 +296,37 @@ fn remove_overlays(dir: &Path) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xxhash_rust::xxh3::xxh3_64;
+
+    #[test]
+    fn only_differing_blocks_travel_coalesced_into_runs() {
+        let ours: Vec<u8> = (0..6 * 4096u32).map(|i| (i / 4096) as u8).collect();
+        let mut theirs: Vec<u64> = ours.chunks(4096).map(xxh3_64).collect();
+        assert_eq!(
+            diff_runs(8192, &theirs, &ours),
+            vec![],
+            "equal: nothing travels"
+        );
+        theirs[1] ^= 1;
+        theirs[2] ^= 1;
+        theirs[4] ^= 1;
+        assert_eq!(
+            diff_runs(8192, &theirs, &ours),
+            vec![
+                (8192 + 4096, ours[4096..3 * 4096].to_vec()),
+                (8192 + 4 * 4096, ours[4 * 4096..5 * 4096].to_vec()),
+            ]
+        );
+        // A short last block, and hashes missing for the tail: both differ.
+        let short = &ours[..4096 + 100];
+        assert_eq!(
+            diff_runs(0, &theirs[..1], short),
+            vec![(4096, ours[4096..4196].to_vec())]
+        );
+    }
 }

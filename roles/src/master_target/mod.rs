@@ -219,6 +219,33 @@ impl MasterService {
         }
     }
 
+    /// Reprotect: the blocks of a failed-over machine's recovery disk that differ from the
+    /// agent's (see [`failover::reverse_diff`]).
+    pub async fn reverse_diff(
+        &self,
+        enrolment: &str,
+        req: crate::proto::ReverseDiffRequest,
+    ) -> crate::proto::Response {
+        // The agent of the machine's current enrolment only (a forgotten and re-enrolled
+        // name is another machine).
+        if self
+            .link
+            .assignment(&req.machine)
+            .is_none_or(|a| a.enrolment != enrolment)
+        {
+            return crate::proto::Response::Refused {
+                reason: format!(
+                    "{} is not assigned here under this agent's enrolment",
+                    req.machine
+                ),
+            };
+        }
+        match failover::reverse_diff(&self.state, req).await {
+            Ok(r) => crate::proto::Response::ReverseDiff(r),
+            Err(reason) => crate::proto::Response::Refused { reason },
+        }
+    }
+
     /// A recovery command the configuration node forwarded (see [`recovery`]).
     pub async fn recovery(&self, request: crate::proto::RecoveryRequest) -> crate::proto::Response {
         recovery::handle(self, request).await

@@ -326,6 +326,11 @@ impl Drill {
         &self.record
     }
 
+    /// The export of disk `i`.
+    pub fn disk(&self, i: u16) -> Option<Arc<CowDisk>> {
+        self.disks.get(i as usize).cloned()
+    }
+
     /// Writes made through the exports (since they were served) and the overlay's bytes.
     pub fn writes(&self) -> (u64, u64) {
         self.disks

@@ -22,12 +22,12 @@
 //! chosen: an unplanned failover needs only this node and the master target.
 use std::time::Instant;
 
-use haven_cluster::{Failover, PointSpec, Recovery};
+use haven_cluster::{Failover, PointSpec, Recovery, ReversePass};
 use rand::Rng;
 
 use super::Persist;
 use super::{refused, ConfigCore, Outcome};
-use crate::proto::{AdminReply, FailoverOrder, Response};
+use crate::proto::{AdminReply, FailoverOrder, Response, ReverseDone, ReverseOrder};
 use crate::view::{EventView, FailoverView};
 
 /// The name of the final point a planned failover asks the source for.
@@ -91,6 +91,7 @@ impl ConfigCore {
             final_seq: None,
             started_ms: now_ms,
             ordered: !planned,
+            reverse: None,
         };
         let how = if planned {
             "planned: the source's tap stops taking writes; its final point is applied first"
@@ -137,7 +138,7 @@ impl ConfigCore {
         };
         let f = match &mut m.recovery {
             Recovery::FailoverPending(f) => f,
-            Recovery::FailedOver(_) => {
+            Recovery::FailedOver(_) | Recovery::Reprotecting(_) | Recovery::Reprotected(_) => {
                 return refused(format!(
                     "the failover of {machine} is committed: its point can no longer change"
                 ))
@@ -182,7 +183,9 @@ impl ConfigCore {
         };
         let f = match &m.recovery {
             Recovery::FailoverPending(f) => f.clone(),
-            Recovery::FailedOver(_) => return self.failover_reply(now, now_ms, machine),
+            Recovery::FailedOver(_) | Recovery::Reprotecting(_) | Recovery::Reprotected(_) => {
+                return self.failover_reply(now, now_ms, machine)
+            }
             Recovery::Protected => return refused(format!("{machine} is not failed over")),
         };
         match served {
@@ -194,7 +197,7 @@ impl ConfigCore {
                 ))
             }
         }
-        m.recovery = Recovery::FailedOver(f);
+        m.recovery = Recovery::FailedOver(Box::new(*f));
         let record = m.clone();
         self.version += 1;
         self.failover_event(
@@ -215,7 +218,7 @@ impl ConfigCore {
         };
         match &m.recovery {
             Recovery::FailoverPending(_) => {}
-            Recovery::FailedOver(_) => {
+            Recovery::FailedOver(_) | Recovery::Reprotecting(_) | Recovery::Reprotected(_) => {
                 return refused(format!(
                     "the failover of {machine} is committed: reprotect and failback bring it home"
                 ))
@@ -238,6 +241,133 @@ impl ConfigCore {
             Response::Admin(AdminReply::Failover(view)),
             vec![Persist::Machine(record)],
         )
+    }
+
+    /// `ctl reprotect M`: once the failover is committed and the original site's agent is
+    /// back, it makes its disks equal to the recovery disks, comparing every block's hash with
+    /// the master target's and receiving only the blocks that differ (a full hash comparison:
+    /// nothing is trusted, nothing identical travels). Again once reprotected: another pass.
+    pub(super) fn reprotect(&mut self, now: Instant, now_ms: u64, machine: &str) -> Outcome {
+        let Some(m) = self.machines.get(machine) else {
+            return refused(format!("no machine named {machine:?}"));
+        };
+        let f = match &m.recovery {
+            Recovery::Protected => {
+                return refused(format!("{machine} is not failed over: nothing to reprotect"))
+            }
+            Recovery::FailoverPending(_) => {
+                return refused(format!(
+                    "the failover of {machine} is not committed: reprotect rewrites the original disks \
+                     to the recovery disks, so fix the point first with `ctl failover-commit {machine}` \
+                     (or cancel the failover)"
+                ))
+            }
+            Recovery::Reprotecting(_) => return self.failover_reply(now, now_ms, machine),
+            Recovery::FailedOver(f) | Recovery::Reprotected(f) => f.clone(),
+        };
+        if !self.agent_alive(now, machine) {
+            return refused(format!(
+                "the original site's agent for {machine} is not connected: start it again \
+                 (same --data-dir; its disks stay read-only), then retry"
+            ));
+        }
+        let Some(mt) = m.master_target.clone().filter(|n| self.alive(now, n)) else {
+            return refused(format!(
+                "the master target of {machine} is not reporting: it serves the recovery disks"
+            ));
+        };
+        let _ = mt;
+        let mut f = f;
+        let pass = f.reverse.as_ref().map(|r| r.pass).unwrap_or(0) + 1;
+        let done_pass = f.reverse.as_ref().map(|r| r.done_pass).unwrap_or(0);
+        f.reverse = Some(ReversePass {
+            pass,
+            done_pass,
+            started_ms: now_ms,
+            ..Default::default()
+        });
+        let m = self.machines.get_mut(machine).expect("checked above");
+        m.recovery = Recovery::Reprotecting(f);
+        let record = m.clone();
+        self.failover_event(
+            now,
+            machine,
+            format!(
+                "reprotect: pass {pass}: the original disks are compared with the recovery disks block by block; only the blocks that differ travel"
+            ),
+        );
+        let (reply, _) = self.failover_reply(now, now_ms, machine);
+        (reply, vec![Persist::Machine(record)])
+    }
+
+    /// The agent's report of a reverse pass.
+    pub(super) fn handle_reverse_done(
+        &mut self,
+        now: Instant,
+        machine: &str,
+        done: &ReverseDone,
+    ) -> Vec<Persist> {
+        let Some(m) = self.machines.get_mut(machine) else {
+            return vec![];
+        };
+        let Recovery::Reprotecting(f) = &mut m.recovery else {
+            return vec![];
+        };
+        let Some(r) = f.reverse.as_mut() else {
+            return vec![];
+        };
+        if f.id != done.order || r.pass != done.pass || r.done_pass >= done.pass {
+            return vec![];
+        }
+        if let Some(e) = &done.error {
+            if r.error.as_ref() == Some(e) {
+                return vec![];
+            }
+            r.error = Some(e.clone());
+            let record = m.clone();
+            self.failover_event(
+                now,
+                machine,
+                format!(
+                    "reprotect pass {} failed (the agent retries): {e}",
+                    done.pass
+                ),
+            );
+            return vec![Persist::Machine(record)];
+        }
+        r.done_pass = done.pass;
+        r.bytes_compared = done.bytes_compared;
+        r.hash_bytes = done.hash_bytes;
+        r.bytes_received = done.bytes_received;
+        r.blocks_written = done.blocks_written;
+        r.error = None;
+        let reason = format!(
+            "reprotected: pass {} compared {} MiB of the original disks by hash ({} KiB of hashes) and rewrote {} blocks ({} KiB) to the recovery disks' content",
+            done.pass,
+            done.bytes_compared >> 20,
+            done.hash_bytes >> 10,
+            done.blocks_written,
+            done.bytes_received >> 10
+        );
+        let f = f.clone();
+        m.recovery = Recovery::Reprotected(f);
+        let record = m.clone();
+        self.failover_event(now, machine, reason);
+        vec![Persist::Machine(record)]
+    }
+
+    /// What the agent is to do for a reprotect (its poll reply's `reverse`).
+    pub(super) fn reverse_order(&self, m: &haven_cluster::MachineRecord) -> Option<ReverseOrder> {
+        let Recovery::Reprotecting(f) = &m.recovery else {
+            return None;
+        };
+        let r = f.reverse.as_ref().filter(|r| r.pass > r.done_pass)?;
+        let mt = self.nodes.get(m.master_target.as_deref()?)?;
+        Some(ReverseOrder {
+            order: f.id,
+            pass: r.pass,
+            master_target: (mt.name.clone(), mt.addr.clone()),
+        })
     }
 
     /// Moves planned failovers on: the final point made → its seq; applied at the master
@@ -313,11 +443,8 @@ impl ConfigCore {
 
     /// What the master target is to serve for `m` (the Assignment's `failover`).
     pub(super) fn failover_order(m: &haven_cluster::MachineRecord) -> Option<FailoverOrder> {
-        let (f, committed) = match &m.recovery {
-            Recovery::Protected => return None,
-            Recovery::FailoverPending(f) => (f, false),
-            Recovery::FailedOver(f) => (f, true),
-        };
+        let f = m.recovery.failover()?;
+        let committed = m.recovery.committed();
         f.ordered.then(|| FailoverOrder {
             id: f.id,
             point: f.point.clone(),
@@ -356,7 +483,16 @@ impl ConfigCore {
             "serving"
         };
         let mt = m.master_target.clone();
+        let reversing = matches!(m.recovery, Recovery::Reprotecting(_));
         let waiting_for = match stage {
+            _ if reversing => Some(format!(
+                "the original site's agent to compare its disks with the recovery disks{}",
+                if self.agent_alive(now, machine) {
+                    ""
+                } else {
+                    " (it is not reporting)"
+                }
+            )),
             "quiescing" => Some(format!(
                 "the source's tap to stop taking writes and make its final point{}",
                 if self.agent_alive(now, machine) {
@@ -395,6 +531,7 @@ impl ConfigCore {
             master_target: mt,
             elapsed_ms: now_ms.saturating_sub(f.started_ms),
             serve_ms: report.filter(|r| r.point.is_some()).map(|r| r.serve_ms),
+            reverse: f.reverse.clone(),
         })
     }
 

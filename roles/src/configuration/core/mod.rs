@@ -325,6 +325,9 @@ impl ConfigCore {
         if !report.marks_done.is_empty() {
             self.handle_marks_done(now, machine, &report.marks_done);
         }
+        if let Some(done) = &report.reverse_done {
+            persist.extend(self.handle_reverse_done(now, machine, done));
+        }
         if let (Some((id, seq)), Some(b)) = (report.sync_done, self.barriers.get_mut(machine)) {
             if b.id == id && b.barrier_seq.is_none() {
                 b.barrier_seq = Some(seq);
@@ -370,6 +373,7 @@ impl ConfigCore {
             marks,
             app_consistent_every_ms: m.policy.app_consistent_every_ms(),
             read_only: Self::read_only_reason(m),
+            reverse: self.reverse_order(m),
         };
         (Response::AgentPoll(reply), persist)
     }
@@ -558,6 +562,7 @@ impl ConfigCore {
             AdminCommand::FailoverCancel { machine } => {
                 return self.failover_cancel(now, now_ms, &machine)
             }
+            AdminCommand::Reprotect { machine } => return self.reprotect(now, now_ms, &machine),
             AdminCommand::RequestSync { machine } => {
                 match self.machines.get(&machine) {
                     None => return refused(format!("no machine named {machine:?}")),

@@ -5,7 +5,7 @@
 use haven_cluster::{Failover, PointSpec, Recovery};
 
 use crate::configuration::core::failover::FINAL_POINT_NAME;
-use crate::proto::FailoverReport;
+use crate::proto::{FailoverReport, ReverseDone};
 use crate::view::{FailoverView, PointView};
 
 use super::*;
@@ -450,4 +450,143 @@ fn a_restarted_configuration_node_resumes_a_planned_failover_from_its_record() {
         r.marks.iter().map(|m| m.id).collect::<Vec<_>>(),
         vec![asked]
     );
+}
+
+fn reprotect(c: &mut Cluster, at: Duration) -> Outcome {
+    c.admin(
+        at,
+        AdminCommand::Reprotect {
+            machine: "web".into(),
+        },
+    )
+}
+
+fn reverse_done(
+    c: &mut Cluster,
+    at: Duration,
+    done: ReverseDone,
+) -> (AgentPollReply, Vec<Persist>) {
+    let report = AgentReport {
+        machine: "web".into(),
+        hostname: "web-host".into(),
+        disks: web_disks(),
+        stats: tap_stats(50, 40),
+        report_seq: at.as_micros() as u64 + 1,
+        reverse_done: Some(done),
+        ..Default::default()
+    };
+    agent_reply(
+        c.core
+            .handle_agent_poll(c.t0 + at, &agent_id("web"), report),
+    )
+}
+
+#[test]
+fn reprotect_needs_a_commit_and_the_agent_then_asks_it_for_a_pass_until_done() {
+    let mut c = tap_web();
+    c.all_nodes_poll(10 * SEC);
+    refused_with(
+        reprotect(&mut c, 10 * SEC),
+        "web is not failed over: nothing to reprotect",
+    );
+    view(failover(&mut c, 10 * SEC, PointSpec::Seq(7)));
+    let (a, _) = poll_mt(&mut c, 10 * SEC, 40, None);
+    let order = a[0].failover.clone().unwrap();
+    refused_with(
+        reprotect(&mut c, 10 * SEC),
+        "the failover of web is not committed: reprotect rewrites the original disks to the recovery disks, so fix the point first with `ctl failover-commit web` (or cancel the failover)",
+    );
+    poll_mt(&mut c, 10 * SEC, 40, Some(served(order.id, 7)));
+    view(c.admin(
+        10 * SEC,
+        AdminCommand::FailoverCommit {
+            machine: "web".into(),
+        },
+    ));
+    // The agent last reported at 0: it is not connected.
+    refused_with(
+        reprotect(&mut c, 10 * SEC),
+        "the original site's agent for web is not connected: start it again (same --data-dir; its disks stay read-only), then retry",
+    );
+    let (r, _) = poll_agent(&mut c, 11 * SEC, vec![]);
+    assert_eq!(r.reverse, None, "no pass before reprotect");
+    assert!(r.read_only.is_some());
+
+    let (v, p) = view(reprotect(&mut c, 11 * SEC));
+    assert_eq!(v.state, "reprotecting");
+    assert!(matches!(recovery(&p), Recovery::Reprotecting(_)));
+    let (r, _) = poll_agent(&mut c, 11 * SEC, vec![]);
+    let asked = r.reverse.expect("a pass is asked for");
+    assert_eq!(
+        (asked.order, asked.pass, asked.master_target.0.as_str()),
+        (order.id, 1, "mt-a")
+    );
+    assert!(r.read_only.is_some(), "still read-only while reprotecting");
+    assert_eq!(r.process_server, None);
+    // Reprotecting keeps the master target serving, committed.
+    let (a, _) = poll_mt(&mut c, 11 * SEC, 40, Some(served(order.id, 7)));
+    assert!(a[0]
+        .failover
+        .as_ref()
+        .is_some_and(|o| o.committed && o.id == order.id));
+    refused_with(
+        c.admin(
+            11 * SEC,
+            AdminCommand::FailoverCancel {
+                machine: "web".into(),
+            },
+        ),
+        "the failover of web is committed: reprotect and failback bring it home",
+    );
+
+    // A failed attempt is recorded (the agent retries); a report of another order is ignored.
+    let failed = ReverseDone {
+        order: order.id,
+        pass: 1,
+        error: Some("connect: refused".into()),
+        ..Default::default()
+    };
+    let (_, p) = reverse_done(&mut c, 12 * SEC, failed.clone());
+    assert!(matches!(recovery(&p), Recovery::Reprotecting(_)));
+    let (_, p) = reverse_done(&mut c, 12 * SEC, failed);
+    assert_eq!(p, vec![], "the same failure twice changes nothing");
+    let (_, p) = reverse_done(
+        &mut c,
+        12 * SEC,
+        ReverseDone {
+            order: order.id + 1,
+            pass: 1,
+            ..Default::default()
+        },
+    );
+    assert_eq!(p, vec![]);
+
+    // Done: reprotected, with the figures; no more pass asked for.
+    let (_, p) = reverse_done(
+        &mut c,
+        13 * SEC,
+        ReverseDone {
+            order: order.id,
+            pass: 1,
+            bytes_compared: 1 << 30,
+            hash_bytes: 2 << 20,
+            bytes_received: 8 << 20,
+            blocks_written: 2048,
+            error: None,
+        },
+    );
+    let Recovery::Reprotected(f) = recovery(&p) else {
+        panic!("reprotected: {p:?}")
+    };
+    let rp = f.reverse.expect("figures");
+    assert_eq!(
+        (rp.done_pass, rp.blocks_written, rp.bytes_received, rp.error),
+        (1, 2048, 8 << 20, None)
+    );
+    let (r, _) = poll_agent(&mut c, 13 * SEC, vec![]);
+    assert_eq!(r.reverse, None);
+    assert_eq!(c.machine(13 * SEC, "web").state, "reprotected");
+    // Again: a second pass.
+    let (v, _) = view(reprotect(&mut c, 14 * SEC));
+    assert_eq!(v.reverse.map(|r| (r.pass, r.done_pass)), Some((2, 1)));
 }
