@@ -253,16 +253,23 @@ pub fn print_failover(f: &haven_roles::view::FailoverView) {
             f.machine
         ),
         (Some(p), _) => {
+            // The time to serve matters when the failover is new; later it is history.
+            let served = match f.state.as_str() {
+                "failover-pending" => format!(
+                    "; served in {:.2} s (master target {} ms)",
+                    f.elapsed_ms as f64 / 1000.0,
+                    f.serve_ms.unwrap_or(0)
+                ),
+                _ => String::new(),
+            };
             println!(
-                "{}: {} at point {} ({}, {}){}; served in {:.2} s (master target {} ms)",
+                "{}: {} at point {} ({}, {}){}{served}",
                 f.machine,
                 f.state,
                 p.point,
                 time_text(p.time_ms),
                 p.kind,
                 if f.planned { ", planned: no write lost" } else { "" },
-                f.elapsed_ms as f64 / 1000.0,
-                f.serve_ms.unwrap_or(0)
             );
             for d in &f.disks {
                 if let Some(uri) = &d.nbd_uri {

@@ -468,6 +468,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
     )
     .await?;
     failover_and_cancel(&admin, &mut procs, &dir, &disk, &replica, &uri).await?;
+    failover_and_reprotect(&admin, &dir, &disk).await?;
     println!();
     let status = admin.status().await?;
     ctl::print_nodes(&status.nodes);
@@ -579,8 +580,66 @@ async fn failover_and_cancel(
         ctl::WaitEnd::Blocked(why) => return Err(format!("wait-sync after the cancel: {why}")),
     }
     match first_difference(disk, replica)? {
-        None => println!("12. after the cancel the tap takes writes again and a new write reached the replica: forward replication resumed, no resync (reprotect and failback are not built yet)"),
+        None => println!("12. after the cancel the tap takes writes again and a new write reached the replica: forward replication resumed, no resync"),
         Some(off) => return Err(format!("after the cancel the replica differs at byte {off}")),
+    }
+    Ok(())
+}
+
+/// Steps 13-14: a failover committed, a write at the recovery site, then reprotect: the
+/// original disk becomes equal to the recovery disk, only the differing blocks travelling.
+async fn failover_and_reprotect(admin: &Admin, dir: &Path, disk: &Path) -> Result<(), String> {
+    let f = admin
+        .failover(
+            "demo-vm",
+            AdminCommand::Failover {
+                machine: "demo-vm".into(),
+                point: PointSpec::Latest,
+            },
+            Duration::from_secs(60),
+            |_| {},
+        )
+        .await?;
+    admin
+        .call(AdminCommand::FailoverCommit {
+            machine: "demo-vm".into(),
+        })
+        .await?;
+    let export = f
+        .disks
+        .first()
+        .and_then(|d| d.nbd_uri.clone())
+        .ok_or("the failover served no disk")?;
+    let u = export.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut c = haven_nbd::Client::connect(&u).map_err(|e| e.to_string())?;
+        for i in 0..4u64 {
+            c.write_at(&[0xa0 + i as u8; 65536], i * (1 << 20), false)
+                .map_err(|e| e.to_string())?;
+        }
+        c.flush().map_err(|e| e.to_string())?;
+        c.disconnect().map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    println!(
+        "13. failed over again and committed; the workload at the recovery site wrote 256 KiB"
+    );
+    let r = admin
+        .reprotect("demo-vm", Duration::from_secs(120), |_| {})
+        .await?;
+    println!("14. reprotect: the original site's agent compared its disk with the recovery disk block by block:");
+    ctl::print_failover(&r);
+    let copy = dir.join("recovery.img");
+    let (u, c) = (export.clone(), copy.clone());
+    tokio::task::spawn_blocking(move || copy_from_nbd(&u, &c))
+        .await
+        .map_err(|e| e.to_string())??;
+    let same = first_difference(disk, &copy)?;
+    let _ = std::fs::remove_file(&copy);
+    match same {
+        None => println!("   verified: the original disk is byte-identical to the recovery disk (failback, the way home from here, is not built yet)"),
+        Some(off) => return Err(format!("after reprotect the original disk differs from the recovery disk at byte {off}")),
     }
     Ok(())
 }

@@ -227,6 +227,12 @@ impl ConfigCore {
                 return refused(format!("{machine} is not failed over: nothing to cancel"))
             }
         }
+        // The view as it stood, then the cancel.
+        let mut view = self.failover_view(now, now_ms, machine).unwrap_or_default();
+        view.stage = "cancelled".into();
+        view.state = Recovery::Protected.name().into();
+        view.waiting_for = None;
+        let m = self.machines.get_mut(machine).expect("checked above");
         m.recovery = Recovery::Protected;
         let record = m.clone();
         self.version += 1;
@@ -235,8 +241,6 @@ impl ConfigCore {
             machine,
             "failover cancelled: the writes made at the recovery site are discarded; forward replication resumes".into(),
         );
-        let mut view = self.failover_view(now, now_ms, machine).unwrap_or_default();
-        view.stage = "cancelled".into();
         (
             Response::Admin(AdminReply::Failover(view)),
             vec![Persist::Machine(record)],
