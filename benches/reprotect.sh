@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# Reprotect after a failover: bytes sent against the blocks changed on both sides, and time.
+#
+#   benches/reprotect.sh                      # 1 GiB disk, 1 % changed on each side
+#   SIZE_MB=4096 CHANGE_PCT=1 benches/reprotect.sh
+#
+# An all-in-one node and an agent with `--capture tap` on a raw file of SIZE_MB (random
+# content in its first quarter, the rest zero), protected and synced, and a flush: the point
+# P. Then the primary site "dies" (SIGKILL of the agent) after writing CHANGE_PCT % of the
+# disk in random 4 KiB blocks straight to its file, i.e. blocks that never reached the
+# replica and must go back to P's content; `ctl failover m1 --point P`, `failover-commit`;
+# the recovery site writes CHANGE_PCT % of the disk in random 4 KiB blocks through the
+# export (qemu-io); the agent starts again and `ctl --json reprotect m1` runs, timed. Reported:
+# the bytes the agent received and wrote against the distinct 4 KiB blocks changed on either
+# side (target, issue 9: ≤ 1.1× the changed bytes plus hashes), the hash bytes sent, the
+# bytes compared, the time; then `qemu-img compare` of the original disk and the export.
+#
+# Needs qemu-io and qemu-img (qemu-utils), python3. Builds the release binary unless HAVEN_BIN
+# names one; the work dir goes in $BENCH_DIR (default the target dir).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SIZE_MB=${SIZE_MB:-1024}
+CHANGE_PCT=${CHANGE_PCT:-1}
+TARGET=${CARGO_TARGET_DIR:-target}
+for t in qemu-io qemu-img python3; do
+  command -v "$t" >/dev/null || { echo "benches/reprotect.sh: $t is missing" >&2; exit 1; }
+done
+if [ -z "${HAVEN_BIN:-}" ]; then
+  cargo build --release -q --bin haven
+  HAVEN_BIN=$TARGET/release/haven
+fi
+HAVEN=$(realpath "$HAVEN_BIN")
+work=$(mktemp -d "${BENCH_DIR:-$TARGET}/reprotect-bench.XXXXXX")
+work=$(realpath "$work")
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  sleep 0.5
+  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  [ -n "${KEEP:-}" ] && { echo "kept $work"; return; }
+  rm -rf "$work"
+}
+trap cleanup EXIT
+now() { date +%s.%N; }
+since() { python3 -c "print(f'{$(now) - $1:.2f}')"; }
+cd "$work"
+echo "reprotect bench: $(date -u '+%F %T UTC'), commit $(git -C "$OLDPWD" rev-parse --short HEAD), load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "  ${SIZE_MB} MiB disk, ${CHANGE_PCT} % changed on each side"
+truncate -s "${SIZE_MB}M" disk.img
+head -c "$((SIZE_MB / 4))M" /dev/urandom | dd of=disk.img conv=notrunc status=none
+port=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+"$HAVEN" node --data-dir node --listen "127.0.0.1:$port" --name n --site dr >node.log 2>&1 &
+pids+=($!)
+for _ in $(seq 300); do [ -s node/admin-token ] && break; sleep 0.1; done
+agent() {
+  "$HAVEN" agent --join "127.0.0.1:$port" --token-file node/agent-token --data-dir agent \
+    --disk d0="$work/disk.img" --name m1 --capture tap >>agent.log 2>&1 &
+  agent_pid=$!
+  pids+=($agent_pid)
+}
+agent
+ctl() { "$HAVEN" ctl --cluster "127.0.0.1:$port" --token-file node/admin-token --json "$@"; }
+for _ in $(seq 300); do ctl machines 2>/dev/null | grep -q '"m1"' && break; sleep 0.1; done
+t0=$(now)
+ctl protect m1 >/dev/null
+ctl wait-sync m1 --timeout 600s >/dev/null
+echo "  protected and synced in $(since "$t0") s"
+for _ in $(seq 300); do [ -S agent/nbd/d0.sock ] && break; sleep 0.1; done
+tap="nbd+unix:///d0?socket=$work/agent/nbd/d0.sock"
+qemu-io -f raw -c "write -P 1 0 4k" -c flush "$tap" >/dev/null
+ctl wait-sync m1 --timeout 60s >/dev/null
+point=$(ctl recovery-points m1 | python3 -c "import json,sys; print(json.load(sys.stdin)['points'][-1]['point'])")
+
+# The blocks each side changes: distinct random 4 KiB blocks, CHANGE_PCT % of the disk each.
+python3 - "$SIZE_MB" "$CHANGE_PCT" <<'PY'
+import random, sys
+size_mb, pct = int(sys.argv[1]), float(sys.argv[2])
+blocks = size_mb * 256
+n = int(blocks * pct / 100)
+rng = random.Random(11)
+prim = rng.sample(range(1, blocks), n)
+rec = rng.sample(range(1, blocks), n)
+open("primary.blocks", "w").write("\n".join(map(str, prim)))
+open("recovery.blocks", "w").write("\n".join(map(str, rec)))
+print(f"  each side changes {n} random 4 KiB blocks ({n * 4096 / 2**20:.1f} MiB); distinct on either side: {len(set(prim) | set(rec))}")
+PY
+kill -9 "$agent_pid"; wait "$agent_pid" 2>/dev/null || true
+python3 - <<'PY'
+import os
+fd = os.open("disk.img", os.O_WRONLY)
+for b in map(int, open("primary.blocks").read().split()):
+    os.pwrite(fd, bytes([0x5a]) * 4096, b * 4096)
+os.fsync(fd)
+PY
+echo "  the primary wrote its blocks after the point, then died (its agent SIGKILLed)"
+t=$(now)
+ctl failover m1 --point "$point" --timeout 60s > fo.json
+echo "  failover to point $point in $(since "$t") s"
+ctl failover-commit m1 >/dev/null
+export_uri=$(python3 -c "import json; print(json.load(open('fo.json'))['disks'][0]['nbd_uri'])")
+python3 - "$export_uri" <<'PY'
+import subprocess, sys
+uri = sys.argv[1]
+blocks = list(map(int, open("recovery.blocks").read().split()))
+for i in range(0, len(blocks), 512):
+    cmds = []
+    for b in blocks[i:i + 512]:
+        cmds += ["-c", f"write -P 165 {b * 4096} 4k"]
+    subprocess.run(["qemu-io", "-f", "raw", *cmds, "-c", "flush", uri], check=True, stdout=subprocess.DEVNULL)
+PY
+echo "  the recovery site wrote its blocks through the export"
+agent
+for _ in $(seq 300); do
+  m=$(ctl machines 2>/dev/null | python3 -c "import json,sys; m=[x for x in json.load(sys.stdin) if x['name']=='m1'][0]; print(m['agent_last_seen_ms_ago'] if m['agent_last_seen_ms_ago'] is not None else 99999)")
+  [ "$m" -lt 2000 ] && break
+  sleep 0.2
+done
+t=$(now)
+ctl reprotect m1 --timeout 600s > rp.json
+elapsed=$(since "$t")
+python3 - "$elapsed" <<'PY'
+import json, sys
+r = json.load(open("rp.json"))["reverse"]
+changed = len(set(map(int, open("primary.blocks").read().split())) | set(map(int, open("recovery.blocks").read().split()))) * 4096
+recv, hashes = r["bytes_received"], r["hash_bytes"]
+ratio = recv / changed
+print(f"  reprotect: {sys.argv[1]} s; compared {r['bytes_compared'] / 2**20:.0f} MiB by hash; hashes sent {hashes / 2**20:.2f} MiB; "
+      f"received and wrote {recv / 2**20:.2f} MiB in {r['blocks_written']} blocks; changed on either side {changed / 2**20:.2f} MiB")
+print(f"  bytes sent / changed bytes = {ratio:.3f} (plus {hashes / changed:.3f}x in hashes); target <= 1.1x plus hashes: {'meets' if ratio <= 1.1 else 'MISSES'}")
+PY
+qemu-img compare -f raw -F raw disk.img "$export_uri" >/dev/null && echo "  qemu-img compare: the original disk equals the recovery disk"
