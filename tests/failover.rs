@@ -467,3 +467,71 @@ fn reprotect_makes_the_original_disk_equal_to_the_recovery_disk_sending_only_wha
     assert_eq!(r["reverse"]["blocks_written"], 0, "{r}");
     c.assert_no_unexpected_errors(&[]);
 }
+
+#[test]
+fn a_reprotect_goes_on_after_the_agent_and_then_the_master_target_are_killed() {
+    let mut c = Cluster::new();
+    c.start_config_with(&["configuration"], &["--site", "dr"], vec![]);
+    c.start_node_with("mt1", &["master-target"], &["--site", "dr"], vec![]);
+    c.start_node_with("ps1", &["process"], &["--site", "primary"], vec![]);
+    let disk = c.path("d0.img");
+    make_disk(&disk, 128 * MIB, 65);
+    c.start_tap_agent("m1", &disk, &[]);
+    c.ctl(&["protect", "m1"]);
+    c.wait_sync("m1", SYNC);
+
+    let mut w = nbd(&c.tap_uri("m1", "d0"));
+    w.write_at(&block(0x31), 0, false).unwrap();
+    w.flush().unwrap();
+    drop(w);
+    c.wait_sync("m1", SYNC);
+
+    phase("unplanned failover to the newest point, commit, writes at the recovery site");
+    c.kill("agent-m1");
+    let points = c.ctl(&["recovery-points", "m1"]);
+    let p = points["points"]
+        .as_array()
+        .and_then(|a| a.last())
+        .and_then(|p| p["point"].as_str())
+        .unwrap_or_else(|| panic!("a point: {points}"))
+        .to_string();
+    let f = c.ctl(&["failover", "m1", "--point", &p]);
+    c.ctl(&["failover-commit", "m1"]);
+    let uri = export_uri(&f);
+    let mut e = nbd(&uri);
+    for i in 0..32u64 {
+        e.write_at(&block(0x80 + i as u8), i * 4 * MIB, false)
+            .unwrap();
+    }
+    e.flush().unwrap();
+    drop(e);
+
+    phase("reprotect starts; the agent is SIGKILLed at once, then started again");
+    c.restart("agent-m1");
+    c.wait_tap("m1", "d0");
+    wait_until("reprotect accepted", Duration::from_secs(30), || {
+        let out = c.ctl_output(&["reprotect", "m1", "--timeout", "0s"]);
+        // Accepted: it then timed out waiting (exit 1), it was not refused (exit 5).
+        (out.status.code() == Some(1)).then_some(())
+    });
+    c.kill("agent-m1");
+    c.restart("agent-m1");
+    c.wait_tap("m1", "d0");
+
+    phase("the master target is SIGKILLed and started again while the agent works");
+    c.kill("mt1");
+    c.restart("mt1");
+    let r = c
+        .try_ctl(&["reprotect", "m1", "--timeout", "120s"])
+        .unwrap_or_else(|e| panic!("reprotect: {e}\n{}", tail_of(&c.log("agent-m1"))));
+    assert_eq!(r["state"], "reprotected", "{r}");
+    assert_eq!(
+        r["reverse"]["pass"], 1,
+        "the same pass, carried out once the processes were back: {r}"
+    );
+    let f = c.ctl(&["failover", "m1"]);
+    assert!(
+        std::fs::read(&disk).unwrap() == read_all(&export_uri(&f), 128 * MIB),
+        "the original disk equals the recovery disk"
+    );
+}

@@ -47,8 +47,19 @@ impl ConfigCore {
             return refused(format!("no machine named {machine:?}"));
         };
         if let Some(f) = m.recovery.failover() {
-            if f.point == point || (f.planned && point == PointSpec::Latest) {
+            // Asking again shows the failover: for its own point, for `latest` when planned
+            // (its final point was the latest), and for `latest` once committed (the point
+            // is fixed: `ctl failover M` is how one looks at it).
+            let committed = m.recovery.committed();
+            if f.point == point || ((f.planned || committed) && point == PointSpec::Latest) {
                 return self.failover_reply(now, now_ms, machine);
+            }
+            if committed {
+                return refused(format!(
+                    "{machine} is {} at point {}: the point of a committed failover no longer changes",
+                    m.recovery.name(),
+                    spec_text(&f.point)
+                ));
             }
             return refused(format!(
                 "{machine} is {} (point {}); change the point with `ctl failover-change-point {machine} --point P`{}",

@@ -246,6 +246,10 @@ fn a_planned_failover_quiesces_the_source_drains_then_orders_the_master_target()
     );
     let (v, p) = view(failover(&mut c, 5 * SEC, PointSpec::Latest));
     assert_eq!((v.state.as_str(), p), ("failed-over", vec![]));
+    refused_with(
+        failover(&mut c, 5 * SEC, PointSpec::Seq(3)),
+        "web is failed-over at point 50: the point of a committed failover no longer changes",
+    );
     let events: Vec<String> = match c.admin(5 * SEC, AdminCommand::Events) {
         (Response::Admin(AdminReply::Events(e)), _) => e.into_iter().map(|e| e.reason).collect(),
         other => panic!("{other:?}"),
