@@ -117,6 +117,46 @@ fn a_killed_tap_agent_loses_no_acknowledged_write() {
 }
 
 #[test]
+fn with_the_configuration_node_down_a_restarted_tap_holds_only_its_first_writes_briefly() {
+    let mut c = Cluster::new();
+    // The configuration node alone, so killing it leaves the data path's nodes running.
+    c.start_config_with(&["configuration"], &[], vec![]);
+    c.start_node("n1", &["process", "master-target"], vec![]);
+    let disk = c.path("d0.img");
+    make_disk(&disk, 16 * MIB, 25);
+    c.start_tap_agent("m1", &disk, &[]);
+    c.ctl(&["protect", "m1"]);
+    c.wait_sync("m1", SYNC);
+
+    phase("the configuration node goes down; the agent restarts without it");
+    c.kill("config");
+    c.kill("agent-m1");
+    c.restart("agent-m1");
+    c.wait_tap("m1", "d0");
+    let u = c.tap_uri("m1", "d0");
+    let mut w = haven_nbd::Client::connect(&u).unwrap();
+    let t = std::time::Instant::now();
+    w.write_at(&[0x11; 4096], 0, false)
+        .expect("the persisted state says writable: the write is taken");
+    let first = t.elapsed();
+    let t = std::time::Instant::now();
+    for i in 1..50u64 {
+        w.write_at(&[0x11; 4096], i * 4096, false).unwrap();
+    }
+    w.flush().unwrap();
+    let rest = t.elapsed();
+    eprintln!("first write after the restart {first:?} (held for the configuration node); 49 more and a flush {rest:?}");
+    assert!(
+        first <= Duration::from_secs(12),
+        "the startup hold is bounded (10 s): {first:?}"
+    );
+    assert!(
+        rest < Duration::from_secs(5),
+        "only the first writes wait: after the hold, writes go through at once ({rest:?} for 49)"
+    );
+}
+
+#[test]
 fn a_full_retention_buffer_holds_writers_briefly_then_resyncs_dirty_regions() {
     let mut c = Cluster::new();
     c.start_config(&[], vec![]);

@@ -137,6 +137,9 @@ struct Shared {
     files: Vec<Arc<File>>,
     sizes: Vec<u64>,
     order: Mutex<Order>,
+    /// Until then, writes wait for the configuration node's first answer (see
+    /// [`STARTUP_HOLD`]); after it, never.
+    hold_until: Instant,
 }
 
 impl Shared {
@@ -353,9 +356,13 @@ impl TapDisk {
 
     async fn write_and_capture(&self, offset: u64, data: &[u8], fua: bool) -> std::io::Result<()> {
         let agent = &self.shared.sink.agent;
-        if !*agent.heard.borrow() {
+        let left = self
+            .shared
+            .hold_until
+            .saturating_duration_since(Instant::now());
+        if !*agent.heard.borrow() && !left.is_zero() {
             let mut heard = agent.heard.subscribe();
-            let _ = tokio::time::timeout(STARTUP_HOLD, heard.wait_for(|h| *h)).await;
+            let _ = tokio::time::timeout(left, heard.wait_for(|h| *h)).await;
         }
         let mut o = self.shared.order.lock().await;
         // Checked under the order lock: a point taken after read-only was set follows every
@@ -493,6 +500,7 @@ async fn tap_loop(tap: &TapCapture, sink: CaptureSink) -> Result<(), TapError> {
         sizes.push(size);
     }
     let shared = Arc::new(Shared {
+        hold_until: Instant::now() + STARTUP_HOLD,
         sink: sink.clone(),
         files,
         sizes,
