@@ -521,16 +521,7 @@ async fn failover_and_cancel(
         Some(off) => return Err(format!("the failover export differs from the source at byte {off}")),
     }
     let _ = std::fs::remove_file(&copy);
-    let u = export.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut c = haven_nbd::Client::connect(&u).map_err(|e| e.to_string())?;
-        c.write_at(&[0xd5; 4096], 0, false)
-            .map_err(|e| e.to_string())?;
-        c.flush().map_err(|e| e.to_string())?;
-        c.disconnect().map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|e| e.to_string())??;
+    nbd_write(&export, vec![(0, vec![0xd5; 4096])]).await?;
     match first_difference(disk, replica)? {
         None => println!("   a write at the recovery site went to the export's overlay: the replica is unchanged"),
         Some(off) => return Err(format!("the replica changed at byte {off} during the failover")),
@@ -547,20 +538,11 @@ async fn failover_and_cancel(
     // Forward again once the agent's next poll lifts read-only: a write through the tap
     // reaches the replica.
     let t = Instant::now();
-    let u = tap_uri.to_string();
     loop {
-        let u = u.clone();
-        let wrote = tokio::task::spawn_blocking(move || {
-            let mut c = haven_nbd::Client::connect(&u).map_err(|e| e.to_string())?;
-            let r = c
-                .write_at(&[0x6b; 4096], 4096, false)
-                .and_then(|()| c.flush());
-            let _ = c.disconnect();
-            Ok::<_, String>(r.is_ok())
-        })
-        .await
-        .map_err(|e| e.to_string())??;
-        if wrote {
+        if nbd_write(tap_uri, vec![(4096, vec![0x6b; 4096])])
+            .await
+            .is_ok()
+        {
             break;
         }
         check_alive(procs)?;
@@ -610,18 +592,10 @@ async fn failover_and_reprotect(admin: &Admin, dir: &Path, disk: &Path) -> Resul
         .first()
         .and_then(|d| d.nbd_uri.clone())
         .ok_or("the failover served no disk")?;
-    let u = export.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut c = haven_nbd::Client::connect(&u).map_err(|e| e.to_string())?;
-        for i in 0..4u64 {
-            c.write_at(&[0xa0 + i as u8; 65536], i * (1 << 20), false)
-                .map_err(|e| e.to_string())?;
-        }
-        c.flush().map_err(|e| e.to_string())?;
-        c.disconnect().map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|e| e.to_string())??;
+    let writes = (0..4u64)
+        .map(|i| (i << 20, vec![0xa0 + i as u8; 65536]))
+        .collect();
+    nbd_write(&export, writes).await?;
     println!(
         "13. failed over again and committed; the workload at the recovery site wrote 256 KiB"
     );
@@ -657,6 +631,23 @@ fn unix_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Writes `(offset, data)` through the NBD export at `uri`, then flushes (in the blocking
+/// pool: the client is blocking).
+async fn nbd_write(uri: &str, writes: Vec<(u64, Vec<u8>)>) -> Result<(), String> {
+    let uri = uri.to_string();
+    tokio::task::spawn_blocking(move || {
+        let mut c = haven_nbd::Client::connect(&uri).map_err(|e| format!("{uri}: {e}"))?;
+        for (offset, data) in &writes {
+            c.write_at(data, *offset, false)
+                .map_err(|e| format!("write at {offset}: {e}"))?;
+        }
+        c.flush().map_err(|e| format!("flush: {e}"))?;
+        c.disconnect().map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())?
 }
 
 /// Reads a whole NBD export into a file.

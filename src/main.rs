@@ -603,7 +603,7 @@ async fn ctl_command(admin: &ctl::Admin, json: bool, command: CtlCommand) -> Exi
                 machine: machine.clone(),
                 point,
             };
-            return ctl_failover(admin, json, machine, cmd, timeout).await;
+            return ctl_failover(admin, json, machine, Some(cmd), timeout).await;
         }
         CtlCommand::FailoverChangePoint {
             machine,
@@ -614,11 +614,11 @@ async fn ctl_command(admin: &ctl::Admin, json: bool, command: CtlCommand) -> Exi
                 machine: machine.clone(),
                 point,
             };
-            return ctl_failover(admin, json, machine, cmd, timeout).await;
+            return ctl_failover(admin, json, machine, Some(cmd), timeout).await;
         }
         CtlCommand::FailoverCommit { machine } => AdminCommand::FailoverCommit { machine },
         CtlCommand::Reprotect { machine, timeout } => {
-            return ctl_reprotect(admin, json, machine, timeout).await
+            return ctl_failover(admin, json, machine, None, timeout).await
         }
         CtlCommand::FailoverCancel { machine } => AdminCommand::FailoverCancel { machine },
         CtlCommand::Rebalance => AdminCommand::Rebalance,
@@ -691,65 +691,40 @@ async fn ctl_command(admin: &ctl::Admin, json: bool, command: CtlCommand) -> Exi
     }
 }
 
-/// `ctl failover` and `failover-change-point`: the request, then its progress until the
-/// master target serves the point (what it waits for is shown as it changes).
+/// `ctl failover` and `failover-change-point` (`cmd`: until the point is served), or `ctl
+/// reprotect` (`cmd` None: until the agent's reverse pass is done): the request, then its
+/// progress, what it waits for (or why it fails) shown as it changes.
 async fn ctl_failover(
     admin: &ctl::Admin,
     json: bool,
     machine: String,
-    cmd: AdminCommand,
+    cmd: Option<AdminCommand>,
     timeout: Duration,
 ) -> ExitCode {
     let mut said = None;
-    let r = admin
-        .failover(&machine, cmd, timeout, |v| {
-            let now = v.error.clone().or(v.waiting_for.clone());
-            if now != said {
-                if let Some(w) = &now {
-                    eprintln!("{machine}: {}: {w}", v.stage);
-                }
-                said = now;
+    let progress = |v: &haven_roles::view::FailoverView| {
+        let now = v
+            .reverse
+            .as_ref()
+            .and_then(|r| r.error.clone())
+            .or(v.error.clone())
+            .or(v.waiting_for.clone());
+        if now != said {
+            if let Some(w) = &now {
+                let at = if v.state == "failover-pending" {
+                    &v.stage
+                } else {
+                    &v.state
+                };
+                eprintln!("{machine}: {at}: {w}");
             }
-        })
-        .await;
-    match r {
-        Ok(view) if json => println!(
-            "{}",
-            serde_json::to_string_pretty(&view).unwrap_or_default()
-        ),
-        Ok(view) => ctl::print_failover(&view),
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(e.exit_code());
+            said = now;
         }
-    }
-    ExitCode::SUCCESS
-}
-
-/// `ctl reprotect`: the request, then the agent's reverse pass (what it waits for is shown
-/// as it changes).
-async fn ctl_reprotect(
-    admin: &ctl::Admin,
-    json: bool,
-    machine: String,
-    timeout: Duration,
-) -> ExitCode {
-    let mut said = None;
-    let r = admin
-        .reprotect(&machine, timeout, |v| {
-            let now = v
-                .reverse
-                .as_ref()
-                .and_then(|r| r.error.clone())
-                .or(v.waiting_for.clone());
-            if now != said {
-                if let Some(w) = &now {
-                    eprintln!("{machine}: {}: {w}", v.state);
-                }
-                said = now;
-            }
-        })
-        .await;
+    };
+    let r = match cmd {
+        Some(cmd) => admin.failover(&machine, cmd, timeout, progress).await,
+        None => admin.reprotect(&machine, timeout, progress).await,
+    };
     match r {
         Ok(view) if json => println!(
             "{}",
