@@ -22,6 +22,46 @@ fn tail_of(log: &str) -> String {
     lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
+/// Machine m1 with tap capture of d0 (a generated disk of `size` bytes), protected and
+/// initially synced; returns the disk's path.
+fn protected_tap(c: &mut Cluster, size: u64, seed: u64) -> std::path::PathBuf {
+    let disk = c.path("d0.img");
+    make_disk(&disk, size, seed);
+    c.start_tap_agent("m1", &disk, &[]);
+    c.ctl(&["protect", "m1"]);
+    c.wait_sync("m1", SYNC);
+    disk
+}
+
+/// The id of m1's newest recovery point.
+fn newest_point(c: &Cluster) -> String {
+    let points = c.ctl(&["recovery-points", "m1"]);
+    points["points"]
+        .as_array()
+        .and_then(|a| a.last())
+        .and_then(|p| p["point"].as_str())
+        .unwrap_or_else(|| panic!("a point: {points}"))
+        .to_string()
+}
+
+/// A real NBD client's verdict too: `qemu-img compare` of a file and an export (qemu-utils,
+/// installed by .ci/run).
+fn qemu_img_compare(file: &Path, uri: &str) {
+    let out = std::process::Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(file)
+        .arg(uri)
+        .output()
+        .expect("run qemu-img (apt-get install qemu-utils)");
+    assert!(
+        out.status.success(),
+        "qemu-img compare {} {uri}: {}{}",
+        file.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn nbd(uri: &str) -> haven_nbd::Client {
     haven_nbd::Client::connect(uri).unwrap_or_else(|e| panic!("connect to {uri}: {e}"))
 }
@@ -56,11 +96,7 @@ fn export_uri(f: &Value) -> String {
 fn a_planned_failover_loses_no_write_and_a_cancel_resumes_forward_replication() {
     let mut c = Cluster::new();
     c.start_config(&[], vec![]);
-    let disk = c.path("d0.img");
-    make_disk(&disk, 16 * MIB, 61);
-    c.start_tap_agent("m1", &disk, &[]);
-    c.ctl(&["protect", "m1"]);
-    c.wait_sync("m1", SYNC);
+    let disk = protected_tap(&mut c, 16 * MIB, 61);
     let replica = c.replica("config", "m1", "d0");
 
     phase("writes through the tap, the last ones acknowledged but never flushed");
@@ -98,6 +134,7 @@ fn a_planned_failover_loses_no_write_and_a_cancel_resumes_forward_replication() 
         read_all(&uri, 16 * MIB) == source,
         "the failover view equals the source disk byte for byte (zero data loss)"
     );
+    qemu_img_compare(&disk, &uri);
 
     phase("writes at the recovery site go to the export's overlay, never to the replica");
     let before = sha(&replica);
@@ -173,11 +210,7 @@ fn a_planned_failover_loses_no_write_and_a_cancel_resumes_forward_replication() 
 fn a_configuration_node_killed_during_a_planned_failover_resumes_it_without_losing_a_write() {
     let mut c = Cluster::new();
     c.start_config(&[], vec![]);
-    let disk = c.path("d0.img");
-    make_disk(&disk, 16 * MIB, 63);
-    c.start_tap_agent("m1", &disk, &[]);
-    c.ctl(&["protect", "m1"]);
-    c.wait_sync("m1", SYNC);
+    let disk = protected_tap(&mut c, 16 * MIB, 63);
 
     phase(
         "acknowledged writes, not flushed; ctl failover returns at once (no wait for the exports)",
@@ -384,24 +417,14 @@ fn an_unplanned_failover_fences_a_process_server_that_comes_back_and_survives_a_
 fn reprotect_makes_the_original_disk_equal_to_the_recovery_disk_sending_only_what_differs() {
     let mut c = Cluster::new();
     c.start_config(&[], vec![]);
-    let disk = c.path("d0.img");
-    make_disk(&disk, 32 * MIB, 64);
-    c.start_tap_agent("m1", &disk, &[]);
-    c.ctl(&["protect", "m1"]);
-    c.wait_sync("m1", SYNC);
+    let disk = protected_tap(&mut c, 32 * MIB, 64);
     let u = c.tap_uri("m1", "d0");
     let mut w = nbd(&u);
     w.write_at(&block(0x31), 2 * MIB, false).unwrap();
     w.flush().unwrap();
     drop(w);
     c.wait_sync("m1", SYNC);
-    let points = c.ctl(&["recovery-points", "m1"]);
-    let p = points["points"]
-        .as_array()
-        .and_then(|a| a.last())
-        .and_then(|p| p["point"].as_str())
-        .unwrap_or_else(|| panic!("a point: {points}"))
-        .to_string();
+    let p = newest_point(&c);
 
     phase("the original site goes down, with 256 KiB on its disk that never reached the replica");
     c.kill("agent-m1");
@@ -458,6 +481,7 @@ fn reprotect_makes_the_original_disk_equal_to_the_recovery_disk_sending_only_wha
         std::fs::read(&disk).unwrap() == read_all(&uri, 32 * MIB),
         "the original disk equals the recovery disk byte for byte"
     );
+    qemu_img_compare(&disk, &uri);
     let events = c.ctl(&["events"]).to_string();
     assert!(events.contains("reprotected: pass 1"), "{events}");
 
@@ -474,11 +498,7 @@ fn a_reprotect_goes_on_after_the_agent_and_then_the_master_target_are_killed() {
     c.start_config_with(&["configuration"], &["--site", "dr"], vec![]);
     c.start_node_with("mt1", &["master-target"], &["--site", "dr"], vec![]);
     c.start_node_with("ps1", &["process"], &["--site", "primary"], vec![]);
-    let disk = c.path("d0.img");
-    make_disk(&disk, 128 * MIB, 65);
-    c.start_tap_agent("m1", &disk, &[]);
-    c.ctl(&["protect", "m1"]);
-    c.wait_sync("m1", SYNC);
+    let disk = protected_tap(&mut c, 128 * MIB, 65);
 
     let mut w = nbd(&c.tap_uri("m1", "d0"));
     w.write_at(&block(0x31), 0, false).unwrap();
@@ -488,13 +508,7 @@ fn a_reprotect_goes_on_after_the_agent_and_then_the_master_target_are_killed() {
 
     phase("unplanned failover to the newest point, commit, writes at the recovery site");
     c.kill("agent-m1");
-    let points = c.ctl(&["recovery-points", "m1"]);
-    let p = points["points"]
-        .as_array()
-        .and_then(|a| a.last())
-        .and_then(|p| p["point"].as_str())
-        .unwrap_or_else(|| panic!("a point: {points}"))
-        .to_string();
+    let p = newest_point(&c);
     let f = c.ctl(&["failover", "m1", "--point", &p]);
     c.ctl(&["failover-commit", "m1"]);
     let uri = export_uri(&f);
