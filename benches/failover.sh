@@ -25,38 +25,18 @@ cd "$(dirname "$0")/.."
 SIZES_MB=${SIZES_MB:-1024 10240}
 HISTORY_SECS=${HISTORY_SECS:-60}
 ROUNDS=${ROUNDS:-3}
-TARGET=${CARGO_TARGET_DIR:-target}
-for t in qemu-io python3; do
-  command -v "$t" >/dev/null || { echo "benches/failover.sh: $t is missing" >&2; exit 1; }
-done
-if [ -z "${HAVEN_BIN:-}" ]; then
-  cargo build --release -q --bin haven
-  HAVEN_BIN=$TARGET/release/haven
-fi
-HAVEN=$(realpath "$HAVEN_BIN")
-root=$(mktemp -d "${BENCH_DIR:-$TARGET}/failover-bench.XXXXXX")
-root=$(realpath "$root")
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  sleep 0.5
-  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  [ -n "${KEEP:-}" ] && { echo "kept $root"; return; }
-  rm -rf "$root"
-}
-trap cleanup EXIT
-now() { date +%s.%N; }
-since() { python3 -c "print(f'{$(now) - $1:.3f}')"; }
+source benches/common.sh
+bench_setup failover qemu-io python3
+root=$work  # the per-size dirs go under it; the whole of it is removed at exit
 echo "failover bench: $(date -u '+%F %T UTC'), commit $(git rev-parse --short HEAD), load $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "  binary $HAVEN; sizes ${SIZES_MB} MiB; ${HISTORY_SECS} s of history; ${ROUNDS} round(s) per point"
 results=$root/results.txt
 : > "$results"
 
 for size in $SIZES_MB; do
-  work=$root/$size
-  mkdir -p "$work"
-  cd "$work"
+  dir=$root/$size
+  mkdir -p "$dir"
+  cd "$dir"
   truncate -s "${size}M" disk.img
   port=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   "$HAVEN" node --data-dir node --listen "127.0.0.1:$port" --name n --site dr >node.log 2>&1 &
@@ -64,7 +44,7 @@ for size in $SIZES_MB; do
   pids+=($node_pid)
   for _ in $(seq 300); do [ -s node/admin-token ] && break; sleep 0.1; done
   "$HAVEN" agent --join "127.0.0.1:$port" --token-file node/agent-token --data-dir agent \
-    --disk d0="$work/disk.img" --name m1 --capture tap >agent.log 2>&1 &
+    --disk d0="$dir/disk.img" --name m1 --capture tap >agent.log 2>&1 &
   agent_pid=$!
   pids+=($agent_pid)
   ctl() { "$HAVEN" ctl --cluster "127.0.0.1:$port" --token-file node/admin-token --json "$@"; }
@@ -73,7 +53,7 @@ for size in $SIZES_MB; do
   ctl protect m1 >/dev/null
   ctl wait-sync m1 --timeout 900s >/dev/null
   echo "  ${size} MiB: protected and synced in $(since "$t0") s"
-  tap="nbd+unix:///d0?socket=$work/agent/nbd/d0.sock"
+  tap="nbd+unix:///d0?socket=$dir/agent/nbd/d0.sock"
   for _ in $(seq 300); do [ -S agent/nbd/d0.sock ] && break; sleep 0.1; done
   python3 - "$tap" "$HISTORY_SECS" "$size" <<'PY'
 import random, subprocess, sys, time

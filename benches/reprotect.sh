@@ -21,29 +21,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_MB=${SIZE_MB:-1024}
 CHANGE_PCT=${CHANGE_PCT:-1}
-TARGET=${CARGO_TARGET_DIR:-target}
-for t in qemu-io qemu-img python3; do
-  command -v "$t" >/dev/null || { echo "benches/reprotect.sh: $t is missing" >&2; exit 1; }
-done
-if [ -z "${HAVEN_BIN:-}" ]; then
-  cargo build --release -q --bin haven
-  HAVEN_BIN=$TARGET/release/haven
-fi
-HAVEN=$(realpath "$HAVEN_BIN")
-work=$(mktemp -d "${BENCH_DIR:-$TARGET}/reprotect-bench.XXXXXX")
-work=$(realpath "$work")
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  sleep 0.5
-  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  [ -n "${KEEP:-}" ] && { echo "kept $work"; return; }
-  rm -rf "$work"
-}
-trap cleanup EXIT
-now() { date +%s.%N; }
-since() { python3 -c "print(f'{$(now) - $1:.2f}')"; }
+source benches/common.sh
+bench_setup reprotect qemu-io qemu-img python3
 cd "$work"
 echo "reprotect bench: $(date -u '+%F %T UTC'), commit $(git -C "$OLDPWD" rev-parse --short HEAD), load $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "  ${SIZE_MB} MiB disk, ${CHANGE_PCT} % changed on each side"
