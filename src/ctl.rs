@@ -252,6 +252,29 @@ pub fn print_failover(f: &haven_roles::view::FailoverView) {
             "{}: failover cancelled; the recovery-site writes are discarded and forward replication resumes",
             f.machine
         ),
+        (_, "failed-back") => {
+            let b = f.failback.as_ref();
+            println!(
+                "{}: failed back: protected from its own site again after seq {}, with no full resync",
+                f.machine,
+                b.and_then(|b| b.materialised_seq).unwrap_or(0)
+            );
+            if let Some(r) = f.reverse.as_ref().filter(|r| r.done_pass > 0) {
+                println!(
+                    "  final reverse pass {}: rewrote {} blocks ({}) of the original disks",
+                    r.done_pass,
+                    r.blocks_written,
+                    size_text(r.bytes_received)
+                );
+            }
+            if let Some(b) = b {
+                println!(
+                    "  replica: compared {} with the recovery disks, rewrote {}",
+                    size_text(b.bytes_compared),
+                    size_text(b.bytes_written)
+                );
+            }
+        }
         (Some(p), _) => {
             // The time to serve matters when the failover is new; later it is history.
             let served = match f.state.as_str() {

@@ -273,6 +273,15 @@ enum CtlCommand {
         #[arg(long, default_value = "600s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Once reprotected: bring the machine home. The recovery disks are flushed and made
+    /// read-only, the last differences travel to the original disks, the replica is made
+    /// equal to them and the agent takes its disks as the replica; then the machine is
+    /// protected from its own site again, with no full resync. Waits until it is.
+    Failback {
+        machine: String,
+        #[arg(long, default_value = "600s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
 }
 
 /// `--point`: `latest`, `latest-app`, a point id, or an RFC 3339 time.
@@ -603,7 +612,7 @@ async fn ctl_command(admin: &ctl::Admin, json: bool, command: CtlCommand) -> Exi
                 machine: machine.clone(),
                 point,
             };
-            return ctl_failover(admin, json, machine, Some(cmd), timeout).await;
+            return ctl_failover(admin, json, machine, Until::Served(cmd), timeout).await;
         }
         CtlCommand::FailoverChangePoint {
             machine,
@@ -614,11 +623,14 @@ async fn ctl_command(admin: &ctl::Admin, json: bool, command: CtlCommand) -> Exi
                 machine: machine.clone(),
                 point,
             };
-            return ctl_failover(admin, json, machine, Some(cmd), timeout).await;
+            return ctl_failover(admin, json, machine, Until::Served(cmd), timeout).await;
         }
         CtlCommand::FailoverCommit { machine } => AdminCommand::FailoverCommit { machine },
         CtlCommand::Reprotect { machine, timeout } => {
-            return ctl_failover(admin, json, machine, None, timeout).await
+            return ctl_failover(admin, json, machine, Until::Reprotected, timeout).await
+        }
+        CtlCommand::Failback { machine, timeout } => {
+            return ctl_failover(admin, json, machine, Until::FailedBack, timeout).await
         }
         CtlCommand::FailoverCancel { machine } => AdminCommand::FailoverCancel { machine },
         CtlCommand::Rebalance => AdminCommand::Rebalance,
@@ -691,14 +703,23 @@ async fn ctl_command(admin: &ctl::Admin, json: bool, command: CtlCommand) -> Exi
     }
 }
 
-/// `ctl failover` and `failover-change-point` (`cmd`: until the point is served), or `ctl
-/// reprotect` (`cmd` None: until the agent's reverse pass is done): the request, then its
-/// progress, what it waits for (or why it fails) shown as it changes.
+/// What a failover command waits for.
+enum Until {
+    /// `ctl failover` and `failover-change-point` (the command): the point is served.
+    Served(AdminCommand),
+    /// `ctl reprotect`: the agent's reverse pass is done.
+    Reprotected,
+    /// `ctl failback`: protected from the original site again.
+    FailedBack,
+}
+
+/// A failover command: the request, then its progress, what it waits for (or why it fails)
+/// shown as it changes.
 async fn ctl_failover(
     admin: &ctl::Admin,
     json: bool,
     machine: String,
-    cmd: Option<AdminCommand>,
+    until: Until,
     timeout: Duration,
 ) -> ExitCode {
     let mut said = None;
@@ -711,7 +732,7 @@ async fn ctl_failover(
             .or(v.waiting_for.clone());
         if now != said {
             if let Some(w) = &now {
-                let at = if v.state == "failover-pending" {
+                let at = if v.state == "failover-pending" || v.state == "failing-back" {
                     &v.stage
                 } else {
                     &v.state
@@ -721,9 +742,10 @@ async fn ctl_failover(
             said = now;
         }
     };
-    let r = match cmd {
-        Some(cmd) => admin.failover(&machine, cmd, timeout, progress).await,
-        None => admin.reprotect(&machine, timeout, progress).await,
+    let r = match until {
+        Until::Served(cmd) => admin.failover(&machine, cmd, timeout, progress).await,
+        Until::Reprotected => admin.reprotect(&machine, timeout, progress).await,
+        Until::FailedBack => admin.failback(&machine, timeout, progress).await,
     };
     match r {
         Ok(view) if json => println!(

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::*;
-use haven_testkit::{make_disk, wait_until};
+use haven_testkit::{assert_identical, make_disk, wait_until};
 use serde_json::Value;
 use xxhash_rust::xxh3::xxh3_128;
 
@@ -548,4 +548,179 @@ fn a_reprotect_goes_on_after_the_agent_and_then_the_master_target_are_killed() {
         std::fs::read(&disk).unwrap() == read_all(&export_uri(&f), 128 * MIB),
         "the original disk equals the recovery disk"
     );
+}
+
+/// m1 failed over to its newest point with a write of its own site lost with it (256 KiB
+/// written to the disk while the agent was down), committed, written at the recovery site
+/// (512 KiB + 4 KiB), and reprotected. Returns (the disk, the export's URI).
+fn failed_over_and_reprotected(
+    c: &mut Cluster,
+    size: u64,
+    seed: u64,
+) -> (std::path::PathBuf, String) {
+    let disk = protected_tap(c, size, seed);
+    let mut w = nbd(&c.tap_uri("m1", "d0"));
+    w.write_at(&block(0x31), 2 * MIB, false).unwrap();
+    w.flush().unwrap();
+    drop(w);
+    c.wait_sync("m1", SYNC);
+    let p = newest_point(c);
+    c.kill("agent-m1");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        f.write_all_at(&vec![0x77; 256 << 10], 8 * MIB).unwrap();
+        f.sync_all().unwrap();
+    }
+    let f = c.ctl(&["failover", "m1", "--point", &p, "--timeout", "30s"]);
+    c.ctl(&["failover-commit", "m1"]);
+    let uri = export_uri(&f);
+    let mut e = nbd(&uri);
+    e.write_at(&vec![0xee; 512 << 10], 16 * MIB, false).unwrap();
+    e.write_at(&vec![0xef; 4096], 2 * MIB, false).unwrap();
+    e.flush().unwrap();
+    drop(e);
+    c.restart("agent-m1");
+    c.wait_tap("m1", "d0");
+    let r = wait_until("reprotect", Duration::from_secs(60), || {
+        c.try_ctl(&["reprotect", "m1", "--timeout", "60s"]).ok()
+    });
+    assert_eq!(r["state"], "reprotected", "{r}");
+    (disk, uri)
+}
+
+/// After failback: the original disk is the recovery disk as it was (`expected`), the
+/// replica equals it, the exports are gone, and a write through the tap reaches the replica
+/// with no full resync.
+fn assert_home(c: &Cluster, disk: &Path, replica: &Path, uri: &str, expected: &[u8]) {
+    assert!(
+        std::fs::read(disk).unwrap() == expected,
+        "the original disk equals the recovery disk as the failback quiesced it"
+    );
+    assert_identical(disk, replica);
+    assert!(
+        haven_nbd::Client::connect(uri).is_err(),
+        "the recovery-site export is no longer served"
+    );
+    let m = c.machine("m1").unwrap();
+    assert_eq!(m["recovery_state"], "protected", "{m}");
+    let mut w = nbd(&c.tap_uri("m1", "d0"));
+    w.write_at(&block(0x5a), 24 * MIB, false)
+        .expect("the original disk takes writes again");
+    w.flush().unwrap();
+    drop(w);
+    c.wait_sync("m1", SYNC);
+    c.assert_replica("m1", disk, replica);
+    let m = c.machine("m1").unwrap();
+    c.assert_no_resync("m1", &m);
+    // The tap's sync pass on the rebased tables found nothing to send: what travelled since
+    // the agent's start (it restarted for the reprotect) is the one new write and its points.
+    let sent = m["raw_bytes_sent"].as_u64().unwrap();
+    assert!(
+        sent < 1 << 20,
+        "only the new write travelled, not the disk: {m}"
+    );
+    assert!(sent >= 64 << 10, "the new write travelled: {m}");
+}
+
+#[test]
+fn a_failback_brings_the_machine_home_with_only_the_last_changes_and_no_resync() {
+    let mut c = Cluster::new();
+    c.start_config(&[], vec![]);
+    let (disk, uri) = failed_over_and_reprotected(&mut c, 32 * MIB, 66);
+    let replica = c.replica("config", "m1", "d0");
+
+    phase("refusals: failback needs a reprotected machine");
+    let out = c.ctl_output(&["failback", "nosuch"]);
+    assert_eq!(out.status.code(), Some(5));
+
+    phase("64 KiB more at the recovery site after the reprotect: the final pass carries them");
+    let mut e = nbd(&uri);
+    e.write_at(&block(0x99), 20 * MIB, false).unwrap();
+    e.flush().unwrap();
+    drop(e);
+    let expected = read_all(&uri, 32 * MIB);
+    assert!(
+        std::fs::read(&disk).unwrap() != expected,
+        "the original disk lacks the last recovery-site write before the failback"
+    );
+
+    phase("ctl failback");
+    let b = c
+        .try_ctl(&["failback", "m1", "--timeout", "120s"])
+        .unwrap_or_else(|e| panic!("failback: {e}\n{}", tail_of(&c.log("config"))));
+    assert_eq!(b["stage"], "failed-back", "{b}");
+    assert_eq!(b["state"], "protected", "{b}");
+    assert_eq!(b["reverse"]["pass"], 2, "the final reverse pass: {b}");
+    assert_eq!(
+        b["reverse"]["blocks_written"], 16,
+        "the final pass carried exactly the 64 KiB written since the reprotect: {b}"
+    );
+    // The replica holds the point (the 256 KiB the original site wrote after it never
+    // reached it): it differs from the recovery disk by the recovery site's writes only.
+    assert_eq!(b["failback"]["bytes_compared"], 32 * MIB, "{b}");
+    assert_eq!(
+        b["failback"]["bytes_written"],
+        (512 << 10) + 4096 + (64 << 10),
+        "the replica took exactly the recovery site's writes: {b}"
+    );
+    assert_home(&c, &disk, &replica, &uri, &expected);
+    let events = c.ctl(&["events"]).to_string();
+    for e in [
+        "failback started",
+        "the recovery disks are read-only",
+        "the final reverse pass rewrote 16 blocks",
+        "the replica equals the recovery disks",
+        "failed back",
+    ] {
+        assert!(events.contains(e), "event {e:?}: {events}");
+    }
+
+    phase("the recovery point the failback made shows the state the machine came home with");
+    let points = c.ctl(&["recovery-points", "m1"]).to_string();
+    assert!(points.contains("\"failback\""), "{points}");
+
+    phase("ctl failback again shows how it ended; a second failover cycle starts cleanly");
+    let again = c.ctl(&["failback", "m1"]);
+    assert_eq!(again["stage"], "failed-back", "{again}");
+    c.assert_no_unexpected_errors(&[]);
+}
+
+#[test]
+fn a_failback_resumes_after_the_master_target_the_agent_and_the_configuration_node_are_killed() {
+    let mut c = Cluster::new();
+    c.start_config_with(&["configuration"], &["--site", "dr"], vec![]);
+    c.start_node_with("mt1", &["master-target"], &["--site", "dr"], vec![]);
+    c.start_node_with("ps1", &["process"], &["--site", "primary"], vec![]);
+    let (disk, uri) = failed_over_and_reprotected(&mut c, 128 * MIB, 67);
+    let replica = c.replica("mt1", "m1", "d0");
+    let mut e = nbd(&uri);
+    for i in 0..32u64 {
+        e.write_at(&block(0x80 + i as u8), i * 4 * MIB, false)
+            .unwrap();
+    }
+    e.flush().unwrap();
+    drop(e);
+    let expected = read_all(&uri, 128 * MIB);
+
+    phase("failback starts; the master target, the agent and the configuration node are SIGKILLed and started again");
+    let out = c.ctl_output(&["failback", "m1", "--timeout", "0s"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "accepted (then timed out waiting)"
+    );
+    c.kill("mt1");
+    c.restart("mt1");
+    c.kill("agent-m1");
+    c.restart("agent-m1");
+    c.wait_tap("m1", "d0");
+    c.kill("config");
+    c.restart("config");
+    wait_until("failed back", Duration::from_secs(180), || {
+        let m = c.machine("m1")?;
+        (m["recovery_state"] == "protected").then_some(())
+    });
+    assert_home(&c, &disk, &replica, &uri, &expected);
+    qemu_img_compare(&disk, &replica.display().to_string());
 }

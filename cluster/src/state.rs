@@ -107,6 +107,11 @@ pub struct MachineRecord {
     /// Where the machine stands in the failover cycle (DESIGN.md §5).
     #[serde(default)]
     pub recovery: Recovery,
+    /// Failbacks completed or under way: a process server's cache from before the last one
+    /// holds writes that the failback rolled back, so it is dropped (see
+    /// `Assignment::failbacks`).
+    #[serde(default)]
+    pub failbacks: u64,
 }
 
 /// Which recovery point (`--point`): an id from `recovery-points` (the point's seq),
@@ -137,6 +142,9 @@ pub enum Recovery {
     Reprotecting(Box<Failover>),
     /// The last reverse pass made the original disks equal to the recovery disks.
     Reprotected(Box<Failover>),
+    /// `ctl failback`: the recovery disks are quiesced, the last differences travel back,
+    /// the replica is made equal to them and the agent rebased; then protected again.
+    FailingBack(Box<Failover>),
 }
 
 impl Recovery {
@@ -147,6 +155,7 @@ impl Recovery {
             Recovery::FailedOver(_) => "failed-over",
             Recovery::Reprotecting(_) => "reprotecting",
             Recovery::Reprotected(_) => "reprotected",
+            Recovery::FailingBack(_) => "failing-back",
         }
     }
 
@@ -156,7 +165,8 @@ impl Recovery {
             Recovery::FailoverPending(f)
             | Recovery::FailedOver(f)
             | Recovery::Reprotecting(f)
-            | Recovery::Reprotected(f) => Some(f),
+            | Recovery::Reprotected(f)
+            | Recovery::FailingBack(f) => Some(f),
         }
     }
 
@@ -164,7 +174,10 @@ impl Recovery {
     pub fn committed(&self) -> bool {
         matches!(
             self,
-            Recovery::FailedOver(_) | Recovery::Reprotecting(_) | Recovery::Reprotected(_)
+            Recovery::FailedOver(_)
+                | Recovery::Reprotecting(_)
+                | Recovery::Reprotected(_)
+                | Recovery::FailingBack(_)
         )
     }
 }
@@ -191,6 +204,51 @@ pub struct Failover {
     /// Reprotect: the reverse passes asked for and the last one done.
     #[serde(default)]
     pub reverse: Option<ReversePass>,
+    /// Failback: where it stands.
+    #[serde(default)]
+    pub failback: Option<Failback>,
+}
+
+/// A failback (see [`Recovery::FailingBack`]), step by step; each step is ordered by the
+/// configuration node and reported done by the process that does it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failback {
+    pub stage: FailbackStage,
+    /// The forward stream's generation from the failback on: the master target applies the
+    /// materialisation under it, so nothing of an older generation is applied after.
+    pub generation: u64,
+    pub started_ms: u64,
+    /// The reverse pass that carries the last differences (after the quiesce).
+    pub final_pass: u64,
+    /// The replica's applied seq once it equals the recovery disks (the agent rebases on it).
+    pub materialised_seq: Option<u64>,
+    /// Bytes of the replica compared with the recovery disks, and rewritten.
+    pub bytes_compared: u64,
+    pub bytes_written: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum FailbackStage {
+    /// The master target flushes the recovery disks' exports and makes them read-only.
+    Quiescing,
+    /// The original site's agent makes its disks equal to the quiesced recovery disks.
+    FinalPass,
+    /// The master target makes the replica equal to the recovery disks (journaled, under
+    /// the new generation).
+    Materialising,
+    /// The agent takes its disks' hashes as the replica's and drops what it retained.
+    Rebasing,
+}
+
+impl FailbackStage {
+    pub fn name(self) -> &'static str {
+        match self {
+            FailbackStage::Quiescing => "quiescing",
+            FailbackStage::FinalPass => "final-pass",
+            FailbackStage::Materialising => "materialising",
+            FailbackStage::Rebasing => "rebasing",
+        }
+    }
 }
 
 /// The reverse passes of a reprotect (see [`Recovery::Reprotecting`]).

@@ -337,6 +337,7 @@ mod tests {
             policy: Default::default(),
             site: crate::state::default_site(),
             recovery: Default::default(),
+            failbacks: 0,
         }
     }
 
@@ -396,7 +397,7 @@ mod tests {
             policy: Default::default(),
             site: crate::state::default_site(),
             // The failover state is what a restarted configuration node resumes from.
-            recovery: Recovery::FailoverPending(Box::new(Failover {
+            recovery: Recovery::FailingBack(Box::new(Failover {
                 id: 5,
                 point: PointSpec::Seq(40),
                 planned: true,
@@ -410,7 +411,17 @@ mod tests {
                     bytes_compared: 1 << 30,
                     ..Default::default()
                 }),
+                failback: Some(Failback {
+                    stage: FailbackStage::Materialising,
+                    generation: 8,
+                    started_ms: 1_700_000_100_000,
+                    final_pass: 2,
+                    materialised_seq: None,
+                    bytes_compared: 0,
+                    bytes_written: 0,
+                }),
             })),
+            failbacks: 1,
         };
         let t = TokenRecord {
             id: "0123456789ab".into(),

@@ -64,6 +64,7 @@ pub fn agent_report() -> AgentReport {
             blocks_written: 1,
             error: None,
         }),
+        rebased: Some(9),
     }
 }
 
@@ -88,7 +89,11 @@ pub fn assignment() -> Assignment {
             id: 9,
             point: PointSpec::Seq(40),
             committed: false,
+            failback: Some(FailbackOrder {
+                materialise: Some(8),
+            }),
         }),
+        failbacks: 1,
     }
 }
 
@@ -248,6 +253,10 @@ pub fn responses() -> Vec<Response> {
                 order: 9,
                 pass: 2,
                 master_target: ("mt-1".into(), "10.0.0.2:7400".into()),
+            }),
+            rebase: Some(RebaseOrder {
+                order: 9,
+                applied_seq: 1041,
             }),
         }),
         Response::NodePoll(NodePollReply {

@@ -262,6 +262,23 @@ impl Admin {
         .await
     }
 
+    /// `ctl failback`: the request, then its progress until the machine is protected again
+    /// from the original site.
+    pub async fn failback(
+        &self,
+        machine: &str,
+        timeout: Duration,
+        progress: impl FnMut(&FailoverView),
+    ) -> Result<FailoverView, CtlError> {
+        let cmd = AdminCommand::Failback {
+            machine: machine.into(),
+        };
+        self.failover_until(machine, cmd, timeout, progress, |v| {
+            v.stage == "failed-back"
+        })
+        .await
+    }
+
     async fn failover_until(
         &self,
         machine: &str,
@@ -278,7 +295,7 @@ impl Admin {
             };
             progress(&view);
             if done(&view) {
-                return Ok(view);
+                return Ok(*view);
             }
             if Instant::now() >= deadline {
                 return Err(CtlError::Failed(format!(

@@ -513,6 +513,7 @@ mod tests {
             enrolment: "e1".into(),
             policy: Default::default(),
             failover: None,
+            failbacks: 0,
         }
     }
 

@@ -208,6 +208,9 @@ pub struct AgentReport {
     /// The last reverse pass (reprotect) the agent finished.
     #[serde(default)]
     pub reverse_done: Option<ReverseDone>,
+    /// The failback ([`RebaseOrder::order`]) the agent last rebased for.
+    #[serde(default)]
+    pub rebased: Option<u64>,
 }
 
 /// `ctl mark`: a recovery point now, through the agent's poll.
@@ -323,6 +326,19 @@ pub struct AgentPollReply {
     /// Reprotect: make the disks equal to the recovery disks (a pass not done yet).
     #[serde(default)]
     pub reverse: Option<ReverseOrder>,
+    /// Failback: the replica equals the disks now; take their hashes as the applied tables.
+    #[serde(default)]
+    pub rebase: Option<RebaseOrder>,
+}
+
+/// Failback's last step at the original site (see `agent/reverse.rs`): the disks equal the
+/// replica at `applied_seq`, so the agent's applied tables become the disks' hashes, what it
+/// retained is dropped (it was rolled back), and forward replication continues after it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebaseOrder {
+    /// The failover ([`FailoverOrder::id`]) whose failback this is: done once per id.
+    pub order: u64,
+    pub applied_seq: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -433,6 +449,10 @@ pub struct Assignment {
     /// (`ctl failover`); None: replicate forward (a failover it served is cancelled).
     #[serde(default)]
     pub failover: Option<FailoverOrder>,
+    /// [`haven_cluster::MachineRecord::failbacks`]: a process server drops a cache it holds
+    /// from before the last failback (its writes were rolled back).
+    #[serde(default)]
+    pub failbacks: u64,
 }
 
 /// What a master target does for a failover (see `master_target/failover.rs`).
@@ -443,6 +463,28 @@ pub struct FailoverOrder {
     pub point: PointSpec,
     /// `ctl failover-commit` fixed the choice.
     pub committed: bool,
+    /// `ctl failback`: quiesce the exports, and then (once the original disks took the last
+    /// differences) make the replica equal to the recovery disks.
+    #[serde(default)]
+    pub failback: Option<FailbackOrder>,
+}
+
+/// What a master target does for a failback (see `master_target/failover.rs`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailbackOrder {
+    /// Materialise the recovery disks into the replica, applying under this generation.
+    /// None: only quiesce (flush, then read-only) while the final reverse pass runs.
+    pub materialise: Option<u64>,
+}
+
+/// A failback's materialisation at the master target, done.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Materialised {
+    pub generation: u64,
+    /// The replica's applied seq: it equals the recovery disks there.
+    pub applied_seq: u64,
+    pub bytes_compared: u64,
+    pub bytes_written: u64,
 }
 
 /// A master target's failover of a machine, as it serves it.
@@ -456,6 +498,12 @@ pub struct FailoverReport {
     pub writes: u64,
     pub serve_ms: u64,
     pub error: Option<String>,
+    /// Failback: the exports are flushed and read-only.
+    #[serde(default)]
+    pub quiesced: bool,
+    /// Failback: the replica equals the recovery disks.
+    #[serde(default)]
+    pub materialised: Option<Materialised>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -668,6 +716,10 @@ pub enum AdminCommand {
     Reprotect {
         machine: String,
     },
+    /// `ctl failback M`: answered with `Failover` (poll with `FailoverState`).
+    Failback {
+        machine: String,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -727,5 +779,5 @@ pub enum AdminReply {
     MarkState {
         done: Option<crate::view::MarkView>,
     },
-    Failover(crate::view::FailoverView),
+    Failover(Box<crate::view::FailoverView>),
 }

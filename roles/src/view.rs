@@ -227,6 +227,9 @@ pub struct FailoverView {
     /// Reprotect: the reverse passes asked for and the last one's figures.
     #[serde(default)]
     pub reverse: Option<haven_cluster::ReversePass>,
+    /// Failback: its stage and figures.
+    #[serde(default)]
+    pub failback: Option<haven_cluster::Failback>,
 }
 
 /// What a test-failover cleanup did.

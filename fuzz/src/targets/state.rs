@@ -176,6 +176,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
                 },
                 site: haven_cluster::default_site(),
                 recovery: Default::default(),
+                failbacks: 1,
             }),
         ),
         tagged(

@@ -9,7 +9,7 @@ use std::{
 
 use haven_actors::TaskError;
 
-use super::state::{lock, Agent, AgentError, Control, CONTROL_VERSION};
+use super::state::{lock, Agent, AgentError, CONTROL_VERSION};
 use crate::fsutil::unix_ms;
 use crate::{
     client::CallError,
@@ -163,36 +163,39 @@ fn handle_poll_reply(a: &Arc<Agent>, reply: AgentPollReply) -> Result<(), AgentE
         a.point_every_ms
             .store(ms.max(100), std::sync::atomic::Ordering::Relaxed);
     }
-    let new = Control {
-        protected: reply.protected,
-        epoch: reply.epoch,
-        generation: reply.generation.0,
-        process_server: reply.process_server.clone(),
-        version: CONTROL_VERSION,
-        read_only: reply.read_only.clone(),
+    // A reply that crossed this agent's "rebased" report still says read-only and still
+    // orders the rebase: the rebase is done and the disks are the machine's own again.
+    let crossed = matches!(
+        (&reply.rebase, a.control.borrow().rebased),
+        (Some(o), Some(done)) if o.order == done
+    );
+    let read_only = if crossed {
+        None
+    } else {
+        reply.read_only.clone()
     };
     // Read-only (a failover) takes effect before the marks of this reply are offered: a
     // planned failover's final point then follows every write the tap accepted.
-    if a.control.borrow().read_only != new.read_only {
-        match &new.read_only {
+    if a.control.borrow().read_only != read_only {
+        match &read_only {
             Some(why) => tracing::warn!("the tap takes no writes: {why}"),
             None => tracing::info!("the tap takes writes again"),
         }
-        let mut now = a.control.borrow().clone();
-        now.read_only = new.read_only.clone();
-        a.save_control(&now)?;
-        a.control.send_replace(now);
+        a.update_control(|c| c.read_only = read_only.clone())?;
     }
     handle_marks(a, &reply);
     if let Some(order) = reply.reverse.clone() {
         super::reverse::offer(a, order);
     }
-    if new.protected && new.epoch != lock(&a.core).epoch {
+    if let Some(order) = reply.rebase.clone() {
+        super::reverse::offer_rebase(a, order);
+    }
+    if reply.protected && reply.epoch != lock(&a.core).epoch {
         tracing::info!(
-            epoch = new.epoch,
+            epoch = reply.epoch,
             "new protection epoch: starting a full sync"
         );
-        let fresh = a.fresh_core(new.epoch)?;
+        let fresh = a.fresh_core(reply.epoch)?;
         {
             let mut core = lock(&a.core);
             core.renew(fresh);
@@ -220,9 +223,12 @@ fn handle_poll_reply(a: &Arc<Agent>, reply: AgentPollReply) -> Result<(), AgentE
     if lock(&a.core).handle_sync_request(reply.sync_request) {
         a.scan_now.notify_one();
     }
-    if *a.control.borrow() != new {
-        a.save_control(&new)?;
-        a.control.send_replace(new);
-    }
-    Ok(())
+    a.update_control(|c| {
+        c.protected = reply.protected;
+        c.epoch = reply.epoch;
+        c.generation = reply.generation.0;
+        c.process_server = reply.process_server.clone();
+        c.version = CONTROL_VERSION;
+        c.read_only = read_only;
+    })
 }

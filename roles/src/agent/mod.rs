@@ -144,6 +144,7 @@ pub async fn run_with(opts: AgentOptions, source: Arc<dyn CaptureSource>) -> any
         journal: Mutex::new(None),
         snapshot_sizes: Mutex::new(vec![]),
         control: watch::Sender::new(control.clone()),
+        control_write: Mutex::new(()),
         heard: watch::Sender::new(false),
         reset: watch::Sender::new(0),
         new_batch: Notify::new(),

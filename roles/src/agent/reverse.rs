@@ -12,13 +12,21 @@
 //! after the point (which go back to the point's content). The disks are fdatasynced before
 //! the pass is reported done. The tap takes no writes meanwhile (the machine is failed over),
 //! so nothing else writes the disks.
+//!
+//! Failback ends here with a **rebase** ([`offer_rebase`]): once the master target has made
+//! the replica equal to the recovery disks (which the final pass made these disks equal to),
+//! the agent's applied tables become its disks' hashes at the replica's seq, and what it
+//! retained from before the failover (rolled back) is dropped. The capture restarts on
+//! them: its sync pass finds nothing to send, so forward protection resumes without a full
+//! resync.
 use std::{fs::OpenOptions, os::unix::fs::FileExt, sync::Arc, time::Duration};
 
 use xxhash_rust::xxh3::xxh3_64;
 
+use super::core::AgentCore;
 use super::state::{lock, Agent};
 use crate::client;
-use crate::proto::{Request, Response, ReverseDiffRequest, ReverseDone, ReverseOrder};
+use crate::proto::{RebaseOrder, Request, Response, ReverseDiffRequest, ReverseDone, ReverseOrder};
 
 /// Blocks compared per request: the reply (at most this many blocks) fits a control frame.
 const CHUNK_BLOCKS: u64 = crate::master_target::failover::CHUNK_BLOCKS_MAX;
@@ -32,6 +40,8 @@ pub struct ReverseState {
     pub running: Option<(u64, u64)>,
     /// The last pass finished (or failed), reported until a newer one.
     pub done: Option<ReverseDone>,
+    /// The failback being rebased for (its order id).
+    pub rebasing: Option<u64>,
 }
 
 /// Starts the pass `order` asks for, unless it runs or is done.
@@ -165,4 +175,101 @@ async fn pass(a: &Arc<Agent>, order: &ReverseOrder, done: &mut ReverseDone) -> R
             .map_err(|e| format!("fdatasync {disk}: {e}"))?;
     }
     Ok(())
+}
+
+/// Starts the failback's rebase `order` asks for, unless it runs or is done (persisted in
+/// the control file, so a restarted agent does not rebase twice).
+pub(super) fn offer_rebase(a: &Arc<Agent>, order: RebaseOrder) {
+    if a.control.borrow().rebased == Some(order.order) {
+        return;
+    }
+    {
+        let mut st = lock(&a.reverse);
+        if st.rebasing == Some(order.order) {
+            return;
+        }
+        st.rebasing = Some(order.order);
+    }
+    let a = a.clone();
+    tokio::spawn(async move {
+        loop {
+            match rebase(&a, &order).await {
+                Ok(()) => break,
+                Err(e) => tracing::warn!("failback: rebasing on the replica failed, retrying: {e}"),
+            }
+            tokio::time::sleep(RETRY).await;
+        }
+        lock(&a.reverse).rebasing = None;
+        a.report_now.notify_one();
+    });
+}
+
+/// The disks equal the replica at `order.applied_seq`: their hashes become the applied
+/// tables, durably (a snapshot), before the rebase is recorded done; then the capture and
+/// the stream restart on the new core.
+async fn rebase(a: &Arc<Agent>, order: &RebaseOrder) -> Result<(), String> {
+    let paths: Vec<_> = a.opts.disks.iter().map(|(_, p)| p.clone()).collect();
+    let (tables, sizes) = tokio::task::spawn_blocking(move || {
+        let mut tables = Vec::with_capacity(paths.len());
+        let mut sizes = Vec::with_capacity(paths.len());
+        for path in &paths {
+            let (t, size) = hash_disk(path).map_err(|e| format!("hash {}: {e}", path.display()))?;
+            tables.push(t);
+            sizes.push(size);
+        }
+        Ok::<_, String>((tables, sizes))
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    {
+        let mut core = lock(&a.core);
+        let fresh = AgentCore::new(
+            core.epoch,
+            order.applied_seq,
+            tables,
+            sizes,
+            a.opts.retention_bytes,
+            None,
+        );
+        core.renew(fresh);
+        core.applied_dirty = true;
+    }
+    let a2 = a.clone();
+    tokio::task::spawn_blocking(move || a2.snapshot())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    // Rebased, the disks are the machine's own again: the tap takes writes at once (the
+    // configuration node's next step, on this report, is protected — it waits for nothing
+    // else), so an operator who sees "failed back" finds the disks writable.
+    a.update_control(|c| {
+        c.rebased = Some(order.order);
+        c.read_only = None;
+    })
+    .map_err(|e| e.to_string())?;
+    tracing::info!("the tap takes writes again");
+    // The capture and the stream start over on the new core.
+    a.reset.send_modify(|g| *g += 1);
+    tracing::info!(
+        applied_seq = order.applied_seq,
+        "failback: the disks are the replica's; forward protection resumes without a full resync"
+    );
+    Ok(())
+}
+
+/// xxh3 of every 4 KiB block of the disk at `path` (the last one as long as it is), and
+/// its size.
+fn hash_disk(path: &std::path::Path) -> std::io::Result<(Vec<u64>, u64)> {
+    let file = std::fs::File::open(path)?;
+    let size = super::scan::disk_size(path)?;
+    let mut table = Vec::with_capacity(size.div_ceil(BLOCK) as usize);
+    let mut buf = vec![0u8; (CHUNK_BLOCKS * BLOCK) as usize];
+    let mut at = 0u64;
+    while at < size {
+        let len = (size - at).min(buf.len() as u64) as usize;
+        file.read_exact_at(&mut buf[..len], at)?;
+        table.extend(buf[..len].chunks(BLOCK as usize).map(xxh3_64));
+        at += len as u64;
+    }
+    Ok((table, size))
 }

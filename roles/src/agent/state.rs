@@ -82,6 +82,9 @@ pub(super) struct Control {
     /// restarts, so the original disks stay untouched while the configuration node is away).
     #[serde(default)]
     pub read_only: Option<String>,
+    /// The failback (its order id) the agent last rebased for: done once per failback.
+    #[serde(default)]
+    pub rebased: Option<u64>,
 }
 
 pub(super) const CONTROL_VERSION: u32 = 1;
@@ -145,6 +148,9 @@ pub(super) struct Agent {
     /// The applied sizes the last snapshot recorded: a resize snapshots at once.
     pub snapshot_sizes: Mutex<Vec<u64>>,
     pub control: watch::Sender<Control>,
+    /// Serialises changes to `control`: the poll loop and a rebase both change it, and each
+    /// change is read, modified, saved and published as one step so neither loses the other's.
+    pub control_write: Mutex<()>,
     /// Set once this process has had a poll reply: until then the tap holds writes (briefly,
     /// see `tap::STARTUP_HOLD`), since the machine may have been failed over while the agent
     /// was down and the original disks must then take no write.
@@ -251,11 +257,20 @@ impl Agent {
         write_atomic(&path, &bytes).map_err(|e| AgentError::io("write", &path, e))
     }
 
-    /// Persists what the configuration node said.
-    pub fn save_control(&self, control: &Control) -> Result<(), AgentError> {
-        let bytes = codec::encode(control)?;
+    /// Changes the control state with `f`; a change is saved before it is published, so
+    /// what the tap and the stream act on is always what a restart finds.
+    pub fn update_control(&self, f: impl FnOnce(&mut Control)) -> Result<(), AgentError> {
+        let _serial = lock(&self.control_write);
+        let mut next = self.control.borrow().clone();
+        f(&mut next);
+        if *self.control.borrow() == next {
+            return Ok(());
+        }
+        let bytes = codec::encode(&next)?;
         let path = self.dir().join("control");
-        write_atomic(&path, &bytes).map_err(|e| AgentError::io("write", &path, e))
+        write_atomic(&path, &bytes).map_err(|e| AgentError::io("write", &path, e))?;
+        self.control.send_replace(next);
+        Ok(())
     }
 
     /// Appends what was applied since the last call to the journal and fsyncs it.
@@ -368,6 +383,7 @@ impl Agent {
             .unwrap_or(0);
         AgentReport {
             reverse_done: lock(&self.reverse).done.clone(),
+            rebased: self.control.borrow().rebased,
             machine: self.opts.machine.clone(),
             hostname: self.hostname.clone(),
             disks,

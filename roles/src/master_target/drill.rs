@@ -92,6 +92,15 @@ pub struct CowDisk {
     map: Mutex<Vec<u64>>,
     writes: AtomicU64,
     bytes: AtomicU64,
+    /// Read-only (a failback quiesced it): writes fail with EPERM. Writes hold it shared, so
+    /// once [`quiesce`](Self::quiesce) has it exclusively no write is half done.
+    read_only: std::sync::RwLock<bool>,
+}
+
+impl std::fmt::Debug for CowDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CowDisk(#{}, {} bytes)", self.disk, self.size)
+    }
 }
 
 impl CowDisk {
@@ -128,11 +137,32 @@ impl CowDisk {
             map: Mutex::new(map),
             writes: AtomicU64::new(0),
             bytes: AtomicU64::new(written * BLOCK),
+            read_only: std::sync::RwLock::new(false),
         })
     }
 
     pub fn writes(&self) -> u64 {
         self.writes.load(Ordering::Relaxed)
+    }
+
+    /// Failback: no write is taken from now on, and every write taken is durable (the
+    /// overlay and its bitmap) when this returns.
+    pub fn quiesce(&self) -> io::Result<()> {
+        let mut ro = self.read_only.write().unwrap_or_else(|p| p.into_inner());
+        *ro = true;
+        self.sync()
+    }
+
+    /// A write, unless read-only.
+    fn write_checked(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let ro = self.read_only.read().unwrap_or_else(|p| p.into_inner());
+        if *ro {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "the recovery disk is read-only: the machine is failing back",
+            ));
+        }
+        self.write_blocks(offset, data)
     }
 
     /// Bytes of the overlay (blocks written).
@@ -232,7 +262,7 @@ impl Backend for CowDisk {
 
     fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> BoxFuture<'_, io::Result<()>> {
         Box::pin(async move {
-            self.write_blocks(offset, &data)?;
+            self.write_checked(offset, &data)?;
             if fua {
                 self.sync()?;
             }
@@ -255,7 +285,7 @@ impl Backend for CowDisk {
             let end = offset + len as u64;
             while at < end {
                 let n = (end - at).min(1 << 20) as usize;
-                self.write_blocks(at, &vec![0u8; n])?;
+                self.write_checked(at, &vec![0u8; n])?;
                 at += n as u64;
             }
             if fua {

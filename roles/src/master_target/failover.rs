@@ -30,7 +30,7 @@ use super::recovery::{self, Drill};
 use super::MasterService;
 use crate::fsutil::{read_optional, unix_ms, write_atomic};
 use crate::proto::{
-    FailoverOrder, FailoverReport, PointSpec, ReverseDiffReply, ReverseDiffRequest,
+    FailoverOrder, FailoverReport, Materialised, PointSpec, ReverseDiffReply, ReverseDiffRequest,
 };
 
 /// Where a machine's failover lives on the master target.
@@ -49,6 +49,17 @@ pub struct Served {
     pub order: u64,
     pub drill: Drill,
     pub serve_ms: u64,
+    /// Failback: the exports are flushed and read-only.
+    pub quiesced: bool,
+    /// Failback: the replica equals the recovery disks.
+    pub materialised: Option<Materialised>,
+}
+
+/// The record of a failback's materialisation, saved once it is done (`<dir>/materialised`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct MaterialisedRecord {
+    order: u64,
+    done: Materialised,
 }
 
 /// The record of what is served, saved before it is.
@@ -84,6 +95,8 @@ pub fn report(state: &super::MasterState, machine: &str) -> Option<FailoverRepor
             writes: s.drill.writes().0,
             serve_ms: s.serve_ms,
             error: None,
+            quiesced: s.quiesced,
+            materialised: s.materialised.clone(),
         });
     }
     state
@@ -100,7 +113,10 @@ pub fn report(state: &super::MasterState, machine: &str) -> Option<FailoverRepor
 /// for the report and the caller retries.
 pub async fn reconcile(svc: &MasterService, machine: &str, order: Option<&FailoverOrder>) -> bool {
     let result = match order {
-        Some(o) => ensure(svc, machine, o).await,
+        Some(o) => match ensure(svc, machine, o).await {
+            Ok(()) => failback(svc, machine, o).await,
+            Err(e) => Err(e),
+        },
         None => end(svc, machine).await,
     };
     match result {
@@ -174,7 +190,9 @@ async fn ensure(svc: &MasterService, machine: &str, order: &FailoverOrder) -> Re
             r
         }
     };
-    let drill = recovery::serve(&dir, record.drill, picked.view, started).await?;
+    // A failback under way serves them read-only from the start (a restart mid-failback).
+    let read_only = order.failback.is_some();
+    let drill = recovery::serve(&dir, record.drill, picked.view, started, read_only).await?;
     let serve_ms = started.elapsed().as_millis() as u64;
     tracing::info!(%machine, point = %drill.view.point.point, serve_ms, "failover: the forward stream is fenced and the disks are served at the point");
     svc.state.failovers().insert(
@@ -183,9 +201,76 @@ async fn ensure(svc: &MasterService, machine: &str, order: &FailoverOrder) -> Re
             order: order.id,
             drill,
             serve_ms,
+            quiesced: read_only,
+            materialised: None,
         },
     );
     Ok(())
+}
+
+/// Failback at the master target: the exports are quiesced (every write taken made durable,
+/// then none taken), and once ordered the replica is made equal to them (see
+/// [`super::replica::Replica::rewrite_to`]); the result is recorded before it is reported,
+/// so a restarted node reports it again instead of redoing it.
+async fn failback(svc: &MasterService, machine: &str, order: &FailoverOrder) -> Result<(), String> {
+    let Some(fb) = &order.failback else {
+        return Ok(());
+    };
+    let (disks, quiesced, materialised) = {
+        let served = svc.state.failovers();
+        let s = served
+            .get(machine)
+            .ok_or_else(|| format!("the failover of {machine} is not served"))?;
+        (s.drill.disks(), s.quiesced, s.materialised.clone())
+    };
+    if !quiesced {
+        let d = disks.clone();
+        tokio::task::spawn_blocking(move || d.iter().try_for_each(|c| c.quiesce()))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("quiesce the recovery disks: {e}"))?;
+        set_served(svc, machine, |s| s.quiesced = true);
+        tracing::info!(%machine, "failback: the recovery disks are flushed and read-only");
+    }
+    let Some(generation) = fb.materialise else {
+        return Ok(());
+    };
+    if materialised.is_some_and(|m| m.generation == generation) {
+        return Ok(());
+    }
+    let dir = failover_dir(&svc.state.data_dir, machine);
+    let path = dir.join("materialised");
+    let recorded = read_optional(&path)
+        .map_err(|e| format!("read {}: {e}", path.display()))?
+        .map(|b| haven_transport::codec::decode::<MaterialisedRecord>(&b))
+        .transpose()
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .filter(|r| r.order == order.id && r.done.generation == generation);
+    let done = match recorded {
+        Some(r) => r.done,
+        None => {
+            let done =
+                match recovery::ask(svc, machine, Ask::Materialise { generation, disks }).await? {
+                    Answer::Materialised(m) => m,
+                    other => return Err(format!("unexpected answer {other:?}")),
+                };
+            let r = MaterialisedRecord {
+                order: order.id,
+                done: done.clone(),
+            };
+            let bytes = haven_transport::codec::encode(&r).map_err(|e| e.to_string())?;
+            write_atomic(&path, &bytes).map_err(|e| format!("write {}: {e}", path.display()))?;
+            done
+        }
+    };
+    set_served(svc, machine, |s| s.materialised = Some(done));
+    Ok(())
+}
+
+fn set_served(svc: &MasterService, machine: &str, f: impl FnOnce(&mut Served)) {
+    if let Some(s) = svc.state.failovers().get_mut(machine) {
+        f(s);
+    }
 }
 
 /// No failover is asked for: whatever was served stops, the overlay goes, the fence is

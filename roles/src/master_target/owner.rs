@@ -142,12 +142,19 @@ pub enum Ask {
     /// Fence (true) or unfence the forward stream: once answered, no batch is applied until
     /// unfenced (failover; see `failover.rs`). Persisted at `fence_path` first.
     Fence(bool),
+    /// Failback: make the replica equal to these recovery disks (see
+    /// [`Replica::rewrite_to`]), under `generation`.
+    Materialise {
+        generation: u64,
+        disks: Vec<std::sync::Arc<super::drill::CowDisk>>,
+    },
 }
 
 pub enum Answer {
     Catalogue(Catalogue),
     View(Picked),
     Fenced(bool),
+    Materialised(crate::proto::Materialised),
 }
 
 impl std::fmt::Debug for Answer {
@@ -156,6 +163,7 @@ impl std::fmt::Debug for Answer {
             Answer::Catalogue(c) => write!(f, "Catalogue({} points)", c.points.len()),
             Answer::View(p) => write!(f, "View({})", p.point.seq),
             Answer::Fenced(on) => write!(f, "Fenced({on})"),
+            Answer::Materialised(m) => write!(f, "Materialised({m:?})"),
         }
     }
 }
@@ -438,6 +446,9 @@ impl Owner {
                 return Ok(Err(reason));
             }
         }
+        if let Ask::Materialise { generation, disks } = ask {
+            return self.materialise(generation, disks).await;
+        }
         let Some(r) = self.replica.as_ref() else {
             return Ok(Err("the replica could not be opened".into()));
         };
@@ -465,7 +476,52 @@ impl Owner {
                     epoch: r.epoch(),
                 }))
             }),
-            Ask::Fence(_) => unreachable!("answered above"),
+            Ask::Fence(_) | Ask::Materialise { .. } => unreachable!("answered above"),
+        })
+    }
+
+    /// Failback: the replica is made equal to the recovery disks in the blocking pool, and
+    /// the cursors follow (applied seq, the new generation that fences every older one).
+    async fn materialise(
+        &mut self,
+        generation: u64,
+        disks: Vec<std::sync::Arc<super::drill::CowDisk>>,
+    ) -> Result<Result<Answer, String>, TaskError> {
+        let Some(mut replica) = self.replica.take() else {
+            return Ok(Err("the replica could not be opened".into()));
+        };
+        let sizes: Vec<u64> = disks.iter().map(|d| d.size()).collect();
+        let (replica, result) = tokio::task::spawn_blocking(move || {
+            let now_ms = crate::fsutil::unix_ms();
+            let read = |disk: u16, offset: u64, buf: &mut [u8]| match disks.get(disk as usize) {
+                Some(d) => d.read_at(offset, buf),
+                None => Err(std::io::Error::other(format!("no recovery disk #{disk}"))),
+            };
+            let r = replica.rewrite_to(generation, &sizes, &read, now_ms, "failback");
+            (replica, r)
+        })
+        .await
+        .map_err(TaskError::retry)?;
+        let applied = replica.applied_seq();
+        self.core
+            .handle_opened(replica.epoch(), applied, replica.generation());
+        self.applied.send_replace(applied);
+        self.stats.send_modify(|s| s.applied_seq = applied);
+        // A replica that failed a write it could not undo is opened again next time.
+        if !replica.is_broken() {
+            self.replica = Some(replica);
+        }
+        Ok(match result {
+            Ok((bytes_compared, bytes_written)) => {
+                tracing::info!(machine = %self.machine, applied_seq = applied, bytes_compared, bytes_written, generation, "failback: the replica equals the recovery disks");
+                Ok(Answer::Materialised(crate::proto::Materialised {
+                    generation,
+                    applied_seq: applied,
+                    bytes_compared,
+                    bytes_written,
+                }))
+            }
+            Err(e) => Err(format!("make the replica equal to the recovery disks: {e}")),
         })
     }
 

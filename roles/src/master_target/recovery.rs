@@ -156,7 +156,7 @@ async fn test_failover(
     let dir = drill::drill_dir(&svc.state.data_dir, machine);
     drill::save_record(&dir, &record)
         .map_err(|e| format!("record the test failover in {}: {e}", dir.display()))?;
-    let drill = serve(&dir, record, picked.view, started).await?;
+    let drill = serve(&dir, record, picked.view, started, false).await?;
     let view = drill.view.clone();
     svc.state.insert_drill(machine, drill);
     tracing::info!(%machine, point = %view.point.point, elapsed_ms = view.elapsed_ms, "test failover: the view is served; replication goes on");
@@ -170,6 +170,7 @@ pub async fn serve(
     record: DrillRecord,
     view: Arc<dyn DiskView>,
     started: std::time::Instant,
+    read_only: bool,
 ) -> Result<Drill, String> {
     let mut disks = Vec::new();
     let mut servers = Vec::new();
@@ -178,6 +179,10 @@ pub async fn serve(
         let cow = CowDisk::open(view.clone(), i as u16, dir, name)
             .map(Arc::new)
             .map_err(|e| format!("open the overlay of {name}: {e}"))?;
+        if read_only {
+            cow.quiesce()
+                .map_err(|e| format!("make {name} read-only: {e}"))?;
+        }
         let exports = Arc::new(Exports::new());
         exports.insert(name.clone(), cow.clone() as Arc<dyn Backend>);
         let sock = dir.join(format!("{name}.sock"));
@@ -312,7 +317,7 @@ pub async fn resume(svc: MasterService, machine: String) {
             return;
         }
     };
-    match serve(&dir, record, picked.view, started).await {
+    match serve(&dir, record, picked.view, started, false).await {
         Ok(d) => {
             tracing::info!(%machine, point = %d.view.point.point, "test failover served again after a restart");
             svc.state.insert_drill(&machine, d);
@@ -329,6 +334,11 @@ impl Drill {
     /// The export of disk `i`.
     pub fn disk(&self, i: u16) -> Option<Arc<CowDisk>> {
         self.disks.get(i as usize).cloned()
+    }
+
+    /// Every export, in disk order.
+    pub fn disks(&self) -> Vec<Arc<CowDisk>> {
+        self.disks.clone()
     }
 
     /// Writes made through the exports (since they were served) and the overlay's bytes.

@@ -73,7 +73,10 @@ impl ProcessService {
 async fn manage(svc: ProcessService, sup: Addr<Supervisor>) -> Result<(), TaskError> {
     let ps = svc.state.clone();
     let mut rx = svc.link.assignments();
-    let mut running: std::collections::HashMap<String, haven_cluster::Epoch> = Default::default();
+    // Each ship child ships one protection: its epoch, and the failbacks since (a cache of
+    // before a failback is dropped, see `ProcessState::machine`).
+    let mut running: std::collections::HashMap<String, (haven_cluster::Epoch, u64)> =
+        Default::default();
     loop {
         let mine: Vec<Assignment> = rx
             .borrow_and_update()
@@ -88,7 +91,7 @@ async fn manage(svc: ProcessService, sup: Addr<Supervisor>) -> Result<(), TaskEr
                 .await
                 .map_err(TaskError::retry)?
                 .map_err(TaskError::retry)?;
-            if running.get(&a.machine) == Some(&a.epoch) {
+            if running.get(&a.machine) == Some(&(a.epoch, a.failbacks)) {
                 continue;
             }
             let name = format!("ship/{}", a.machine);
@@ -114,7 +117,7 @@ async fn manage(svc: ProcessService, sup: Addr<Supervisor>) -> Result<(), TaskEr
                 .await
                 .map_err(TaskError::retry)?
                 .map_err(TaskError::retry)?;
-            running.insert(a.machine.clone(), a.epoch);
+            running.insert(a.machine.clone(), (a.epoch, a.failbacks));
         }
         // A machine moved away drains: its ship child ships what is cached, then drops it.
         let gone: Vec<String> = running
@@ -259,8 +262,13 @@ impl ProcessState {
     pub fn machine(&self, a: &Assignment) -> Result<Arc<PsMachine>, StreamError> {
         let _create = lock(&self.create)?;
         if let Some(m) = self.machines.get(&a.machine).map(|m| m.clone()) {
-            if m.assignment.borrow().epoch != a.epoch {
-                tracing::info!(machine = %a.machine, epoch = a.epoch.0, "new protection epoch: clearing the old cache");
+            let held = (m.assignment.borrow().epoch, m.assignment.borrow().failbacks);
+            if held != (a.epoch, a.failbacks) {
+                if held.0 == a.epoch {
+                    tracing::info!(machine = %a.machine, failbacks = a.failbacks, "the machine failed back: its cache from before holds rolled-back writes; clearing it");
+                } else {
+                    tracing::info!(machine = %a.machine, epoch = a.epoch.0, "new protection epoch: clearing the old cache");
+                }
                 m.reset_cache()?;
                 // Seqs start over in a new epoch: the old applied position means nothing.
                 m.applied.send_replace(0);
@@ -268,7 +276,7 @@ impl ProcessState {
                 m.raw_bytes.store(0, Ordering::Relaxed);
                 m.wire_bytes.store(0, Ordering::Relaxed);
                 let epoch_file = self.dir.join(&a.machine).join("epoch");
-                crate::fsutil::write_atomic(&epoch_file, a.epoch.0.to_string().as_bytes())
+                crate::fsutil::write_atomic(&epoch_file, cache_identity(a).as_bytes())
                     .map_err(|e| StreamError::local("write the cache's epoch", e))?;
             }
             {
@@ -287,7 +295,7 @@ impl ProcessState {
         let (mut cache, report) = MachineCache::open(&dir.join("log"), self.cache_options())?;
         let stored = crate::fsutil::read_optional(&epoch_file)
             .map_err(|e| StreamError::local("read the cache's epoch", e))?;
-        let epoch_bytes = a.epoch.0.to_string();
+        let epoch_bytes = cache_identity(a);
         if stored.as_deref() != Some(epoch_bytes.as_bytes()) {
             if report.records > 0 {
                 tracing::info!(machine = %a.machine, epoch = a.epoch.0, "new protection epoch: clearing the old cache");
@@ -319,6 +327,15 @@ impl ProcessState {
         });
         self.machines.insert(a.machine.clone(), m.clone());
         Ok(m)
+    }
+}
+
+/// What a machine's cache on disk belongs to (`<cache>/<machine>/epoch`): the protection's
+/// epoch, and the failbacks since when there were any (the file's format before failbacks).
+fn cache_identity(a: &Assignment) -> String {
+    match a.failbacks {
+        0 => a.epoch.0.to_string(),
+        n => format!("{}.{n}", a.epoch.0),
     }
 }
 

@@ -22,12 +22,14 @@
 //! chosen: an unplanned failover needs only this node and the master target.
 use std::time::Instant;
 
-use haven_cluster::{Failover, PointSpec, Recovery, ReversePass};
+use haven_cluster::{Failback, FailbackStage, Failover, PointSpec, Recovery, ReversePass};
 use rand::Rng;
 
 use super::Persist;
 use super::{refused, ConfigCore, Outcome};
-use crate::proto::{AdminReply, FailoverOrder, Response, ReverseDone, ReverseOrder};
+use crate::proto::{
+    AdminReply, FailbackOrder, FailoverOrder, RebaseOrder, Response, ReverseDone, ReverseOrder,
+};
 use crate::view::{EventView, FailoverView};
 
 /// The name of the final point a planned failover asks the source for.
@@ -103,6 +105,7 @@ impl ConfigCore {
             started_ms: now_ms,
             ordered: !planned,
             reverse: None,
+            failback: None,
         };
         let how = if planned {
             "planned: the source's tap stops taking writes; its final point is applied first"
@@ -126,6 +129,7 @@ impl ConfigCore {
         if planned {
             f.final_mark = self.final_mark(now, machine);
         }
+        self.failed_back.remove(machine);
         let m = self.machines.get_mut(machine).expect("checked above");
         m.recovery = Recovery::FailoverPending(Box::new(f));
         let record = m.clone();
@@ -149,7 +153,10 @@ impl ConfigCore {
         };
         let f = match &mut m.recovery {
             Recovery::FailoverPending(f) => f,
-            Recovery::FailedOver(_) | Recovery::Reprotecting(_) | Recovery::Reprotected(_) => {
+            Recovery::FailedOver(_)
+            | Recovery::Reprotecting(_)
+            | Recovery::Reprotected(_)
+            | Recovery::FailingBack(_) => {
                 return refused(format!(
                     "the failover of {machine} is committed: its point can no longer change"
                 ))
@@ -194,9 +201,10 @@ impl ConfigCore {
         };
         let f = match &m.recovery {
             Recovery::FailoverPending(f) => f.clone(),
-            Recovery::FailedOver(_) | Recovery::Reprotecting(_) | Recovery::Reprotected(_) => {
-                return self.failover_reply(now, now_ms, machine)
-            }
+            Recovery::FailedOver(_)
+            | Recovery::Reprotecting(_)
+            | Recovery::Reprotected(_)
+            | Recovery::FailingBack(_) => return self.failover_reply(now, now_ms, machine),
             Recovery::Protected => return refused(format!("{machine} is not failed over")),
         };
         match served {
@@ -229,7 +237,10 @@ impl ConfigCore {
         };
         match &m.recovery {
             Recovery::FailoverPending(_) => {}
-            Recovery::FailedOver(_) | Recovery::Reprotecting(_) | Recovery::Reprotected(_) => {
+            Recovery::FailedOver(_)
+            | Recovery::Reprotecting(_)
+            | Recovery::Reprotected(_)
+            | Recovery::FailingBack(_) => {
                 return refused(format!(
                     "the failover of {machine} is committed: reprotect and failback bring it home"
                 ))
@@ -253,7 +264,7 @@ impl ConfigCore {
             "failover cancelled: the writes made at the recovery site are discarded; forward replication resumes".into(),
         );
         (
-            Response::Admin(AdminReply::Failover(view)),
+            Response::Admin(AdminReply::Failover(Box::new(view))),
             vec![Persist::Machine(record)],
         )
     }
@@ -278,6 +289,11 @@ impl ConfigCore {
                 ))
             }
             Recovery::Reprotecting(_) => return self.failover_reply(now, now_ms, machine),
+            Recovery::FailingBack(_) => {
+                return refused(format!(
+                    "{machine} is failing back: its final reverse pass is part of it; `ctl failback {machine}` shows it"
+                ))
+            }
             Recovery::FailedOver(f) | Recovery::Reprotected(f) => f.clone(),
         };
         if !self.agent_alive(now, machine) {
@@ -325,8 +341,12 @@ impl ConfigCore {
         let Some(m) = self.machines.get_mut(machine) else {
             return vec![];
         };
-        let Recovery::Reprotecting(f) = &mut m.recovery else {
-            return vec![];
+        let failing_back = matches!(&m.recovery, Recovery::FailingBack(f)
+            if f.failback.as_ref().is_some_and(|b| b.stage == FailbackStage::FinalPass));
+        let f = match &mut m.recovery {
+            Recovery::Reprotecting(f) => f,
+            Recovery::FailingBack(f) if failing_back => f,
+            _ => return vec![],
         };
         let Some(r) = f.reverse.as_mut() else {
             return vec![];
@@ -356,6 +376,22 @@ impl ConfigCore {
         r.bytes_received = done.bytes_received;
         r.blocks_written = done.blocks_written;
         r.error = None;
+        if failing_back {
+            let b = f.failback.as_mut().expect("checked above");
+            b.stage = FailbackStage::Materialising;
+            let record = m.clone();
+            self.version += 1;
+            self.failover_event(
+                now,
+                machine,
+                format!(
+                    "failback: the final reverse pass rewrote {} blocks ({} KiB); the master target makes the replica equal to the recovery disks",
+                    done.blocks_written,
+                    done.bytes_received >> 10
+                ),
+            );
+            return vec![Persist::Machine(record)];
+        }
         let reason = format!(
             "reprotected: pass {} compared {} MiB of the original disks by hash ({} KiB of hashes) and rewrote {} blocks ({} KiB) to the recovery disks' content",
             done.pass,
@@ -373,8 +409,14 @@ impl ConfigCore {
 
     /// What the agent is to do for a reprotect (its poll reply's `reverse`).
     pub(super) fn reverse_order(&self, m: &haven_cluster::MachineRecord) -> Option<ReverseOrder> {
-        let Recovery::Reprotecting(f) = &m.recovery else {
-            return None;
+        let f = match &m.recovery {
+            Recovery::Reprotecting(f) => f,
+            Recovery::FailingBack(f)
+                if f.failback.as_ref().map(|b| b.stage) == Some(FailbackStage::FinalPass) =>
+            {
+                f
+            }
+            _ => return None,
         };
         let r = f.reverse.as_ref().filter(|r| r.pass > r.done_pass)?;
         let mt = self.nodes.get(m.master_target.as_deref()?)?;
@@ -382,6 +424,192 @@ impl ConfigCore {
             order: f.id,
             pass: r.pass,
             master_target: (mt.name.clone(), mt.addr.clone()),
+        })
+    }
+
+    /// `ctl failback M`: once reprotected (the original disks equal the recovery disks), the
+    /// machine comes home. The master target quiesces the recovery disks (flush, then
+    /// read-only); the agent takes the last differences (a final reverse pass); the master
+    /// target makes the replica equal to the recovery disks, journaled and under a new
+    /// generation (nothing older is applied after); the agent takes its disks' hashes as the
+    /// replica's and drops what it retained; then the machine is protected again, forward,
+    /// with no full resync: both sides are identical.
+    pub(super) fn failback(&mut self, now: Instant, now_ms: u64, machine: &str) -> Outcome {
+        let Some(m) = self.machines.get(machine) else {
+            return refused(format!("no machine named {machine:?}"));
+        };
+        let f = match &m.recovery {
+            Recovery::Protected => {
+                if let Some(v) = self.failed_back.get(machine) {
+                    return (Response::Admin(AdminReply::Failover(Box::new(v.clone()))), vec![]);
+                }
+                return refused(format!("{machine} is not failed over: nothing to fail back"));
+            }
+            Recovery::FailoverPending(_) => {
+                return refused(format!(
+                    "the failover of {machine} is not committed: cancel it with `ctl failover-cancel {machine}` \
+                     (forward replication resumes), or commit, reprotect and then fail back"
+                ))
+            }
+            Recovery::FailedOver(_) => {
+                return refused(format!(
+                    "{machine} is not reprotected: run `ctl reprotect {machine}` first, so that the \
+                     original disks hold the recovery disks' content and only the last changes travel"
+                ))
+            }
+            Recovery::Reprotecting(_) => {
+                return refused(format!(
+                    "the reprotect of {machine} is still running; fail back once it is reprotected"
+                ))
+            }
+            Recovery::FailingBack(_) => return self.failover_reply(now, now_ms, machine),
+            Recovery::Reprotected(f) => f.clone(),
+        };
+        if !self.agent_alive(now, machine) {
+            return refused(format!(
+                "the original site's agent for {machine} is not connected: start it again \
+                 (same --data-dir; its disks stay read-only), then retry"
+            ));
+        }
+        if !m
+            .master_target
+            .as_deref()
+            .is_some_and(|n| self.alive(now, n))
+        {
+            return refused(format!(
+                "the master target of {machine} is not reporting: it serves the recovery disks"
+            ));
+        }
+        let mut f = f;
+        let m = self.machines.get_mut(machine).expect("checked above");
+        // The new generation fences every stream of before the failback at the master target
+        // (its materialisation is applied under it).
+        m.generation = haven_cluster::Generation(m.generation.0 + 1);
+        m.failbacks += 1;
+        f.failback = Some(Failback {
+            stage: FailbackStage::Quiescing,
+            generation: m.generation.0,
+            started_ms: now_ms,
+            final_pass: 0,
+            materialised_seq: None,
+            bytes_compared: 0,
+            bytes_written: 0,
+        });
+        m.recovery = Recovery::FailingBack(f);
+        let record = m.clone();
+        self.version += 1;
+        self.failed_back.remove(machine);
+        self.failover_event(
+            now,
+            machine,
+            "failback started: the recovery disks are flushed and made read-only".into(),
+        );
+        let (reply, _) = self.failover_reply(now, now_ms, machine);
+        (reply, vec![Persist::Machine(record)])
+    }
+
+    /// Moves failbacks on, step by step, as the master target and the agent report theirs
+    /// done (the final reverse pass is taken in [`handle_reverse_done`](Self::handle_reverse_done)).
+    fn failback_progress(&mut self, now: Instant) -> Vec<Persist> {
+        let going: Vec<String> = self
+            .machines
+            .values()
+            .filter(|m| matches!(m.recovery, Recovery::FailingBack(_)))
+            .map(|m| m.name.clone())
+            .collect();
+        let mut persist = vec![];
+        for machine in going {
+            let Recovery::FailingBack(mut f) = self.machines[&machine].recovery.clone() else {
+                continue;
+            };
+            let Some(mut b) = f.failback.clone() else {
+                continue;
+            };
+            let report = self
+                .failover_report(&machine)
+                .filter(|r| r.id == f.id)
+                .cloned();
+            let reason;
+            match b.stage {
+                FailbackStage::Quiescing if report.as_ref().is_some_and(|r| r.quiesced) => {
+                    let r = f.reverse.get_or_insert_with(Default::default);
+                    r.pass += 1;
+                    r.started_ms = b.started_ms;
+                    r.error = None;
+                    b.final_pass = r.pass;
+                    b.stage = FailbackStage::FinalPass;
+                    reason = format!(
+                        "failback: the recovery disks are read-only; the original site takes the last differences (reverse pass {})",
+                        b.final_pass
+                    );
+                }
+                FailbackStage::Materialising => {
+                    let Some(done) = report
+                        .and_then(|r| r.materialised)
+                        .filter(|d| d.generation == b.generation)
+                    else {
+                        continue;
+                    };
+                    b.materialised_seq = Some(done.applied_seq);
+                    b.bytes_compared = done.bytes_compared;
+                    b.bytes_written = done.bytes_written;
+                    b.stage = FailbackStage::Rebasing;
+                    reason = format!(
+                        "failback: the replica equals the recovery disks at seq {} ({} MiB compared, {} KiB rewritten); the agent takes its disks as the replica",
+                        done.applied_seq,
+                        done.bytes_compared >> 20,
+                        done.bytes_written >> 10
+                    );
+                }
+                FailbackStage::Rebasing
+                    if self
+                        .agent_reports
+                        .get(&machine)
+                        .is_some_and(|o| o.report.rebased == Some(f.id)) =>
+                {
+                    // Polls carry no wall clock: the view's elapsed time is left to `ctl`.
+                    let mut view = self
+                        .failover_view(now, b.started_ms, &machine)
+                        .unwrap_or_default();
+                    view.stage = "failed-back".into();
+                    view.state = Recovery::Protected.name().into();
+                    view.waiting_for = None;
+                    let m = self.machines.get_mut(&machine).expect("listed above");
+                    m.recovery = Recovery::Protected;
+                    persist.push(Persist::Machine(m.clone()));
+                    self.version += 1;
+                    self.failed_back.insert(machine.clone(), view);
+                    self.failover_event(
+                        now,
+                        &machine,
+                        format!(
+                            "failed back: the original disks equal the recovery disks and the replica; forward protection resumes after seq {} with no full resync",
+                            b.materialised_seq.unwrap_or(0)
+                        ),
+                    );
+                    continue;
+                }
+                _ => continue,
+            }
+            f.failback = Some(b);
+            let m = self.machines.get_mut(&machine).expect("listed above");
+            m.recovery = Recovery::FailingBack(f);
+            persist.push(Persist::Machine(m.clone()));
+            self.version += 1;
+            self.failover_event(now, &machine, reason);
+        }
+        persist
+    }
+
+    /// What the agent is to do for a failback's last step (its poll reply's `rebase`).
+    pub(super) fn rebase_order(m: &haven_cluster::MachineRecord) -> Option<RebaseOrder> {
+        let Recovery::FailingBack(f) = &m.recovery else {
+            return None;
+        };
+        let b = f.failback.as_ref()?;
+        (b.stage == FailbackStage::Rebasing).then_some(RebaseOrder {
+            order: f.id,
+            applied_seq: b.materialised_seq?,
         })
     }
 
@@ -453,6 +681,7 @@ impl ConfigCore {
                 self.failover_event(now, &machine, r);
             }
         }
+        persist.extend(self.failback_progress(now));
         persist
     }
 
@@ -464,6 +693,9 @@ impl ConfigCore {
             id: f.id,
             point: f.point.clone(),
             committed,
+            failback: f.failback.as_ref().map(|b| FailbackOrder {
+                materialise: (b.stage >= FailbackStage::Materialising).then_some(b.generation),
+            }),
         })
     }
 
@@ -488,7 +720,9 @@ impl ConfigCore {
         let f = m.recovery.failover()?;
         let report = self.failover_report(machine).filter(|r| r.id == f.id);
         let served = report.is_some_and(|r| r.point.is_some());
-        let stage = if !f.ordered && f.final_seq.is_none() {
+        let stage = if let Some(b) = &f.failback {
+            b.stage.name()
+        } else if !f.ordered && f.final_seq.is_none() {
             "quiescing"
         } else if !f.ordered {
             "draining"
@@ -499,36 +733,54 @@ impl ConfigCore {
         };
         let mt = m.master_target.clone();
         let reversing = matches!(m.recovery, Recovery::Reprotecting(_));
-        let waiting_for = match stage {
+        let agent_note = if self.agent_alive(now, machine) {
+            ""
+        } else {
+            " (it is not reporting)"
+        };
+        let mt_note = if mt.as_deref().is_some_and(|n| self.alive(now, n)) {
+            ""
+        } else {
+            " (it is not reporting)"
+        };
+        let waiting_for = match (stage, &f.failback) {
+            (_, Some(b)) => Some(match b.stage {
+                FailbackStage::Quiescing => format!(
+                    "the master target {} to flush the recovery disks and make them read-only{mt_note}",
+                    mt.as_deref().unwrap_or("?")
+                ),
+                FailbackStage::FinalPass => format!(
+                    "the original site's agent to take the last differences (reverse pass {}){agent_note}",
+                    b.final_pass
+                ),
+                FailbackStage::Materialising => format!(
+                    "the master target {} to make the replica equal to the recovery disks{mt_note}",
+                    mt.as_deref().unwrap_or("?")
+                ),
+                FailbackStage::Rebasing => format!(
+                    "the original site's agent to take its disks as the replica (seq {}){agent_note}",
+                    b.materialised_seq.unwrap_or(0)
+                ),
+            }),
             _ if reversing => Some(format!(
-                "the original site's agent to compare its disks with the recovery disks{}",
-                if self.agent_alive(now, machine) {
-                    ""
-                } else {
-                    " (it is not reporting)"
-                }
+                "the original site's agent to compare its disks with the recovery disks{agent_note}"
             )),
-            "quiescing" => Some(format!(
+            ("quiescing", _) => Some(format!(
                 "the source's tap to stop taking writes and make its final point{}",
-                if self.agent_alive(now, machine) {
+                if agent_note.is_empty() {
                     ""
                 } else {
                     " (the agent is not reporting)"
                 }
             )),
-            "draining" => Some(format!(
+            ("draining", _) => Some(format!(
                 "the master target to apply the final point {} (applied {})",
                 f.final_seq.unwrap_or(0),
                 self.applied_seq(machine)
             )),
-            "serving" => Some(format!(
-                "the master target {} to fence the forward stream and serve the point{}",
+            ("serving", _) => Some(format!(
+                "the master target {} to fence the forward stream and serve the point{mt_note}",
                 mt.as_deref().unwrap_or("?"),
-                if mt.as_deref().is_some_and(|n| self.alive(now, n)) {
-                    ""
-                } else {
-                    " (it is not reporting)"
-                }
             )),
             _ => None,
         };
@@ -547,14 +799,22 @@ impl ConfigCore {
             elapsed_ms: now_ms.saturating_sub(f.started_ms),
             serve_ms: report.filter(|r| r.point.is_some()).map(|r| r.serve_ms),
             reverse: f.reverse.clone(),
+            failback: f.failback.clone(),
         })
     }
 
     /// `ctl failover` polling.
     pub(super) fn failover_reply(&self, now: Instant, now_ms: u64, machine: &str) -> Outcome {
         match self.failover_view(now, now_ms, machine) {
-            Some(v) => (Response::Admin(AdminReply::Failover(v)), vec![]),
-            None => refused(format!("{machine} is not failed over")),
+            Some(v) => (Response::Admin(AdminReply::Failover(Box::new(v))), vec![]),
+            // Failed back: how the last failback ended, while this node remembers it.
+            None => match self.failed_back.get(machine) {
+                Some(v) => (
+                    Response::Admin(AdminReply::Failover(Box::new(v.clone()))),
+                    vec![],
+                ),
+                None => refused(format!("{machine} is not failed over")),
+            },
         }
     }
 

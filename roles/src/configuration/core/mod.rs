@@ -50,6 +50,8 @@ pub struct ConfigCore {
     pub(super) policy: scaleout::RebalancePolicy,
     /// When this core started judging liveness (first tick).
     up_since: Option<Instant>,
+    /// The last failback of each machine, as it ended (in memory: `ctl failback` shows it).
+    failed_back: HashMap<String, FailoverView>,
     events: std::collections::VecDeque<scaleout::Event>,
     recent_moves: std::collections::VecDeque<Instant>,
     last_rebalanced: HashMap<String, Instant>,
@@ -122,6 +124,7 @@ impl ConfigCore {
             failure_timeout: FAILURE_TIMEOUT,
             policy: scaleout::RebalancePolicy::default(),
             up_since: None,
+            failed_back: HashMap::new(),
             events: Default::default(),
             recent_moves: Default::default(),
             last_rebalanced: HashMap::new(),
@@ -267,6 +270,7 @@ impl ConfigCore {
             policy: Default::default(),
             site: haven_cluster::default_site(),
             recovery: Default::default(),
+            failbacks: 0,
         };
         self.machines.insert(machine.to_string(), rec.clone());
         let id = PeerIdentity::Agent {
@@ -374,6 +378,7 @@ impl ConfigCore {
             app_consistent_every_ms: m.policy.app_consistent_every_ms(),
             read_only: Self::read_only_reason(m),
             reverse: self.reverse_order(m),
+            rebase: Self::rebase_order(m),
         };
         (Response::AgentPoll(reply), persist)
     }
@@ -471,6 +476,7 @@ impl ConfigCore {
                     enrolment: m.enrolment.clone(),
                     policy: m.policy.clone(),
                     failover,
+                    failbacks: m.failbacks,
                 })
             })
             .collect();
@@ -563,6 +569,7 @@ impl ConfigCore {
                 return self.failover_cancel(now, now_ms, &machine)
             }
             AdminCommand::Reprotect { machine } => return self.reprotect(now, now_ms, &machine),
+            AdminCommand::Failback { machine } => return self.failback(now, now_ms, &machine),
             AdminCommand::RequestSync { machine } => {
                 match self.machines.get(&machine) {
                     None => return refused(format!("no machine named {machine:?}")),

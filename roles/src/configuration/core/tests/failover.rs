@@ -2,10 +2,10 @@
 //! and every refusal, what the agent, the process server and the master target are told at
 //! each stage, and resuming from the persisted record after a restart. Explicit `now`, exact
 //! outcomes, no I/O.
-use haven_cluster::{Failover, PointSpec, Recovery};
+use haven_cluster::{Failback, FailbackStage, Failover, MachineRecord, PointSpec, Recovery};
 
 use crate::configuration::core::failover::FINAL_POINT_NAME;
-use crate::proto::{FailoverReport, ReverseDone};
+use crate::proto::{FailbackOrder, FailoverReport, Materialised, RebaseOrder, ReverseDone};
 use crate::view::{FailoverView, PointView};
 
 use super::*;
@@ -37,7 +37,7 @@ fn failover(c: &mut Cluster, at: Duration, point: PointSpec) -> Outcome {
 #[track_caller]
 fn view(outcome: Outcome) -> (FailoverView, Vec<Persist>) {
     match outcome {
-        (Response::Admin(AdminReply::Failover(v)), p) => (v, p),
+        (Response::Admin(AdminReply::Failover(v)), p) => (*v, p),
         other => panic!("expected a failover view, got {other:?}"),
     }
 }
@@ -64,15 +64,24 @@ fn poll_agent(
     at: Duration,
     done: Vec<MarkDone>,
 ) -> (AgentPollReply, Vec<Persist>) {
-    let report = AgentReport {
+    poll_agent_with(c, at, |r| r.marks_done = done)
+}
+
+/// The agent's poll at `at`, its report changed by `edit`.
+fn poll_agent_with(
+    c: &mut Cluster,
+    at: Duration,
+    edit: impl FnOnce(&mut AgentReport),
+) -> (AgentPollReply, Vec<Persist>) {
+    let mut report = AgentReport {
         machine: "web".into(),
         hostname: "web-host".into(),
         disks: web_disks(),
         stats: tap_stats(50, 40),
         report_seq: at.as_micros() as u64 + 1,
-        marks_done: done,
         ..Default::default()
     };
+    edit(&mut report);
     agent_reply(
         c.core
             .handle_agent_poll(c.t0 + at, &agent_id("web"), report),
@@ -110,6 +119,8 @@ fn served(id: u64, seq: u64) -> FailoverReport {
         writes: 0,
         serve_ms: 12,
         error: None,
+        quiesced: false,
+        materialised: None,
     }
 }
 
@@ -470,19 +481,7 @@ fn reverse_done(
     at: Duration,
     done: ReverseDone,
 ) -> (AgentPollReply, Vec<Persist>) {
-    let report = AgentReport {
-        machine: "web".into(),
-        hostname: "web-host".into(),
-        disks: web_disks(),
-        stats: tap_stats(50, 40),
-        report_seq: at.as_micros() as u64 + 1,
-        reverse_done: Some(done),
-        ..Default::default()
-    };
-    agent_reply(
-        c.core
-            .handle_agent_poll(c.t0 + at, &agent_id("web"), report),
-    )
+    poll_agent_with(c, at, |r| r.reverse_done = Some(done))
 }
 
 #[test]
@@ -593,4 +592,412 @@ fn reprotect_needs_a_commit_and_the_agent_then_asks_it_for_a_pass_until_done() {
     // Again: a second pass.
     let (v, _) = view(reprotect(&mut c, 14 * SEC));
     assert_eq!(v.reverse.map(|r| (r.pass, r.done_pass)), Some((2, 1)));
+}
+
+// ---- failback ------------------------------------------------------------------------------
+
+fn failback(c: &mut Cluster, at: Duration) -> Outcome {
+    c.admin(
+        at,
+        AdminCommand::Failback {
+            machine: "web".into(),
+        },
+    )
+}
+
+/// `web` failed over at seq 7, committed and reprotected (its first reverse pass done) by
+/// 12 s, every node and the agent reporting; returns the cluster and the failover's id.
+fn reprotected_web() -> (Cluster, u64) {
+    let mut c = tap_web();
+    c.all_nodes_poll(10 * SEC);
+    view(failover(&mut c, 10 * SEC, PointSpec::Seq(7)));
+    let (a, _) = poll_mt(&mut c, 10 * SEC, 40, None);
+    let id = a[0].failover.as_ref().expect("ordered").id;
+    poll_mt(&mut c, 10 * SEC, 40, Some(served(id, 7)));
+    view(c.admin(
+        10 * SEC,
+        AdminCommand::FailoverCommit {
+            machine: "web".into(),
+        },
+    ));
+    poll_agent(&mut c, 11 * SEC, vec![]);
+    view(reprotect(&mut c, 11 * SEC));
+    let (_, p) = reverse_done(
+        &mut c,
+        12 * SEC,
+        ReverseDone {
+            order: id,
+            pass: 1,
+            blocks_written: 130,
+            ..Default::default()
+        },
+    );
+    assert!(matches!(recovery(&p), Recovery::Reprotected(_)), "{p:?}");
+    (c, id)
+}
+
+/// The failback record of a persisted `FailingBack` machine.
+#[track_caller]
+fn failing_back(persist: &[Persist]) -> (Failover, Failback) {
+    match recovery(persist) {
+        Recovery::FailingBack(f) => {
+            let b = f.failback.clone().expect("a failback record");
+            (*f, b)
+        }
+        other => panic!("expected failing-back, got {other:?}"),
+    }
+}
+
+fn quiesced(id: u64) -> FailoverReport {
+    FailoverReport {
+        quiesced: true,
+        ..served(id, 7)
+    }
+}
+
+fn materialised(id: u64, generation: u64) -> FailoverReport {
+    FailoverReport {
+        materialised: Some(Materialised {
+            generation,
+            applied_seq: 45,
+            bytes_compared: 1 << 30,
+            bytes_written: 1 << 20,
+        }),
+        ..quiesced(id)
+    }
+}
+
+fn final_pass_done(id: u64) -> ReverseDone {
+    ReverseDone {
+        order: id,
+        pass: 2,
+        bytes_compared: 1 << 30,
+        hash_bytes: 2 << 20,
+        bytes_received: 64 << 10,
+        blocks_written: 16,
+        error: None,
+    }
+}
+
+fn mt_failback_order(
+    c: &mut Cluster,
+    at: Duration,
+    report: FailoverReport,
+) -> Option<FailbackOrder> {
+    let (a, _) = poll_mt(c, at, 40, Some(report));
+    a[0].failover
+        .as_ref()
+        .expect("still serving")
+        .failback
+        .clone()
+}
+
+#[test]
+fn a_failback_quiesces_takes_the_final_pass_materialises_the_replica_then_rebases_the_agent() {
+    let (mut c, id) = reprotected_web();
+    let before = c.core.machines["web"].generation.0;
+    let t = 12 * SEC;
+
+    let (v, p) = view(failback(&mut c, t));
+    assert_eq!(
+        (v.state.as_str(), v.stage.as_str()),
+        ("failing-back", "quiescing")
+    );
+    let (_, b) = failing_back(&p);
+    let rec = &c.core.machines["web"];
+    assert_eq!(
+        (b.stage, b.generation, rec.failbacks),
+        (FailbackStage::Quiescing, before + 1, 1)
+    );
+    assert_eq!(
+        rec.generation.0,
+        before + 1,
+        "the new generation fences older streams"
+    );
+    let (v, p) = view(failback(&mut c, t));
+    assert_eq!((v.stage.as_str(), p), ("quiescing", vec![]), "idempotent");
+
+    // Quiescing: the master target is told (nothing to materialise yet); the agent stays
+    // read-only with no pass and no rebase; no process server has the machine.
+    assert_eq!(
+        mt_failback_order(&mut c, t, served(id, 7)),
+        Some(FailbackOrder { materialise: None })
+    );
+    let (r, _) = poll_agent(&mut c, t, vec![]);
+    assert!(r.read_only.is_some());
+    assert_eq!((r.reverse, r.rebase, r.process_server), (None, None, None));
+    assert!(ps_assignments(&mut c, t).is_empty());
+
+    // Quiesced: the final reverse pass is asked for.
+    let (_, p) = poll_mt(&mut c, t, 40, Some(quiesced(id)));
+    let (f, b) = failing_back(&p);
+    assert_eq!((b.stage, b.final_pass), (FailbackStage::FinalPass, 2));
+    assert_eq!(f.reverse.map(|r| (r.pass, r.done_pass)), Some((2, 1)));
+    let (_, p) = poll_mt(&mut c, t, 40, Some(quiesced(id)));
+    assert_eq!(p, vec![], "the same report again changes nothing");
+    let (r, _) = poll_agent(&mut c, t, vec![]);
+    let asked = r.reverse.expect("the final pass is asked for");
+    assert_eq!((asked.order, asked.pass), (id, 2));
+    assert_eq!(state(&mut c, t).stage, "final-pass");
+
+    // A report of the first pass again, or a failed final pass, is not the final pass done.
+    let (_, p) = reverse_done(
+        &mut c,
+        t,
+        ReverseDone {
+            order: id,
+            pass: 1,
+            ..Default::default()
+        },
+    );
+    assert_eq!(p, vec![]);
+    let (_, p) = reverse_done(
+        &mut c,
+        t,
+        ReverseDone {
+            error: Some("hash: I/O error".into()),
+            ..final_pass_done(id)
+        },
+    );
+    assert_eq!(failing_back(&p).1.stage, FailbackStage::FinalPass);
+
+    // The final pass done: the master target materialises the replica under the new generation.
+    let (_, p) = reverse_done(&mut c, 13 * SEC, final_pass_done(id));
+    let (f, b) = failing_back(&p);
+    assert_eq!(b.stage, FailbackStage::Materialising);
+    assert_eq!(
+        f.reverse.map(|r| (r.done_pass, r.blocks_written)),
+        Some((2, 16))
+    );
+    let (r, _) = poll_agent(&mut c, 13 * SEC, vec![]);
+    assert_eq!((r.reverse, r.rebase), (None, None));
+    assert_eq!(
+        mt_failback_order(&mut c, 13 * SEC, quiesced(id)),
+        Some(FailbackOrder {
+            materialise: Some(before + 1)
+        })
+    );
+    // A materialisation under another generation (of an earlier failback) is not this one.
+    let (_, p) = poll_mt(&mut c, 13 * SEC, 40, Some(materialised(id, before)));
+    assert_eq!(p, vec![]);
+    let (_, p) = poll_mt(&mut c, 13 * SEC, 40, Some(materialised(id, before + 1)));
+    let (_, b) = failing_back(&p);
+    assert_eq!(
+        (
+            b.stage,
+            b.materialised_seq,
+            b.bytes_compared,
+            b.bytes_written
+        ),
+        (FailbackStage::Rebasing, Some(45), 1 << 30, 1 << 20)
+    );
+
+    // Rebasing: the agent takes its disks as the replica at seq 45.
+    let (r, _) = poll_agent(&mut c, 13 * SEC, vec![]);
+    assert_eq!(
+        r.rebase,
+        Some(RebaseOrder {
+            order: id,
+            applied_seq: 45
+        })
+    );
+    assert!(
+        r.read_only.is_some(),
+        "read-only until the rebase is reported"
+    );
+    let (r, p) = poll_agent_with(&mut c, 14 * SEC, |r| r.rebased = Some(id + 1));
+    assert_eq!(
+        (r.rebase.is_some(), p),
+        (true, vec![]),
+        "another order's rebase"
+    );
+    let (r, p) = poll_agent_with(&mut c, 14 * SEC, |r| r.rebased = Some(id));
+    assert_eq!(recovery(&p), Recovery::Protected);
+    assert_eq!((r.read_only, r.rebase, r.reverse), (None, None, None));
+    assert_eq!(r.generation.0, before + 1);
+    assert!(r.process_server.is_some(), "the forward stream resumes");
+
+    // Protected again: the process server has the machine under the failback's counter (it
+    // drops its old cache), the master target serves nothing.
+    let a = ps_assignments(&mut c, 14 * SEC);
+    assert_eq!(
+        a.iter()
+            .map(|a| (a.machine.as_str(), a.failbacks, a.generation.0))
+            .collect::<Vec<_>>(),
+        vec![("web", 1, before + 1)]
+    );
+    let (a, _) = poll_mt(&mut c, 14 * SEC, 45, None);
+    assert_eq!(a[0].failover, None);
+    assert_eq!(c.machine(14 * SEC, "web").recovery_state, "protected");
+    let (v, p) = view(failback(&mut c, 15 * SEC));
+    assert_eq!(
+        (v.state.as_str(), v.stage.as_str()),
+        ("protected", "failed-back")
+    );
+    assert_eq!(p, vec![]);
+    assert_eq!(v.failback.map(|b| b.bytes_written), Some(1 << 20));
+
+    let events: Vec<String> = match c.admin(15 * SEC, AdminCommand::Events) {
+        (Response::Admin(AdminReply::Events(e)), _) => e.into_iter().map(|e| e.reason).collect(),
+        other => panic!("{other:?}"),
+    };
+    for e in [
+        "failback started",
+        "the recovery disks are read-only",
+        "the final reverse pass rewrote 16 blocks",
+        "the replica equals the recovery disks at seq 45",
+        "failed back",
+    ] {
+        assert!(events.iter().any(|x| x.contains(e)), "{e:?} in {events:#?}");
+    }
+
+    // A new failover cycle starts from protected; the failed-back view is gone.
+    view(failover(&mut c, 16 * SEC, PointSpec::Latest));
+    refused_with(
+        failback(&mut c, 16 * SEC),
+        "the failover of web is not committed: cancel it with `ctl failover-cancel web` (forward replication resumes), or commit, reprotect and then fail back",
+    );
+}
+
+#[test]
+fn failback_refusals_change_nothing() {
+    let mut c = tap_web();
+    c.all_nodes_poll(10 * SEC);
+    refused_with(
+        c.admin(
+            10 * SEC,
+            AdminCommand::Failback {
+                machine: "nosuch".into(),
+            },
+        ),
+        "no machine named \"nosuch\"",
+    );
+    refused_with(
+        failback(&mut c, 10 * SEC),
+        "web is not failed over: nothing to fail back",
+    );
+    view(failover(&mut c, 10 * SEC, PointSpec::Seq(7)));
+    let (a, _) = poll_mt(&mut c, 10 * SEC, 40, None);
+    let id = a[0].failover.as_ref().unwrap().id;
+    poll_mt(&mut c, 10 * SEC, 40, Some(served(id, 7)));
+    refused_with(
+        failback(&mut c, 10 * SEC),
+        "the failover of web is not committed: cancel it with `ctl failover-cancel web` (forward replication resumes), or commit, reprotect and then fail back",
+    );
+    view(c.admin(
+        10 * SEC,
+        AdminCommand::FailoverCommit {
+            machine: "web".into(),
+        },
+    ));
+    refused_with(
+        failback(&mut c, 10 * SEC),
+        "web is not reprotected: run `ctl reprotect web` first, so that the original disks hold the recovery disks' content and only the last changes travel",
+    );
+    poll_agent(&mut c, 11 * SEC, vec![]);
+    view(reprotect(&mut c, 11 * SEC));
+    refused_with(
+        failback(&mut c, 11 * SEC),
+        "the reprotect of web is still running; fail back once it is reprotected",
+    );
+    reverse_done(
+        &mut c,
+        12 * SEC,
+        ReverseDone {
+            order: id,
+            pass: 1,
+            ..Default::default()
+        },
+    );
+    // Reprotected, but the agent and then the master target are silent.
+    let late = 12 * SEC + c.core.failure_timeout;
+    poll_mt(&mut c, late, 40, Some(served(id, 7)));
+    refused_with(
+        failback(&mut c, late),
+        "the original site's agent for web is not connected: start it again (same --data-dir; its disks stay read-only), then retry",
+    );
+    let later = late + c.core.failure_timeout;
+    poll_agent(&mut c, later, vec![]);
+    refused_with(
+        failback(&mut c, later),
+        "the master target of web is not reporting: it serves the recovery disks",
+    );
+    assert_eq!(c.machine(later, "web").recovery_state, "reprotected");
+    poll_mt(&mut c, later, 40, Some(served(id, 7)));
+    let (v, _) = view(failback(&mut c, later));
+    assert_eq!(v.stage, "quiescing");
+}
+
+/// A configuration node started again from the persisted record.
+fn restarted(c: &Cluster, rec: &MachineRecord) -> Cluster {
+    let nodes: Vec<NodeRecord> = c.core.nodes.values().cloned().collect();
+    Cluster {
+        core: ConfigCore::with_seed(meta(), nodes, vec![rec.clone()], 7).with_tokens(tokens()),
+        t0: c.t0,
+    }
+}
+
+#[track_caller]
+fn persisted(p: &[Persist]) -> MachineRecord {
+    match p {
+        [Persist::Machine(m)] => m.clone(),
+        other => panic!("expected the machine persisted, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_failback_resumes_from_its_record_after_a_restart_at_every_stage() {
+    let (c, id) = reprotected_web();
+    let mut c = c;
+    let t = 12 * SEC;
+    let (_, p) = view(failback(&mut c, t));
+    let generation = failing_back(&p).1.generation;
+
+    // Quiescing, restarted: the master target is still told to fail back.
+    let mut c = restarted(&c, &persisted(&p));
+    c.all_nodes_poll(t);
+    poll_agent(&mut c, t, vec![]);
+    assert_eq!(state(&mut c, t).stage, "quiescing");
+    let (_, p) = poll_mt(&mut c, t, 40, Some(quiesced(id)));
+    assert_eq!(failing_back(&p).1.stage, FailbackStage::FinalPass);
+
+    // The final pass, restarted: the agent is asked for it again.
+    let mut c = restarted(&c, &persisted(&p));
+    c.all_nodes_poll(t);
+    let (r, _) = poll_agent(&mut c, t, vec![]);
+    assert_eq!(r.reverse.map(|o| (o.order, o.pass)), Some((id, 2)));
+    let (_, p) = reverse_done(&mut c, t, final_pass_done(id));
+    assert_eq!(failing_back(&p).1.stage, FailbackStage::Materialising);
+
+    // Materialising, restarted: the master target is told to materialise again (it resumes
+    // or reports its persisted result).
+    let mut c = restarted(&c, &persisted(&p));
+    c.all_nodes_poll(t);
+    poll_agent(&mut c, t, vec![]);
+    assert_eq!(
+        mt_failback_order(&mut c, t, quiesced(id)),
+        Some(FailbackOrder {
+            materialise: Some(generation)
+        })
+    );
+    let (_, p) = poll_mt(&mut c, t, 40, Some(materialised(id, generation)));
+    assert_eq!(failing_back(&p).1.stage, FailbackStage::Rebasing);
+
+    // Rebasing, restarted: the agent is asked to rebase again, or reports it did.
+    let mut c = restarted(&c, &persisted(&p));
+    c.all_nodes_poll(t);
+    let (r, _) = poll_agent(&mut c, t, vec![]);
+    assert_eq!(r.rebase.map(|o| (o.order, o.applied_seq)), Some((id, 45)));
+    let (_, p) = poll_agent_with(&mut c, t + SEC, |r| r.rebased = Some(id));
+    let rec = persisted(&p);
+    assert_eq!(
+        (&rec.recovery, rec.failbacks, rec.generation.0),
+        (&Recovery::Protected, 1, generation)
+    );
+
+    // Protected, restarted: nothing of the failback is left to do.
+    let mut c = restarted(&c, &rec);
+    c.all_nodes_poll(t + SEC);
+    let (r, p) = poll_agent_with(&mut c, t + SEC, |r| r.rebased = Some(id));
+    assert_eq!((r.read_only, r.rebase, p), (None, None, vec![]));
 }

@@ -89,6 +89,7 @@ fn discovered(name: &str) -> MachineRecord {
         policy: Default::default(),
         site: haven_cluster::default_site(),
         recovery: Default::default(),
+        failbacks: 0,
     }
 }
 
@@ -442,6 +443,7 @@ fn assignment(machine: &MachineRecord, mt_addr: &str) -> Assignment {
         enrolment: machine.enrolment.clone(),
         policy: machine.policy.clone(),
         failover: None,
+        failbacks: machine.failbacks,
     }
 }
 
