@@ -15,6 +15,12 @@
 //!   its COMMIT returned; meanwhile 20 random crash-consistent points are drilled (by
 //!   `--export`, and some through the NBD view): each must pass fsck, `PRAGMA integrity_check`,
 //!   and hold every transaction committed before the point's time and none begun after it.
+//! - `sqlite_through_a_whole_disaster_…`: the whole failover cycle with two sites and that
+//!   workload: every primary-site process SIGKILLed, `ctl failover --point latest`, the
+//!   recovery-site export mounted, fsck-clean and holding every transaction committed before
+//!   the point, the workload going on there, `ctl reprotect` sending exactly the blocks that
+//!   differ, `ctl failback`, the three disks byte-identical, SQLite at home holding both sites'
+//!   transactions, and forward protection resumed with no full resync.
 //!
 //! A crash-consistent image of a mounted ext4 is the disk as a power cut would leave it: its
 //! journal may hold committed transactions not yet written in place, and its orphan list may
@@ -490,7 +496,8 @@ fn ext4_made_written_and_synced_through_the_tap_replicates_exactly_and_checks_cl
 /// Commits numbered transactions until the file STOP exists. Each inserts row i (random data
 /// and its SHA-256), rewrites an older row, and sets meta.last = i; the log (outside the file
 /// system) gets `B i ms` before BEGIN and `C i ms` after COMMIT returned, and `R ms` once the
-/// schema is committed (wall-clock ms, floored, like haven's `time_ms`).
+/// schema is committed (wall-clock ms, floored, like haven's `time_ms`). On a database that
+/// exists it goes on after meta.last (the workload continuing at the recovery site).
 const WRITER: &str = r#"
 import hashlib, os, random, sqlite3, sys, time
 db, log, stop, seed, mode, sync = sys.argv[1:7]
@@ -500,13 +507,13 @@ con = sqlite3.connect(db, isolation_level=None)
 assert con.execute(f"PRAGMA journal_mode={mode}").fetchone()[0] == mode.lower()
 con.execute(f"PRAGMA synchronous={sync}")
 con.execute("BEGIN")
-con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, data BLOB NOT NULL, h TEXT NOT NULL)")
-con.execute("CREATE TABLE meta(k TEXT PRIMARY KEY, v INTEGER NOT NULL)")
-con.execute("INSERT INTO meta VALUES('last', 0)")
+con.execute("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, data BLOB NOT NULL, h TEXT NOT NULL)")
+con.execute("CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v INTEGER NOT NULL)")
+con.execute("INSERT OR IGNORE INTO meta VALUES('last', 0)")
+i = con.execute("SELECT v FROM meta WHERE k = 'last'").fetchone()[0]
 con.execute("COMMIT")
 out.write(f"R {ms()}\n"); out.flush()
 rng = random.Random(int(seed))
-i = 0
 while not os.path.exists(stop):
     i += 1
     data = rng.randbytes(rng.randint(10, 12000))
@@ -617,7 +624,14 @@ fn check_db_at(
             fs::write(work.join(&name), d).unwrap();
         }
     }
-    let out = must(PYTHON, &[s(checker), s(&file)]);
+    (check_db(&file, db, t_ms, log, checker, side), side)
+}
+
+/// Checks the database file `file` (with its hot journal or WAL next to it) of a point taken
+/// at `t_ms`: integrity, whole transactions, every one committed before the point and none
+/// begun after it. Returns the number of transactions it holds.
+fn check_db(file: &Path, db: &Db, t_ms: u64, log: &TxLog, checker: &Path, side: bool) -> u64 {
+    let out = must(PYTHON, &[s(checker), s(file)]);
     let v: Value = serde_json::from_str(
         out.lines()
             .last()
@@ -676,7 +690,99 @@ fn check_db_at(
             "{what}: transaction {n} began at {begun}, after the point, yet it is in it"
         );
     }
-    (n, side)
+    n
+}
+
+/// The transaction log of `db`'s writer tagged `tag`.
+fn writer_log(c: &Cluster, db: &Db, tag: &str) -> PathBuf {
+    c.path(&format!("{}{tag}.log", db.name))
+}
+
+/// One writer per database of [`DBS`] in `dir`, each logging to `<db><tag>.log` in the test's
+/// directory; stopped by [`Writers::stop`], killed on drop.
+struct Writers {
+    procs: Vec<Killed>,
+    logs: Vec<PathBuf>,
+    errs: Vec<PathBuf>,
+    stop: PathBuf,
+    /// When the last of them was ready (its schema committed).
+    ready_ms: u64,
+}
+
+impl Writers {
+    fn start(c: &Cluster, dir: &Path, tag: &str, writer_py: &Path, seed: usize) -> Writers {
+        let stop = c.path(&format!("stop-writers{tag}"));
+        let mut w = Writers {
+            procs: vec![],
+            logs: DBS.iter().map(|db| writer_log(c, db, tag)).collect(),
+            errs: DBS
+                .iter()
+                .map(|db| c.path(&format!("{}{tag}.err", db.name)))
+                .collect(),
+            stop,
+            ready_ms: 0,
+        };
+        for (i, db) in DBS.iter().enumerate() {
+            let child = Command::new(PYTHON)
+                .args([
+                    s(writer_py),
+                    s(&dir.join(db.name)),
+                    s(&w.logs[i]),
+                    s(&w.stop),
+                    &(seed + i).to_string(),
+                    db.journal_mode,
+                    db.synchronous,
+                ])
+                .stderr(File::create(&w.errs[i]).unwrap())
+                .spawn()
+                .expect("/usr/bin/python3 (with its sqlite3 module) must be installed");
+            w.procs.push(Killed(child));
+        }
+        for i in 0..DBS.len() {
+            let r = haven_testkit::wait_until("a writer ready", Duration::from_secs(30), || {
+                w.check_running(i);
+                read_tx_log(&w.logs[i]).ready_ms
+            });
+            w.ready_ms = w.ready_ms.max(r);
+        }
+        w
+    }
+
+    fn check_running(&mut self, i: usize) {
+        if let Ok(Some(st)) = self.procs[i].0.try_wait() {
+            panic!(
+                "the writer of {} exited ({st}): {}",
+                DBS[i].name,
+                fs::read_to_string(&self.errs[i]).unwrap_or_default()
+            );
+        }
+    }
+
+    /// Waits until every writer has committed `n` transactions (more than it had).
+    fn wait_commits(&mut self, n: usize) {
+        for i in 0..DBS.len() {
+            haven_testkit::wait_until("transactions committed", Duration::from_secs(60), || {
+                self.check_running(i);
+                (read_tx_log(&self.logs[i]).committed.len() >= n).then_some(())
+            });
+        }
+    }
+
+    /// Asks the writers to stop and waits until each has exited cleanly.
+    fn stop(mut self) {
+        File::create(&self.stop).unwrap();
+        for (i, w) in self.procs.iter_mut().enumerate() {
+            let st = haven_testkit::wait_until("a writer to stop", Duration::from_secs(30), || {
+                w.0.try_wait().unwrap()
+            });
+            assert!(
+                st.success(),
+                "the writer of {} failed: {}",
+                DBS[i].name,
+                fs::read_to_string(&self.errs[i]).unwrap_or_default()
+            );
+        }
+    }
 }
 
 #[test]
@@ -708,45 +814,9 @@ fn sqlite_on_ext4_on_the_tap_every_drilled_point_holds_every_committed_transacti
     let (writer_py, checker_py) = (c.path("writer.py"), c.path("checker.py"));
     fs::write(&writer_py, WRITER).unwrap();
     fs::write(&checker_py, CHECKER).unwrap();
-    let stop = c.path("stop-writers");
-    let log_of = |db: &Db| c.path(&format!("{}.log", db.name));
-    let err_of = |db: &Db| c.path(&format!("{}.err", db.name));
-    let mut writers: Vec<Killed> = DBS
-        .iter()
-        .enumerate()
-        .map(|(i, db)| {
-            let seed = (83 + i).to_string();
-            Killed(
-                Command::new(PYTHON)
-                    .args([
-                        s(&writer_py),
-                        s(&mnt.dir.join(db.name)),
-                        s(&log_of(db)),
-                        s(&stop),
-                        &seed,
-                        db.journal_mode,
-                        db.synchronous,
-                    ])
-                    .stderr(File::create(err_of(db)).unwrap())
-                    .spawn()
-                    .expect("/usr/bin/python3 (with its sqlite3 module) must be installed"),
-            )
-        })
-        .collect();
-    let mut ready_ms = 0;
-    for (db, w) in DBS.iter().zip(writers.iter_mut()) {
-        let r = haven_testkit::wait_until("a writer ready", Duration::from_secs(30), || {
-            if let Ok(Some(st)) = w.0.try_wait() {
-                panic!(
-                    "the writer of {} exited ({st}): {}",
-                    db.name,
-                    fs::read_to_string(err_of(db)).unwrap_or_default()
-                );
-            }
-            read_tx_log(&log_of(db)).ready_ms
-        });
-        ready_ms = ready_ms.max(r);
-    }
+    let w = Writers::start(&c, &mnt.dir, "", &writer_py, 83);
+    let ready_ms = w.ready_ms;
+    let log_of = |db: &Db| writer_log(&c, db, "");
 
     phase("20 random crash-consistent points drilled while they write");
     let mut rng = StdRng::seed_from_u64(84);
@@ -807,18 +877,7 @@ fn sqlite_on_ext4_on_the_tap_every_drilled_point_holds_every_committed_transacti
     }
 
     phase("the writers stop; unmounted, the replica equals the disk and holds every transaction");
-    File::create(&stop).unwrap();
-    for (db, mut w) in DBS.iter().zip(writers.drain(..)) {
-        let st = haven_testkit::wait_until("a writer to stop", Duration::from_secs(30), || {
-            w.0.try_wait().unwrap()
-        });
-        assert!(
-            st.success(),
-            "the writer of {} failed: {}",
-            db.name,
-            fs::read_to_string(err_of(db)).unwrap_or_default()
-        );
-    }
+    w.stop();
     drop(mnt);
     c.wait_sync("m1", SYNC);
     c.assert_replica("m1", &disk, &replica);
@@ -837,5 +896,228 @@ fn sqlite_on_ext4_on_the_tap_every_drilled_point_holds_every_committed_transacti
     eprintln!("the test took {:?}", started.elapsed());
     drop(lo);
     drop(fuse);
+    c.assert_no_unexpected_errors(&[]);
+}
+
+/// The disk behind `uri`, read over NBD.
+fn read_export(uri: &str, size: u64) -> Vec<u8> {
+    let mut c = haven_nbd::Client::connect(uri).unwrap_or_else(|e| panic!("connect {uri}: {e}"));
+    let mut out = vec![0u8; size as usize];
+    for (i, chunk) in out.chunks_mut(4 * MIB as usize).enumerate() {
+        c.read_at(chunk, i as u64 * 4 * MIB)
+            .expect("read the export");
+    }
+    out
+}
+
+/// How many 4 KiB blocks differ between `a` and `b`.
+fn blocks_differing(a: &[u8], b: &[u8]) -> u64 {
+    assert_eq!(a.len(), b.len());
+    a.chunks(4096)
+        .zip(b.chunks(4096))
+        .filter(|(x, y)| x != y)
+        .count() as u64
+}
+
+/// Copies `db`'s files (and its WAL or hot journal) out of the mounted file system at `mnt`
+/// into `work` and checks them as a point taken at `t_ms`; returns the transactions held.
+fn check_mounted_db(
+    mnt: &Path,
+    db: &Db,
+    t_ms: u64,
+    log: &TxLog,
+    work: &Path,
+    checker: &Path,
+) -> u64 {
+    let _ = fs::remove_dir_all(work);
+    fs::create_dir_all(work).unwrap();
+    let mut side = false;
+    for suffix in ["", "-journal", "-wal"] {
+        let name = format!("{}{suffix}", db.name);
+        if let Ok(d) = fs::read(mnt.join(&name)) {
+            side |= !suffix.is_empty() && !d.is_empty();
+            fs::write(work.join(&name), d).unwrap();
+        }
+    }
+    check_db(&work.join(db.name), db, t_ms, log, checker, side)
+}
+
+/// The whole disaster cycle of issue 9 with a real workload: SQLite on ext4 on the primary's
+/// tap under continuous transactions; every primary-site process SIGKILLed (the workload,
+/// the agent, the process server); `ctl failover --point latest` at the recovery site, whose
+/// export is mounted, fsck-clean, and holds every transaction committed before the point; the
+/// workload goes on there; the primary site comes back; `ctl reprotect` sends exactly the
+/// blocks that differ; `ctl failback`; the original disk equals the recovery disk and the
+/// replica, SQLite at the primary holds the transactions of both sites, and forward
+/// protection resumes with no full resync.
+#[test]
+fn sqlite_through_a_whole_disaster_failover_reprotect_and_failback() {
+    if let Some(why) = unavailable() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    const SIZE: u64 = 128 * MIB;
+    let mut c = Cluster::new();
+    // The recommended layout: the control plane and the replica at the recovery site.
+    c.start_config_with(&["configuration"], &["--site", "dr"], vec![]);
+    c.start_node_with("mt1", &["master-target"], &["--site", "dr"], vec![]);
+    c.start_node_with("ps1", &["process"], &["--site", "primary"], vec![]);
+    let disk = c.path("d0.img");
+    sparse_disk(&disk, SIZE);
+    let uri = protected_tap_agent(&mut c, "m1", &disk, &["--journal-size", "2GiB"]);
+    let replica = c.replica("mt1", "m1", "d0");
+    let (writer_py, checker_py) = (c.path("writer.py"), c.path("checker.py"));
+    fs::write(&writer_py, WRITER).unwrap();
+    fs::write(&checker_py, CHECKER).unwrap();
+
+    phase("primary: nbdfuse → loop → mkfs.ext4 → mount; SQLite writers commit continuously");
+    let fuse = NbdFuse::mount(&c.path("fuse"), &uri, &c.path("nbdfuse.log"));
+    let Some(lo) = LoopDevice::attach(&fuse.file()) else {
+        return;
+    };
+    mkfs(&lo.dev);
+    let mnt = Mount::new(&lo.dev, &c.path("mnt"));
+    let mut w = Writers::start(&c, &mnt.dir, "", &writer_py, 91);
+    w.wait_commits(30);
+
+    phase("disaster: every primary-site process is SIGKILLed: the process server, then the workload and the agent");
+    // The process server goes first, so the primary commits transactions that never reach
+    // the recovery site: after the point, they are lost there, and reprotect rolls them back.
+    c.kill("ps1");
+    w.wait_commits(60);
+    drop(w);
+    c.kill("agent-m1");
+    // What is left of the primary's stack goes away (its writes after this fail: nothing is
+    // serving the tap).
+    drop(mnt);
+    drop(lo);
+    drop(fuse);
+
+    phase("ctl failover m1 --point latest: unplanned, at the recovery site alone");
+    let f = c.ctl(&["failover", "m1", "--point", "latest", "--timeout", "120s"]);
+    assert_eq!(f["planned"], false, "{f}");
+    let t_ms = f["point"]["time_ms"].as_u64().expect("the point's time");
+    c.ctl(&["failover-commit", "m1"]);
+    let export = f["disks"][0]["nbd_uri"].as_str().unwrap().to_string();
+
+    phase("the export mounted (journal replayed), fsck -n clean, every transaction before the point held");
+    let dr_fuse = NbdFuse::mount(&c.path("dr-fuse"), &export, &c.path("dr-nbdfuse.log"));
+    let Some(dr_lo) = LoopDevice::attach(&dr_fuse.file()) else {
+        return;
+    };
+    drop(Mount::new(&dr_lo.dev, &c.path("dr-mnt")));
+    let o = run("fsck.ext4", &["-n", "-f", &dr_lo.dev]);
+    assert!(
+        o.status.success(),
+        "fsck.ext4 -n -f of the export: {}",
+        output_text(&o)
+    );
+    let dr_mnt = Mount::new(&dr_lo.dev, &c.path("dr-mnt"));
+    for db in &DBS {
+        let log = read_tx_log(&writer_log(&c, db, ""));
+        let n = check_mounted_db(
+            &dr_mnt.dir,
+            db,
+            t_ms,
+            &log,
+            &c.path("dr-check"),
+            &checker_py,
+        );
+        let committed = log.committed.len() as u64;
+        eprintln!(
+            "{}: {n} transactions at the point ({committed} committed at the primary)",
+            db.name
+        );
+        assert!(
+            n < committed,
+            "{}: the primary committed transactions after the point (they never left it)",
+            db.name
+        );
+    }
+
+    phase("the workload goes on at the recovery site");
+    let mut w = Writers::start(&c, &dr_mnt.dir, ".dr", &writer_py, 95);
+    w.wait_commits(20);
+    w.stop();
+    drop(dr_mnt);
+    drop(dr_lo);
+    drop(dr_fuse);
+
+    phase("the primary site comes back; ctl reprotect sends exactly the blocks that differ");
+    c.restart("ps1");
+    c.restart("agent-m1");
+    c.wait_tap("m1", "d0");
+    let recovered = read_export(&export, SIZE);
+    let differing = blocks_differing(&fs::read(&disk).unwrap(), &recovered);
+    assert!(differing > 0, "both sites wrote after the point");
+    let r = haven_testkit::wait_until("reprotect", Duration::from_secs(120), || {
+        c.try_ctl(&["reprotect", "m1", "--timeout", "120s"]).ok()
+    });
+    assert_eq!(r["state"], "reprotected", "{r}");
+    let rev = &r["reverse"];
+    assert_eq!(
+        rev["blocks_written"], differing,
+        "the blocks written at either site since the point, and nothing else: {r}"
+    );
+    assert_eq!(rev["bytes_received"], differing * 4096, "{r}");
+    assert!(
+        differing * 4096 < SIZE / 4,
+        "not a full copy: {differing} blocks"
+    );
+    eprintln!(
+        "reprotect: {differing} blocks ({} KiB) of {} MiB travelled",
+        differing * 4,
+        SIZE >> 20
+    );
+
+    phase("ctl failback: the original disk equals the recovery disk and the replica");
+    let b = c.ctl(&["failback", "m1", "--timeout", "180s"]);
+    assert_eq!(
+        (b["state"].as_str(), b["stage"].as_str()),
+        (Some("protected"), Some("failed-back")),
+        "{b}"
+    );
+    assert!(
+        fs::read(&disk).unwrap() == recovered,
+        "cmp: the original disk is the recovery disk"
+    );
+    assert!(
+        fs::read(&replica).unwrap() == recovered,
+        "cmp: the replica is the recovery disk"
+    );
+
+    phase("SQLite at the primary holds the transactions of both sites; a new write replicates");
+    let fuse = NbdFuse::mount(&c.path("fuse"), &uri, &c.path("nbdfuse2.log"));
+    let Some(lo) = LoopDevice::attach(&fuse.file()) else {
+        return;
+    };
+    let mnt = Mount::new(&lo.dev, &c.path("mnt"));
+    for db in &DBS {
+        let log = read_tx_log(&writer_log(&c, db, ".dr"));
+        let last = log.committed.keys().max().copied().unwrap_or(0);
+        let n = check_mounted_db(
+            &mnt.dir,
+            db,
+            now_ms(),
+            &log,
+            &c.path("home-check"),
+            &checker_py,
+        );
+        assert_eq!(
+            n, last,
+            "{}: every transaction of both sites, at home",
+            db.name
+        );
+    }
+    let w = Writers::start(&c, &mnt.dir, ".home", &writer_py, 99);
+    w.stop();
+    drop(mnt);
+    drop(lo);
+    drop(fuse);
+    c.wait_sync("m1", SYNC);
+    c.assert_replica("m1", &disk, &replica);
+    fsck_clean(&replica);
+    let m = c.machine("m1").unwrap();
+    c.assert_no_resync("m1", &m);
     c.assert_no_unexpected_errors(&[]);
 }
