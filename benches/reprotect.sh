@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Reprotect after a failover: bytes sent against the blocks changed on both sides, and time.
+# Reprotect after a failover: bytes sent against the blocks changed on both sides, and time;
+# then failback after another change at the recovery site, and its time.
 #
 #   benches/reprotect.sh                      # 1 GiB disk, 1 % changed on each side
 #   SIZE_MB=4096 CHANGE_PCT=1 benches/reprotect.sh
@@ -14,6 +15,9 @@
 # the bytes the agent received and wrote against the distinct 4 KiB blocks changed on either
 # side (target, issue 9: ≤ 1.1× the changed bytes plus hashes), the hash bytes sent, the
 # bytes compared, the time; then `qemu-img compare` of the original disk and the export.
+# Then the recovery site writes another CHANGE_PCT % and `ctl --json failback m1` runs, timed:
+# the final pass's blocks, the replica's bytes compared and rewritten, `cmp` of the original
+# disk and the replica, and a write through the tap that reaches the replica with no resync.
 #
 # Needs qemu-io and qemu-img (qemu-utils), python3. Builds the release binary unless HAVEN_BIN
 # names one; the work dir goes in $BENCH_DIR (default the target dir).
@@ -109,3 +113,45 @@ print(f"  reprotect: {sys.argv[1]} s; compared {r['bytes_compared'] / 2**20:.0f}
 print(f"  bytes sent / changed bytes = {ratio:.3f} (plus {hashes / changed:.3f}x in hashes); target <= 1.1x plus hashes: {'meets' if ratio <= 1.1 else 'MISSES'}")
 PY
 qemu-img compare -f raw -F raw disk.img "$export_uri" >/dev/null && echo "  qemu-img compare: the original disk equals the recovery disk"
+
+# Failback: the recovery site writes another CHANGE_PCT % (the final pass carries it), then
+# `ctl failback`, timed.
+python3 - "$SIZE_MB" "$CHANGE_PCT" "$export_uri" <<'PY'
+import random, subprocess, sys
+size_mb, pct, uri = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+blocks = size_mb * 256
+n = int(blocks * pct / 100)
+late = random.Random(12).sample(range(1, blocks), n)
+open("late.blocks", "w").write("\n".join(map(str, late)))
+for i in range(0, len(late), 512):
+    cmds = []
+    for b in late[i:i + 512]:
+        cmds += ["-c", f"write -P 177 {b * 4096} 4k"]
+    subprocess.run(["qemu-io", "-f", "raw", *cmds, "-c", "flush", uri], check=True, stdout=subprocess.DEVNULL)
+PY
+echo "  the recovery site wrote another ${CHANGE_PCT} % after the reprotect"
+qemu-img convert -f raw -O raw "$export_uri" recovered.img
+t=$(now)
+ctl failback m1 --timeout 600s > fb.json
+elapsed=$(since "$t")
+python3 - "$elapsed" <<'PY'
+import json, sys
+v = json.load(open("fb.json"))
+r, b = v["reverse"], v["failback"]
+late = len(set(map(int, open("late.blocks").read().split())))
+print(f"  failback: {sys.argv[1]} s (command to protected from the original site again)")
+print(f"    final reverse pass {r['done_pass']}: rewrote {r['blocks_written']} blocks of the original disk ({late} written at the recovery site since the reprotect)")
+print(f"    replica: compared {b['bytes_compared'] / 2**20:.0f} MiB with the recovery disk, rewrote {b['bytes_written'] / 2**20:.2f} MiB (the recovery site's writes since the point)")
+PY
+cmp disk.img recovered.img && echo "  cmp: the original disk equals the recovery disk as the failback quiesced it"
+cmp disk.img node/replicas/m1/d0.img && echo "  cmp: the replica equals the original disk"
+sent0=$(ctl machines | python3 -c "import json,sys; print([x for x in json.load(sys.stdin) if x['name']=='m1'][0]['raw_bytes_sent'])")
+qemu-io -f raw -c "write -P 3 4096 64k" -c flush "$tap" >/dev/null
+ctl wait-sync m1 --timeout 60s >/dev/null
+# The agent reports what it sent on its next poll.
+for _ in $(seq 50); do
+  sent1=$(ctl machines | python3 -c "import json,sys; print([x for x in json.load(sys.stdin) if x['name']=='m1'][0]['raw_bytes_sent'])")
+  [ "$sent1" -gt "$sent0" ] && break
+  sleep 0.2
+done
+cmp disk.img node/replicas/m1/d0.img && echo "  forward protection: a 64 KiB write through the tap reached the replica; $(( (sent1 - sent0) / 1024 )) KiB sent (no resync)"

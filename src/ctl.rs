@@ -309,6 +309,9 @@ pub fn print_failover(f: &haven_roles::view::FailoverView) {
                     size_text(r.bytes_received)
                 );
             }
+            if let (Some(b), Some(why)) = (&f.failback, &f.waiting_for) {
+                println!("  failback {}: waiting for {why}", b.stage.name());
+            }
             if f.state == "failover-pending" {
                 println!(
                     "  commit with `haven ctl failover-commit {m}`, or `failover-change-point {m} --point P`, `failover-cancel {m}`",

@@ -2,8 +2,11 @@
 //! export; every flush is a recovery point), in a temporary directory: initial sync with
 //! progress, random writes through NBD while replicating, a sync barrier, a byte-for-byte
 //! check of replica against source, the recovery points, a test failover of a point from a
-//! few seconds back verified against the disk as it was then, its cleanup, the status table,
-//! and the commands to do the same by hand.
+//! few seconds back verified against the disk as it was then, its cleanup, a planned failover
+//! and its cancel, a committed failover with a write at the recovery site, reprotect, and a
+//! failback verified byte for byte (original disk, recovery disk, replica) with forward
+//! protection resumed without a full resync; then the status table and the commands to do the
+//! same by hand.
 use std::{
     io::Read,
     path::{Path, PathBuf},
@@ -468,7 +471,8 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
     )
     .await?;
     failover_and_cancel(&admin, &mut procs, &dir, &disk, &replica, &uri).await?;
-    failover_and_reprotect(&admin, &dir, &disk).await?;
+    let export = failover_and_reprotect(&admin, &dir, &disk).await?;
+    failback(&admin, &mut procs, &dir, &disk, &replica, &uri, &export).await?;
     println!();
     let status = admin.status().await?;
     ctl::print_nodes(&status.nodes);
@@ -477,7 +481,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
     admin.close().await;
     drop(procs);
     println!(
-        "\nTo do this by hand:\n  haven node --data-dir /var/lib/haven --listen 0.0.0.0:7400\n  haven agent --join HOST:7400 --token-file /var/lib/haven/agent-token --data-dir /var/lib/haven-agent --disk root=/dev/vda --name web01\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token protect web01\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token status\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token wait-sync web01\n  cmp /dev/vda /var/lib/haven/replicas/web01/root.img\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token recovery-points web01\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token test-failover web01 --point latest\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token test-failover-cleanup web01\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token failover web01   (then failover-commit or failover-cancel)\n(with `haven agent ... --capture tap`, the workload's disk is the NBD export the agent prints, and every flush is a recovery point)\n\ndemo OK"
+        "\nTo do this by hand:\n  haven node --data-dir /var/lib/haven --listen 0.0.0.0:7400\n  haven agent --join HOST:7400 --token-file /var/lib/haven/agent-token --data-dir /var/lib/haven-agent --disk root=/dev/vda --name web01\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token protect web01\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token status\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token wait-sync web01\n  cmp /dev/vda /var/lib/haven/replicas/web01/root.img\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token recovery-points web01\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token test-failover web01 --point latest\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token test-failover-cleanup web01\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token failover web01   (then failover-commit or failover-cancel)\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token reprotect web01   (after failover-commit, once the original site's agent is back)\n  haven ctl --cluster HOST:7400 --token-file /var/lib/haven/admin-token failback web01\n(the README's \"Disaster day\" walks through failover, reprotect and failback with two sites)\n(with `haven agent ... --capture tap`, the workload's disk is the NBD export the agent prints, and every flush is a recovery point)\n\ndemo OK"
     );
     Ok(())
 }
@@ -570,7 +574,8 @@ async fn failover_and_cancel(
 
 /// Steps 13-14: a failover committed, a write at the recovery site, then reprotect: the
 /// original disk becomes equal to the recovery disk, only the differing blocks travelling.
-async fn failover_and_reprotect(admin: &Admin, dir: &Path, disk: &Path) -> Result<(), String> {
+/// Returns the recovery-site export's URI.
+async fn failover_and_reprotect(admin: &Admin, dir: &Path, disk: &Path) -> Result<String, String> {
     let f = admin
         .failover(
             "demo-vm",
@@ -612,10 +617,89 @@ async fn failover_and_reprotect(admin: &Admin, dir: &Path, disk: &Path) -> Resul
     let same = first_difference(disk, &copy)?;
     let _ = std::fs::remove_file(&copy);
     match same {
-        None => println!("   verified: the original disk is byte-identical to the recovery disk (failback, the way home from here, is not built yet)"),
-        Some(off) => return Err(format!("after reprotect the original disk differs from the recovery disk at byte {off}")),
+        None => println!("   verified: the original disk is byte-identical to the recovery disk"),
+        Some(off) => {
+            return Err(format!(
+                "after reprotect the original disk differs from the recovery disk at byte {off}"
+            ))
+        }
     }
+    Ok(export)
+}
+
+/// Step 15: one more write at the recovery site, then failback: the exports are quiesced,
+/// the last differences travel home, the replica is made equal to the recovery disk, the
+/// original disk takes writes again and forward protection resumes without a full resync.
+async fn failback(
+    admin: &Admin,
+    procs: &mut Procs,
+    dir: &Path,
+    disk: &Path,
+    replica: &Path,
+    tap_uri: &str,
+    export: &str,
+) -> Result<(), String> {
+    nbd_write(export, vec![(5 << 20, vec![0xb7; 65536])]).await?;
+    // The recovery disk as the failback will find it (nothing writes to it after this).
+    let recovered = dir.join("recovered.img");
+    let (u, c) = (export.to_string(), recovered.clone());
+    tokio::task::spawn_blocking(move || copy_from_nbd(&u, &c))
+        .await
+        .map_err(|e| e.to_string())??;
+    let b = admin
+        .failback("demo-vm", Duration::from_secs(120), |_| {})
+        .await?;
+    println!("15. failback (64 KiB more written at the recovery site first):");
+    ctl::print_failover(&b);
+    let home = first_difference(disk, &recovered)?;
+    let _ = std::fs::remove_file(&recovered);
+    if let Some(off) = home {
+        return Err(format!(
+            "after failback the original disk differs from the recovery disk at byte {off}"
+        ));
+    }
+    if let Some(off) = first_difference(disk, replica)? {
+        return Err(format!(
+            "after failback the replica differs from the original disk at byte {off}"
+        ));
+    }
+    let sent_before = machine_bytes_sent(admin).await?;
+    nbd_write(tap_uri, vec![(6 << 20, vec![0x3c; 4096])]).await?;
+    match admin
+        .wait_sync("demo-vm", Duration::from_secs(120), |_, _, _| {})
+        .await?
+    {
+        ctl::WaitEnd::Synced => {}
+        ctl::WaitEnd::TimedOut(why) => {
+            return Err(format!("wait-sync after the failback timed out ({why:?})"))
+        }
+        ctl::WaitEnd::Blocked(why) => return Err(format!("wait-sync after the failback: {why}")),
+    }
+    check_alive(procs)?;
+    if let Some(off) = first_difference(disk, replica)? {
+        return Err(format!(
+            "a write after the failback did not reach the replica (byte {off})"
+        ));
+    }
+    let sent = machine_bytes_sent(admin).await?.saturating_sub(sent_before);
+    if sent >= 1 << 20 {
+        return Err(format!(
+            "{sent} bytes travelled for one 4 KiB write after the failback: a resync"
+        ));
+    }
+    println!("   verified: the original disk, the recovery disk and the replica are byte-identical; the tap takes writes again and a new write reached the replica ({} KiB sent, no full resync)", sent.div_ceil(1024));
     Ok(())
+}
+
+/// What the machine's agent has sent since it started (`raw_bytes_sent`).
+async fn machine_bytes_sent(admin: &Admin) -> Result<u64, String> {
+    let status = admin.status().await?;
+    status
+        .machines
+        .iter()
+        .find(|m| m.name == "demo-vm")
+        .map(|m| m.raw_bytes_sent)
+        .ok_or_else(|| "demo-vm is not in the status".into())
 }
 
 async fn recovery(admin: &Admin, request: RecoveryRequest) -> Result<RecoveryReply, String> {

@@ -1,6 +1,6 @@
 //! The README's first command: `haven demo` on a small disk must run end to end and print
 //! each verification it makes (replica equal to the source, the test-failover view of a point
-//! equal to the disk as it was then, cleanup, the failover, cancel and reprotect steps) and exit 0.
+//! equal to the disk as it was then, cleanup, the failover, cancel, reprotect and failback steps) and exit 0.
 use std::process::Command;
 
 #[test]
@@ -29,6 +29,9 @@ fn the_demo_replicates_lists_points_drills_one_and_cleans_up() {
         "forward replication resumed",
         "reprotect pass 1: compared",
         "verified: the original disk is byte-identical to the recovery disk",
+        "failed back: protected from its own site again",
+        "verified: the original disk, the recovery disk and the replica are byte-identical",
+        "no full resync",
         "demo OK",
     ] {
         assert!(
