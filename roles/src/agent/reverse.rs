@@ -223,7 +223,7 @@ async fn rebase(a: &Arc<Agent>, order: &RebaseOrder) -> Result<(), String> {
     .map_err(|e| e.to_string())??;
     {
         let mut core = lock(&a.core);
-        let fresh = AgentCore::new(
+        let mut fresh = AgentCore::new(
             core.epoch,
             order.applied_seq,
             tables,
@@ -231,6 +231,10 @@ async fn rebase(a: &Arc<Agent>, order: &RebaseOrder) -> Result<(), String> {
             a.opts.retention_bytes,
             None,
         );
+        // The same epoch goes on: its byte counters too (`ctl status` RAW SENT).
+        fresh.raw_bytes_sent = core.raw_bytes_sent;
+        fresh.raw_bytes_captured = core.raw_bytes_captured;
+        fresh.raw_bytes_applied = core.raw_bytes_applied;
         core.renew(fresh);
         core.applied_dirty = true;
     }
