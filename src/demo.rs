@@ -365,16 +365,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         args.write_for.as_secs()
     );
     let t = Instant::now();
-    match admin
-        .wait_sync("demo-vm", Duration::from_secs(300), |_, _, _| {})
-        .await?
-    {
-        ctl::WaitEnd::Synced => {}
-        ctl::WaitEnd::TimedOut(why) => {
-            return Err(format!("wait-sync timed out (degraded: {why:?})"))
-        }
-        ctl::WaitEnd::Blocked(why) => return Err(format!("wait-sync: {why}")),
-    }
+    wait_sync(&admin, 300, "").await?;
     println!(
         "6. wait-sync: everything written is applied at the master target ({:.2}s)",
         t.elapsed().as_secs_f64()
@@ -555,16 +546,7 @@ async fn failover_and_cancel(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    match admin
-        .wait_sync("demo-vm", Duration::from_secs(120), |_, _, _| {})
-        .await?
-    {
-        ctl::WaitEnd::Synced => {}
-        ctl::WaitEnd::TimedOut(why) => {
-            return Err(format!("wait-sync after the cancel timed out ({why:?})"))
-        }
-        ctl::WaitEnd::Blocked(why) => return Err(format!("wait-sync after the cancel: {why}")),
-    }
+    wait_sync(admin, 120, "after the cancel").await?;
     match first_difference(disk, replica)? {
         None => println!("12. after the cancel the tap takes writes again and a new write reached the replica: forward replication resumed, no resync"),
         Some(off) => return Err(format!("after the cancel the replica differs at byte {off}")),
@@ -665,16 +647,7 @@ async fn failback(
     }
     let sent_before = machine_bytes_sent(admin).await?;
     nbd_write(tap_uri, vec![(6 << 20, vec![0x3c; 4096])]).await?;
-    match admin
-        .wait_sync("demo-vm", Duration::from_secs(120), |_, _, _| {})
-        .await?
-    {
-        ctl::WaitEnd::Synced => {}
-        ctl::WaitEnd::TimedOut(why) => {
-            return Err(format!("wait-sync after the failback timed out ({why:?})"))
-        }
-        ctl::WaitEnd::Blocked(why) => return Err(format!("wait-sync after the failback: {why}")),
-    }
+    wait_sync(admin, 120, "after the failback").await?;
     check_alive(procs)?;
     if let Some(off) = first_difference(disk, replica)? {
         return Err(format!(
@@ -700,6 +673,23 @@ async fn machine_bytes_sent(admin: &Admin) -> Result<u64, String> {
         .find(|m| m.name == "demo-vm")
         .map(|m| m.raw_bytes_sent)
         .ok_or_else(|| "demo-vm is not in the status".into())
+}
+
+/// `ctl wait-sync demo-vm` within `secs`; `when` says which one failed.
+async fn wait_sync(admin: &Admin, secs: u64, when: &str) -> Result<(), String> {
+    let what = if when.is_empty() {
+        "wait-sync".to_string()
+    } else {
+        format!("wait-sync {when}")
+    };
+    match admin
+        .wait_sync("demo-vm", Duration::from_secs(secs), |_, _, _| {})
+        .await?
+    {
+        ctl::WaitEnd::Synced => Ok(()),
+        ctl::WaitEnd::TimedOut(why) => Err(format!("{what} timed out (degraded: {why:?})")),
+        ctl::WaitEnd::Blocked(why) => Err(format!("{what}: {why}")),
+    }
 }
 
 async fn recovery(admin: &Admin, request: RecoveryRequest) -> Result<RecoveryReply, String> {

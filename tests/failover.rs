@@ -495,9 +495,7 @@ fn reprotect_makes_the_original_disk_equal_to_the_recovery_disk_sending_only_wha
 #[test]
 fn a_reprotect_goes_on_after_the_agent_and_then_the_master_target_are_killed() {
     let mut c = Cluster::new();
-    c.start_config_with(&["configuration"], &["--site", "dr"], vec![]);
-    c.start_node_with("mt1", &["master-target"], &["--site", "dr"], vec![]);
-    c.start_node_with("ps1", &["process"], &["--site", "primary"], vec![]);
+    c.start_two_sites();
     let disk = protected_tap(&mut c, 128 * MIB, 65);
 
     let mut w = nbd(&c.tap_uri("m1", "d0"));
@@ -689,9 +687,7 @@ fn a_failback_brings_the_machine_home_with_only_the_last_changes_and_no_resync()
 #[test]
 fn a_failback_resumes_after_the_master_target_the_agent_and_the_configuration_node_are_killed() {
     let mut c = Cluster::new();
-    c.start_config_with(&["configuration"], &["--site", "dr"], vec![]);
-    c.start_node_with("mt1", &["master-target"], &["--site", "dr"], vec![]);
-    c.start_node_with("ps1", &["process"], &["--site", "primary"], vec![]);
+    c.start_two_sites();
     let (disk, uri) = failed_over_and_reprotected(&mut c, 128 * MIB, 67);
     let replica = c.replica("mt1", "m1", "d0");
     let mut e = nbd(&uri);

@@ -959,9 +959,7 @@ fn sqlite_through_a_whole_disaster_failover_reprotect_and_failback() {
     const SIZE: u64 = 128 * MIB;
     let mut c = Cluster::new();
     // The recommended layout: the control plane and the replica at the recovery site.
-    c.start_config_with(&["configuration"], &["--site", "dr"], vec![]);
-    c.start_node_with("mt1", &["master-target"], &["--site", "dr"], vec![]);
-    c.start_node_with("ps1", &["process"], &["--site", "primary"], vec![]);
+    c.start_two_sites();
     let disk = c.path("d0.img");
     sparse_disk(&disk, SIZE);
     let uri = protected_tap_agent(&mut c, "m1", &disk, &["--journal-size", "2GiB"]);

@@ -191,6 +191,14 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("{e}"));
     }
 
+    /// The recommended two-site layout (README "Disaster day"): the configuration node and
+    /// master target `mt1` at site `dr`, process server `ps1` at `primary` (the agents' default).
+    pub fn start_two_sites(&mut self) {
+        self.start_config_with(&["configuration"], &["--site", "dr"], vec![]);
+        self.start_node_with("mt1", &["master-target"], &["--site", "dr"], vec![]);
+        self.start_node_with("ps1", &["process"], &["--site", "primary"], vec![]);
+    }
+
     pub fn start_node(&mut self, name: &str, roles: &[&str], env: Vec<(String, String)>) {
         self.start_node_with(name, roles, &[], env)
     }

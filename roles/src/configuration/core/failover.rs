@@ -132,11 +132,7 @@ impl ConfigCore {
         self.failed_back.remove(machine);
         let m = self.machines.get_mut(machine).expect("checked above");
         m.recovery = Recovery::FailoverPending(Box::new(f));
-        let record = m.clone();
-        self.version += 1;
-        self.failover_event(now, machine, format!("failover started ({how})"));
-        let (reply, _) = self.failover_reply(now, now_ms, machine);
-        (reply, vec![Persist::Machine(record)])
+        self.recorded(now, now_ms, machine, format!("failover started ({how})"))
     }
 
     /// `ctl failover-change-point M --point P2`: before commit, the master target serves P2
@@ -179,18 +175,11 @@ impl ConfigCore {
         let from = spec_text(&f.point);
         f.point = point.clone();
         f.id = self.rng.gen::<u64>() | 1;
-        let record = m.clone();
-        self.version += 1;
-        self.failover_event(
-            now,
-            machine,
-            format!(
-                "failover point changed from {from} to {}",
-                spec_text(&point)
-            ),
+        let event = format!(
+            "failover point changed from {from} to {}",
+            spec_text(&point)
         );
-        let (reply, _) = self.failover_reply(now, now_ms, machine);
-        (reply, vec![Persist::Machine(record)])
+        self.recorded(now, now_ms, machine, event)
     }
 
     /// `ctl failover-commit M`: fixes the point served (once the master target serves it).
@@ -217,15 +206,12 @@ impl ConfigCore {
             }
         }
         m.recovery = Recovery::FailedOver(Box::new(*f));
-        let record = m.clone();
-        self.version += 1;
-        self.failover_event(
+        self.recorded(
             now,
+            now_ms,
             machine,
             "failover committed: the recovery site runs it".into(),
-        );
-        let (reply, _) = self.failover_reply(now, now_ms, machine);
-        (reply, vec![Persist::Machine(record)])
+        )
     }
 
     /// `ctl failover-cancel M`: back to protected before commit. The replica and its journal
@@ -302,12 +288,15 @@ impl ConfigCore {
                  (same --data-dir; its disks stay read-only), then retry"
             ));
         }
-        let Some(mt) = m.master_target.clone().filter(|n| self.alive(now, n)) else {
+        if !m
+            .master_target
+            .as_deref()
+            .is_some_and(|n| self.alive(now, n))
+        {
             return refused(format!(
                 "the master target of {machine} is not reporting: it serves the recovery disks"
             ));
-        };
-        let _ = mt;
+        }
         let mut f = f;
         let pass = f.reverse.as_ref().map(|r| r.pass).unwrap_or(0) + 1;
         let done_pass = f.reverse.as_ref().map(|r| r.done_pass).unwrap_or(0);
@@ -319,16 +308,14 @@ impl ConfigCore {
         });
         let m = self.machines.get_mut(machine).expect("checked above");
         m.recovery = Recovery::Reprotecting(f);
-        let record = m.clone();
-        self.failover_event(
+        self.recorded(
             now,
+            now_ms,
             machine,
             format!(
                 "reprotect: pass {pass}: the original disks are compared with the recovery disks block by block; only the blocks that differ travel"
             ),
-        );
-        let (reply, _) = self.failover_reply(now, now_ms, machine);
-        (reply, vec![Persist::Machine(record)])
+        )
     }
 
     /// The agent's report of a reverse pass.
@@ -496,14 +483,21 @@ impl ConfigCore {
             bytes_written: 0,
         });
         m.recovery = Recovery::FailingBack(f);
-        let record = m.clone();
-        self.version += 1;
         self.failed_back.remove(machine);
-        self.failover_event(
+        self.recorded(
             now,
+            now_ms,
             machine,
             "failback started: the recovery disks are flushed and made read-only".into(),
-        );
+        )
+    }
+
+    /// After an operator's step changed `machine`'s recovery state: the change is seen by
+    /// every held poll, listed as an event, persisted, and answered with the new view.
+    fn recorded(&mut self, now: Instant, now_ms: u64, machine: &str, event: String) -> Outcome {
+        let record = self.machines[machine].clone();
+        self.version += 1;
+        self.failover_event(now, machine, event);
         let (reply, _) = self.failover_reply(now, now_ms, machine);
         (reply, vec![Persist::Machine(record)])
     }
