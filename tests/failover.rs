@@ -596,9 +596,12 @@ fn assert_home(c: &Cluster, disk: &Path, replica: &Path, uri: &str, expected: &[
         "the original disk equals the recovery disk as the failback quiesced it"
     );
     assert_identical(disk, replica);
-    assert!(
-        haven_nbd::Client::connect(uri).is_err(),
-        "the recovery-site export is no longer served"
+    // The master target ends the exports once its next poll shows the machine protected
+    // (they are read-only since the quiesce, so nothing can write to them meanwhile).
+    wait_until(
+        "the recovery-site export is no longer served",
+        Duration::from_secs(10),
+        || haven_nbd::Client::connect(uri).is_err().then_some(()),
     );
     let m = c.machine("m1").unwrap();
     assert_eq!(m["recovery_state"], "protected", "{m}");

@@ -144,7 +144,7 @@ impl CaptureSink {
             }
             let _ = tokio::time::timeout(Duration::from_millis(500), a.room.notified()).await;
         }
-        self.number(writes, Vec::new())
+        self.number(writes, Vec::new(), generation)
     }
 
     /// Numbers and retains one batch of writes (and the recovery points among them) if the
@@ -164,7 +164,7 @@ impl CaptureSink {
         if !lock(&self.agent.core).has_room(raw) {
             return Ok(false);
         }
-        self.number(std::mem::take(writes), std::mem::take(points))?;
+        self.number(std::mem::take(writes), std::mem::take(points), generation)?;
         Ok(true)
     }
 
@@ -194,7 +194,15 @@ impl CaptureSink {
         let _ = tokio::time::timeout(timeout, self.agent.room.notified()).await;
     }
 
-    fn number(&self, writes: Vec<Write>, points: Vec<Point>) -> Result<(), EmitError> {
+    /// Numbers `writes` under the core lock. The generation is checked under it too: a reset
+    /// (a new epoch, a failback's rebase) renews the core and bumps the generation under the
+    /// same lock, so nothing captured for the old core is numbered by the new one.
+    fn number(
+        &self,
+        writes: Vec<Write>,
+        points: Vec<Point>,
+        generation: u64,
+    ) -> Result<(), EmitError> {
         let a = &self.agent;
         let raw: u64 = writes.iter().map(|e| e.data.len() as u64).sum();
         let updates = writes
@@ -203,7 +211,11 @@ impl CaptureSink {
             .collect();
         let n = writes.len() as u64;
         let mut encoded: Result<(), codec::CodecError> = Ok(());
-        lock(&a.core).emit(n, raw, updates, unix_ms(), |first, sizes| {
+        let mut core = lock(&a.core);
+        if !self.current(generation) {
+            return Err(EmitError::Reset);
+        }
+        core.emit(n, raw, updates, unix_ms(), |first, sizes| {
             let points = points
                 .into_iter()
                 .filter(|p| p.index < writes.len())
@@ -235,6 +247,7 @@ impl CaptureSink {
                 vec![]
             })
         });
+        drop(core);
         encoded?;
         a.new_batch.notify_one();
         Ok(())

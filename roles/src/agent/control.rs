@@ -163,26 +163,18 @@ fn handle_poll_reply(a: &Arc<Agent>, reply: AgentPollReply) -> Result<(), AgentE
         a.point_every_ms
             .store(ms.max(100), std::sync::atomic::Ordering::Relaxed);
     }
-    // A reply that crossed this agent's "rebased" report still says read-only and still
-    // orders the rebase: the rebase is done and the disks are the machine's own again.
-    let crossed = matches!(
-        (&reply.rebase, a.control.borrow().rebased),
-        (Some(o), Some(done)) if o.order == done
-    );
-    let read_only = if crossed {
-        None
-    } else {
-        reply.read_only.clone()
-    };
     // Read-only (a failover) takes effect before the marks of this reply are offered: a
     // planned failover's final point then follows every write the tap accepted.
-    if a.control.borrow().read_only != read_only {
-        match &read_only {
-            Some(why) => tracing::warn!("the tap takes no writes: {why}"),
-            None => tracing::info!("the tap takes writes again"),
+    a.update_control(|c| {
+        let read_only = read_only_of(&reply, c.rebased);
+        if c.read_only != read_only {
+            match &read_only {
+                Some(why) => tracing::warn!("the tap takes no writes: {why}"),
+                None => tracing::info!("the tap takes writes again"),
+            }
         }
-        a.update_control(|c| c.read_only = read_only.clone())?;
-    }
+        c.read_only = read_only;
+    })?;
     handle_marks(a, &reply);
     if let Some(order) = reply.reverse.clone() {
         super::reverse::offer(a, order);
@@ -200,8 +192,9 @@ fn handle_poll_reply(a: &Arc<Agent>, reply: AgentPollReply) -> Result<(), AgentE
             let mut core = lock(&a.core);
             core.renew(fresh);
             core.applied_dirty = true;
+            // Under the core lock: see `CaptureSink::number`.
+            a.reset.send_modify(|g| *g += 1);
         }
-        a.reset.send_modify(|g| *g += 1);
     }
     {
         let mut set = lock(&a.disks);
@@ -229,6 +222,17 @@ fn handle_poll_reply(a: &Arc<Agent>, reply: AgentPollReply) -> Result<(), AgentE
         c.generation = reply.generation.0;
         c.process_server = reply.process_server.clone();
         c.version = CONTROL_VERSION;
-        c.read_only = read_only;
+        c.read_only = read_only_of(&reply, c.rebased);
     })
+}
+
+/// Whether the tap takes writes, as `reply` says, given the failback this agent has rebased
+/// for (decided under the control lock, so a rebase finishing meanwhile is seen). A reply
+/// that crossed this agent's "rebased" report still says read-only and still orders the
+/// rebase: the rebase is done and the disks are the machine's own again.
+fn read_only_of(reply: &AgentPollReply, rebased: Option<u64>) -> Option<String> {
+    match (&reply.rebase, rebased) {
+        (Some(o), Some(done)) if o.order == done => None,
+        _ => reply.read_only.clone(),
+    }
 }

@@ -237,6 +237,10 @@ async fn rebase(a: &Arc<Agent>, order: &RebaseOrder) -> Result<(), String> {
         fresh.raw_bytes_applied = core.raw_bytes_applied;
         core.renew(fresh);
         core.applied_dirty = true;
+        // The capture and the stream start over on the new core: bumped under the core lock,
+        // so nothing captured for the old core is numbered by the new one (see
+        // `CaptureSink::number`).
+        a.reset.send_modify(|g| *g += 1);
     }
     let a2 = a.clone();
     tokio::task::spawn_blocking(move || a2.snapshot())
@@ -252,8 +256,6 @@ async fn rebase(a: &Arc<Agent>, order: &RebaseOrder) -> Result<(), String> {
     })
     .map_err(|e| e.to_string())?;
     tracing::info!("the tap takes writes again");
-    // The capture and the stream start over on the new core.
-    a.reset.send_modify(|g| *g += 1);
     tracing::info!(
         applied_seq = order.applied_seq,
         "failback: the disks are the replica's; forward protection resumes without a full resync"

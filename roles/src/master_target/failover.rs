@@ -53,6 +53,9 @@ pub struct Served {
     pub quiesced: bool,
     /// Failback: the replica equals the recovery disks.
     pub materialised: Option<Materialised>,
+    /// Failback: the replica is being made equal to the recovery disks (in a task of its
+    /// own: it reads every block, and other machines' failovers must not wait for it).
+    pub materialising: bool,
 }
 
 /// The record of a failback's materialisation, saved once it is done (`<dir>/materialised`).
@@ -117,13 +120,15 @@ pub async fn reconcile(svc: &MasterService, machine: &str, order: Option<&Failov
             Ok(()) => failback(svc, machine, o).await,
             Err(e) => Err(e),
         },
-        None => end(svc, machine).await,
+        None => end(svc, machine).await.map(|()| true),
     };
     match result {
-        Ok(()) => {
+        Ok(true) => {
             svc.state.failover_errors().remove(machine);
             true
         }
+        // Still under way in its own task: look again soon (an error it had stays shown).
+        Ok(false) => false,
         Err(e) => {
             tracing::warn!(%machine, "failover: {e}");
             if let Some(o) = order {
@@ -203,6 +208,7 @@ async fn ensure(svc: &MasterService, machine: &str, order: &FailoverOrder) -> Re
             serve_ms,
             quiesced: read_only,
             materialised: None,
+            materialising: false,
         },
     );
     Ok(())
@@ -212,16 +218,27 @@ async fn ensure(svc: &MasterService, machine: &str, order: &FailoverOrder) -> Re
 /// then none taken), and once ordered the replica is made equal to them (see
 /// [`super::replica::Replica::rewrite_to`]); the result is recorded before it is reported,
 /// so a restarted node reports it again instead of redoing it.
-async fn failback(svc: &MasterService, machine: &str, order: &FailoverOrder) -> Result<(), String> {
+/// A failback's steps at the master target: quiesce the exports, then (ordered) materialise
+/// the replica in a task of its own. Ok(false) while that task runs.
+async fn failback(
+    svc: &MasterService,
+    machine: &str,
+    order: &FailoverOrder,
+) -> Result<bool, String> {
     let Some(fb) = &order.failback else {
-        return Ok(());
+        return Ok(true);
     };
-    let (disks, quiesced, materialised) = {
+    let (disks, quiesced, materialised, materialising) = {
         let served = svc.state.failovers();
         let s = served
             .get(machine)
             .ok_or_else(|| format!("the failover of {machine} is not served"))?;
-        (s.drill.disks(), s.quiesced, s.materialised.clone())
+        (
+            s.drill.disks(),
+            s.quiesced,
+            s.materialised.clone(),
+            s.materialising,
+        )
     };
     if !quiesced {
         let d = disks.clone();
@@ -233,11 +250,41 @@ async fn failback(svc: &MasterService, machine: &str, order: &FailoverOrder) -> 
         tracing::info!(%machine, "failback: the recovery disks are flushed and read-only");
     }
     let Some(generation) = fb.materialise else {
-        return Ok(());
+        return Ok(true);
     };
     if materialised.is_some_and(|m| m.generation == generation) {
-        return Ok(());
+        return Ok(true);
     }
+    if materialising {
+        return Ok(false);
+    }
+    set_served(svc, machine, |s| s.materialising = true);
+    let (svc, machine, id) = (svc.clone(), machine.to_string(), order.id);
+    tokio::spawn(async move {
+        let result = materialise(&svc, &machine, id, generation, disks).await;
+        set_served(&svc, &machine, |s| {
+            s.materialising = false;
+            if let Ok(done) = &result {
+                s.materialised = Some(done.clone());
+            }
+        });
+        if let Err(e) = result {
+            tracing::warn!(%machine, "failback: {e}");
+            svc.state.failover_errors().insert(machine, (id, e));
+        }
+    });
+    Ok(false)
+}
+
+/// Makes the replica equal to the recovery disks under `generation` (or finds that it was,
+/// from the record), and records it.
+async fn materialise(
+    svc: &MasterService,
+    machine: &str,
+    order: u64,
+    generation: u64,
+    disks: Vec<std::sync::Arc<super::drill::CowDisk>>,
+) -> Result<Materialised, String> {
     let dir = failover_dir(&svc.state.data_dir, machine);
     let path = dir.join("materialised");
     let recorded = read_optional(&path)
@@ -245,7 +292,7 @@ async fn failback(svc: &MasterService, machine: &str, order: &FailoverOrder) -> 
         .map(|b| haven_transport::codec::decode::<MaterialisedRecord>(&b))
         .transpose()
         .map_err(|e| format!("{}: {e}", path.display()))?
-        .filter(|r| r.order == order.id && r.done.generation == generation);
+        .filter(|r| r.order == order && r.done.generation == generation);
     let done = match recorded {
         Some(r) => r.done,
         None => {
@@ -255,7 +302,7 @@ async fn failback(svc: &MasterService, machine: &str, order: &FailoverOrder) -> 
                     other => return Err(format!("unexpected answer {other:?}")),
                 };
             let r = MaterialisedRecord {
-                order: order.id,
+                order,
                 done: done.clone(),
             };
             let bytes = haven_transport::codec::encode(&r).map_err(|e| e.to_string())?;
@@ -263,8 +310,7 @@ async fn failback(svc: &MasterService, machine: &str, order: &FailoverOrder) -> 
             done
         }
     };
-    set_served(svc, machine, |s| s.materialised = Some(done));
-    Ok(())
+    Ok(done)
 }
 
 fn set_served(svc: &MasterService, machine: &str, f: impl FnOnce(&mut Served)) {

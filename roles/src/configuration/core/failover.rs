@@ -570,6 +570,10 @@ impl ConfigCore {
                     view.waiting_for = None;
                     let m = self.machines.get_mut(&machine).expect("listed above");
                     m.recovery = Recovery::Protected;
+                    // The forward stream resumes under a generation of its own, newer than
+                    // the materialisation's: an order to materialise replayed by a node
+                    // from a stale assignment is then refused as stale at the replica.
+                    m.generation = haven_cluster::Generation(m.generation.0 + 1);
                     persist.push(Persist::Machine(m.clone()));
                     self.version += 1;
                     self.failed_back.insert(machine.clone(), view);

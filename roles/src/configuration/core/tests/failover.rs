@@ -814,7 +814,11 @@ fn a_failback_quiesces_takes_the_final_pass_materialises_the_replica_then_rebase
     let (r, p) = poll_agent_with(&mut c, 14 * SEC, |r| r.rebased = Some(id));
     assert_eq!(recovery(&p), Recovery::Protected);
     assert_eq!((r.read_only, r.rebase, r.reverse), (None, None, None));
-    assert_eq!(r.generation.0, before + 1);
+    assert_eq!(
+        r.generation.0,
+        before + 2,
+        "a generation newer than the materialisation's"
+    );
     assert!(r.process_server.is_some(), "the forward stream resumes");
 
     // Protected again: the process server has the machine under the failback's counter (it
@@ -824,7 +828,7 @@ fn a_failback_quiesces_takes_the_final_pass_materialises_the_replica_then_rebase
         a.iter()
             .map(|a| (a.machine.as_str(), a.failbacks, a.generation.0))
             .collect::<Vec<_>>(),
-        vec![("web", 1, before + 1)]
+        vec![("web", 1, before + 2)]
     );
     let (a, _) = poll_mt(&mut c, 14 * SEC, 45, None);
     assert_eq!(a[0].failover, None);
@@ -992,7 +996,7 @@ fn a_failback_resumes_from_its_record_after_a_restart_at_every_stage() {
     let rec = persisted(&p);
     assert_eq!(
         (&rec.recovery, rec.failbacks, rec.generation.0),
-        (&Recovery::Protected, 1, generation)
+        (&Recovery::Protected, 1, generation + 1)
     );
 
     // Protected, restarted: nothing of the failback is left to do.
