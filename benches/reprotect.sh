@@ -66,6 +66,9 @@ prim = rng.sample(range(1, blocks), n)
 rec = rng.sample(range(1, blocks), n)
 open("primary.blocks", "w").write("\n".join(map(str, prim)))
 open("recovery.blocks", "w").write("\n".join(map(str, rec)))
+# Written at the recovery site after the reprotect: the failback's final pass carries them.
+late = random.Random(12).sample(range(1, blocks), n)
+open("late.blocks", "w").write("\n".join(map(str, late)))
 print(f"  each side changes {n} random 4 KiB blocks ({n * 4096 / 2**20:.1f} MiB); distinct on either side: {len(set(prim) | set(rec))}")
 PY
 kill -9 "$agent_pid"; wait "$agent_pid" 2>/dev/null || true
@@ -82,16 +85,21 @@ ctl failover m1 --point "$point" --timeout 60s > fo.json
 echo "  failover to point $point in $(since "$t") s"
 ctl failover-commit m1 >/dev/null
 export_uri=$(python3 -c "import json; print(json.load(open('fo.json'))['disks'][0]['nbd_uri'])")
-python3 - "$export_uri" <<'PY'
+# write_blocks FILE PATTERN URI: a 4 KiB write of PATTERN through URI (qemu-io, 512 per
+# run, then a flush) at each block listed in FILE.
+write_blocks() {
+  python3 - "$@" <<'PY'
 import subprocess, sys
-uri = sys.argv[1]
-blocks = list(map(int, open("recovery.blocks").read().split()))
+path, pattern, uri = sys.argv[1:4]
+blocks = list(map(int, open(path).read().split()))
 for i in range(0, len(blocks), 512):
     cmds = []
     for b in blocks[i:i + 512]:
-        cmds += ["-c", f"write -P 165 {b * 4096} 4k"]
+        cmds += ["-c", f"write -P {pattern} {b * 4096} 4k"]
     subprocess.run(["qemu-io", "-f", "raw", *cmds, "-c", "flush", uri], check=True, stdout=subprocess.DEVNULL)
 PY
+}
+write_blocks recovery.blocks 165 "$export_uri"
 echo "  the recovery site wrote its blocks through the export"
 agent
 for _ in $(seq 300); do
@@ -116,19 +124,7 @@ qemu-img compare -f raw -F raw disk.img "$export_uri" >/dev/null && echo "  qemu
 
 # Failback: the recovery site writes another CHANGE_PCT % (the final pass carries it), then
 # `ctl failback`, timed.
-python3 - "$SIZE_MB" "$CHANGE_PCT" "$export_uri" <<'PY'
-import random, subprocess, sys
-size_mb, pct, uri = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
-blocks = size_mb * 256
-n = int(blocks * pct / 100)
-late = random.Random(12).sample(range(1, blocks), n)
-open("late.blocks", "w").write("\n".join(map(str, late)))
-for i in range(0, len(late), 512):
-    cmds = []
-    for b in late[i:i + 512]:
-        cmds += ["-c", f"write -P 177 {b * 4096} 4k"]
-    subprocess.run(["qemu-io", "-f", "raw", *cmds, "-c", "flush", uri], check=True, stdout=subprocess.DEVNULL)
-PY
+write_blocks late.blocks 177 "$export_uri"
 echo "  the recovery site wrote another ${CHANGE_PCT} % after the reprotect"
 qemu-img convert -f raw -O raw "$export_uri" recovered.img
 t=$(now)

@@ -76,6 +76,15 @@ fn read_all(uri: &str, size: u64) -> Vec<u8> {
     out
 }
 
+/// What the workload at the recovery site writes through the export in the reprotect and
+/// failback tests: 512 KiB at 16 MiB and 4 KiB at 2 MiB, flushed.
+fn recovery_site_writes(uri: &str) {
+    let mut e = nbd(uri);
+    e.write_at(&vec![0xee; 512 << 10], 16 * MIB, false).unwrap();
+    e.write_at(&vec![0xef; 4096], 2 * MIB, false).unwrap();
+    e.flush().unwrap();
+}
+
 /// A hash of the whole replica image: it must not change while failed over.
 fn sha(path: &Path) -> u128 {
     xxh3_128(&std::fs::read(path).expect("read the replica"))
@@ -442,11 +451,7 @@ fn reprotect_makes_the_original_disk_equal_to_the_recovery_disk_sending_only_wha
     assert_eq!(f["planned"], false, "{f}");
     c.ctl(&["failover-commit", "m1"]);
     let uri = export_uri(&f);
-    let mut e = nbd(&uri);
-    e.write_at(&vec![0xee; 512 << 10], 16 * MIB, false).unwrap();
-    e.write_at(&vec![0xef; 4096], 2 * MIB, false).unwrap();
-    e.flush().unwrap();
-    drop(e);
+    recovery_site_writes(&uri);
     // Once the agent is seen gone (silent past the failure timeout), reprotect is refused.
     wait_until("the agent seen gone", Duration::from_secs(30), || {
         let m = c.machine("m1")?;
@@ -573,11 +578,7 @@ fn failed_over_and_reprotected(
     let f = c.ctl(&["failover", "m1", "--point", &p, "--timeout", "30s"]);
     c.ctl(&["failover-commit", "m1"]);
     let uri = export_uri(&f);
-    let mut e = nbd(&uri);
-    e.write_at(&vec![0xee; 512 << 10], 16 * MIB, false).unwrap();
-    e.write_at(&vec![0xef; 4096], 2 * MIB, false).unwrap();
-    e.flush().unwrap();
-    drop(e);
+    recovery_site_writes(&uri);
     c.restart("agent-m1");
     c.wait_tap("m1", "d0");
     let r = wait_until("reprotect", Duration::from_secs(60), || {

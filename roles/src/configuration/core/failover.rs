@@ -282,20 +282,8 @@ impl ConfigCore {
             }
             Recovery::FailedOver(f) | Recovery::Reprotected(f) => f.clone(),
         };
-        if !self.agent_alive(now, machine) {
-            return refused(format!(
-                "the original site's agent for {machine} is not connected: start it again \
-                 (same --data-dir; its disks stay read-only), then retry"
-            ));
-        }
-        if !m
-            .master_target
-            .as_deref()
-            .is_some_and(|n| self.alive(now, n))
-        {
-            return refused(format!(
-                "the master target of {machine} is not reporting: it serves the recovery disks"
-            ));
+        if let Some(why) = self.reverse_peers_missing(now, m) {
+            return refused(why);
         }
         let mut f = f;
         let pass = f.reverse.as_ref().map(|r| r.pass).unwrap_or(0) + 1;
@@ -452,20 +440,8 @@ impl ConfigCore {
             Recovery::FailingBack(_) => return self.failover_reply(now, now_ms, machine),
             Recovery::Reprotected(f) => f.clone(),
         };
-        if !self.agent_alive(now, machine) {
-            return refused(format!(
-                "the original site's agent for {machine} is not connected: start it again \
-                 (same --data-dir; its disks stay read-only), then retry"
-            ));
-        }
-        if !m
-            .master_target
-            .as_deref()
-            .is_some_and(|n| self.alive(now, n))
-        {
-            return refused(format!(
-                "the master target of {machine} is not reporting: it serves the recovery disks"
-            ));
+        if let Some(why) = self.reverse_peers_missing(now, m) {
+            return refused(why);
         }
         let mut f = f;
         let m = self.machines.get_mut(machine).expect("checked above");
@@ -490,6 +466,29 @@ impl ConfigCore {
             machine,
             "failback started: the recovery disks are flushed and made read-only".into(),
         )
+    }
+
+    /// Why a step that needs both ends of the reverse path (the original site's agent and
+    /// the master target serving the recovery disks) cannot run now, if it cannot.
+    fn reverse_peers_missing(
+        &self,
+        now: Instant,
+        m: &haven_cluster::MachineRecord,
+    ) -> Option<String> {
+        let machine = &m.name;
+        if !self.agent_alive(now, machine) {
+            return Some(format!(
+                "the original site's agent for {machine} is not connected: start it again \
+                 (same --data-dir; its disks stay read-only), then retry"
+            ));
+        }
+        let mt_alive = m
+            .master_target
+            .as_deref()
+            .is_some_and(|n| self.alive(now, n));
+        (!mt_alive).then(|| {
+            format!("the master target of {machine} is not reporting: it serves the recovery disks")
+        })
     }
 
     /// After an operator's step changed `machine`'s recovery state: the change is seen by
