@@ -15,7 +15,8 @@
 # the bytes the agent received and wrote against the distinct 4 KiB blocks changed on either
 # side (target, issue 9: ≤ 1.1× the changed bytes plus hashes), the hash bytes sent, the
 # bytes compared, the time; then `qemu-img compare` of the original disk and the export.
-# Then the recovery site writes another CHANGE_PCT % and `ctl --json failback m1` runs, timed:
+# Then the recovery site writes another CHANGE_PCT % and `ctl --json failback m1` runs, timed
+# against a same-run full copy of the recovery disk over NBD (`qemu-img convert` + sync):
 # the final pass's blocks, the replica's bytes compared and rewritten, `cmp` of the original
 # disk and the replica, and a write through the tap that reaches the replica with no resync.
 #
@@ -126,16 +127,23 @@ qemu-img compare -f raw -F raw disk.img "$export_uri" >/dev/null && echo "  qemu
 # `ctl failback`, timed.
 write_blocks late.blocks 177 "$export_uri"
 echo "  the recovery site wrote another ${CHANGE_PCT} % after the reprotect"
+# The same-run peer: a failback without tracking copies the whole recovery disk home. Here
+# qemu-img copies it over NBD from the export to a file, then sync (kept for the cmp below).
+t=$(now)
 qemu-img convert -f raw -O raw "$export_uri" recovered.img
+sync
+copy_s=$(since "$t")
 t=$(now)
 ctl failback m1 --timeout 600s > fb.json
 elapsed=$(since "$t")
-python3 - "$elapsed" <<'PY'
+python3 - "$elapsed" "$copy_s" <<'PY'
 import json, sys
 v = json.load(open("fb.json"))
 r, b = v["reverse"], v["failback"]
 late = len(set(map(int, open("late.blocks").read().split())))
-print(f"  failback: {sys.argv[1]} s (command to protected from the original site again)")
+fb, copy = float(sys.argv[1]), float(sys.argv[2])
+print(f"  failback: {fb:.3f} s (command to protected from the original site again); "
+      f"same-run full copy of the recovery disk over NBD (qemu-img convert + sync): {copy:.3f} s; ratio {fb / copy:.2f}x")
 print(f"    final reverse pass {r['done_pass']}: rewrote {r['blocks_written']} blocks of the original disk ({late} written at the recovery site since the reprotect)")
 print(f"    replica: compared {b['bytes_compared'] / 2**20:.0f} MiB with the recovery disk, rewrote {b['bytes_written'] / 2**20:.2f} MiB (the recovery site's writes since the point)")
 PY
