@@ -102,6 +102,9 @@ pub fn print_machines(machines: &[MachineView]) {
         // Recovery: capture mode, the newest point, history held vs asked, warnings.
         if m.state != "discovered" {
             let mut parts = vec![format!("capture {}", m.capture.as_deref().unwrap_or("?"))];
+            if let Some(g) = &m.group {
+                parts.push(format!("group {g}"));
+            }
             match (&m.latest_point, m.latest_point_age_seconds) {
                 (Some(p), Some(age)) => parts.push(format!(
                     "{} points, latest {p} ({age:.1}s ago)",
@@ -337,4 +340,78 @@ fn size_text(b: u64) -> String {
     } else {
         format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
     }
+}
+
+pub fn print_groups(groups: &[haven_roles::view::GroupView]) {
+    if groups.is_empty() {
+        return;
+    }
+    println!(
+        "{:<14} {:<30} {:>8} {:>8} {:<24} MEMBERS",
+        "GROUP", "STATE", "EVERY", "POINTS", "LATEST"
+    );
+    for g in groups {
+        let every = match g.point_every_ms {
+            0 => "off".to_string(),
+            ms => humantime::format_duration(Duration::from_millis(ms)).to_string(),
+        };
+        let latest = g
+            .latest_point
+            .as_ref()
+            .map(|p| format!("{} ({})", p.id, time_text(p.time_ms)))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<14} {:<30} {:>8} {:>8} {:<24} {}",
+            g.name,
+            g.state,
+            every,
+            g.points,
+            latest,
+            g.members.join(",")
+        );
+        if let Some(e) = &g.last_error {
+            println!("  {e}");
+        }
+    }
+}
+
+pub fn print_group_point(p: &haven_roles::view::GroupPointView) {
+    let name = p
+        .name
+        .as_ref()
+        .map(|n| format!(" {n:?}"))
+        .unwrap_or_default();
+    println!(
+        "group {}: point {}{name} at {}, one cut across {} members",
+        p.group,
+        p.id,
+        time_text(p.time_ms),
+        p.members.len()
+    );
+    for (m, seq) in &p.members {
+        println!("  {m}  point {seq}");
+    }
+}
+
+pub fn print_group_points(group: &str, points: &[haven_roles::view::GroupPointView]) {
+    println!(
+        "{:>8} {:<24} {:<40} NAME",
+        "POINT", "TIME", "MEMBERS (POINT)"
+    );
+    for p in points {
+        let members: Vec<String> = p.members.iter().map(|(m, s)| format!("{m}:{s}")).collect();
+        let pruned = if p.pruned.is_empty() {
+            String::new()
+        } else {
+            format!("  (pruned at {})", p.pruned.join(","))
+        };
+        println!(
+            "{:>8} {:<24} {:<40} {}{pruned}",
+            p.id,
+            time_text(p.time_ms),
+            members.join(" "),
+            p.name.as_deref().unwrap_or("")
+        );
+    }
+    println!("{group}: {} group points", points.len());
 }

@@ -137,9 +137,14 @@ enum CtlCommand {
     Status,
     Nodes,
     Machines,
-    /// Start replicating a discovered machine (or change its recovery-point policy).
+    /// Start replicating discovered machines (or change their recovery-point policy);
+    /// `--group G` makes them members of consistency group G.
     Protect {
-        machine: String,
+        #[arg(required = true, num_args = 1..)]
+        machines: Vec<String>,
+        /// Make the machines members of this consistency group (created if new).
+        #[arg(long)]
+        group: Option<String>,
         /// Recovery-point history to keep (default 24h).
         #[arg(long, value_parser = humantime::parse_duration)]
         retention: Option<Duration>,
@@ -279,6 +284,82 @@ enum CtlCommand {
     /// protected from its own site again, with no full resync. Waits until it is.
     Failback {
         machine: String,
+        #[arg(long, default_value = "600s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Consistency groups: machines whose recovery points are one cut, and which fail over,
+    /// reprotect and fail back together.
+    Group {
+        #[command(subcommand)]
+        command: GroupCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum GroupCommand {
+    /// Create group G, or add members to it (a machine is in one group at most).
+    Create {
+        group: String,
+        members: Vec<String>,
+        /// A group point this often (default 60s; 0s: only `group mark`).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        point_every: Option<Duration>,
+    },
+    /// Delete the group and its points; the members stay protected on their own.
+    Delete {
+        group: String,
+    },
+    /// Every group: members, common state, points.
+    List,
+    /// A group point now: every member holds its write completions while the cut is
+    /// placed (at most 3 s). Prints the point's id and each member's point.
+    Mark {
+        group: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Every group point kept, oldest first (members whose journal pruned their point are
+    /// shown; such a point cannot be recovered to).
+    RecoveryPoints {
+        group: String,
+    },
+    /// A drill of every member at one group point.
+    TestFailover {
+        group: String,
+        /// A group point id, `latest`, or an RFC 3339 time.
+        #[arg(long, default_value = "latest", value_parser = parse_point)]
+        point: PointSpec,
+        /// Write each member's disks as sparse images DIR/<member>/<disk>.img.
+        #[arg(long)]
+        export: Option<PathBuf>,
+    },
+    TestFailoverCleanup {
+        group: String,
+    },
+    /// Fail every member over to one cut: planned (no write lost) with `latest` when every
+    /// member's agent is up, else the group point.
+    Failover {
+        group: String,
+        #[arg(long, default_value = "latest", value_parser = parse_point)]
+        point: PointSpec,
+        #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    FailoverCommit {
+        group: String,
+    },
+    FailoverCancel {
+        group: String,
+    },
+    Reprotect {
+        group: String,
+        #[arg(long, default_value = "600s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    Failback {
+        group: String,
         #[arg(long, default_value = "600s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
@@ -641,20 +722,22 @@ async fn ctl_command(admin: &ctl::Admin, json: bool, command: CtlCommand) -> Exi
         CtlCommand::Nodes => AdminCommand::Nodes,
         CtlCommand::Machines => AdminCommand::Machines,
         CtlCommand::Protect {
-            machine,
+            machines,
+            group,
             retention,
             journal_size,
             point_every,
             app_consistent_every,
-        } => AdminCommand::Protect {
-            machine,
-            policy: haven_cluster::ProtectPolicy {
+        } => {
+            let policy = haven_cluster::ProtectPolicy {
                 retention_ms: retention.map(|d| d.as_millis() as u64),
                 journal_cap_bytes: journal_size,
                 point_every_ms: point_every.map(|d| d.as_millis() as u64),
                 app_consistent_every_ms: app_consistent_every.map(|d| d.as_millis() as u64),
-            },
-        },
+            };
+            return ctl_protect(admin, json, machines, group, policy).await;
+        }
+        CtlCommand::Group { command } => return ctl_group(admin, json, command).await,
         CtlCommand::Unprotect { machine } => AdminCommand::Unprotect { machine },
     };
     match admin.call(cmd).await {
@@ -670,6 +753,10 @@ async fn ctl_command(admin: &ctl::Admin, json: bool, command: CtlCommand) -> Exi
                     ctl::print_nodes(&s.nodes);
                     println!();
                     ctl::print_machines(&s.machines);
+                    if !s.groups.is_empty() {
+                        println!();
+                        ctl::print_groups(&s.groups);
+                    }
                 }
                 AdminReply::Nodes(n) if json => print_json(&n),
                 AdminReply::Nodes(n) => ctl::print_nodes(&n),
@@ -837,6 +924,189 @@ async fn ctl_wait_sync(
 }
 
 /// `ctl mark`: request the point, then wait (bounded) until the agent reports it inserted.
+/// `ctl protect M… [--group G]`: each machine, then the group.
+async fn ctl_protect(
+    admin: &ctl::Admin,
+    json: bool,
+    machines: Vec<String>,
+    group: Option<String>,
+    policy: haven_cluster::ProtectPolicy,
+) -> ExitCode {
+    let mut said = vec![];
+    for machine in &machines {
+        let cmd = AdminCommand::Protect {
+            machine: machine.clone(),
+            policy: policy.clone(),
+        };
+        match admin.call(cmd).await {
+            Ok(AdminReply::Done { message }) => said.push(message),
+            Ok(other) => said.push(format!("{other:?}")),
+            Err(e) => return ctl_fail(e),
+        }
+    }
+    let mut groups = vec![];
+    if let Some(group) = group {
+        let cmd = AdminCommand::GroupAdd {
+            group,
+            members: machines,
+            point_every_ms: None,
+        };
+        match admin.call(cmd).await {
+            Ok(AdminReply::Groups(g)) => groups = g,
+            Ok(other) => said.push(format!("{other:?}")),
+            Err(e) => return ctl_fail(e),
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"ok": true, "messages": said, "groups": groups})
+        );
+    } else {
+        said.iter().for_each(|m| println!("{m}"));
+        ctl::print_groups(&groups);
+    }
+    ExitCode::SUCCESS
+}
+
+fn ctl_fail(e: ctl::CtlError) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(e.exit_code())
+}
+
+/// `ctl group …`.
+async fn ctl_group(admin: &ctl::Admin, json: bool, command: GroupCommand) -> ExitCode {
+    fn show<T: serde::Serialize>(json: bool, v: &T, text: impl FnOnce(&T)) -> ExitCode {
+        if json {
+            println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+        } else {
+            text(v);
+        }
+        ExitCode::SUCCESS
+    }
+    let groups = |r: Result<AdminReply, ctl::CtlError>| match r {
+        Ok(AdminReply::Groups(g)) => show(json, &g, |g| ctl::print_groups(g)),
+        Ok(AdminReply::Done { message }) => show(json, &message, |m| println!("{m}")),
+        Ok(other) => show(json, &format!("{other:?}"), |m| println!("{m}")),
+        Err(e) => ctl_fail(e),
+    };
+    match command {
+        GroupCommand::Create {
+            group,
+            members,
+            point_every,
+        } => groups(
+            admin
+                .call(AdminCommand::GroupAdd {
+                    group,
+                    members,
+                    point_every_ms: point_every.map(|d| d.as_millis() as u64),
+                })
+                .await,
+        ),
+        GroupCommand::Delete { group } => {
+            groups(admin.call(AdminCommand::GroupDelete { group }).await)
+        }
+        GroupCommand::List => groups(admin.call(AdminCommand::Groups).await),
+        GroupCommand::Mark {
+            group,
+            name,
+            timeout,
+        } => match admin.group_mark(&group, name, timeout).await {
+            Ok(Some(p)) => show(json, &p, ctl::print_group_point),
+            Ok(None) => {
+                eprintln!(
+                    "error: group {group}'s cut was not placed within {}",
+                    humantime::format_duration(timeout)
+                );
+                ExitCode::from(ctl::EXIT_TIMEOUT)
+            }
+            Err(e) => ctl_fail(e),
+        },
+        GroupCommand::RecoveryPoints { group } => match admin.group_points(&group).await {
+            Ok(p) => show(json, &p, |p| ctl::print_group_points(&group, p)),
+            Err(e) => ctl_fail(e),
+        },
+        GroupCommand::TestFailover {
+            group,
+            point,
+            export,
+        } => {
+            let export = match export.map(|d| std::path::absolute(&d)).transpose() {
+                Ok(d) => d.map(|d| d.display().to_string()),
+                Err(e) => {
+                    eprintln!("error: --export: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match admin
+                .group_test_failover(&group, &point, export.as_deref())
+                .await
+            {
+                Ok(v) => show(json, &v, |v| {
+                    println!(
+                        "group {}: test failover of group point {}",
+                        v.group, v.point.id
+                    );
+                    v.members.iter().for_each(ctl::print_drill);
+                }),
+                Err(e) => ctl_fail(e),
+            }
+        }
+        GroupCommand::TestFailoverCleanup { group } => {
+            match admin.group_test_failover_cleanup(&group).await {
+                Ok(said) => show(json, &said, |s| s.iter().for_each(|m| println!("{m}"))),
+                Err(e) => ctl_fail(e),
+            }
+        }
+        GroupCommand::Failover {
+            group,
+            point,
+            timeout,
+        } => group_failover_shown(json, admin.group_failover(&group, &point, timeout).await),
+        GroupCommand::FailoverCommit { group } => group_failover_shown(
+            json,
+            admin
+                .group_each(&group, |machine| AdminCommand::FailoverCommit { machine })
+                .await,
+        ),
+        GroupCommand::FailoverCancel { group } => group_failover_shown(
+            json,
+            admin
+                .group_each(&group, |machine| AdminCommand::FailoverCancel { machine })
+                .await,
+        ),
+        GroupCommand::Reprotect { group, timeout } => {
+            group_failover_shown(json, admin.group_reverse(&group, false, timeout).await)
+        }
+        GroupCommand::Failback { group, timeout } => {
+            group_failover_shown(json, admin.group_reverse(&group, true, timeout).await)
+        }
+    }
+}
+
+fn group_failover_shown(
+    json: bool,
+    r: Result<haven_roles::view::GroupFailoverView, ctl::CtlError>,
+) -> ExitCode {
+    match r {
+        Ok(v) if json => {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Ok(v) => {
+            match &v.point {
+                Some(p) => println!("group {}: at group point {}", v.group, p.id),
+                None => println!("group {}:", v.group),
+            }
+            v.notes.iter().for_each(|n| println!("  {n}"));
+            v.members.iter().for_each(ctl::print_failover);
+            ExitCode::SUCCESS
+        }
+        Err(e) => ctl_fail(e),
+    }
+}
+
 async fn ctl_mark(
     admin: &ctl::Admin,
     json: bool,

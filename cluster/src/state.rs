@@ -361,3 +361,37 @@ pub struct RetiredRecord {
     pub pending_nodes: Vec<String>,
     pub retired_ms: u64,
 }
+
+/// A consistency group (`ctl group create G M…`, `ctl protect M… --group G`): machines whose
+/// recovery points are taken as one cut, so they recover together.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupRecord {
+    pub name: String,
+    /// A machine is a member of at most one group.
+    pub members: Vec<String>,
+    /// A group point this often (0: only on request, `ctl group mark`).
+    pub point_every_ms: u64,
+    /// The group's points, oldest first, at most [`GROUP_POINTS_MAX`] (the oldest go first;
+    /// a member's journal may have pruned a point before, which `group recovery-points`
+    /// shows).
+    pub points: Vec<GroupPoint>,
+    /// The id the next point gets (ids increase and are never reused).
+    pub next_point: u64,
+}
+
+/// Group points kept per group: at the default period a little under three days.
+pub const GROUP_POINTS_MAX: usize = 4096;
+/// The default period of a group's points (`ctl group create --point-every`).
+pub const GROUP_POINT_EVERY_MS: u64 = 60_000;
+
+/// One cut across every member: at each member's `seqs` entry, no member holds a write that
+/// causally follows a write another member's point lacks.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupPoint {
+    pub id: u64,
+    pub name: Option<String>,
+    /// The configuration node's clock when the cut was placed (unix ms).
+    pub time_ms: u64,
+    /// Each member's point: a seq in its stream (a named point of its journal).
+    pub seqs: std::collections::BTreeMap<String, u64>,
+}

@@ -11,13 +11,17 @@ use haven_transport::codec;
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::state::{ClusterMeta, MachineRecord, NodeRecord, RetiredRecord, TokenRecord};
+use crate::state::{
+    ClusterMeta, GroupRecord, MachineRecord, NodeRecord, RetiredRecord, TokenRecord,
+};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
 const MACHINES: TableDefinition<&str, &[u8]> = TableDefinition::new("machines");
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 const RETIRED: TableDefinition<&str, &[u8]> = TableDefinition::new("retired");
+/// Added after format 1 shipped: a store without it gets it, empty, at open.
+const GROUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("groups");
 /// Bumped on an incompatible change of any table's encoding.
 const FORMAT_VERSION: u32 = 1;
 
@@ -54,6 +58,9 @@ pub enum Persist {
     Retired(RetiredRecord),
     /// Every node named in the retirement has acted on it.
     DeleteRetired(String),
+    Group(GroupRecord),
+    /// `ctl group delete`: the members stay protected, each on its own.
+    DeleteGroup(String),
 }
 
 /// Everything the configuration node loads at start.
@@ -63,6 +70,7 @@ pub struct Loaded {
     pub machines: Vec<MachineRecord>,
     pub tokens: Vec<TokenRecord>,
     pub retired: Vec<RetiredRecord>,
+    pub groups: Vec<GroupRecord>,
 }
 
 /// The configuration node's durable state.
@@ -101,6 +109,7 @@ impl Store {
             tx.open_table(MACHINES)?;
             tx.open_table(TOKENS)?;
             tx.open_table(RETIRED)?;
+            tx.open_table(GROUPS)?;
         }
         tx.commit()?;
         Ok(store)
@@ -235,6 +244,7 @@ impl StateStore for Store {
             machines: self.machines()?,
             tokens: self.tokens()?,
             retired: self.retired()?,
+            groups: self.all(GROUPS)?,
         })
     }
 
@@ -254,6 +264,10 @@ impl StateStore for Store {
                     Persist::Retired(r) => put_in(tx, RETIRED, &r.machine, r)?,
                     Persist::DeleteRetired(m) => {
                         tx.open_table(RETIRED)?.remove(m.as_str())?;
+                    }
+                    Persist::Group(g) => put_in(tx, GROUPS, &g.name, g)?,
+                    Persist::DeleteGroup(g) => {
+                        tx.open_table(GROUPS)?.remove(g.as_str())?;
                     }
                 }
             }
@@ -302,6 +316,8 @@ impl StateStore for MemStore {
                 Persist::Token(t) => upsert(&mut s.tokens, t, |x| x.id == t.id),
                 Persist::Retired(r) => upsert(&mut s.retired, r, |x| x.machine == r.machine),
                 Persist::DeleteRetired(m) => s.retired.retain(|x| &x.machine != m),
+                Persist::Group(g) => upsert(&mut s.groups, g, |x| x.name == g.name),
+                Persist::DeleteGroup(g) => s.groups.retain(|x| &x.name != g),
             }
         }
         Ok(())

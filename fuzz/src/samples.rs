@@ -53,6 +53,7 @@ pub fn agent_report() -> AgentReport {
             time_ms: 1,
             warnings: vec!["w".into()],
             error: None,
+            hold: Some(Hold::Holding),
         }],
         site: Some("dr".into()),
         reverse_done: Some(ReverseDone {
@@ -219,6 +220,16 @@ pub fn responses() -> Vec<Response> {
                 rpo_seconds: Some(1.5),
                 disks: disks(),
                 blocked_disks: vec![DiskBlock::default()],
+                group: Some("g".into()),
+                ..Default::default()
+            }],
+            groups: vec![GroupView {
+                name: "g".into(),
+                members: vec!["m".into()],
+                latest_point: Some(GroupPointView {
+                    members: [("m".to_string(), 4u64)].into(),
+                    ..Default::default()
+                }),
                 ..Default::default()
             }],
         })),
@@ -246,6 +257,7 @@ pub fn responses() -> Vec<Response> {
                 id: 1,
                 app: true,
                 name: Some("n".into()),
+                hold_ms: 3000,
             }],
             app_consistent_every_ms: Some(60_000),
             read_only: Some("failed over".into()),
@@ -258,6 +270,7 @@ pub fn responses() -> Vec<Response> {
                 order: 9,
                 applied_seq: 1041,
             }),
+            release: vec![1],
         }),
         Response::NodePoll(NodePollReply {
             assignments: vec![assignment()],

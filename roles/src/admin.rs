@@ -16,9 +16,13 @@ use haven_transport::{
 use crate::{
     client::{self, CallError},
     enroll,
-    proto::{AdminCommand, AdminReply, Request, Response},
-    view::{ClusterStatus, FailoverView, MachineView, MarkView},
+    proto::{AdminCommand, AdminReply, RecoveryReply, RecoveryRequest, Request, Response},
+    view::{
+        ClusterStatus, FailoverView, GroupDrillView, GroupFailoverView, GroupPointView, GroupView,
+        MachineView, MarkView,
+    },
 };
+use haven_cluster::PointSpec;
 
 pub struct Admin {
     ep: quinn::Endpoint,
@@ -314,8 +318,378 @@ impl Admin {
         }
     }
 
+    /// A consistency group.
+    pub async fn group(&self, group: &str) -> Result<GroupView, CtlError> {
+        match self.call(AdminCommand::Groups).await? {
+            AdminReply::Groups(g) => g
+                .into_iter()
+                .find(|g| g.name == group)
+                .ok_or_else(|| CtlError::Refused(format!("no group named {group:?}"))),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// `ctl group mark`: a cut across every member now; waits (at most `timeout`) until
+    /// every member has placed its point and released its hold. `Ok(None)`: not in time.
+    pub async fn group_mark(
+        &self,
+        group: &str,
+        name: Option<String>,
+        timeout: Duration,
+    ) -> Result<Option<GroupPointView>, CtlError> {
+        let deadline = Instant::now() + timeout;
+        let AdminReply::GroupMarkRequested { id } = self
+            .call(AdminCommand::GroupMark {
+                group: group.into(),
+                name,
+            })
+            .await?
+        else {
+            return Err(CtlError::Failed("unexpected reply to a group mark".into()));
+        };
+        loop {
+            match self
+                .call(AdminCommand::GroupMarkState {
+                    group: group.into(),
+                    id,
+                })
+                .await?
+            {
+                AdminReply::GroupMarkState { done: Some(p) } => return Ok(Some(p)),
+                AdminReply::GroupMarkState { done: None } => {}
+                other => return Err(unexpected(other)),
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `ctl group recovery-points`: every group point kept, oldest first, each marked with
+    /// the members whose journal no longer holds their point (those cannot be recovered to).
+    pub async fn group_points(&self, group: &str) -> Result<Vec<GroupPointView>, CtlError> {
+        let g = self.group(group).await?;
+        let mut points = match self
+            .call(AdminCommand::GroupPoints {
+                group: group.into(),
+            })
+            .await?
+        {
+            AdminReply::GroupPoints(p) => p,
+            other => return Err(unexpected(other)),
+        };
+        for m in &g.members {
+            let held: std::collections::BTreeSet<u64> = match self
+                .call(AdminCommand::Recovery(RecoveryRequest::Points {
+                    machine: m.clone(),
+                }))
+                .await?
+            {
+                AdminReply::Recovery(RecoveryReply::Points(p)) => {
+                    p.points.iter().map(|p| p.seq).collect()
+                }
+                other => return Err(unexpected(other)),
+            };
+            for p in &mut points {
+                if p.members.get(m).is_none_or(|seq| !held.contains(seq)) {
+                    p.pruned.push(m.clone());
+                }
+            }
+        }
+        Ok(points)
+    }
+
+    /// The group point `point` names (`latest`: the newest every member still holds; an id;
+    /// the newest at or before a time).
+    pub async fn group_point(
+        &self,
+        group: &str,
+        point: &PointSpec,
+    ) -> Result<GroupPointView, CtlError> {
+        let points = self.group_points(group).await?;
+        let usable = points.iter().rev().filter(|p| p.pruned.is_empty());
+        let found = match point {
+            PointSpec::Latest => usable.into_iter().next(),
+            PointSpec::Seq(id) => {
+                let p = points.iter().find(|p| p.id == *id).ok_or_else(|| {
+                    CtlError::Refused(format!(
+                        "group {group} has no point {id} (`ctl group recovery-points {group}` lists them)"
+                    ))
+                })?;
+                if !p.pruned.is_empty() {
+                    return Err(CtlError::Refused(format!(
+                        "group point {id} of {group} is no longer held by {}: their journals pruned it",
+                        p.pruned.join(", ")
+                    )));
+                }
+                Some(p)
+            }
+            PointSpec::AtOrBefore { time_ms } => usable.into_iter().find(|p| p.time_ms <= *time_ms),
+            PointSpec::LatestApp => return Err(CtlError::Refused(
+                "group points are crash-consistent cuts: use `latest`, a group point id or a time"
+                    .into(),
+            )),
+        };
+        found.cloned().ok_or_else(|| {
+            CtlError::Refused(format!(
+                "group {group} has no usable point for {point:?} (`ctl group mark {group}` makes one)"
+            ))
+        })
+    }
+
+    /// `ctl group test-failover`: every member's drill at the group point (`export`: each
+    /// member's images in `<export>/<member>/`).
+    pub async fn group_test_failover(
+        &self,
+        group: &str,
+        point: &PointSpec,
+        export: Option<&str>,
+    ) -> Result<GroupDrillView, CtlError> {
+        let point = self.group_point(group, point).await?;
+        let mut members = vec![];
+        for (m, seq) in &point.members {
+            let reply = self
+                .call(AdminCommand::Recovery(RecoveryRequest::TestFailover {
+                    machine: m.clone(),
+                    point: PointSpec::Seq(*seq),
+                    export_dir: export.map(|d| format!("{d}/{m}")),
+                }))
+                .await
+                .map_err(|e| member_error(m, &names(&members), e))?;
+            match reply {
+                AdminReply::Recovery(RecoveryReply::TestFailover(t)) => members.push(t),
+                other => return Err(unexpected(other)),
+            }
+        }
+        Ok(GroupDrillView {
+            group: group.into(),
+            point,
+            members,
+        })
+    }
+
+    /// `ctl group test-failover-cleanup`: every member's drill ends (members without one
+    /// are skipped); the messages.
+    pub async fn group_test_failover_cleanup(&self, group: &str) -> Result<Vec<String>, CtlError> {
+        let g = self.group(group).await?;
+        let mut said = vec![];
+        for m in &g.members {
+            match self
+                .call(AdminCommand::Recovery(
+                    RecoveryRequest::TestFailoverCleanup { machine: m.clone() },
+                ))
+                .await
+            {
+                Ok(AdminReply::Recovery(RecoveryReply::Cleaned(c))) => said.push(c.message),
+                Ok(other) => return Err(unexpected(other)),
+                Err(CtlError::Refused(why)) => said.push(format!("{m}: {why}")),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(said)
+    }
+
+    /// `ctl group failover`: every member fails over to one cut. With `latest` and every
+    /// member's agent up (tap capture) each failover is planned: every write a member
+    /// acknowledged is in its final point, so the final points are one cut and nothing is
+    /// lost. Otherwise every member goes to the group point. Should a planned failover turn
+    /// unplanned meanwhile (its source stopped), every member is moved to the latest group
+    /// point before this returns (the failovers are not committed yet, so that is safe).
+    pub async fn group_failover(
+        &self,
+        group: &str,
+        point: &PointSpec,
+        timeout: Duration,
+    ) -> Result<GroupFailoverView, CtlError> {
+        let g = self.group(group).await?;
+        let status = self.status().await?;
+        let all_up = g.members.iter().all(|m| {
+            status.machines.iter().any(|v| {
+                &v.name == m
+                    && v.capture.as_deref() == Some("tap")
+                    && v.agent_last_seen_ms_ago.is_some_and(|ms| ms < 5_000)
+            })
+        });
+        let mut notes = vec![];
+        let mut target = None;
+        let specs: Vec<(String, PointSpec)> = if *point == PointSpec::Latest && all_up {
+            notes.push("every member's agent is up: planned failovers, no write lost".into());
+            g.members
+                .iter()
+                .map(|m| (m.clone(), PointSpec::Latest))
+                .collect()
+        } else {
+            let p = self.group_point(group, point).await?;
+            let specs = p
+                .members
+                .iter()
+                .map(|(m, s)| (m.clone(), PointSpec::Seq(*s)))
+                .collect();
+            target = Some(p);
+            specs
+        };
+        let mut members = self.each_failover(&specs, timeout).await?;
+        if target.is_none() && members.iter().any(|v| !v.planned) {
+            // One source went away before its final point: the members' points are no
+            // longer one cut. Move every member to the newest group point.
+            let p = self.group_point(group, &PointSpec::Latest).await?;
+            notes.push(format!(
+                "{} failed over unplanned: every member moves to group point {}",
+                members
+                    .iter()
+                    .filter(|v| !v.planned)
+                    .map(|v| v.machine.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                p.id
+            ));
+            let mut moved = vec![];
+            for (m, s) in &p.members {
+                let cmd = AdminCommand::FailoverChangePoint {
+                    machine: m.clone(),
+                    point: PointSpec::Seq(*s),
+                };
+                moved.push(self.failover(m, cmd, timeout, |_| {}).await?);
+            }
+            members = moved;
+            target = Some(p);
+        }
+        Ok(GroupFailoverView {
+            group: group.into(),
+            point: target,
+            members,
+            notes,
+        })
+    }
+
+    async fn each_failover(
+        &self,
+        specs: &[(String, PointSpec)],
+        timeout: Duration,
+    ) -> Result<Vec<FailoverView>, CtlError> {
+        // Every member's failover is started first, so the members' RTOs overlap.
+        for (m, p) in specs {
+            self.call(AdminCommand::Failover {
+                machine: m.clone(),
+                point: p.clone(),
+            })
+            .await
+            .map_err(|e| member_error(m, &[], e))?;
+        }
+        let mut out = vec![];
+        for (m, p) in specs {
+            let cmd = AdminCommand::Failover {
+                machine: m.clone(),
+                point: p.clone(),
+            };
+            out.push(self.failover(m, cmd, timeout, |_| {}).await?);
+        }
+        Ok(out)
+    }
+
+    /// A group step that is one admin command per member (`failover-commit`,
+    /// `failover-cancel`), each reply a failover view.
+    pub async fn group_each(
+        &self,
+        group: &str,
+        cmd: impl Fn(String) -> AdminCommand,
+    ) -> Result<GroupFailoverView, CtlError> {
+        let g = self.group(group).await?;
+        let mut members: Vec<FailoverView> = vec![];
+        for m in &g.members {
+            match self
+                .call(cmd(m.clone()))
+                .await
+                .map_err(|e| member_error(m, &names(&members), e))?
+            {
+                AdminReply::Failover(v) => members.push(*v),
+                other => return Err(unexpected(other)),
+            }
+        }
+        Ok(GroupFailoverView {
+            group: group.into(),
+            members,
+            ..Default::default()
+        })
+    }
+
+    /// `ctl group reprotect` / `group failback`: started for every member, then each waited
+    /// for (they run side by side).
+    pub async fn group_reverse(
+        &self,
+        group: &str,
+        failback: bool,
+        timeout: Duration,
+    ) -> Result<GroupFailoverView, CtlError> {
+        let g = self.group(group).await?;
+        let cmd = |m: &str| match failback {
+            true => AdminCommand::Failback { machine: m.into() },
+            false => AdminCommand::Reprotect { machine: m.into() },
+        };
+        for m in &g.members {
+            self.call(cmd(m))
+                .await
+                .map_err(|e| member_error(m, &[], e))?;
+        }
+        let mut members = vec![];
+        for m in &g.members {
+            members.push(match failback {
+                true => self.failback(m, timeout, |_| {}).await?,
+                false => self.reprotect(m, timeout, |_| {}).await?,
+            });
+        }
+        Ok(GroupFailoverView {
+            group: group.into(),
+            members,
+            ..Default::default()
+        })
+    }
+
     pub async fn close(self) {
         self.conn.close(0u32.into(), b"bye");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.ep.wait_idle()).await;
+    }
+}
+
+fn unexpected(reply: AdminReply) -> CtlError {
+    CtlError::Failed(format!("unexpected reply: {reply:?}"))
+}
+
+/// A group step failed at member `m`: says which members it had reached, keeping the kind.
+fn member_error(m: &str, done: &[&str], e: CtlError) -> CtlError {
+    let reached = if done.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " (done for {}; running the group command again goes on from there)",
+            done.join(", ")
+        )
+    };
+    let text = format!("{m}: {e}{reached}");
+    match e {
+        CtlError::Refused(_) => CtlError::Refused(text),
+        CtlError::Unreachable(_) => CtlError::Unreachable(text),
+        CtlError::Failed(_) => CtlError::Failed(text),
+    }
+}
+
+fn names<T: Named>(done: &[T]) -> Vec<&str> {
+    done.iter().map(Named::name).collect()
+}
+
+trait Named {
+    fn name(&self) -> &str;
+}
+
+impl Named for FailoverView {
+    fn name(&self) -> &str {
+        &self.machine
+    }
+}
+
+impl Named for crate::view::TestFailoverView {
+    fn name(&self) -> &str {
+        &self.machine
     }
 }

@@ -221,6 +221,24 @@ pub struct MarkRequest {
     /// App-consistent: freeze, flush, barrier, thaw.
     pub app: bool,
     pub name: Option<String>,
+    /// A consistency group's cut (`ctl group mark`): once the point is inserted the agent
+    /// holds every write completion until the configuration node releases it
+    /// ([`AgentPollReply::release`]) or this many ms pass, and reports both. 0: no hold.
+    #[serde(default)]
+    pub hold_ms: u32,
+}
+
+/// Where a group cut's hold of write completions stands at the agent (see
+/// [`MarkRequest::hold_ms`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Hold {
+    /// The point is in the stream and no write completes until the release.
+    Holding,
+    /// Released by the configuration node: every member had placed its point meanwhile.
+    Released,
+    /// Released by the agent on its own after `hold_ms`: the cut is not known to be
+    /// consistent.
+    TimedOut,
 }
 
 /// A point the agent made (or could not make) on request or on its app-consistent period.
@@ -242,6 +260,9 @@ pub struct MarkDone {
     pub warnings: Vec<String>,
     /// Why no point was inserted.
     pub error: Option<String>,
+    /// A group cut's hold: `Holding` with the point, then how it ended.
+    #[serde(default)]
+    pub hold: Option<Hold>,
 }
 
 /// A protected disk the agent does not replicate until the operator decides: it shrank, or
@@ -329,6 +350,9 @@ pub struct AgentPollReply {
     /// Failback: the replica equals the disks now; take their hashes as the applied tables.
     #[serde(default)]
     pub rebase: Option<RebaseOrder>,
+    /// Group cuts ([`MarkRequest::id`]s) whose hold of write completions is released.
+    #[serde(default)]
+    pub release: Vec<u64>,
 }
 
 /// Failback's last step at the original site (see `agent/reverse.rs`): the disks equal the
@@ -720,6 +744,33 @@ pub enum AdminCommand {
     Failback {
         machine: String,
     },
+    /// `ctl group create G M…` (and `ctl protect M… --group G`): creates the group or adds
+    /// members to it; answered with `Groups`.
+    GroupAdd {
+        group: String,
+        members: Vec<String>,
+        /// None: the group's period stays (a new group gets the default).
+        point_every_ms: Option<u64>,
+    },
+    /// The members stay protected, each on its own.
+    GroupDelete {
+        group: String,
+    },
+    Groups,
+    /// A group point now (`ctl group mark`): answered with `GroupMarkRequested{id}`.
+    GroupMark {
+        group: String,
+        name: Option<String>,
+    },
+    /// Poll a group point: answered with `GroupMarkState`.
+    GroupMarkState {
+        group: String,
+        id: u64,
+    },
+    /// Every group point kept, oldest first: answered with `GroupPoints`.
+    GroupPoints {
+        group: String,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -780,4 +831,13 @@ pub enum AdminReply {
         done: Option<crate::view::MarkView>,
     },
     Failover(Box<crate::view::FailoverView>),
+    Groups(Vec<crate::view::GroupView>),
+    GroupMarkRequested {
+        id: u64,
+    },
+    /// `done`: every member placed its point and held until all had (None: not yet).
+    GroupMarkState {
+        done: Option<crate::view::GroupPointView>,
+    },
+    GroupPoints(Vec<crate::view::GroupPointView>),
 }

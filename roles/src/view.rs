@@ -7,6 +7,9 @@ pub struct ClusterStatus {
     pub cluster_id: String,
     pub nodes: Vec<NodeView>,
     pub machines: Vec<MachineView>,
+    /// Consistency groups.
+    #[serde(default)]
+    pub groups: Vec<GroupView>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -125,6 +128,9 @@ pub struct MachineView {
     /// The failover under way or done, while the machine is not `protected`.
     #[serde(default)]
     pub failover: Option<FailoverView>,
+    /// The consistency group it is a member of.
+    #[serde(default)]
+    pub group: Option<String>,
 }
 
 /// An enrolment token, without its secret.
@@ -261,4 +267,63 @@ pub struct MarkView {
     /// A freeze that failed or timed out (the point is then crash-consistent), a thaw that
     /// failed.
     pub warnings: Vec<String>,
+}
+
+/// A consistency group (`ctl group list`, `ctl status`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupView {
+    pub name: String,
+    pub members: Vec<String>,
+    /// The members' common recovery state (`protected`, `failed-over`, …), or `mixed: …`
+    /// listing each member's while a group command has reached only some of them.
+    pub state: String,
+    /// 0: group points only on request (`ctl group mark`).
+    pub point_every_ms: u64,
+    /// Group points kept.
+    pub points: u64,
+    pub latest_point: Option<GroupPointView>,
+    /// A cut is being placed now (its id).
+    pub cut_in_progress: Option<u64>,
+    /// Why the last cut was not made, while no later one was.
+    pub last_error: Option<String>,
+}
+
+/// A group recovery point: each member's point, one cut (`ctl group mark`,
+/// `ctl group recovery-points`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupPointView {
+    pub group: String,
+    /// The id to pass to `--point` of the group commands.
+    pub point: String,
+    pub id: u64,
+    pub name: Option<String>,
+    /// The configuration node's clock when the cut was placed (unix ms).
+    pub time_ms: u64,
+    /// Each member's point (its seq, the id `recovery-points M` lists).
+    pub members: std::collections::BTreeMap<String, u64>,
+    /// `group recovery-points`: members whose journal no longer holds their point (pruned
+    /// past retention); such a point cannot be recovered to.
+    #[serde(default)]
+    pub pruned: Vec<String>,
+}
+
+/// `ctl group test-failover`: each member's drill at the group point.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct GroupDrillView {
+    pub group: String,
+    pub point: GroupPointView,
+    pub members: Vec<TestFailoverView>,
+}
+
+/// `ctl group failover` (and the other group steps): each member's failover.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupFailoverView {
+    pub group: String,
+    /// The group point every member failed over to; None when each member's failover was
+    /// planned (every write it acknowledged is in its final point, which is one cut too).
+    pub point: Option<GroupPointView>,
+    pub members: Vec<FailoverView>,
+    /// What the group step did beyond the members' own (e.g. moved every member to the
+    /// group point because one failover turned unplanned).
+    pub notes: Vec<String>,
 }

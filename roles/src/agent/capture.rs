@@ -286,6 +286,15 @@ impl CaptureSink {
         self.agent.report_now.notify_one();
     }
 
+    /// Waits until the configuration node releases group cut `request`'s hold, at most
+    /// `max`; false when it did not in time.
+    pub async fn released(&self, request: u64, max: Duration) -> bool {
+        let mut rx = self.agent.released.subscribe();
+        tokio::time::timeout(max, rx.wait_for(|ids| ids.contains(&request)))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
     /// The agent's freeze and thaw commands, if it has them.
     pub fn hooks(&self) -> Option<super::freeze::Hooks> {
         self.agent.opts.hooks.clone()

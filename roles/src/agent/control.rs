@@ -176,6 +176,18 @@ fn handle_poll_reply(a: &Arc<Agent>, reply: AgentPollReply) -> Result<(), AgentE
         c.read_only = read_only;
     })?;
     handle_marks(a, &reply);
+    a.released.send_if_modified(|ids| {
+        let new: Vec<u64> = reply
+            .release
+            .iter()
+            .filter(|id| !ids.contains(id))
+            .copied()
+            .collect();
+        ids.extend(&new);
+        let over = ids.len().saturating_sub(super::state::RELEASED_MAX);
+        ids.drain(..over);
+        !new.is_empty()
+    });
     if let Some(order) = reply.reverse.clone() {
         super::reverse::offer(a, order);
     }

@@ -28,6 +28,9 @@ pub struct Job {
     pub request: u64,
     pub app: bool,
     pub name: Option<String>,
+    /// A group cut: hold write completions after the point until released, at most this
+    /// long (ms; 0: no hold).
+    pub hold_ms: u32,
 }
 
 /// The marks of one agent process.
@@ -87,6 +90,7 @@ impl MarkBox {
                 request: r.id,
                 app: r.app,
                 name: r.name,
+                hold_ms: r.hold_ms,
             });
         }
         if self.until_due(now) == Some(Duration::ZERO) {
@@ -95,6 +99,7 @@ impl MarkBox {
                 request: 0,
                 app: true,
                 name: None,
+                hold_ms: 0,
             });
         }
         None
@@ -169,6 +174,7 @@ mod tests {
             id,
             app,
             name: name.map(String::from),
+            hold_ms: 0,
         }
     }
 
@@ -183,7 +189,8 @@ mod tests {
             Some(Job {
                 request: 7,
                 app: true,
-                name: Some("x".into())
+                name: Some("x".into()),
+                hold_ms: 0,
             })
         );
         // Still in the next poll reply (not reported yet): not made again.
@@ -219,6 +226,7 @@ mod tests {
             request: 0,
             app: true,
             name: None,
+            hold_ms: 0,
         };
         assert_eq!(b.next(t0 + 2 * s), Some(periodic.clone()));
         assert_eq!(b.next(t0 + 3 * s), None);
@@ -271,6 +279,7 @@ mod tests {
             request: 1,
             app: true,
             name: None,
+            hold_ms: 0,
         };
         let named_app = Job {
             name: Some("before-upgrade".into()),

@@ -162,6 +162,7 @@ pub async fn run_with(opts: AgentOptions, source: Arc<dyn CaptureSource>) -> any
         takes_marks: source.takes_marks(),
         marks: Mutex::new(marks::MarkBox::default()),
         mark_now: Notify::new(),
+        released: watch::Sender::new(vec![]),
         reverse: Mutex::new(Default::default()),
         opts: opts.clone(),
     });

@@ -184,7 +184,13 @@ pub(super) struct Agent {
     pub reverse: Mutex<super::reverse::ReverseState>,
     /// A mark was queued, or the app-consistent period changed.
     pub mark_now: Notify,
+    /// Group cuts (mark request ids) whose hold the configuration node released, newest
+    /// last, at most [`RELEASED_MAX`].
+    pub released: watch::Sender<Vec<u64>>,
 }
+
+/// Released group cuts remembered (a hold waits for its id to appear here).
+pub const RELEASED_MAX: usize = 64;
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())

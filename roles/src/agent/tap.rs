@@ -60,7 +60,7 @@ use super::marks::{self, Job};
 use super::state::lock;
 use crate::{
     fsutil::unix_ms,
-    proto::{MarkDone, PointKind},
+    proto::{Hold, MarkDone, PointKind},
 };
 
 /// An open batch is closed (numbered into the stream) when it holds this many bytes…
@@ -656,21 +656,54 @@ async fn make_point(
     let (kind, warning) = marks::point_kind(&job, freeze.as_ref());
     let mut warnings: Vec<String> = warning.into_iter().collect();
     let time_ms = unix_ms();
+    let mut o = shared.order.lock().await;
     let made: Result<Option<(u64, PointKind)>, String> = async {
-        let mut o = shared.order.lock().await;
         if !sink.current(generation) {
             return Err("the protection was reset".to_string());
         }
-        shared
-            .sync_all()
-            .await
-            .map_err(|e| format!("flushing the disks failed: {e}"))?;
+        // A group cut's point is crash-consistent: the stream carries the data, and the
+        // hold (every write completion waits) should be short.
+        if job.hold_ms == 0 {
+            shared
+                .sync_all()
+                .await
+                .map_err(|e| format!("flushing the disks failed: {e}"))?;
+        }
         shared
             .point(&mut o, kind, job.name.clone())
             .await
             .map_err(|e| e.to_string())
     }
     .await;
+    let mut hold = None;
+    if let (Ok(Some((seq, kind))), true) = (&made, job.hold_ms > 0) {
+        // A group cut: say the point is placed, then keep the order lock (no write is
+        // acknowledged) until every member has placed its point, or the bound.
+        sink.mark_done(MarkDone {
+            request: job.request,
+            name: job.name.clone(),
+            time_ms,
+            seq: Some(*seq),
+            kind: Some(*kind),
+            hold: Some(Hold::Holding),
+            ..Default::default()
+        });
+        let bound = Duration::from_millis(job.hold_ms as u64);
+        let released = sink.released(job.request, bound).await;
+        if !released {
+            tracing::warn!(
+                request = job.request,
+                "group cut not released within {} ms: writes complete again; the cut is discarded",
+                job.hold_ms
+            );
+        }
+        hold = Some(if released {
+            Hold::Released
+        } else {
+            Hold::TimedOut
+        });
+    }
+    drop(o);
     if frozen {
         let h = hooks.as_ref().expect("frozen");
         if let Err(e) = freeze::run(&h.thaw, h.timeout).await {
@@ -684,6 +717,7 @@ async fn make_point(
         name: job.name,
         time_ms,
         warnings,
+        hold,
         ..Default::default()
     };
     match made {

@@ -138,6 +138,7 @@ impl ConfigService {
             (Some(Request::AgentPoll(q)), Response::AgentPoll(r)) => {
                 r.sync_request.is_none()
                     && r.marks.is_empty()
+                    && r.release.is_empty()
                     && r.generation.0 == q.known_generation
             }
             (Some(Request::NodePoll(q)), Response::NodePoll(r)) => q.version == r.version,
@@ -224,6 +225,7 @@ impl ConfigActor {
         let core = ConfigCore::with_seed(meta, loaded.nodes, loaded.machines, rand::random())
             .with_tokens(loaded.tokens)
             .with_retired(loaded.retired)
+            .with_groups(loaded.groups)
             .with_failure_timeout(failure_timeout)
             .with_policy(policy);
         Ok(ConfigParts { core, store, ca })
@@ -243,6 +245,9 @@ impl Actor for ConfigActor {
         // Failover, draining and rebalancing are judged once a second.
         ctx.run_interval(std::time::Duration::from_secs(1), |act, ctx| {
             let persist = act.core.handle_tick(Instant::now());
+            if act.core.take_wake() {
+                act.events.notify_waiters();
+            }
             if persist.is_empty() {
                 return;
             }
@@ -315,6 +320,9 @@ impl Handler<HandleRequest> for ConfigActor {
                         | AdminCommand::Events
                         | AdminCommand::SyncState { .. }
                         | AdminCommand::MarkState { .. }
+                        | AdminCommand::Groups
+                        | AdminCommand::GroupMarkState { .. }
+                        | AdminCommand::GroupPoints { .. }
                 );
                 let (r, p) = self
                     .core
@@ -355,6 +363,9 @@ impl Handler<HandleRequest> for ConfigActor {
             let e = format!("state store write failed: {e}");
             tracing::error!("{e}");
             return MessageResult(refused(e));
+        }
+        if self.core.take_wake() {
+            self.events.notify_waiters();
         }
         MessageResult(response)
     }

@@ -215,6 +215,7 @@ impl ConfigCore {
             .collect();
         pending.dedup();
         let mut persist = vec![Persist::DeleteMachine(machine.to_string())];
+        persist.extend(self.leave_group(machine));
         let replica = m.master_target.clone();
         if m.epoch != Epoch(0) || !pending.is_empty() {
             // A retirement still pending from an earlier forget of the name is merged.

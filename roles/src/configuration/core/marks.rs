@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::{refused, ConfigCore, Outcome};
-use crate::proto::{AdminReply, MarkDone, MarkRequest, Response};
+use crate::proto::{AdminReply, Hold, MarkDone, MarkRequest, Response};
 use crate::view::{EventView, MarkView};
 
 /// Marks of one machine waiting for its agent; more are refused.
@@ -88,15 +88,33 @@ impl ConfigCore {
             ));
         }
         self.next_mark += 1;
-        marks
-            .pending
-            .push_back((now, MarkRequest { id, app, name }));
+        marks.pending.push_back((
+            now,
+            MarkRequest {
+                id,
+                app,
+                name,
+                hold_ms: 0,
+            },
+        ));
         (Response::Admin(AdminReply::MarkRequested { id }), vec![])
     }
 
     /// A named point for the orchestration (a planned failover's final point), queued like
     /// `ctl mark`; None when the machine's queue is full (the caller asks again later).
     pub(super) fn queue_mark(&mut self, now: Instant, machine: &str, name: &str) -> Option<u64> {
+        self.queue_held_mark(now, machine, name, 0)
+    }
+
+    /// A named point whose agent then holds write completions up to `hold_ms` (a group cut;
+    /// 0: no hold); None when the machine's queue is full.
+    pub(super) fn queue_held_mark(
+        &mut self,
+        now: Instant,
+        machine: &str,
+        name: &str,
+        hold_ms: u32,
+    ) -> Option<u64> {
         let id = self.next_mark;
         let marks = self.marks.entry(machine.to_string()).or_default();
         marks.expire(now);
@@ -110,6 +128,7 @@ impl ConfigCore {
                 id,
                 app: false,
                 name: Some(name.to_string()),
+                hold_ms,
             },
         ));
         Some(id)
@@ -171,6 +190,11 @@ impl ConfigCore {
             .map(|m| m.generation.0)
             .unwrap_or(0);
         let mut events = vec![];
+        // A group cut's reports first (its hold's release is not a new point).
+        let seen = self.marks.get(machine).map_or(0, |m| m.seen);
+        for d in done.iter().filter(|d| d.id > seen && d.request != 0) {
+            self.cut_report(machine, d);
+        }
         {
             let marks = self.marks.entry(machine.to_string()).or_default();
             marks.expire(now);
@@ -179,6 +203,9 @@ impl ConfigCore {
                     continue;
                 }
                 marks.seen = d.id;
+                if matches!(d.hold, Some(Hold::Released | Hold::TimedOut)) {
+                    continue;
+                }
                 let what = match (d.request, &d.name) {
                     (0, _) => "the periodic app-consistent point".to_string(),
                     (_, Some(n)) => format!("point {n:?}"),

@@ -70,6 +70,12 @@ pub struct ConfigCore {
     retired: BTreeMap<String, RetiredRecord>,
     /// Agent processes seen reporting for each machine (see `enrolment::Sighting`).
     sightings: HashMap<String, Vec<enrolment::Sighting>>,
+    /// Consistency groups by name, and their cuts under way (see `groups.rs`).
+    groups: BTreeMap<String, haven_cluster::GroupRecord>,
+    cuts: groups::Cuts,
+    /// Something agents wait for changed outside an admin request (a cut's release): the
+    /// service wakes the long polls (see [`ConfigCore::take_wake`]).
+    wake: bool,
     /// Secrets, enrolment ids and the initial version/barrier numbers come from here: seeded
     /// from the OS at startup, fixed in tests.
     rng: StdRng,
@@ -82,6 +88,8 @@ pub mod enrolment;
 pub mod marks;
 
 pub mod failover;
+
+pub mod groups;
 
 pub type Outcome = (Response, Vec<Persist>);
 
@@ -114,6 +122,11 @@ impl ConfigCore {
         let next_barrier = (rng.gen::<u32>() as u64) << 24 | 1;
         // Likewise mark ids: an agent makes each id's point once.
         let next_mark = (rng.gen::<u32>() as u64) << 24 | 1;
+        // And cut ids: `ctl group mark` polls one by id.
+        let cuts = groups::Cuts {
+            next_id: (rng.gen::<u32>() as u64) << 24,
+            ..Default::default()
+        };
         Self {
             meta,
             nodes: nodes.into_iter().map(|n| (n.name.clone(), n)).collect(),
@@ -139,8 +152,22 @@ impl ConfigCore {
             tokens: BTreeMap::new(),
             retired: BTreeMap::new(),
             sightings: HashMap::new(),
+            groups: BTreeMap::new(),
+            cuts,
+            wake: false,
             rng,
         }
+    }
+
+    pub fn with_groups(mut self, groups: Vec<haven_cluster::GroupRecord>) -> Self {
+        self.groups = groups.into_iter().map(|g| (g.name.clone(), g)).collect();
+        self
+    }
+
+    /// Whether agents' long polls must be answered again now (a group cut's release was
+    /// decided while handling a poll or a tick); cleared by asking.
+    pub fn take_wake(&mut self) -> bool {
+        std::mem::take(&mut self.wake)
     }
 
     pub fn with_tokens(mut self, tokens: Vec<TokenRecord>) -> Self {
@@ -328,6 +355,9 @@ impl ConfigCore {
         }
         if !report.marks_done.is_empty() {
             self.handle_marks_done(now, machine, &report.marks_done);
+            let (p, woke) = self.advance_cuts(now);
+            persist.extend(p);
+            self.wake |= woke;
         }
         if let Some(done) = &report.reverse_done {
             persist.extend(self.handle_reverse_done(now, machine, done));
@@ -379,6 +409,7 @@ impl ConfigCore {
             read_only: Self::read_only_reason(m),
             reverse: self.reverse_order(m),
             rebase: Self::rebase_order(m),
+            release: self.released_for(now, machine),
         };
         (Response::AgentPoll(reply), persist)
     }
@@ -529,6 +560,7 @@ impl ConfigCore {
                 cluster_id: self.meta.cluster_id.clone(),
                 nodes: self.node_views(now),
                 machines: self.machine_views(now, now_ms),
+                groups: self.group_views(),
             }),
             AdminCommand::Nodes => AdminReply::Nodes(self.node_views(now)),
             AdminCommand::Machines => AdminReply::Machines(self.machine_views(now, now_ms)),
@@ -570,6 +602,26 @@ impl ConfigCore {
             }
             AdminCommand::Reprotect { machine } => return self.reprotect(now, now_ms, &machine),
             AdminCommand::Failback { machine } => return self.failback(now, now_ms, &machine),
+            AdminCommand::GroupAdd {
+                group,
+                members,
+                point_every_ms,
+            } => return self.group_add(&group, &members, point_every_ms),
+            AdminCommand::GroupDelete { group } => return self.group_delete(&group),
+            AdminCommand::Groups => AdminReply::Groups(self.group_views()),
+            AdminCommand::GroupMark { group, name } => {
+                return self.request_group_mark(now, &group, name)
+            }
+            AdminCommand::GroupMarkState { group, id } => return self.group_mark_state(&group, id),
+            AdminCommand::GroupPoints { group } => match self.groups.get(&group) {
+                None => return refused(format!("no group named {group:?}")),
+                Some(g) => AdminReply::GroupPoints(
+                    g.points
+                        .iter()
+                        .map(|p| groups::point_view(&group, p))
+                        .collect(),
+                ),
+            },
             AdminCommand::RequestSync { machine } => {
                 match self.machines.get(&machine) {
                     None => return refused(format!("no machine named {machine:?}")),
@@ -1003,6 +1055,7 @@ impl ConfigCore {
             test_failover: points.and_then(|p| p.test_failover.clone()),
             recovery_state: m.recovery.name().to_string(),
             failover,
+            group: self.group_of(&m.name),
         }
     }
 }

@@ -211,6 +211,10 @@ impl ConfigCore {
         if self.policy.auto {
             persist.extend(self.rebalance_pass(now).into_iter().map(|(p, _)| p));
         }
+        self.periodic_cuts(now);
+        let (p, woke) = self.advance_cuts(now);
+        persist.extend(p);
+        self.wake |= woke;
         persist
     }
 

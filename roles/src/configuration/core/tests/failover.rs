@@ -156,7 +156,8 @@ fn a_planned_failover_quiesces_the_source_drains_then_orders_the_master_target()
         vec![MarkRequest {
             id: mark,
             app: false,
-            name: Some(FINAL_POINT_NAME.into())
+            name: Some(FINAL_POINT_NAME.into()),
+            hold_ms: 0,
         }]
     );
     // Nobody is told to serve yet; the process server still ships.

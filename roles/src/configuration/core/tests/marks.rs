@@ -75,6 +75,7 @@ fn a_mark_reaches_the_agent_until_it_reports_the_point() {
         id,
         app: true,
         name: Some("before-upgrade".into()),
+        hold_ms: 0,
     }];
     let (reply, _) = agent_reply(c.agent_poll(SEC, "web", tap_stats(), None));
     assert_eq!(reply.marks, expected);

@@ -2257,4 +2257,5 @@ fn a_held_node_poll_does_not_keep_a_dead_node_alive() {
     assert!(!ps.alive, "a held re-ask is not a sign of life");
 }
 mod failover;
+mod groups;
 mod marks;
