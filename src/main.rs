@@ -960,7 +960,7 @@ async fn ctl_protect(
     if json {
         println!(
             "{}",
-            serde_json::json!({"ok": true, "messages": said, "groups": groups})
+            serde_json::json!({"ok": true, "message": said.join("; "), "messages": said, "groups": groups})
         );
     } else {
         said.iter().for_each(|m| println!("{m}"));

@@ -1805,6 +1805,7 @@ fn a_discovered_machine_view() {
             "test_failover": null,
             "recovery_state": "protected",
             "failover": null,
+            "group": null,
         })
     );
 }
@@ -1885,6 +1886,7 @@ fn initial_sync_then_replicating_with_counters_from_agent_and_nodes() {
             "test_failover": null,
             "recovery_state": "protected",
             "failover": null,
+            "group": null,
         })
     };
     assert_eq!(
