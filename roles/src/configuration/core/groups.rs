@@ -137,10 +137,12 @@ impl ConfigCore {
                 "--point-every {p}ms is too short: group points are at least 1s apart"
             ));
         }
-        let g = self
+        // Changed on a copy: a refusal leaves the group as it was.
+        let mut g = self
             .groups
-            .entry(group.to_string())
-            .or_insert_with(|| GroupRecord {
+            .get(group)
+            .cloned()
+            .unwrap_or_else(|| GroupRecord {
                 name: group.to_string(),
                 point_every_ms: haven_cluster::GROUP_POINT_EVERY_MS,
                 next_point: 1,
@@ -152,25 +154,23 @@ impl ConfigCore {
             }
         }
         if g.members.len() > GROUP_MEMBERS_MAX {
-            let n = g.members.len();
-            // Undo: nothing was persisted yet.
-            g.members.retain(|x| !members.contains(x));
             return refused(format!(
-                "a group has at most {GROUP_MEMBERS_MAX} members ({n} asked)"
+                "a group has at most {GROUP_MEMBERS_MAX} members ({} asked)",
+                g.members.len()
             ));
         }
         if let Some(p) = point_every_ms {
             g.point_every_ms = p;
         }
-        let record = g.clone();
+        self.groups.insert(group.to_string(), g.clone());
         (
             Response::Admin(AdminReply::Groups(vec![self.group_view(group)])),
-            vec![Persist::Group(record)],
+            vec![Persist::Group(g)],
         )
     }
 
     /// `ctl group delete G`: its points go; the members stay protected on their own.
-    pub(super) fn group_delete(&mut self, group: &str) -> Outcome {
+    pub(super) fn group_delete(&mut self, now: Instant, group: &str) -> Outcome {
         if self.groups.remove(group).is_none() {
             return refused(format!("no group named {group:?}"));
         }
@@ -182,7 +182,7 @@ impl ConfigCore {
             .map(|c| c.id)
             .collect();
         for id in ids {
-            self.end_cut(Instant::now(), id, Err("the group was deleted".into()));
+            self.end_cut(now, id, Err("the group was deleted".into()));
         }
         (
             Response::Admin(AdminReply::Done {

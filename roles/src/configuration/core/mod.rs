@@ -607,7 +607,7 @@ impl ConfigCore {
                 members,
                 point_every_ms,
             } => return self.group_add(&group, &members, point_every_ms),
-            AdminCommand::GroupDelete { group } => return self.group_delete(&group),
+            AdminCommand::GroupDelete { group } => return self.group_delete(now, &group),
             AdminCommand::Groups => AdminReply::Groups(self.group_views()),
             AdminCommand::GroupMark { group, name } => {
                 return self.request_group_mark(now, &group, name)

@@ -3,7 +3,7 @@
 //! fails (a member releasing on its own, a member making no point or a not-consistent one,
 //! a member that never answers), refusals, the period, and the records persisted. Explicit
 //! `now`, exact outcomes, no I/O.
-use crate::configuration::core::groups::{CUT_GRACE, CUT_HOLD_MS};
+use crate::configuration::core::groups::{CUT_GRACE, CUT_HOLD_MS, GROUP_MEMBERS_MAX};
 use crate::proto::Hold;
 use crate::view::{GroupPointView, GroupView};
 use haven_cluster::{GroupPoint, GroupRecord};
@@ -492,6 +492,24 @@ fn a_group_cuts_itself_on_its_period_and_its_points_survive_a_restart() {
                 [("db".to_string(), 7), ("web".to_string(), 100)].into()
             );
         }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_refused_add_leaves_the_group_as_it_was() {
+    let names: Vec<String> = (0..=GROUP_MEMBERS_MAX).map(|i| format!("m{i}")).collect();
+    let mut c = Cluster::new(vec![], names.iter().map(|n| discovered(n)).collect());
+    let first: Vec<&str> = vec![names[0].as_str()];
+    assert_eq!(add(&mut c, "big", &first, None).1.len(), 1);
+    // One member too many (the first again, and every other): refused, nothing changes.
+    let all: Vec<&str> = names.iter().map(String::as_str).collect();
+    refused_containing(add(&mut c, "big", &all, None), "at most 64 members");
+    assert_eq!(group(&mut c, SEC).members, vec![names[0].clone()]);
+    // A new group refused is not created.
+    refused_containing(add(&mut c, "other", &all[1..], Some(10)), "too short");
+    match c.admin(SEC, AdminCommand::Groups) {
+        (Response::Admin(AdminReply::Groups(g)), _) => assert_eq!(g.len(), 1),
         other => panic!("{other:?}"),
     }
 }
