@@ -375,12 +375,13 @@ pub fn print_groups(groups: &[haven_roles::view::GroupView]) {
     }
 }
 
+/// A point's name as the point lines show it: ` "name"`, or nothing.
+pub fn name_text(name: Option<&str>) -> String {
+    name.map(|n| format!(" {n:?}")).unwrap_or_default()
+}
+
 pub fn print_group_point(p: &haven_roles::view::GroupPointView) {
-    let name = p
-        .name
-        .as_ref()
-        .map(|n| format!(" {n:?}"))
-        .unwrap_or_default();
+    let name = name_text(p.name.as_deref());
     println!(
         "group {}: point {}{name} at {}, one cut across {} members",
         p.group,

@@ -668,12 +668,9 @@ async fn ctl_command(admin: &ctl::Admin, json: bool, command: CtlCommand) -> Exi
             point,
             export,
         } => {
-            let export_dir = match export.map(|d| std::path::absolute(&d)).transpose() {
-                Ok(d) => d.map(|d| d.display().to_string()),
-                Err(e) => {
-                    eprintln!("error: --export: {e}");
-                    return ExitCode::from(2);
-                }
+            let export_dir = match absolute_export(export) {
+                Ok(d) => d,
+                Err(code) => return code,
             };
             AdminCommand::Recovery(RecoveryRequest::TestFailover {
                 machine,
@@ -969,6 +966,17 @@ async fn ctl_protect(
     ExitCode::SUCCESS
 }
 
+/// `--export DIR` as an absolute path: the master target writes there, from its own cwd.
+fn absolute_export(dir: Option<PathBuf>) -> Result<Option<String>, ExitCode> {
+    match dir.map(|d| std::path::absolute(&d)).transpose() {
+        Ok(d) => Ok(d.map(|d| d.display().to_string())),
+        Err(e) => {
+            eprintln!("error: --export: {e}");
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
 fn ctl_fail(e: ctl::CtlError) -> ExitCode {
     eprintln!("error: {e}");
     ExitCode::from(e.exit_code())
@@ -1032,12 +1040,9 @@ async fn ctl_group(admin: &ctl::Admin, json: bool, command: GroupCommand) -> Exi
             point,
             export,
         } => {
-            let export = match export.map(|d| std::path::absolute(&d)).transpose() {
-                Ok(d) => d.map(|d| d.display().to_string()),
-                Err(e) => {
-                    eprintln!("error: --export: {e}");
-                    return ExitCode::from(2);
-                }
+            let export = match absolute_export(export) {
+                Ok(d) => d,
+                Err(code) => return code,
             };
             match admin
                 .group_test_failover(&group, &point, export.as_deref())
@@ -1123,11 +1128,7 @@ async fn ctl_mark(
             if json {
                 println!("{}", serde_json::to_string_pretty(&p).unwrap_or_default());
             } else {
-                let name = p
-                    .name
-                    .as_ref()
-                    .map(|n| format!(" {n:?}"))
-                    .unwrap_or_default();
+                let name = ctl::name_text(p.name.as_deref());
                 println!(
                     "{machine}: {} point{name} at seq {} (point id {})",
                     p.kind, p.seq, p.point

@@ -215,23 +215,20 @@ impl Admin {
         else {
             return Err(CtlError::Failed("unexpected reply to a mark".into()));
         };
-        loop {
+        let machine = machine.to_string();
+        poll_until(deadline, Duration::from_millis(100), || async {
             match self
                 .call(AdminCommand::MarkState {
-                    machine: machine.into(),
+                    machine: machine.clone(),
                     id,
                 })
                 .await?
             {
-                AdminReply::MarkState { done: Some(p) } => return Ok(Some(p)),
-                AdminReply::MarkState { done: None } => {}
-                other => return Err(CtlError::Failed(format!("unexpected reply: {other:?}"))),
+                AdminReply::MarkState { done } => Ok(done),
+                other => Err(unexpected(other)),
             }
-            if Instant::now() >= deadline {
-                return Ok(None);
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        })
+        .await
     }
 
     /// `ctl failover` / `failover-change-point` (`cmd`), then its progress until the master
@@ -347,7 +344,7 @@ impl Admin {
         else {
             return Err(CtlError::Failed("unexpected reply to a group mark".into()));
         };
-        loop {
+        poll_until(deadline, Duration::from_millis(50), || async {
             match self
                 .call(AdminCommand::GroupMarkState {
                     group: group.into(),
@@ -355,15 +352,11 @@ impl Admin {
                 })
                 .await?
             {
-                AdminReply::GroupMarkState { done: Some(p) } => return Ok(Some(p)),
-                AdminReply::GroupMarkState { done: None } => {}
-                other => return Err(unexpected(other)),
+                AdminReply::GroupMarkState { done } => Ok(done),
+                other => Err(unexpected(other)),
             }
-            if Instant::now() >= deadline {
-                return Ok(None);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await
     }
 
     /// `ctl group recovery-points`: every group point kept, oldest first, each marked with
@@ -649,6 +642,27 @@ impl Admin {
     pub async fn close(self) {
         self.conn.close(0u32.into(), b"bye");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.ep.wait_idle()).await;
+    }
+}
+
+/// Asks `ask` every `pause` until it answers `Some` or `deadline` passes (`Ok(None)`).
+async fn poll_until<T, F, Fut>(
+    deadline: Instant,
+    pause: Duration,
+    mut ask: F,
+) -> Result<Option<T>, CtlError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>, CtlError>>,
+{
+    loop {
+        if let Some(v) = ask().await? {
+            return Ok(Some(v));
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        tokio::time::sleep(pause).await;
     }
 }
 
