@@ -152,6 +152,22 @@ pub fn fire(machine: &str, fault: Fault) {
     tracing::warn!(%machine, ?fault, "{ENV}: injecting a stream fault on purpose");
 }
 
+/// `HAVEN_FAULT_MARK_DELAY_MS=<ms>`: the agent waits this long before it places a requested
+/// point (a slow member of a group cut, for the groups test; the hold must cover the skew).
+/// Debug builds only.
+pub const MARK_DELAY_ENV: &str = "HAVEN_FAULT_MARK_DELAY_MS";
+
+/// The delay [`MARK_DELAY_ENV`] asks for (read once; none in release builds).
+pub fn mark_delay() -> Option<std::time::Duration> {
+    static DELAY: OnceLock<Option<u64>> = OnceLock::new();
+    if !cfg!(debug_assertions) {
+        return None;
+    }
+    DELAY
+        .get_or_init(|| std::env::var(MARK_DELAY_ENV).ok()?.parse().ok())
+        .map(std::time::Duration::from_millis)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -656,6 +656,10 @@ async fn make_point(
     let (kind, warning) = marks::point_kind(&job, freeze.as_ref());
     let mut warnings: Vec<String> = warning.into_iter().collect();
     let time_ms = unix_ms();
+    if let Some(d) = crate::faults::mark_delay() {
+        tracing::warn!(?d, "fault injection: the point waits");
+        tokio::time::sleep(d).await;
+    }
     let mut o = shared.order.lock().await;
     let made: Result<Option<(u64, PointKind)>, String> = async {
         if !sink.current(generation) {

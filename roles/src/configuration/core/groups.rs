@@ -553,14 +553,20 @@ impl ConfigCore {
     /// Periodic group points: a cut of each group whose period is due (a group that cannot
     /// be cut now says why in `last_error`, and is tried again next period).
     pub(super) fn periodic_cuts(&mut self, now: Instant) {
+        // The first periodic cut comes one period after this core first sees the group (a
+        // new group's members are often still in their initial sync).
+        for g in self.groups.keys() {
+            if !self.cuts.last_started.contains_key(g) {
+                self.cuts.last_started.insert(g.clone(), now);
+            }
+        }
         let due: Vec<String> = self
             .groups
             .values()
             .filter(|g| g.point_every_ms > 0 && !g.members.is_empty())
             .filter(|g| {
-                self.cuts.last_started.get(&g.name).is_none_or(|&t| {
-                    now.duration_since(t) >= Duration::from_millis(g.point_every_ms)
-                })
+                let last = self.cuts.last_started[&g.name];
+                now.duration_since(last) >= Duration::from_millis(g.point_every_ms)
             })
             .map(|g| g.name.clone())
             .collect();

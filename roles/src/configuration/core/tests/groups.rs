@@ -442,34 +442,43 @@ fn membership_is_checked_and_persisted() {
 fn a_group_cuts_itself_on_its_period_and_its_points_survive_a_restart() {
     let mut c = shop();
     add(&mut c, "shop", &[], Some(60_000));
-    c.core.handle_tick(c.t0 + SEC);
-    let (web, db) = asked(&mut c, SEC);
-    let (r, _) = poll(&mut c, 2 * SEC, "web", vec![holding(web, 1, 100)]);
+    // The period counts from when the core first sees the group: nothing at once.
+    c.core.handle_tick(c.t0);
+    let (r, _) = poll(&mut c, SEC, "web", vec![]);
     assert_eq!(r.marks, vec![]);
-    poll(&mut c, 2 * SEC, "db", vec![holding(db, 1, 7)]);
+    c.core.handle_tick(c.t0 + 61 * SEC);
+    let (web, db) = asked(&mut c, 61 * SEC);
+    let (r, _) = poll(&mut c, 62 * SEC, "web", vec![holding(web, 1, 100)]);
+    assert_eq!(r.marks, vec![]);
+    poll(&mut c, 62 * SEC, "db", vec![holding(db, 1, 7)]);
     poll(
         &mut c,
-        2 * SEC,
+        62 * SEC,
         "web",
         vec![ended(web, 2, 100, Hold::Released)],
     );
-    let (_, p) = poll(&mut c, 2 * SEC, "db", vec![ended(db, 2, 7, Hold::Released)]);
+    let (_, p) = poll(
+        &mut c,
+        62 * SEC,
+        "db",
+        vec![ended(db, 2, 7, Hold::Released)],
+    );
     // The period counts from the start of the last cut: no second one meanwhile.
-    c.core.handle_tick(c.t0 + 30 * SEC);
-    assert_eq!(group(&mut c, 30 * SEC).cut_in_progress, None);
+    c.core.handle_tick(c.t0 + 90 * SEC);
+    assert_eq!(group(&mut c, 90 * SEC).cut_in_progress, None);
     let Some(Persist::Group(record)) = p.first().cloned() else {
         panic!("{p:?}")
     };
     assert_eq!(record.points.len(), 1);
     assert_eq!(record.points[0].name, None);
-    c.core.handle_tick(c.t0 + 62 * SEC);
-    let (r, _) = poll(&mut c, 62 * SEC, "web", vec![]);
+    c.core.handle_tick(c.t0 + 122 * SEC);
+    let (r, _) = poll(&mut c, 122 * SEC, "web", vec![]);
     assert_eq!(r.marks.len(), 1, "the next period's cut");
     assert_eq!(
         r.marks[0].name.as_deref(),
         Some(&*format!(
             "group shop cut {}",
-            group(&mut c, 62 * SEC).cut_in_progress.unwrap()
+            group(&mut c, 122 * SEC).cut_in_progress.unwrap()
         ))
     );
 
