@@ -1499,6 +1499,18 @@ impl Extents {
         out
     }
 
+    /// The covered ranges, in order, adjacent ones merged.
+    fn ranges(&self) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (&s, &(e, _)) in &self.map {
+            match out.last_mut() {
+                Some((_, end)) if *end >= s => *end = (*end).max(e),
+                _ => out.push((s, e)),
+            }
+        }
+        out
+    }
+
     /// Gives `value` to the parts of `[start, end)` no extent covers (the oldest stays).
     fn fill_gaps(&mut self, start: u64, end: u64, value: usize) {
         for (s, e, v) in self.pieces(start, end) {
@@ -1688,6 +1700,25 @@ impl View {
         }
         st.catch_up(&idx, self.point);
         st.size(&idx, disk as usize)
+    }
+
+    /// The byte ranges of `disk` that records after the point overwrote, in order: outside
+    /// them the image holds the point's bytes. None if the disk was resized after the point
+    /// (then its end is not covered by records, and all of it must be compared).
+    pub fn changed(&self, disk: u16) -> io::Result<Option<Vec<(u64, u64)>>> {
+        let mut st = self.lock();
+        let idx = self.shared.read();
+        if idx.closed {
+            return Err(closed());
+        }
+        st.catch_up(&idx, self.point);
+        let d = disk as usize;
+        if st.size_at.get(d).is_some_and(|s| s.is_some()) {
+            return Ok(None);
+        }
+        Ok(Some(
+            st.maps.get(d).map(Extents::ranges).unwrap_or_default(),
+        ))
     }
 
     /// Reads the disk as of the point at `offset` into `buf` (`image` is the disk's replica

@@ -37,6 +37,11 @@ pub trait DiskView: Send + Sync + 'static {
     fn size(&self, disk: u16) -> io::Result<u64>;
     /// Fills `buf` with the view's bytes at `offset` (within the disk's size).
     fn read_at(&self, disk: u16, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// The byte ranges where the replica's image may differ from the view, in order; None if
+    /// this is not tracked (then all of the disk may).
+    fn changed(&self, _disk: u16) -> io::Result<Option<Vec<(u64, u64)>>> {
+        Ok(None)
+    }
 }
 
 /// The drill's record on disk.
@@ -236,6 +241,26 @@ impl CowDisk {
         Ok(())
     }
 
+    /// The 4 KiB-aligned ranges where this disk may differ from the replica's image: the
+    /// blocks written here (the overlay's bitmap) and those the replica overwrote after the
+    /// point (the view's journal records). None where that is not tracked (a resize since
+    /// the point): then all of the disk may differ. Outside the ranges both are the point's
+    /// bytes, which is what lets a failback compare only them.
+    pub fn differs_from_replica(&self) -> io::Result<Option<Vec<(u64, u64)>>> {
+        let Some(replica) = self.view.changed(self.disk)? else {
+            return Ok(None);
+        };
+        let mut ranges: Vec<(u64, u64)> = replica
+            .into_iter()
+            .map(|(s, e)| (s / BLOCK * BLOCK, e.div_ceil(BLOCK) * BLOCK))
+            .collect();
+        {
+            let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+            ranges.extend(bit_runs(&map).map(|(s, e)| (s * BLOCK, e * BLOCK)));
+        }
+        Ok(Some(merge_ranges(ranges, self.size)))
+    }
+
     /// Makes the drill's writes so far durable: the overlay, then its bitmap.
     fn sync(&self) -> io::Result<()> {
         self.overlay.sync_data()?;
@@ -294,6 +319,48 @@ impl Backend for CowDisk {
             Ok(())
         })
     }
+}
+
+/// The runs `[first, end)` of set bits in `map`.
+fn bit_runs(map: &[u64]) -> impl Iterator<Item = (u64, u64)> + '_ {
+    let mut b = 0u64;
+    let bits = map.len() as u64 * 64;
+    std::iter::from_fn(move || {
+        while b < bits {
+            let w = map[(b / 64) as usize];
+            if w == 0 && b % 64 == 0 {
+                b += 64;
+                continue;
+            }
+            if w & (1 << (b % 64)) == 0 {
+                b += 1;
+                continue;
+            }
+            let start = b;
+            while b < bits && map[(b / 64) as usize] & (1 << (b % 64)) != 0 {
+                b += 1;
+            }
+            return Some((start, b));
+        }
+        None
+    })
+}
+
+/// `ranges` sorted, overlapping and adjacent ones merged, clipped to `size`.
+pub fn merge_ranges(mut ranges: Vec<(u64, u64)>, size: u64) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (s, e) in ranges {
+        let (s, e) = (s.min(size), e.min(size));
+        if s >= e {
+            continue;
+        }
+        match out.last_mut() {
+            Some((_, end)) if *end >= s => *end = (*end).max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
 }
 
 /// Writes `disk` of `view` as a sparse raw image at `path` (all-zero blocks stay holes).
@@ -374,6 +441,55 @@ mod tests {
         let cow = CowDisk::open(view.clone(), 0, dir.path(), "d0").unwrap();
         assert_eq!(cow.read(0, 64 * 1024).await.unwrap(), want);
         assert_eq!(cow.overlay_bytes(), 3 * BLOCK);
+    }
+
+    /// A view whose replica changed in `changed` since its point.
+    struct Changed(Mem, Option<Vec<(u64, u64)>>);
+    impl DiskView for Changed {
+        fn size(&self, disk: u16) -> io::Result<u64> {
+            self.0.size(disk)
+        }
+        fn read_at(&self, disk: u16, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+            self.0.read_at(disk, offset, buf)
+        }
+        fn changed(&self, _disk: u16) -> io::Result<Option<Vec<(u64, u64)>>> {
+            Ok(self.1.clone())
+        }
+    }
+
+    #[tokio::test]
+    async fn the_failback_compares_the_overlay_and_the_replica_changes_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let d: Vec<u8> = vec![1; 64 * 1024];
+        // The replica overwrote bytes 100..200 and 20000..20001 after the point.
+        let view = Arc::new(Changed(
+            Mem(vec![d]),
+            Some(vec![(100, 200), (20000, 20001)]),
+        ));
+        let cow = CowDisk::open(view, 0, dir.path(), "d0").unwrap();
+        // Blocks 1 (unaligned), 2, 3 and the last (block 15) written here.
+        cow.write(5000, vec![2; 8000], false).await.unwrap();
+        cow.write(63 * 1024, vec![2; 1024], false).await.unwrap();
+        assert_eq!(
+            cow.differs_from_replica().unwrap(),
+            Some(vec![(0, 5 * BLOCK), (15 * BLOCK, 16 * BLOCK)])
+        );
+        // Untracked (a resize since the point): all of the disk.
+        let untracked = Arc::new(Changed(Mem(vec![vec![0; 8192]]), None));
+        let dir2 = tempfile::tempdir().unwrap();
+        let cow = CowDisk::open(untracked, 0, dir2.path(), "d0").unwrap();
+        assert_eq!(cow.differs_from_replica().unwrap(), None);
+    }
+
+    #[test]
+    fn bit_runs_and_merged_ranges() {
+        let map = [0b1011u64, 0, 1 << 63, 1];
+        let runs: Vec<_> = bit_runs(&map).collect();
+        assert_eq!(runs, vec![(0, 2), (3, 4), (191, 193)]);
+        assert_eq!(
+            merge_ranges(vec![(10, 20), (0, 5), (5, 8), (15, 30), (40, 50)], 45),
+            vec![(0, 8), (10, 30), (40, 45)]
+        );
     }
 
     #[test]

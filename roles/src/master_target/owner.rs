@@ -215,6 +215,10 @@ impl super::drill::DiskView for replica::ReplicaView {
         buf[n..].fill(0);
         Ok(())
     }
+
+    fn changed(&self, disk: u16) -> std::io::Result<Option<Vec<(u64, u64)>>> {
+        replica::ReplicaView::changed(self, disk).map_err(std::io::Error::other)
+    }
 }
 
 /// Why the owner ended a stream.
@@ -497,7 +501,22 @@ impl Owner {
                 Some(d) => d.read_at(offset, buf),
                 None => Err(std::io::Error::other(format!("no recovery disk #{disk}"))),
             };
-            let r = replica.rewrite_to(generation, &sizes, &read, now_ms, "failback");
+            // Only where either side changed since the point (untracked: all of the disk).
+            let ranges: Result<Vec<_>, _> = disks
+                .iter()
+                .map(|d| {
+                    d.differs_from_replica()
+                        .map(|r| r.unwrap_or_else(|| vec![(0, d.size())]))
+                })
+                .collect();
+            let r = match ranges {
+                Ok(ranges) => {
+                    replica.rewrite_to(generation, &sizes, &ranges, &read, now_ms, "failback")
+                }
+                Err(e) => Err(replica::ApplyError::Io(format!(
+                    "the changes since the point: {e}"
+                ))),
+            };
             (replica, r)
         })
         .await

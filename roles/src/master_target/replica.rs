@@ -158,6 +158,14 @@ impl ReplicaView {
             .map_err(|e| ApplyError::Io(format!("view size: {e}")))
     }
 
+    /// The byte ranges of `disk` where the replica may differ from the point (None: all of
+    /// it, the disk was resized since); see [`View::changed`].
+    pub fn changed(&self, disk: u16) -> Result<Option<Vec<(u64, u64)>>, ApplyError> {
+        self.view
+            .changed(disk)
+            .map_err(|e| ApplyError::Io(format!("view changes: {e}")))
+    }
+
     /// Reads disk `disk` as of the point; fewer bytes than asked at its end.
     pub fn read(&self, disk: u16, offset: u64, buf: &mut [u8]) -> Result<usize, ApplyError> {
         let image = self
@@ -650,11 +658,14 @@ impl Replica {
     /// then a recovery point named `point_name` marks the state the machine came home with.
     /// The history before stays viewable: each batch journals what it overwrites, like a
     /// stream's. A crash half-way leaves committed batches, and running it again finds the
-    /// rest. Returns (bytes compared, bytes written).
+    /// rest. Only `ranges[disk]` (4 KiB-aligned byte ranges, in order) is compared: the
+    /// caller knows the disks are equal outside them (see `CowDisk::differs_from_replica`);
+    /// `(0, size)` compares all. Returns (bytes compared, bytes written).
     pub fn rewrite_to(
         &mut self,
         generation: u64,
         sizes: &[u64],
+        ranges: &[Vec<(u64, u64)>],
         read: &ReadDisk<'_>,
         now_ms: u64,
         point_name: &str,
@@ -663,10 +674,11 @@ impl Replica {
         const BATCH_BYTES: usize = 8 << 20;
         self.check_usable()?;
         self.check_generation(generation)?;
-        if sizes.len() != self.disks.len() {
+        if sizes.len() != self.disks.len() || ranges.len() != sizes.len() {
             return Err(ApplyError::Invalid(format!(
-                "{} recovery disks for {} replica disks",
+                "{} recovery disks ({} with ranges) for {} replica disks",
                 sizes.len(),
+                ranges.len(),
                 self.disks.len()
             )));
         }
@@ -675,51 +687,58 @@ impl Replica {
         let mut pending = 0usize;
         let mut theirs = vec![0u8; CHUNK as usize];
         let mut ours = vec![0u8; CHUNK as usize];
-        for (disk, &size) in sizes.iter().enumerate() {
-            let mut at = 0u64;
-            while at < size {
-                let len = (size - at).min(CHUNK) as usize;
-                read(disk as u16, at, &mut theirs[..len])
-                    .map_err(|e| ApplyError::Io(format!("read the recovery disk: {e}")))?;
-                // The image as it is (beyond its current end: zeros).
-                let have = self.pending_sizes[disk].saturating_sub(at).min(len as u64) as usize;
-                ours[..len].fill(0);
-                let (d, f) = &self.disks[disk];
-                f.read_exact_at(&mut ours[..have], at)
-                    .map_err(|e| ApplyError::Io(format!("read {}: {e}", d.name)))?;
-                for (i, (a, b)) in theirs[..len]
-                    .chunks(BLOCK as usize)
-                    .zip(ours[..len].chunks(BLOCK as usize))
-                    .enumerate()
-                {
-                    if a == b {
-                        continue;
-                    }
-                    let offset = at + (i as u64) * BLOCK;
-                    match runs.last_mut() {
-                        Some(r)
-                            if r.disk == disk as u16
-                                && r.offset + r.data.len() as u64 == offset
-                                && r.data.len() < BATCH_BYTES =>
-                        {
-                            r.data.extend_from_slice(a)
-                        }
-                        _ => runs.push(WriteRecord {
-                            seq: 0,
-                            disk: disk as u16,
-                            offset,
-                            data: serde_bytes::ByteBuf::from(a.to_vec()),
-                        }),
-                    }
-                    pending += a.len();
-                    written += a.len() as u64;
+        let chunks = sizes
+            .iter()
+            .zip(ranges)
+            .enumerate()
+            .flat_map(|(disk, (&size, r))| {
+                r.iter().flat_map(move |&(s, e)| {
+                    let (s, e) = (s / BLOCK * BLOCK, e.min(size));
+                    (s..e)
+                        .step_by(CHUNK as usize)
+                        .map(move |at| (disk, at, (e - at).min(CHUNK) as usize))
+                })
+            });
+        for (disk, at, len) in chunks {
+            read(disk as u16, at, &mut theirs[..len])
+                .map_err(|e| ApplyError::Io(format!("read the recovery disk: {e}")))?;
+            // The image as it is (beyond its current end: zeros).
+            let have = self.pending_sizes[disk].saturating_sub(at).min(len as u64) as usize;
+            ours[..len].fill(0);
+            let (d, f) = &self.disks[disk];
+            f.read_exact_at(&mut ours[..have], at)
+                .map_err(|e| ApplyError::Io(format!("read {}: {e}", d.name)))?;
+            for (i, (a, b)) in theirs[..len]
+                .chunks(BLOCK as usize)
+                .zip(ours[..len].chunks(BLOCK as usize))
+                .enumerate()
+            {
+                if a == b {
+                    continue;
                 }
-                compared += len as u64;
-                at += len as u64;
-                if pending >= BATCH_BYTES {
-                    self.apply_local(generation, std::mem::take(&mut runs), sizes, None, now_ms)?;
-                    pending = 0;
+                let offset = at + (i as u64) * BLOCK;
+                match runs.last_mut() {
+                    Some(r)
+                        if r.disk == disk as u16
+                            && r.offset + r.data.len() as u64 == offset
+                            && r.data.len() < BATCH_BYTES =>
+                    {
+                        r.data.extend_from_slice(a)
+                    }
+                    _ => runs.push(WriteRecord {
+                        seq: 0,
+                        disk: disk as u16,
+                        offset,
+                        data: serde_bytes::ByteBuf::from(a.to_vec()),
+                    }),
                 }
+                pending += a.len();
+                written += a.len() as u64;
+            }
+            compared += len as u64;
+            if pending >= BATCH_BYTES {
+                self.apply_local(generation, std::mem::take(&mut runs), sizes, None, now_ms)?;
+                pending = 0;
             }
         }
         if !runs.is_empty() {
@@ -1229,7 +1248,14 @@ mod tests {
             Ok(())
         };
         let (compared, written) = r
-            .rewrite_to(2, &[1 << 16], &read, 5000, "failback")
+            .rewrite_to(
+                2,
+                &[1 << 16],
+                &[vec![(0, 1 << 16)]],
+                &read,
+                5000,
+                "failback",
+            )
             .unwrap();
         assert_eq!((compared, written), (1 << 16, 4 * 4096));
         assert!(
@@ -1249,13 +1275,53 @@ mod tests {
         assert!(r.check_generation(1).is_err());
         // Run again (a crash after it, the order repeated): nothing differs, nothing is written.
         let (_, again) = r
-            .rewrite_to(2, &[1 << 16], &read, 6000, "failback")
+            .rewrite_to(
+                2,
+                &[1 << 16],
+                &[vec![(0, 1 << 16)]],
+                &read,
+                6000,
+                "failback",
+            )
             .unwrap();
         assert_eq!(again, 0);
+        // Given ranges, only they are compared (and written where they differ).
+        let mut later = theirs.clone();
+        later[4096..8192].fill(b'x');
+        later[9 * 4096] = b'y';
+        let read_later = |_disk: u16, offset: u64, buf: &mut [u8]| {
+            let o = offset as usize;
+            buf.copy_from_slice(&later[o..o + buf.len()]);
+            Ok(())
+        };
+        let (compared, written) = r
+            .rewrite_to(
+                3,
+                &[1 << 16],
+                &[vec![(4096, 8192)]],
+                &read_later,
+                7000,
+                "failback",
+            )
+            .unwrap();
+        assert_eq!((compared, written), (4096, 4096));
+        assert_eq!(&image(dir.path())[4096..8192], &later[4096..8192]);
+        assert_eq!(image(dir.path())[9 * 4096], b's');
+        let (_, written) = r
+            .rewrite_to(
+                3,
+                &[1 << 16],
+                &[vec![(0, 1 << 16)]],
+                &read,
+                8000,
+                "failback",
+            )
+            .unwrap();
+        assert_eq!(written, 4096, "back to the recovery disk: block 1");
         drop(r);
         let r = Replica::open(dir.path(), "m", 1, &disks()).unwrap();
         assert!(image(dir.path()) == theirs);
-        assert_eq!(r.generation(), 2);
+        assert_eq!(r.generation(), 3);
     }
 
     #[test]

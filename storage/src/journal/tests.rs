@@ -219,6 +219,24 @@ fn check_views(j: &Journal, images: &[File], at_point: &BTreeMap<u64, Vec<Vec<u8
             let n = v.read(d as u16, 0, &mut got, &images[d]).unwrap();
             assert_eq!(n, want.len());
             assert!(got[..n] == want[..], "disk {d} at point {} differs", p.seq);
+            // Outside the ranges `changed` gives, the image holds the point's bytes.
+            if let Some(ranges) = v.changed(d as u16).unwrap() {
+                let mut image = vec![0u8; want.len()];
+                let n = images[d].read_at(&mut image, 0).unwrap_or(0);
+                image[n..].fill(0);
+                let covered = |at: u64| ranges.iter().any(|&(s, e)| s <= at && at < e);
+                for (at, (a, b)) in image.iter().zip(want.iter()).enumerate() {
+                    assert!(
+                        a == b || covered(at as u64),
+                        "disk {d} at point {}: byte {at} changed outside {ranges:?}",
+                        p.seq
+                    );
+                }
+                assert!(
+                    ranges.windows(2).all(|w| w[0].1 < w[1].0),
+                    "merged, in order"
+                );
+            }
             // A small read in the middle too.
             if want.len() > 100 {
                 let mut part = [0u8; 37];
