@@ -304,9 +304,10 @@ pub fn print_failover(f: &haven_roles::view::FailoverView) {
             }
             if let Some(r) = f.reverse.as_ref().filter(|r| r.done_pass > 0) {
                 println!(
-                    "  reprotect pass {}: compared {} by hash ({} of hashes sent), rewrote {} blocks ({}) of the original disks",
+                    "  reprotect pass {}: compared {}{} by hash ({} of hashes sent), rewrote {} blocks ({}) of the original disks",
                     r.done_pass,
                     size_text(r.bytes_compared),
+                    if r.tracked { " written since the pass before" } else { "" },
                     size_text(r.hash_bytes),
                     r.blocks_written,
                     size_text(r.bytes_received)

@@ -658,6 +658,10 @@ fn a_failback_brings_the_machine_home_with_only_the_last_changes_and_no_resync()
         b["reverse"]["blocks_written"], 16,
         "the final pass carried exactly the 64 KiB written since the reprotect: {b}"
     );
+    // The same agent and master target made the reprotect's pass: the final one is tracked
+    // and compares only the blocks the recovery site wrote since (the reprotect compared all).
+    assert_eq!(b["reverse"]["tracked"], true, "{b}");
+    assert_eq!(b["reverse"]["bytes_compared"], 64 << 10, "{b}");
     // The replica holds the point (the 256 KiB the original site wrote after it never
     // reached it): it differs from the recovery disk by the recovery site's writes only,
     // and only they are compared (the overlay's bitmap; no journal record after the point).
@@ -676,7 +680,7 @@ fn a_failback_brings_the_machine_home_with_only_the_last_changes_and_no_resync()
     for e in [
         "failback started",
         "the recovery disks are read-only",
-        "the final reverse pass rewrote 16 blocks",
+        "and rewrote 16 blocks (64 KiB)",
         "the replica equals the recovery disks",
         "failed back",
     ] {

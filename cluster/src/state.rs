@@ -265,6 +265,10 @@ pub struct ReversePass {
     pub started_ms: u64,
     /// Why the last attempt failed (the agent retries).
     pub error: Option<String>,
+    /// The last pass compared only the blocks written at the recovery site since the pass
+    /// before (tracked), not every block.
+    #[serde(default)]
+    pub tracked: bool,
 }
 
 /// How recovery points are kept for a machine. `None`: the default.

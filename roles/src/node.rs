@@ -362,17 +362,19 @@ async fn route(
             },
             (None, _) => not_here(&node.link.name, ROLE_MASTER_TARGET),
         },
-        Request::ReverseDiff(req) => match (&node.master, &who) {
-            (Some(mt), Some(PeerIdentity::Agent { machine, enrolment }))
-                if *machine == req.machine =>
-            {
-                mt.reverse_diff(enrolment, req).await
+        req @ (Request::ReverseDiff(_) | Request::ReverseMark(_) | Request::ReverseChanged(_)) => {
+            match (&node.master, &who) {
+                (Some(mt), Some(PeerIdentity::Agent { machine, enrolment }))
+                    if req.reverse_machine() == Some(machine.as_str()) =>
+                {
+                    mt.reverse(enrolment, req).await
+                }
+                (Some(_), _) => Response::Refused {
+                    reason: "the reverse path is asked by the machine's own agent only".into(),
+                },
+                (None, _) => not_here(&node.link.name, ROLE_MASTER_TARGET),
             }
-            (Some(_), _) => Response::Refused {
-                reason: "a reverse diff is asked by the machine's own agent only".into(),
-            },
-            (None, _) => not_here(&node.link.name, ROLE_MASTER_TARGET),
-        },
+        }
         request => match &node.config {
             Some(cfg) => cfg.handle(who, request).await,
             None => not_here(&node.link.name, ROLE_CONFIGURATION),

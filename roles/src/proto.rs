@@ -37,6 +37,66 @@ pub enum Request {
     /// master target for the blocks of the recovery disk that differ from its own disk;
     /// answered with `ReverseDiff`. Only the machine's own agent may ask.
     ReverseDiff(ReverseDiffRequest),
+    /// Reprotect, tracked: the agent marks where in the recovery disks' writes its pass
+    /// starts (answered with `ReverseMark`), so that the next pass compares only the blocks
+    /// written after the mark. Only the machine's own agent may ask.
+    ReverseMark(ReverseMarkRequest),
+    /// Reprotect, tracked: the blocks of a recovery disk written since a mark (answered
+    /// with `ReverseChanged`). Only the machine's own agent may ask.
+    ReverseChanged(ReverseChangedRequest),
+}
+
+impl Request {
+    /// The machine a reverse-path request is about (asked by its own agent only).
+    pub fn reverse_machine(&self) -> Option<&str> {
+        match self {
+            Request::ReverseDiff(r) => Some(&r.machine),
+            Request::ReverseMark(r) => Some(&r.machine),
+            Request::ReverseChanged(r) => Some(&r.machine),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReverseMarkRequest {
+    pub machine: String,
+    /// The failover ([`FailoverOrder::id`]) the recovery disks belong to.
+    pub order: u64,
+}
+
+/// A place in one recovery disk's writes: `ReverseChanged` lists the blocks written after
+/// it. `boot` names the export it was taken of (an export served again, by a restarted
+/// master target, has another and knows nothing of the writes before it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReverseMark {
+    pub boot: u64,
+    pub mark: u32,
+}
+
+/// One mark per disk, in disk order.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReverseMarkReply {
+    pub marks: Vec<ReverseMark>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReverseChangedRequest {
+    pub machine: String,
+    pub order: u64,
+    pub disk: u16,
+    pub since: ReverseMark,
+    /// The range of blocks asked about: `blocks` (at most `CHANGED_BLOCKS_MAX` of the
+    /// master target) from `first_block`.
+    pub first_block: u64,
+    pub blocks: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReverseChangedReply {
+    /// The blocks of the range written since the mark, ascending; None if the export does
+    /// not know (`since` is of another export): then every block must be compared.
+    pub changed: Option<Vec<u64>>,
 }
 
 /// A range of the agent's disk, as block hashes (see [`Request::ReverseDiff`]).
@@ -52,6 +112,11 @@ pub struct ReverseDiffRequest {
     pub size: u64,
     /// xxh3-64 of each 4 KiB block from `offset` (the disk's last block may be short).
     pub hashes: Vec<u64>,
+    /// If not empty, the blocks `hashes` are of (ascending, one hash each), not the
+    /// contiguous range at `offset`: a tracked pass compares only the blocks written since
+    /// its mark.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sparse: Vec<u64>,
 }
 
 /// The blocks of the range that differ, coalesced into runs (offset, data).
@@ -83,6 +148,10 @@ pub struct ReverseDone {
     pub bytes_received: u64,
     pub blocks_written: u64,
     pub error: Option<String>,
+    /// Only the blocks written at the recovery site since the last pass were compared
+    /// (a tracked pass), not every block.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tracked: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -108,6 +177,8 @@ pub enum Response {
     },
     Recovery(RecoveryReply),
     ReverseDiff(ReverseDiffReply),
+    ReverseMark(ReverseMarkReply),
+    ReverseChanged(ReverseChangedReply),
 }
 
 pub use haven_cluster::PointSpec;

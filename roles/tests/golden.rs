@@ -158,6 +158,7 @@ fn agent_report() -> AgentReport {
             bytes_received: 4096,
             blocks_written: 1,
             error: None,
+            tracked: false,
         }),
         rebased: Some(9),
     }
@@ -489,10 +490,69 @@ fn request() {
             offset: 8192,
             size: 1 << 30,
             hashes: vec![0xdead_beef, 7],
+            sparse: vec![],
         }),
         "81ab526576657273654469666686a76d616368696e65a67765622d3031a56f72646572cf01020304\
         05060708a46469736b01a66f6666736574cd2000a473697a65ce40000000a668617368657392cede\
         adbeef07",
+    );
+}
+
+#[test]
+fn reverse_tracked() {
+    check(
+        "Request::ReverseDiff (sparse)",
+        &Request::ReverseDiff(ReverseDiffRequest {
+            machine: "web-01".into(),
+            order: 9,
+            disk: 0,
+            offset: 0,
+            size: 1 << 30,
+            hashes: vec![0xdead_beef, 7],
+            sparse: vec![3, 0x1_0000],
+        }),
+        "81ab526576657273654469666687a76d616368696e65a67765622d3031a56f7264657209a46469736b00a66f666673657400a473697a65ce40000000a668617368657392cedeadbeef07a67370617273659203ce00010000",
+    );
+    check(
+        "Request::ReverseMark",
+        &Request::ReverseMark(ReverseMarkRequest {
+            machine: "web-01".into(),
+            order: 9,
+        }),
+        "81ab526576657273654d61726b82a76d616368696e65a67765622d3031a56f7264657209",
+    );
+    let mark = ReverseMark {
+        boot: 0x1234_5678_9abc_def1,
+        mark: 7,
+    };
+    check(
+        "Request::ReverseChanged",
+        &Request::ReverseChanged(ReverseChangedRequest {
+            machine: "web-01".into(),
+            order: 9,
+            disk: 1,
+            since: mark,
+            first_block: 65536,
+            blocks: 65536,
+        }),
+        "81ae526576657273654368616e67656486a76d616368696e65a67765622d3031a56f7264657209a46469736b01a573696e636582a4626f6f74cf123456789abcdef1a46d61726b07ab66697273745f626c6f636bce00010000a6626c6f636b73ce00010000",
+    );
+    check(
+        "Response::ReverseMark",
+        &Response::ReverseMark(ReverseMarkReply { marks: vec![mark] }),
+        "81ab526576657273654d61726b81a56d61726b739182a4626f6f74cf123456789abcdef1a46d61726b07",
+    );
+    check(
+        "Response::ReverseChanged",
+        &Response::ReverseChanged(ReverseChangedReply {
+            changed: Some(vec![65536, 65600]),
+        }),
+        "81ae526576657273654368616e67656481a76368616e67656492ce00010000ce00010040",
+    );
+    check(
+        "Response::ReverseChanged (untracked)",
+        &Response::ReverseChanged(ReverseChangedReply { changed: None }),
+        "81ae526576657273654368616e67656481a76368616e676564c0",
     );
 }
 
@@ -1128,6 +1188,26 @@ fn payload_structs() {
  722f7765622d30312f726f6f742e696d67aa73697a655f6279746573cf0000000400000000a67772\
  69746573cc82ab77616974696e675f666f72b26d617374657220746172676574206d742d31a56572\
  726f72c0ad6d61737465725f746172676574a46d742d31aa656c61707365645f6d73cd0fa0a87365\
+ 7276655f6d730ca77265766572736589a47061737302a9646f6e655f7061737302ae62797465735f\
+ 636f6d7061726564cf0000000400000000aa686173685f6279746573ce02000000ae62797465735f\
+ 7265636569766564ce00100000ae626c6f636b735f7772697474656ecd0100aa737461727465645f\
+ 6d73cf0000018bcfe9fbe0a56572726f72c0a7747261636b6564c3a86661696c6261636b87a57374\
+ 616765ad4d6174657269616c6973696e67aa67656e65726174696f6e08aa737461727465645f6d73\
+ cf0000018bcfeabf30aa66696e616c5f7061737302b06d6174657269616c697365645f736571c0ae\
+ 62797465735f636f6d706172656400ad62797465735f7772697474656e00",
+    );
+    // Before `reverse.tracked` (2026-12-04): decodes as an untracked pass.
+    let before: haven_roles::view::FailoverView = old(
+        "FailoverView without reverse.tracked",
+        "8fa76d616368696e65a67765622d3031a57374617465ac6661696c696e672d6261636ba573746167\
+ 65ad6d6174657269616c6973696e67a7706c616e6e6564c3ab706f696e745f61736b6564a66c6174\
+ 657374a5706f696e7485a5706f696e74a431323037a3736571cd04b7a774696d655f6d73cf000001\
+ 8bcfeae640a46b696e64a56372617368a46e616d65a86661696c6261636ba56469736b739184a464\
+ 69736ba4726f6f74a76e62645f757269d9206e62643a2f2f31302e302e302e323a31303830392f77\
+ 65622d30312d726f6f74a5696d616765d9272f7661722f6c69622f686176656e2f6661696c6f7665\
+ 722f7765622d30312f726f6f742e696d67aa73697a655f6279746573cf0000000400000000a67772\
+ 69746573cc82ab77616974696e675f666f72b26d617374657220746172676574206d742d31a56572\
+ 726f72c0ad6d61737465725f746172676574a46d742d31aa656c61707365645f6d73cd0fa0a87365\
  7276655f6d730ca77265766572736588a47061737302a9646f6e655f7061737302ae62797465735f\
  636f6d7061726564cf0000000400000000aa686173685f6279746573ce02000000ae62797465735f\
  7265636569766564ce00100000ae626c6f636b735f7772697474656ecd0100aa737461727465645f\
@@ -1136,6 +1216,7 @@ fn payload_structs() {
  aa66696e616c5f7061737302b06d6174657269616c697365645f736571c0ae62797465735f636f6d\
  706172656400ad62797465735f7772697474656e00",
     );
+    assert!(!before.reverse.expect("reverse").tracked);
 }
 
 /// A failback's order to a master target: the point, committed, and the generation the
@@ -1212,6 +1293,7 @@ fn failover_view() -> haven_roles::view::FailoverView {
             blocks_written: 256,
             started_ms: 1_700_000_300_000,
             error: None,
+            tracked: true,
         }),
         failback: Some(haven_cluster::Failback {
             stage: haven_cluster::FailbackStage::Materialising,

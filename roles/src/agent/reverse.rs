@@ -1,17 +1,28 @@
 //! Reprotect at the original site: the agent of a failed-over machine makes its disks equal
-//! to the recovery disks its master target serves, by a full block-hash comparison.
+//! to the recovery disks its master target serves, by block-hash comparison.
 //!
 //! ```text
-//!  agent: read 512 KiB of the disk, xxh3 per 4 KiB ──ReverseDiff{hashes}──▶ master target:
+//!  agent: ReverseMark ─────────────────────────────────────────▶ master target: a mark per disk
+//!         read 512 KiB of the disk, xxh3 per 4 KiB ──ReverseDiff{hashes}──▶
 //!         pwrite the differing runs ◀──────────── runs whose blocks differ ── the recovery
 //!                                                                           disk (view + overlay)
 //! ```
-//! Every block is compared (nothing is trusted, so a lost or untrusted record of what
-//! changed costs reads, never a wrong disk) and only differing blocks travel: the blocks
-//! written at the recovery site since the failover, and the blocks the original site wrote
-//! after the point (which go back to the point's content). The disks are fdatasynced before
-//! the pass is reported done. The tap takes no writes meanwhile (the machine is failed over),
-//! so nothing else writes the disks.
+//! The first pass of a failover compares every block: what the original site wrote after
+//! the point is not known for sure (an agent killed with writes it had not sent, writes
+//! behind its back), so nothing is trusted, and a lost record of what changed costs reads,
+//! never a wrong disk. Only differing blocks travel: the blocks written at the recovery site
+//! since the failover, and the blocks the original site wrote after the point (which go back
+//! to the point's content).
+//!
+//! A later pass (the failback's final one) of the same agent process and the same exports
+//! is **tracked**: it asks for the blocks written at the recovery site since the marks its
+//! last whole pass took at its start (`ReverseChanged`) and compares only those
+//! (`ReverseDiff` with `sparse`), so its cost follows what changed, not the disk's size. It
+//! is sound because nothing else writes these disks meanwhile — the tap takes no writes
+//! while the machine is failed over — and the marks are taken before the pass reads
+//! anything (see `CowDisk::mark`). An agent or an export that restarted has no marks, and
+//! its next pass compares every block again. The disks are fdatasynced before a pass is
+//! reported done.
 //!
 //! Failback ends here with a **rebase** ([`offer_rebase`]): once the master target has made
 //! the replica equal to the recovery disks (which the final pass made these disks equal to),
@@ -26,7 +37,11 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::core::AgentCore;
 use super::state::{lock, Agent};
 use crate::client;
-use crate::proto::{RebaseOrder, Request, Response, ReverseDiffRequest, ReverseDone, ReverseOrder};
+use crate::master_target::failover::CHANGED_BLOCKS_MAX;
+use crate::proto::{
+    RebaseOrder, Request, Response, ReverseChangedRequest, ReverseDiffRequest, ReverseDone,
+    ReverseMark, ReverseMarkRequest, ReverseOrder,
+};
 
 /// Blocks compared per request: the reply (at most this many blocks) fits a control frame.
 const CHUNK_BLOCKS: u64 = crate::master_target::failover::CHUNK_BLOCKS_MAX;
@@ -42,6 +57,9 @@ pub struct ReverseState {
     pub done: Option<ReverseDone>,
     /// The failback being rebased for (its order id).
     pub rebasing: Option<u64>,
+    /// The marks the last whole pass of failover `.0` took at its start (memory only: a
+    /// restarted agent compares every block once more).
+    pub tracked: Option<(u64, Vec<ReverseMark>)>,
 }
 
 /// Starts the pass `order` asks for, unless it runs or is done.
@@ -110,6 +128,33 @@ async fn pass(a: &Arc<Agent>, order: &ReverseOrder, done: &mut ReverseDone) -> R
         .connect(addr, name)
         .await
         .map_err(|e| format!("connect to the master target {name} at {addr}: {e}"))?;
+    let ask = Ask {
+        conn: &conn,
+        machine: &a.opts.machine,
+        order: order.order,
+    };
+    // This pass's marks, taken before anything is read: the next pass compares only the
+    // blocks written at the recovery site after them.
+    let marks = match ask
+        .call(Request::ReverseMark(ReverseMarkRequest {
+            machine: a.opts.machine.clone(),
+            order: order.order,
+        }))
+        .await?
+    {
+        Response::ReverseMark(r) => r.marks,
+        other => return Err(format!("unexpected reply {other:?}")),
+    };
+    // The last whole pass of this failover, if this process made it: since then nothing
+    // but the passes wrote these disks (the tap is read-only), so the blocks written at
+    // the recovery site after its marks are all that can differ. Otherwise (the first
+    // pass, a restarted agent or master target) every block is compared.
+    let since = lock(&a.reverse)
+        .tracked
+        .as_ref()
+        .filter(|(o, _)| *o == order.order)
+        .map(|(_, m)| m.clone());
+    let mut all_tracked = true;
     for (i, (disk, path)) in a.opts.disks.iter().enumerate() {
         let file = Arc::new(
             OpenOptions::new()
@@ -122,59 +167,198 @@ async fn pass(a: &Arc<Agent>, order: &ReverseOrder, done: &mut ReverseDone) -> R
             .metadata()
             .map_err(|e| format!("{}: {e}", path.display()))?
             .len();
-        let mut at = 0u64;
-        while at < size {
-            let len = (size - at).min(CHUNK_BLOCKS * BLOCK);
-            let f = file.clone();
-            let buf = tokio::task::spawn_blocking(move || {
-                let mut buf = vec![0u8; len as usize];
-                f.read_exact_at(&mut buf, at).map(|()| buf)
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("read {disk} at {at}: {e}"))?;
-            let hashes: Vec<u64> = buf.chunks(BLOCK as usize).map(xxh3_64).collect();
-            done.bytes_compared += len;
-            done.hash_bytes += hashes.len() as u64 * 8;
-            let req = Request::ReverseDiff(ReverseDiffRequest {
-                machine: a.opts.machine.clone(),
-                order: order.order,
-                disk: i as u16,
-                offset: at,
-                size,
-                hashes,
-            });
-            let runs = match client::call(&conn, &req, Duration::from_secs(30)).await {
-                Ok(Response::ReverseDiff(r)) => r.runs,
-                Ok(other) => return Err(format!("unexpected reply {other:?}")),
-                Err(e) => return Err(format!("the master target: {e}")),
-            };
-            for (offset, data) in runs {
-                let end = offset.saturating_add(data.len() as u64);
-                if offset < at || end > at + len || offset % BLOCK != 0 {
-                    return Err(format!(
-                        "the master target sent a run at {offset}+{} outside the range {at}+{len}",
-                        data.len()
-                    ));
-                }
-                let f = file.clone();
-                let n = data.len() as u64;
-                tokio::task::spawn_blocking(move || f.write_all_at(&data, offset))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| format!("write {disk} at {offset}: {e}"))?;
-                done.bytes_received += n;
-                done.blocks_written += n.div_ceil(BLOCK);
-            }
-            at += len;
+        let d = Disk {
+            index: i as u16,
+            name: disk,
+            file,
+            size,
+        };
+        let tracked = match since.as_ref().and_then(|m| m.get(i)) {
+            Some(&mark) => tracked_disk(&ask, &d, mark, done).await?,
+            None => false,
+        };
+        if !tracked {
+            all_tracked = false;
+            full_disk(&ask, &d, done).await?;
         }
-        let f = file.clone();
+        let f = d.file.clone();
         tokio::task::spawn_blocking(move || f.sync_data())
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("fdatasync {disk}: {e}"))?;
     }
+    done.tracked = all_tracked;
+    lock(&a.reverse).tracked = Some((order.order, marks));
     Ok(())
+}
+
+/// The master target of a reverse pass, asked about one machine's failover.
+struct Ask<'a> {
+    conn: &'a quinn::Connection,
+    machine: &'a str,
+    order: u64,
+}
+
+impl Ask<'_> {
+    async fn call(&self, req: Request) -> Result<Response, String> {
+        match client::call(self.conn, &req, Duration::from_secs(30)).await {
+            Ok(Response::Refused { reason }) => Err(format!("the master target: {reason}")),
+            Ok(r) => Ok(r),
+            Err(e) => Err(format!("the master target: {e}")),
+        }
+    }
+
+    /// The runs of the recovery disk that differ from the hashes sent.
+    async fn diff(
+        &self,
+        d: &Disk<'_>,
+        offset: u64,
+        hashes: Vec<u64>,
+        sparse: Vec<u64>,
+    ) -> Result<Vec<(u64, serde_bytes::ByteBuf)>, String> {
+        let req = Request::ReverseDiff(ReverseDiffRequest {
+            machine: self.machine.to_string(),
+            order: self.order,
+            disk: d.index,
+            offset,
+            size: d.size,
+            hashes,
+            sparse,
+        });
+        match self.call(req).await? {
+            Response::ReverseDiff(r) => Ok(r.runs),
+            other => Err(format!("unexpected reply {other:?}")),
+        }
+    }
+}
+
+/// One of the agent's disks in a pass.
+struct Disk<'a> {
+    index: u16,
+    name: &'a str,
+    file: Arc<std::fs::File>,
+    size: u64,
+}
+
+impl Disk<'_> {
+    /// Writes the runs the master target sent, each checked to lie in what was asked
+    /// (`asked(offset, len)`).
+    async fn write_runs(
+        &self,
+        runs: Vec<(u64, serde_bytes::ByteBuf)>,
+        asked: impl Fn(u64, u64) -> bool,
+        done: &mut ReverseDone,
+    ) -> Result<(), String> {
+        for (offset, data) in runs {
+            let n = data.len() as u64;
+            if offset % BLOCK != 0 || offset.saturating_add(n) > self.size || !asked(offset, n) {
+                return Err(format!(
+                    "the master target sent a run at {offset}+{n} of {} it was not asked for",
+                    self.name
+                ));
+            }
+            let f = self.file.clone();
+            tokio::task::spawn_blocking(move || f.write_all_at(&data, offset))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("write {} at {offset}: {e}", self.name))?;
+            done.bytes_received += n;
+            done.blocks_written += n.div_ceil(BLOCK);
+        }
+        Ok(())
+    }
+}
+
+/// Every block of the disk compared by hash.
+async fn full_disk(ask: &Ask<'_>, d: &Disk<'_>, done: &mut ReverseDone) -> Result<(), String> {
+    let mut at = 0u64;
+    while at < d.size {
+        let len = (d.size - at).min(CHUNK_BLOCKS * BLOCK);
+        let f = d.file.clone();
+        let buf = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; len as usize];
+            f.read_exact_at(&mut buf, at).map(|()| buf)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("read {} at {at}: {e}", d.name))?;
+        let hashes: Vec<u64> = buf.chunks(BLOCK as usize).map(xxh3_64).collect();
+        done.bytes_compared += len;
+        done.hash_bytes += hashes.len() as u64 * 8;
+        let runs = ask.diff(d, at, hashes, vec![]).await?;
+        d.write_runs(runs, |o, n| o >= at && o + n <= at + len, done)
+            .await?;
+        at += len;
+    }
+    Ok(())
+}
+
+/// Only the blocks the recovery disk wrote since `since` compared by hash. False if the
+/// master target does not know them (its export was served again since the mark): then
+/// the disk is to be compared whole.
+async fn tracked_disk(
+    ask: &Ask<'_>,
+    d: &Disk<'_>,
+    since: ReverseMark,
+    done: &mut ReverseDone,
+) -> Result<bool, String> {
+    let blocks = d.size.div_ceil(BLOCK);
+    let mut first = 0u64;
+    while first < blocks {
+        let n = (blocks - first).min(CHANGED_BLOCKS_MAX);
+        let req = Request::ReverseChanged(ReverseChangedRequest {
+            machine: ask.machine.to_string(),
+            order: ask.order,
+            disk: d.index,
+            since,
+            first_block: first,
+            blocks: n,
+        });
+        let changed = match ask.call(req).await? {
+            Response::ReverseChanged(r) => r.changed,
+            other => return Err(format!("unexpected reply {other:?}")),
+        };
+        let Some(changed) = changed else {
+            return Ok(false);
+        };
+        let ascending = changed.windows(2).all(|w| w[0] < w[1]);
+        if !ascending || changed.iter().any(|&b| b < first || b >= first + n) {
+            return Err(format!(
+                "the master target listed changed blocks outside {first}+{n} of {}",
+                d.name
+            ));
+        }
+        for group in changed.chunks(CHUNK_BLOCKS as usize) {
+            let group = group.to_vec();
+            let (f, size, list) = (d.file.clone(), d.size, group.clone());
+            let hashes = tokio::task::spawn_blocking(move || {
+                let mut block = vec![0u8; BLOCK as usize];
+                list.iter()
+                    .map(|&b| {
+                        let at = b * BLOCK;
+                        let n = (size - at).min(BLOCK) as usize;
+                        f.read_exact_at(&mut block[..n], at)
+                            .map(|()| xxh3_64(&block[..n]))
+                    })
+                    .collect::<std::io::Result<Vec<u64>>>()
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("read {}: {e}", d.name))?;
+            done.bytes_compared += group
+                .iter()
+                .map(|&b| (d.size - b * BLOCK).min(BLOCK))
+                .sum::<u64>();
+            done.hash_bytes += hashes.len() as u64 * 8;
+            let runs = ask.diff(d, 0, hashes, group.clone()).await?;
+            let asked = |o: u64, len: u64| {
+                (o / BLOCK..(o + len).div_ceil(BLOCK)).all(|b| group.binary_search(&b).is_ok())
+            };
+            d.write_runs(runs, asked, done).await?;
+        }
+        first += n;
+    }
+    Ok(true)
 }
 
 /// Starts the failback's rebase `order` asks for, unless it runs or is done (persisted in

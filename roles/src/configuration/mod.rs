@@ -349,10 +349,12 @@ impl Handler<HandleRequest> for ConfigActor {
                 vec![],
             ),
             (Request::Probe, _) => (refused("probes go to agents".into()), vec![]),
-            (Request::ReverseDiff(_), _) => (
-                refused("reverse diffs go to the machine's master target".into()),
-                vec![],
-            ),
+            (Request::ReverseDiff(_) | Request::ReverseMark(_) | Request::ReverseChanged(_), _) => {
+                (
+                    refused("reverse diffs go to the machine's master target".into()),
+                    vec![],
+                )
+            }
             (Request::Recovery(_), _) => (
                 refused("recovery requests go to master targets".into()),
                 vec![],

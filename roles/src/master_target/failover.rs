@@ -30,7 +30,9 @@ use super::recovery::{self, Drill};
 use super::MasterService;
 use crate::fsutil::{read_optional, unix_ms, write_atomic};
 use crate::proto::{
-    FailoverOrder, FailoverReport, Materialised, PointSpec, ReverseDiffReply, ReverseDiffRequest,
+    FailoverOrder, FailoverReport, Materialised, PointSpec, ReverseChangedReply,
+    ReverseChangedRequest, ReverseDiffReply, ReverseDiffRequest, ReverseMarkReply,
+    ReverseMarkRequest,
 };
 
 /// Where a machine's failover lives on the master target.
@@ -344,33 +346,119 @@ async fn end(svc: &MasterService, machine: &str) -> Result<(), String> {
     }
 }
 
-/// Reprotect: the blocks of the recovery disk in the agent's range whose hashes differ from
-/// the agent's (see `agent/reverse.rs`).
+/// The recovery disks of `machine`'s failover `order`, as served here.
+fn served_disks(
+    state: &super::MasterState,
+    machine: &str,
+    order: u64,
+) -> Result<Vec<std::sync::Arc<super::drill::CowDisk>>, String> {
+    let served = state.failovers();
+    let s = served
+        .get(machine)
+        .ok_or_else(|| format!("{machine} is not failed over to this master target"))?;
+    if s.order != order {
+        return Err(format!(
+            "the failover of {machine} changed since (order {} is served, not {order})",
+            s.order
+        ));
+    }
+    Ok(s.drill.disks())
+}
+
+fn served_disk(
+    state: &super::MasterState,
+    machine: &str,
+    order: u64,
+    disk: u16,
+) -> Result<std::sync::Arc<super::drill::CowDisk>, String> {
+    served_disks(state, machine, order)?
+        .get(disk as usize)
+        .cloned()
+        .ok_or_else(|| format!("{machine} has no disk {disk}"))
+}
+
+/// A tracked reverse pass starts: a mark of every recovery disk's writes.
+pub fn reverse_mark(
+    state: &super::MasterState,
+    req: ReverseMarkRequest,
+) -> Result<ReverseMarkReply, String> {
+    let disks = served_disks(state, &req.machine, req.order)?;
+    Ok(ReverseMarkReply {
+        marks: disks.iter().map(|d| d.mark()).collect(),
+    })
+}
+
+/// The blocks of a recovery disk written since the agent's mark (see `agent/reverse.rs`).
+pub fn reverse_changed(
+    state: &super::MasterState,
+    req: ReverseChangedRequest,
+) -> Result<ReverseChangedReply, String> {
+    if req.blocks > CHANGED_BLOCKS_MAX {
+        return Err(format!(
+            "ask for the changes of at most {CHANGED_BLOCKS_MAX} blocks at once"
+        ));
+    }
+    let disk = served_disk(state, &req.machine, req.order, req.disk)?;
+    Ok(ReverseChangedReply {
+        changed: disk.changed_since(req.since, req.first_block, req.blocks),
+    })
+}
+
+/// Largest range a `ReverseChanged` asks about, in blocks (its reply fits a control frame).
+pub const CHANGED_BLOCKS_MAX: u64 = 1 << 16;
+
+/// Reprotect: the blocks of the recovery disk in the agent's range (or its list of blocks,
+/// `sparse`) whose hashes differ from the agent's (see `agent/reverse.rs`).
 pub async fn reverse_diff(
     state: &super::MasterState,
     req: ReverseDiffRequest,
 ) -> Result<ReverseDiffReply, String> {
-    let disk = {
-        let served = state.failovers();
-        let s = served
-            .get(&req.machine)
-            .ok_or_else(|| format!("{} is not failed over to this master target", req.machine))?;
-        if s.order != req.order {
-            return Err(format!(
-                "the failover of {} changed since (order {} is served, not {})",
-                req.machine, s.order, req.order
-            ));
-        }
-        s.drill
-            .disk(req.disk)
-            .ok_or_else(|| format!("{} has no disk {}", req.machine, req.disk))?
-    };
+    let disk = served_disk(state, &req.machine, req.order, req.disk)?;
     let size = disk.size();
     if req.size != size {
         return Err(format!(
             "the original disk {} is {} bytes but the recovery disk is {size}: resize it to match first",
             req.disk, req.size
         ));
+    }
+    if !req.sparse.is_empty() {
+        let blocks = size.div_ceil(BLOCK);
+        let ascending = req.sparse.windows(2).all(|w| w[0] < w[1]);
+        if req.sparse.len() != req.hashes.len()
+            || req.sparse.len() as u64 > CHUNK_BLOCKS_MAX
+            || !ascending
+            || req.sparse.last().is_some_and(|&b| b >= blocks)
+        {
+            return Err(format!(
+                "a sparse reverse diff names at most {CHUNK_BLOCKS_MAX} blocks of the disk, ascending, one hash each"
+            ));
+        }
+        let list = req.sparse;
+        let runs = tokio::task::spawn_blocking(move || {
+            let mut runs: Vec<(u64, Vec<u8>)> = vec![];
+            for (b, theirs) in list.iter().zip(&req.hashes) {
+                let at = b * BLOCK;
+                let mut block = vec![0u8; (size - at).min(BLOCK) as usize];
+                disk.read_at(at, &mut block)?;
+                if xxhash_rust::xxh3::xxh3_64(&block) == *theirs {
+                    continue;
+                }
+                match runs.last_mut() {
+                    Some((o, d)) if *o + d.len() as u64 == at => d.extend_from_slice(&block),
+                    _ => runs.push((at, block)),
+                }
+            }
+            Ok::<_, std::io::Error>(runs)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("read the recovery disk: {e}"))?;
+        return Ok(ReverseDiffReply {
+            runs: runs
+                .into_iter()
+                .map(|(o, d)| (o, serde_bytes::ByteBuf::from(d)))
+                .collect(),
+        });
     }
     let len = (req.hashes.len() as u64 * BLOCK).min(size.saturating_sub(req.offset));
     if req.offset % BLOCK != 0 || req.hashes.len() as u64 > CHUNK_BLOCKS_MAX || len == 0 {

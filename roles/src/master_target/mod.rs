@@ -219,31 +219,40 @@ impl MasterService {
         }
     }
 
-    /// Reprotect: the blocks of a failed-over machine's recovery disk that differ from the
-    /// agent's (see [`failover::reverse_diff`]).
-    pub async fn reverse_diff(
+    /// Reprotect: a failed-over machine's agent asks about its recovery disks: the blocks
+    /// that differ from its own ([`failover::reverse_diff`]), a mark of their writes, or the
+    /// blocks written since one ([`failover::reverse_mark`], [`failover::reverse_changed`]).
+    pub async fn reverse(
         &self,
         enrolment: &str,
-        req: crate::proto::ReverseDiffRequest,
+        req: crate::proto::Request,
     ) -> crate::proto::Response {
+        use crate::proto::{Request, Response};
+        let machine = req.reverse_machine().unwrap_or_default();
         // The agent of the machine's current enrolment only (a forgotten and re-enrolled
         // name is another machine).
         if self
             .link
-            .assignment(&req.machine)
+            .assignment(machine)
             .is_none_or(|a| a.enrolment != enrolment)
         {
-            return crate::proto::Response::Refused {
-                reason: format!(
-                    "{} is not assigned here under this agent's enrolment",
-                    req.machine
-                ),
+            return Response::Refused {
+                reason: format!("{machine} is not assigned here under this agent's enrolment"),
             };
         }
-        match failover::reverse_diff(&self.state, req).await {
-            Ok(r) => crate::proto::Response::ReverseDiff(r),
-            Err(reason) => crate::proto::Response::Refused { reason },
-        }
+        let result = match req {
+            Request::ReverseDiff(r) => failover::reverse_diff(&self.state, r)
+                .await
+                .map(Response::ReverseDiff),
+            Request::ReverseMark(r) => {
+                failover::reverse_mark(&self.state, r).map(Response::ReverseMark)
+            }
+            Request::ReverseChanged(r) => {
+                failover::reverse_changed(&self.state, r).map(Response::ReverseChanged)
+            }
+            _ => Err("not a reverse-path request".to_string()),
+        };
+        result.unwrap_or_else(|reason| Response::Refused { reason })
     }
 
     /// A recovery command the configuration node forwarded (see [`recovery`]).

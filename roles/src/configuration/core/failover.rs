@@ -350,6 +350,7 @@ impl ConfigCore {
         r.hash_bytes = done.hash_bytes;
         r.bytes_received = done.bytes_received;
         r.blocks_written = done.blocks_written;
+        r.tracked = done.tracked;
         r.error = None;
         if failing_back {
             let b = f.failback.as_mut().expect("checked above");
@@ -360,7 +361,9 @@ impl ConfigCore {
                 now,
                 machine,
                 format!(
-                    "failback: the final reverse pass rewrote {} blocks ({} KiB); the master target makes the replica equal to the recovery disks",
+                    "failback: the final reverse pass compared {} KiB{} and rewrote {} blocks ({} KiB); the master target makes the replica equal to the recovery disks",
+                    done.bytes_compared >> 10,
+                    if done.tracked { " (the blocks written since the last pass)" } else { " (every block)" },
                     done.blocks_written,
                     done.bytes_received >> 10
                 ),

@@ -577,6 +577,7 @@ fn reprotect_needs_a_commit_and_the_agent_then_asks_it_for_a_pass_until_done() {
             bytes_received: 8 << 20,
             blocks_written: 2048,
             error: None,
+            tracked: false,
         },
     );
     let Recovery::Reprotected(f) = recovery(&p) else {
@@ -672,11 +673,12 @@ fn final_pass_done(id: u64) -> ReverseDone {
     ReverseDone {
         order: id,
         pass: 2,
-        bytes_compared: 1 << 30,
-        hash_bytes: 2 << 20,
+        bytes_compared: 64 << 10,
+        hash_bytes: 128,
         bytes_received: 64 << 10,
         blocks_written: 16,
         error: None,
+        tracked: true,
     }
 }
 
@@ -849,7 +851,7 @@ fn a_failback_quiesces_takes_the_final_pass_materialises_the_replica_then_rebase
     for e in [
         "failback started",
         "the recovery disks are read-only",
-        "the final reverse pass rewrote 16 blocks",
+        "and rewrote 16 blocks (64 KiB)",
         "the replica equals the recovery disks at seq 45",
         "failed back",
     ] {
