@@ -52,6 +52,7 @@ async fn run(dir: &Path) -> anyhow::Result<()> {
         capacity: 10,
         cache_limit_bytes: 256 << 20,
         failure_timeout: Duration::from_secs(5),
+        reverse_every: Duration::from_secs(10),
         rebalance: Default::default(),
         site: haven_cluster::default_site(),
     };

@@ -58,6 +58,10 @@ enum Command {
         /// Configuration role: a process server silent this long is failed over.
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         failure_timeout: Duration,
+        /// Configuration role: while a machine is reprotected, its original site takes the
+        /// recovery site's latest changes this often (a reverse pass).
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        reverse_every: Duration,
         /// Configuration role: rebalance when process servers' headroom differs by this many machines.
         #[arg(long, default_value_t = 2)]
         rebalance_threshold: u32,
@@ -489,6 +493,7 @@ fn main() -> ExitCode {
             capacity,
             cache_size,
             failure_timeout,
+            reverse_every,
             rebalance_threshold,
             max_moves_per_minute,
             no_auto_rebalance,
@@ -516,6 +521,7 @@ fn main() -> ExitCode {
                 capacity,
                 cache_limit_bytes: cache_size,
                 failure_timeout,
+                reverse_every,
                 rebalance: haven_roles::configuration::core::scaleout::RebalancePolicy {
                     auto: !no_auto_rebalance,
                     skew_threshold: rebalance_threshold.max(2),

@@ -425,7 +425,8 @@ fn an_unplanned_failover_fences_a_process_server_that_comes_back_and_survives_a_
 #[test]
 fn reprotect_makes_the_original_disk_equal_to_the_recovery_disk_sending_only_what_differs() {
     let mut c = Cluster::new();
-    c.start_config(&[], vec![]);
+    // No periodic reverse pass: the passes below are the test's own.
+    c.start_config_with(&[], &["--reverse-every", "1h"], vec![]);
     let disk = protected_tap(&mut c, 32 * MIB, 64);
     let u = c.tap_uri("m1", "d0");
     let mut w = nbd(&u);
@@ -628,7 +629,8 @@ fn assert_home(c: &Cluster, disk: &Path, replica: &Path, uri: &str, expected: &[
 #[test]
 fn a_failback_brings_the_machine_home_with_only_the_last_changes_and_no_resync() {
     let mut c = Cluster::new();
-    c.start_config(&[], vec![]);
+    // No periodic reverse pass: the final pass is to carry the write below.
+    c.start_config_with(&[], &["--reverse-every", "1h"], vec![]);
     let (disk, uri) = failed_over_and_reprotected(&mut c, 32 * MIB, 66);
     let replica = c.replica("config", "m1", "d0");
 
@@ -694,6 +696,47 @@ fn a_failback_brings_the_machine_home_with_only_the_last_changes_and_no_resync()
     phase("ctl failback again shows how it ended; a second failover cycle starts cleanly");
     let again = c.ctl(&["failback", "m1"]);
     assert_eq!(again["stage"], "failed-back", "{again}");
+    c.assert_no_unexpected_errors(&[]);
+}
+
+#[test]
+fn a_reprotected_machine_follows_the_recovery_disk_with_tracked_passes() {
+    let mut c = Cluster::new();
+    c.start_config_with(&[], &["--reverse-every", "1s"], vec![]);
+    let (disk, uri) = failed_over_and_reprotected(&mut c, 32 * MIB, 68);
+
+    phase("64 KiB written at the recovery site reach the original disk with no command");
+    let mut e = nbd(&uri);
+    e.write_at(&block(0x6b), 28 * MIB, false).unwrap();
+    e.flush().unwrap();
+    drop(e);
+    let expected = read_all(&uri, 32 * MIB);
+    wait_until("the original disk follows", Duration::from_secs(60), || {
+        (std::fs::read(&disk).unwrap() == expected).then_some(())
+    });
+    // Passes go on; each compares only what the recovery site wrote since the one before
+    // (the same agent and exports made the reprotect's pass), not the 32 MiB disk.
+    let m = wait_until("a pass after it, reported", Duration::from_secs(60), || {
+        let m = c.machine("m1")?;
+        let r = &m["failover"]["reverse"];
+        (r["done_pass"].as_u64()? >= 3 && r["done_pass"] == r["pass"]).then_some(m)
+    });
+    assert_eq!(m["recovery_state"], "reprotected", "{m}");
+    let r = &m["failover"]["reverse"];
+    assert_eq!(r["tracked"], true, "{m}");
+    assert!(r["bytes_compared"].as_u64().unwrap() <= 64 << 10, "{m}");
+    assert_eq!(r["error"], Value::Null, "{m}");
+    let events = c.ctl(&["events"]).to_string();
+    assert!(
+        !events.contains("pass 3") && !events.contains("failed (the agent retries)"),
+        "periodic passes are no events: {events}"
+    );
+
+    phase("failback: the final pass finds the disks equal; home with no resync");
+    let b = c.ctl(&["failback", "m1", "--timeout", "120s"]);
+    assert_eq!(b["stage"], "failed-back", "{b}");
+    let replica = c.replica("config", "m1", "d0");
+    assert_home(&c, &disk, &replica, &uri, &expected);
     c.assert_no_unexpected_errors(&[]);
 }
 

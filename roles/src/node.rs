@@ -62,6 +62,8 @@ pub struct NodeOptions {
     pub cache_limit_bytes: u64,
     /// A process server silent this long is declared failed (configuration role).
     pub failure_timeout: Duration,
+    /// While reprotected, a machine takes a reverse pass this often (configuration role).
+    pub reverse_every: Duration,
     pub rebalance: crate::configuration::core::scaleout::RebalancePolicy,
 }
 
@@ -204,6 +206,7 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
             opts.data_dir.clone(),
             ca,
             opts.failure_timeout,
+            opts.reverse_every,
             opts.rebalance.clone(),
         ));
     }

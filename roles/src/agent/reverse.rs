@@ -60,9 +60,14 @@ pub struct ReverseState {
     /// The marks the last whole pass of failover `.0` took at its start (memory only: a
     /// restarted agent compares every block once more).
     pub tracked: Option<(u64, Vec<ReverseMark>)>,
+    /// A pass asked for while another runs: started when that one ends.
+    pub next: Option<ReverseOrder>,
 }
 
-/// Starts the pass `order` asks for, unless it runs or is done.
+/// Starts the pass `order` asks for, unless it runs or is done. One pass runs at a time: a
+/// newer one asked for meanwhile (a failback's final pass while a periodic one runs) starts
+/// when it ends, so two passes never write the disks at once, and the newer one's marks
+/// are the older one's end.
 pub(super) fn offer(a: &Arc<Agent>, order: ReverseOrder) {
     {
         let mut st = lock(&a.reverse);
@@ -74,10 +79,15 @@ pub(super) fn offer(a: &Arc<Agent>, order: ReverseOrder) {
         if st.running == Some(key) || finished {
             return;
         }
+        if st.running.is_some() {
+            st.next = Some(order);
+            return;
+        }
         st.running = Some(key);
     }
     let a = a.clone();
     tokio::spawn(async move {
+        let mut order = order;
         loop {
             let done = run_pass(&a, &order).await;
             let failed = done.error.clone();
@@ -87,24 +97,33 @@ pub(super) fn offer(a: &Arc<Agent>, order: ReverseOrder) {
                     compared = done.bytes_compared,
                     received = done.bytes_received,
                     blocks = done.blocks_written,
-                    "reprotect: the disks now equal the recovery disks"
+                    tracked = done.tracked,
+                    "reverse pass: the disks now equal the recovery disks"
                 ),
                 Some(e) => {
-                    tracing::warn!(pass = order.pass, "reprotect pass failed, retrying: {e}")
+                    tracing::warn!(pass = order.pass, "reverse pass failed, retrying: {e}")
                 }
             }
-            {
+            let next = {
                 let mut st = lock(&a.reverse);
                 st.done = Some(done);
-                if failed.is_none() {
-                    st.running = None;
-                }
-            }
+                let next = st
+                    .next
+                    .take()
+                    .filter(|n| (n.order, n.pass) != (order.order, order.pass));
+                st.running = match (&next, &failed) {
+                    (Some(n), _) => Some((n.order, n.pass)),
+                    (None, Some(_)) => st.running,
+                    (None, None) => None,
+                };
+                next
+            };
             a.report_now.notify_one();
-            if failed.is_none() {
-                return;
+            match (next, failed) {
+                (Some(n), _) => order = n,
+                (None, Some(_)) => tokio::time::sleep(RETRY).await,
+                (None, None) => return,
             }
-            tokio::time::sleep(RETRY).await;
         }
     });
 }

@@ -81,6 +81,7 @@ impl ConfigService {
         data_dir: PathBuf,
         ca: Arc<CertificateAuthority>,
         failure_timeout: Duration,
+        reverse_every: Duration,
         policy: core::scaleout::RebalancePolicy,
     ) -> ChildSpec {
         let (slot, events) = (self.slot.clone(), self.events.clone());
@@ -90,6 +91,7 @@ impl ConfigService {
                 &data_dir,
                 ca.clone(),
                 failure_timeout,
+                reverse_every,
                 policy.clone(),
             ) {
                 Ok(parts) => {
@@ -185,6 +187,12 @@ pub struct ConfigParts {
 }
 
 impl ConfigParts {
+    /// How often a reprotected machine takes a reverse pass (see `ConfigCore::reverse_tick`).
+    pub fn with_reverse_every(mut self, every: std::time::Duration) -> Self {
+        self.core = self.core.with_reverse_every(every);
+        self
+    }
+
     pub fn into_actor(self, guard: ChildGuard, events: Arc<tokio::sync::Notify>) -> ConfigActor {
         ConfigActor {
             core: self.core,
@@ -202,11 +210,13 @@ impl ConfigActor {
         data_dir: &Path,
         ca: Arc<CertificateAuthority>,
         failure_timeout: std::time::Duration,
+        reverse_every: std::time::Duration,
         policy: core::scaleout::RebalancePolicy,
     ) -> Result<ConfigParts, String> {
         let store =
             Store::open(&data_dir.join("config").join("state.redb")).map_err(|e| e.to_string())?;
         Self::load_from(Box::new(store), ca, failure_timeout, policy)
+            .map(|p| p.with_reverse_every(reverse_every))
     }
 
     /// Loads state from any [`StateStore`] (the embedded one, or another behind the trait).
@@ -244,7 +254,9 @@ impl Actor for ConfigActor {
         ctx.set_mailbox_capacity(256);
         // Failover, draining and rebalancing are judged once a second.
         ctx.run_interval(std::time::Duration::from_secs(1), |act, ctx| {
-            let persist = act.core.handle_tick(Instant::now());
+            let now = Instant::now();
+            let mut persist = act.core.handle_tick(now);
+            persist.extend(act.core.reverse_tick(now, crate::fsutil::unix_ms()));
             if act.core.take_wake() {
                 act.events.notify_waiters();
             }

@@ -35,6 +35,9 @@ use crate::view::{EventView, FailoverView};
 /// The name of the final point a planned failover asks the source for.
 pub const FINAL_POINT_NAME: &str = "planned failover";
 
+/// How often a reprotected machine's agent takes another (tracked) reverse pass, by default.
+pub const REVERSE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl ConfigCore {
     /// `ctl failover M [--point P]`. Idempotent: asking again for the same point answers with
     /// the failover under way.
@@ -306,6 +309,47 @@ impl ConfigCore {
         )
     }
 
+    /// While reprotected, the agent takes another reverse pass every `reverse_every`
+    /// ([`REVERSE_EVERY`] unless `haven node --reverse-every` says otherwise)
+    /// once the last is done (when both ends are up): each compares only the blocks the
+    /// recovery site wrote since the one before (see `agent/reverse.rs`), so the original
+    /// disks follow the recovery disks at a lag of about a period plus a pass, and the
+    /// failback's final pass carries only the last seconds of writes.
+    pub fn reverse_tick(&mut self, now: Instant, now_ms: u64) -> Vec<Persist> {
+        let reprotected: Vec<String> = self
+            .machines
+            .values()
+            .filter(|m| matches!(m.recovery, Recovery::Reprotected(_)))
+            .map(|m| m.name.clone())
+            .collect();
+        self.reverse_due.retain(|m, _| reprotected.contains(m));
+        let mut persist = vec![];
+        for machine in reprotected {
+            let due = *self
+                .reverse_due
+                .entry(machine.clone())
+                .or_insert(now + self.reverse_every);
+            let m = &self.machines[&machine];
+            if now < due || self.reverse_peers_missing(now, m).is_some() {
+                continue;
+            }
+            let m = self.machines.get_mut(&machine).expect("listed above");
+            let Recovery::Reprotected(f) = &mut m.recovery else {
+                continue;
+            };
+            let Some(r) = f.reverse.as_mut().filter(|r| r.done_pass == r.pass) else {
+                continue;
+            };
+            r.pass += 1;
+            r.started_ms = now_ms;
+            persist.push(Persist::Machine(m.clone()));
+            self.reverse_due.insert(machine, now + self.reverse_every);
+            self.version += 1;
+            self.wake = true;
+        }
+        persist
+    }
+
     /// The agent's report of a reverse pass.
     pub(super) fn handle_reverse_done(
         &mut self,
@@ -318,8 +362,9 @@ impl ConfigCore {
         };
         let failing_back = matches!(&m.recovery, Recovery::FailingBack(f)
             if f.failback.as_ref().is_some_and(|b| b.stage == FailbackStage::FinalPass));
+        let reprotected = matches!(m.recovery, Recovery::Reprotected(_));
         let f = match &mut m.recovery {
-            Recovery::Reprotecting(f) => f,
+            Recovery::Reprotecting(f) | Recovery::Reprotected(f) => f,
             Recovery::FailingBack(f) if failing_back => f,
             _ => return vec![],
         };
@@ -370,6 +415,10 @@ impl ConfigCore {
             );
             return vec![Persist::Machine(record)];
         }
+        if reprotected {
+            // A periodic pass: its figures are the machine's; no event for each.
+            return vec![Persist::Machine(m.clone())];
+        }
         let reason = format!(
             "reprotected: pass {} compared {} MiB of the original disks by hash ({} KiB of hashes) and rewrote {} blocks ({} KiB) to the recovery disks' content",
             done.pass,
@@ -388,7 +437,7 @@ impl ConfigCore {
     /// What the agent is to do for a reprotect (its poll reply's `reverse`).
     pub(super) fn reverse_order(&self, m: &haven_cluster::MachineRecord) -> Option<ReverseOrder> {
         let f = match &m.recovery {
-            Recovery::Reprotecting(f) => f,
+            Recovery::Reprotecting(f) | Recovery::Reprotected(f) => f,
             Recovery::FailingBack(f)
                 if f.failback.as_ref().map(|b| b.stage) == Some(FailbackStage::FinalPass) =>
             {

@@ -76,6 +76,10 @@ pub struct ConfigCore {
     /// Something agents wait for changed outside an admin request (a cut's release): the
     /// service wakes the long polls (see [`ConfigCore::take_wake`]).
     wake: bool,
+    /// Reprotected machines: when the next periodic reverse pass is due (see `reverse_tick`).
+    reverse_due: HashMap<String, Instant>,
+    /// The period of those passes (`haven node --reverse-every`).
+    reverse_every: Duration,
     /// Secrets, enrolment ids and the initial version/barrier numbers come from here: seeded
     /// from the OS at startup, fixed in tests.
     rng: StdRng,
@@ -155,6 +159,8 @@ impl ConfigCore {
             groups: BTreeMap::new(),
             cuts,
             wake: false,
+            reverse_due: HashMap::new(),
+            reverse_every: failover::REVERSE_EVERY,
             rng,
         }
     }
@@ -180,6 +186,11 @@ impl ConfigCore {
             .into_iter()
             .map(|r| (r.machine.clone(), r))
             .collect();
+        self
+    }
+
+    pub fn with_reverse_every(mut self, every: Duration) -> Self {
+        self.reverse_every = every;
         self
     }
 

@@ -596,6 +596,64 @@ fn reprotect_needs_a_commit_and_the_agent_then_asks_it_for_a_pass_until_done() {
     assert_eq!(v.reverse.map(|r| (r.pass, r.done_pass)), Some((2, 1)));
 }
 
+#[test]
+fn a_reprotected_machine_takes_a_reverse_pass_every_period_and_one_at_a_time() {
+    use crate::configuration::core::failover::REVERSE_EVERY;
+    let (mut c, id) = reprotected_web();
+    let t = |c: &mut Cluster, at: Duration| c.core.reverse_tick(c.t0 + at, NOW_MS);
+    // The first tick sets the period from now (12 s); nothing is due before it ends.
+    assert_eq!(t(&mut c, 12 * SEC), vec![]);
+    c.all_nodes_poll(12 * SEC + REVERSE_EVERY - SEC);
+    poll_agent(&mut c, 12 * SEC + REVERSE_EVERY - SEC, vec![]);
+    assert_eq!(t(&mut c, 12 * SEC + REVERSE_EVERY - SEC), vec![]);
+    // Due, both ends up: pass 2 is asked for, persisted, and the machine stays reprotected.
+    let due = 12 * SEC + REVERSE_EVERY;
+    let p = t(&mut c, due);
+    let Recovery::Reprotected(f) = recovery(&p) else {
+        panic!("reprotected: {p:?}")
+    };
+    assert_eq!(
+        f.reverse.as_ref().map(|r| (r.pass, r.done_pass)),
+        Some((2, 1))
+    );
+    let (r, _) = poll_agent(&mut c, due, vec![]);
+    assert_eq!(r.reverse.map(|o| (o.order, o.pass)), Some((id, 2)));
+    // Not done yet: no other pass is asked for, however long it takes.
+    assert_eq!(t(&mut c, due + 2 * REVERSE_EVERY), vec![]);
+    // Done (tracked): its figures are kept, no event, still reprotected.
+    let events = |c: &mut Cluster| match c.admin(due, AdminCommand::Events) {
+        (Response::Admin(AdminReply::Events(e)), _) => e.len(),
+        other => panic!("{other:?}"),
+    };
+    let before = events(&mut c);
+    let at = due + 2 * REVERSE_EVERY;
+    let (_, p) = reverse_done(
+        &mut c,
+        at,
+        ReverseDone {
+            order: id,
+            pass: 2,
+            bytes_compared: 8192,
+            blocks_written: 2,
+            tracked: true,
+            ..Default::default()
+        },
+    );
+    let Recovery::Reprotected(f) = recovery(&p) else {
+        panic!("reprotected: {p:?}")
+    };
+    let r = f.reverse.expect("figures");
+    assert_eq!((r.done_pass, r.bytes_compared, r.tracked), (2, 8192, true));
+    assert_eq!(events(&mut c), before);
+    assert_eq!(c.machine(at, "web").state, "reprotected");
+    // The agent gone: no pass is asked for until it is back.
+    let later = at + 3 * REVERSE_EVERY;
+    c.all_nodes_poll(later);
+    assert_eq!(t(&mut c, later), vec![]);
+    poll_agent(&mut c, later, vec![]);
+    assert!(!t(&mut c, later).is_empty(), "the agent is back: pass 3");
+}
+
 // ---- failback ------------------------------------------------------------------------------
 
 fn failback(c: &mut Cluster, at: Duration) -> Outcome {
