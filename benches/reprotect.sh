@@ -34,7 +34,8 @@ echo "  ${SIZE_MB} MiB disk, ${CHANGE_PCT} % changed on each side"
 truncate -s "${SIZE_MB}M" disk.img
 head -c "$((SIZE_MB / 4))M" /dev/urandom | dd of=disk.img conv=notrunc status=none
 port=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"$HAVEN" node --data-dir node --listen "127.0.0.1:$port" --name n --site dr >node.log 2>&1 &
+# No periodic reverse pass: the failback's final pass is to carry the late 1 %.
+"$HAVEN" node --data-dir node --listen "127.0.0.1:$port" --name n --site dr --reverse-every 1h >node.log 2>&1 &
 pids+=($!)
 for _ in $(seq 300); do [ -s node/admin-token ] && break; sleep 0.1; done
 agent() {
