@@ -62,6 +62,11 @@ pub struct ReverseState {
     pub tracked: Option<(u64, Vec<ReverseMark>)>,
     /// A pass asked for while another runs: started when that one ends.
     pub next: Option<ReverseOrder>,
+    /// The xxh3 of every block of the disks as the passes of failover `.0` left them, kept
+    /// by this process from a whole pass on (each pass reads or writes what changes them),
+    /// so the failback's rebase need not read the disks again. Taken out while a pass runs:
+    /// a pass that fails leaves none.
+    pub hashes: Option<(u64, Vec<Vec<u64>>)>,
 }
 
 /// Starts the pass `order` asks for, unless it runs or is done. One pass runs at a time: a
@@ -173,6 +178,14 @@ async fn pass(a: &Arc<Agent>, order: &ReverseOrder, done: &mut ReverseDone) -> R
         .as_ref()
         .filter(|(o, _)| *o == order.order)
         .map(|(_, m)| m.clone());
+    let kept = lock(&a.reverse)
+        .hashes
+        .take()
+        .filter(|(o, t)| *o == order.order && t.len() == a.opts.disks.len());
+    let mut tables: Vec<Option<Vec<u64>>> = match kept {
+        Some((_, t)) => t.into_iter().map(Some).collect(),
+        None => vec![None; a.opts.disks.len()],
+    };
     let mut all_tracked = true;
     for (i, (disk, path)) in a.opts.disks.iter().enumerate() {
         let file = Arc::new(
@@ -192,13 +205,20 @@ async fn pass(a: &Arc<Agent>, order: &ReverseOrder, done: &mut ReverseDone) -> R
             file,
             size,
         };
+        let table = &mut tables[i];
+        if table
+            .as_ref()
+            .is_some_and(|t| t.len() as u64 != size.div_ceil(BLOCK))
+        {
+            *table = None;
+        }
         let tracked = match since.as_ref().and_then(|m| m.get(i)) {
-            Some(&mark) => tracked_disk(&ask, &d, mark, done).await?,
+            Some(&mark) => tracked_disk(&ask, &d, mark, table.as_mut(), done).await?,
             None => false,
         };
         if !tracked {
             all_tracked = false;
-            full_disk(&ask, &d, done).await?;
+            *table = Some(full_disk(&ask, &d, done).await?);
         }
         let f = d.file.clone();
         tokio::task::spawn_blocking(move || f.sync_data())
@@ -207,7 +227,12 @@ async fn pass(a: &Arc<Agent>, order: &ReverseOrder, done: &mut ReverseDone) -> R
             .map_err(|e| format!("fdatasync {disk}: {e}"))?;
     }
     done.tracked = all_tracked;
-    lock(&a.reverse).tracked = Some((order.order, marks));
+    let mut st = lock(&a.reverse);
+    st.tracked = Some((order.order, marks));
+    st.hashes = tables
+        .into_iter()
+        .collect::<Option<Vec<_>>>()
+        .map(|t| (order.order, t));
     Ok(())
 }
 
@@ -261,11 +286,12 @@ struct Disk<'a> {
 
 impl Disk<'_> {
     /// Writes the runs the master target sent, each checked to lie in what was asked
-    /// (`asked(offset, len)`).
+    /// (`asked(offset, len)`), and keeps `table` (the disk's block hashes) up to date.
     async fn write_runs(
         &self,
         runs: Vec<(u64, serde_bytes::ByteBuf)>,
         asked: impl Fn(u64, u64) -> bool,
+        mut table: Option<&mut Vec<u64>>,
         done: &mut ReverseDone,
     ) -> Result<(), String> {
         for (offset, data) in runs {
@@ -275,6 +301,13 @@ impl Disk<'_> {
                     "the master target sent a run at {offset}+{n} of {} it was not asked for",
                     self.name
                 ));
+            }
+            if let Some(t) = table.as_deref_mut() {
+                for (j, block) in data.chunks(BLOCK as usize).enumerate() {
+                    if let Some(h) = t.get_mut((offset / BLOCK) as usize + j) {
+                        *h = xxh3_64(block);
+                    }
+                }
             }
             let f = self.file.clone();
             tokio::task::spawn_blocking(move || f.write_all_at(&data, offset))
@@ -288,8 +321,13 @@ impl Disk<'_> {
     }
 }
 
-/// Every block of the disk compared by hash.
-async fn full_disk(ask: &Ask<'_>, d: &Disk<'_>, done: &mut ReverseDone) -> Result<(), String> {
+/// Every block of the disk compared by hash. Returns the disk's block hashes after it.
+async fn full_disk(
+    ask: &Ask<'_>,
+    d: &Disk<'_>,
+    done: &mut ReverseDone,
+) -> Result<Vec<u64>, String> {
+    let mut table = Vec::with_capacity(d.size.div_ceil(BLOCK) as usize);
     let mut at = 0u64;
     while at < d.size {
         let len = (d.size - at).min(CHUNK_BLOCKS * BLOCK);
@@ -304,12 +342,18 @@ async fn full_disk(ask: &Ask<'_>, d: &Disk<'_>, done: &mut ReverseDone) -> Resul
         let hashes: Vec<u64> = buf.chunks(BLOCK as usize).map(xxh3_64).collect();
         done.bytes_compared += len;
         done.hash_bytes += hashes.len() as u64 * 8;
+        table.extend_from_slice(&hashes);
         let runs = ask.diff(d, at, hashes, vec![]).await?;
-        d.write_runs(runs, |o, n| o >= at && o + n <= at + len, done)
-            .await?;
+        d.write_runs(
+            runs,
+            |o, n| o >= at && o + n <= at + len,
+            Some(&mut table),
+            done,
+        )
+        .await?;
         at += len;
     }
-    Ok(())
+    Ok(table)
 }
 
 /// Only the blocks the recovery disk wrote since `since` compared by hash. False if the
@@ -319,6 +363,7 @@ async fn tracked_disk(
     ask: &Ask<'_>,
     d: &Disk<'_>,
     since: ReverseMark,
+    mut table: Option<&mut Vec<u64>>,
     done: &mut ReverseDone,
 ) -> Result<bool, String> {
     let blocks = d.size.div_ceil(BLOCK);
@@ -373,7 +418,8 @@ async fn tracked_disk(
             let asked = |o: u64, len: u64| {
                 (o / BLOCK..(o + len).div_ceil(BLOCK)).all(|b| group.binary_search(&b).is_ok())
             };
-            d.write_runs(runs, asked, done).await?;
+            d.write_runs(runs, asked, table.as_deref_mut(), done)
+                .await?;
         }
         first += n;
     }
@@ -412,15 +458,49 @@ pub(super) fn offer_rebase(a: &Arc<Agent>, order: RebaseOrder) {
 /// the stream restart on the new core.
 async fn rebase(a: &Arc<Agent>, order: &RebaseOrder) -> Result<(), String> {
     let paths: Vec<_> = a.opts.disks.iter().map(|(_, p)| p.clone()).collect();
-    let (tables, sizes) = tokio::task::spawn_blocking(move || {
+    // The hashes the passes of this failover kept (this process made them all, from a whole
+    // pass on, and nothing else wrote the disks): no read of the disks. Else they are read.
+    let kept = lock(&a.reverse)
+        .hashes
+        .clone()
+        .filter(|(o, _)| *o == order.order)
+        .map(|(_, t)| t);
+    let (tables, sizes, read) = tokio::task::spawn_blocking(move || {
         let mut tables = Vec::with_capacity(paths.len());
         let mut sizes = Vec::with_capacity(paths.len());
-        for path in &paths {
-            let (t, size) = hash_disk(path).map_err(|e| format!("hash {}: {e}", path.display()))?;
+        let mut read = false;
+        for (i, path) in paths.iter().enumerate() {
+            let size =
+                super::scan::disk_size(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let table = kept
+                .as_ref()
+                .and_then(|k| k.get(i))
+                .filter(|t| t.len() as u64 == size.div_ceil(BLOCK));
+            let t = match table {
+                // Debug builds (every test) check the kept hashes against the disk.
+                Some(t) if cfg!(debug_assertions) => {
+                    let (disk, _) =
+                        hash_disk(path).map_err(|e| format!("hash {}: {e}", path.display()))?;
+                    if &disk != t {
+                        return Err(format!(
+                            "the hashes the reverse passes kept differ from {}",
+                            path.display()
+                        ));
+                    }
+                    t.clone()
+                }
+                Some(t) => t.clone(),
+                None => {
+                    read = true;
+                    hash_disk(path)
+                        .map_err(|e| format!("hash {}: {e}", path.display()))?
+                        .0
+                }
+            };
             tables.push(t);
             sizes.push(size);
         }
-        Ok::<_, String>((tables, sizes))
+        Ok::<_, String>((tables, sizes, read))
     })
     .await
     .map_err(|e| e.to_string())??;
@@ -461,6 +541,11 @@ async fn rebase(a: &Arc<Agent>, order: &RebaseOrder) -> Result<(), String> {
     tracing::info!("the tap takes writes again");
     tracing::info!(
         applied_seq = order.applied_seq,
+        hashes = if read {
+            "read from the disks"
+        } else {
+            "kept by the reverse passes"
+        },
         "failback: the disks are the replica's; forward protection resumes without a full resync"
     );
     Ok(())
