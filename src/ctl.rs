@@ -99,6 +99,21 @@ pub fn print_machines(machines: &[MachineView]) {
         } else if let Some(reason) = &m.degraded_reason {
             println!("  degraded: {reason}");
         }
+        // Reprotected: how far behind the recovery disks the original site is.
+        if let Some(r) = m
+            .failover
+            .as_ref()
+            .and_then(|f| f.reverse.as_ref())
+            .filter(|r| r.done_pass > 0 && r.done_pass == r.pass)
+        {
+            println!(
+                "  reverse: the original disks hold every recovery-site write from before {} (pass {}; compared {}{})",
+                time_text(r.started_ms),
+                r.done_pass,
+                size_text(r.bytes_compared),
+                if r.tracked { ", tracked" } else { ", every block" }
+            );
+        }
         // Recovery: capture mode, the newest point, history held vs asked, warnings.
         if m.state != "discovered" {
             let mut parts = vec![format!("capture {}", m.capture.as_deref().unwrap_or("?"))];

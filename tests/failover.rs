@@ -726,6 +726,18 @@ fn a_reprotected_machine_follows_the_recovery_disk_with_tracked_passes() {
     assert_eq!(r["tracked"], true, "{m}");
     assert!(r["bytes_compared"].as_u64().unwrap() <= 64 << 10, "{m}");
     assert_eq!(r["error"], Value::Null, "{m}");
+    let out = std::process::Command::new(BIN)
+        .args(["ctl", "--cluster", &c.config_addr, "--token-file"])
+        .arg(c.admin_token())
+        .arg("status")
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        status.contains("reverse: the original disks hold every recovery-site write from before")
+            && status.contains(", tracked)"),
+        "{status}"
+    );
     let events = c.ctl(&["events"]).to_string();
     assert!(
         !events.contains("pass 3") && !events.contains("failed (the agent retries)"),

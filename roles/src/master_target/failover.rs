@@ -422,17 +422,7 @@ pub async fn reverse_diff(
         ));
     }
     if !req.sparse.is_empty() {
-        let blocks = size.div_ceil(BLOCK);
-        let ascending = req.sparse.windows(2).all(|w| w[0] < w[1]);
-        if req.sparse.len() != req.hashes.len()
-            || req.sparse.len() as u64 > CHUNK_BLOCKS_MAX
-            || !ascending
-            || req.sparse.last().is_some_and(|&b| b >= blocks)
-        {
-            return Err(format!(
-                "a sparse reverse diff names at most {CHUNK_BLOCKS_MAX} blocks of the disk, ascending, one hash each"
-            ));
-        }
+        check_sparse(&req.sparse, req.hashes.len(), size.div_ceil(BLOCK))?;
         let list = req.sparse;
         let runs = tokio::task::spawn_blocking(move || {
             let mut runs: Vec<(u64, Vec<u8>)> = vec![];
@@ -482,6 +472,22 @@ pub async fn reverse_diff(
     })
 }
 
+/// A sparse diff's blocks (`ReverseDiffRequest::sparse`) on a disk of `blocks` blocks: at
+/// most [`CHUNK_BLOCKS_MAX`], ascending, inside the disk, one hash each.
+fn check_sparse(sparse: &[u64], hashes: usize, blocks: u64) -> Result<(), String> {
+    let ascending = sparse.windows(2).all(|w| w[0] < w[1]);
+    if sparse.len() != hashes
+        || sparse.len() as u64 > CHUNK_BLOCKS_MAX
+        || !ascending
+        || sparse.last().is_some_and(|&b| b >= blocks)
+    {
+        return Err(format!(
+            "a sparse reverse diff names at most {CHUNK_BLOCKS_MAX} blocks of the disk, ascending, one hash each"
+        ));
+    }
+    Ok(())
+}
+
 /// Largest reverse diff request, in blocks (its reply fits a control frame).
 pub const CHUNK_BLOCKS_MAX: u64 = 128;
 const BLOCK: u64 = 4096;
@@ -521,6 +527,24 @@ fn remove_overlays(dir: &Path) -> Result<(), String> {
 mod tests {
     use super::*;
     use xxhash_rust::xxh3::xxh3_64;
+
+    #[test]
+    fn a_sparse_diff_must_name_few_ascending_blocks_inside_the_disk() {
+        assert_eq!(check_sparse(&[0, 5, 9], 3, 10), Ok(()));
+        for (list, hashes, blocks) in [
+            (vec![0, 5, 9], 2, 10),                   // a hash missing
+            (vec![5, 5], 2, 10),                      // repeated
+            (vec![6, 5], 2, 10),                      // descending
+            (vec![0, 10], 2, 10),                     // past the end
+            ((0..129).collect::<Vec<_>>(), 129, 200), // too many for a reply
+        ] {
+            assert!(check_sparse(&list, hashes, blocks).is_err(), "{list:?}");
+        }
+        assert_eq!(
+            check_sparse(&(0..128).collect::<Vec<_>>(), 128, 128),
+            Ok(())
+        );
+    }
 
     #[test]
     fn only_differing_blocks_travel_coalesced_into_runs() {
