@@ -195,10 +195,9 @@ async fn pass(a: &Arc<Agent>, order: &ReverseOrder, done: &mut ReverseDone) -> R
                 .open(path)
                 .map_err(|e| format!("open {}: {e}", path.display()))?,
         );
-        let size = file
-            .metadata()
-            .map_err(|e| format!("{}: {e}", path.display()))?
-            .len();
+        // Its size by seeking to the end: a block device's metadata says 0, and a pass over
+        // nothing would report the disks equal.
+        let size = super::scan::disk_size(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let d = Disk {
             index: i as u16,
             name: disk,
