@@ -64,6 +64,7 @@ pub fn agent_report() -> AgentReport {
             bytes_received: 4096,
             blocks_written: 1,
             error: None,
+            tracked: true,
         }),
         rebased: Some(9),
     }
@@ -195,6 +196,28 @@ pub fn requests() -> Vec<Request> {
             offset: 4096,
             size: 1 << 30,
             hashes: vec![1, 2, 3],
+            sparse: vec![],
+        }),
+        Request::ReverseDiff(ReverseDiffRequest {
+            machine: "web-01".into(),
+            order: 9,
+            disk: 0,
+            offset: 0,
+            size: 1 << 30,
+            hashes: vec![1, 2],
+            sparse: vec![4, 9],
+        }),
+        Request::ReverseMark(ReverseMarkRequest {
+            machine: "web-01".into(),
+            order: 9,
+        }),
+        Request::ReverseChanged(ReverseChangedRequest {
+            machine: "web-01".into(),
+            order: 9,
+            disk: 0,
+            since: ReverseMark { boot: 7, mark: 3 },
+            first_block: 0,
+            blocks: 1 << 16,
         }),
     ]
 }
@@ -293,6 +316,13 @@ pub fn responses() -> Vec<Response> {
         Response::ReverseDiff(ReverseDiffReply {
             runs: vec![(8192, ByteBuf::from(vec![7u8; 16]))],
         }),
+        Response::ReverseMark(ReverseMarkReply {
+            marks: vec![ReverseMark { boot: 7, mark: 3 }],
+        }),
+        Response::ReverseChanged(ReverseChangedReply {
+            changed: Some(vec![4, 9]),
+        }),
+        Response::ReverseChanged(ReverseChangedReply { changed: None }),
     ]
 }
 
